@@ -1,0 +1,42 @@
+//! The byte stream of a live migration: [`QemuFile`], a buffered big-endian stream over a
+//! [`Transport`] (QEMU's `qemu-file.c` and `migration/{tcp,unix,fd,exec,file}.c`).
+//!
+//! Transports are opened from QEMU-style URIs ([`MigrationUri`]): [`connect`] opens the
+//! outgoing side, a [`Listener`] binds the incoming side and accepts exactly one stream.
+//! Page payloads are queued by reference and written with vectored writes, so a guest page
+//! goes to the socket without an intermediate copy. The first error is sticky; reads are
+//! bounded so a hostile length never becomes a huge allocation; a [`RateLimiter`] applies
+//! QEMU's `max-bandwidth` per 100 ms window.
+//!
+//! ```
+//! use qemu_file::{QemuFile, mem_channel};
+//!
+//! let (a, b) = mem_channel(1 << 16);
+//! let mut out = QemuFile::new(Box::new(a));
+//! out.put_be32(0x5145_564d); // "QEVM"
+//! out.put_counted_string("pc.ram");
+//! out.flush()?;
+//!
+//! let mut inp = QemuFile::new(Box::new(b));
+//! assert_eq!(inp.get_be32()?, 0x5145_564d);
+//! assert_eq!(inp.get_counted_string("block name")?, "pc.ram");
+//! # Ok::<(), qemu_file::Error>(())
+//! ```
+
+mod channel;
+mod error;
+mod memory;
+mod qemu_file;
+mod rate_limit;
+mod transport;
+mod uri;
+
+pub use channel::{Listener, connect};
+pub use error::{Error, Result};
+pub use memory::{MemBuffer, MemTransport, mem_channel};
+pub use qemu_file::{KeepAlive, QemuFile};
+pub use rate_limit::RateLimiter;
+pub use transport::{
+    ExecTransport, FdTransport, ShutdownHandle, TcpTransport, Transport, UnixTransport,
+};
+pub use uri::MigrationUri;

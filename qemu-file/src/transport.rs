@@ -1,0 +1,277 @@
+//! The `Transport` seam: where the bytes of a `QemuFile` go to or come from.
+
+use std::fmt;
+use std::fs::File;
+use std::io::{self, IoSlice, Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::process::{Child, ChildStdin, ChildStdout};
+use std::sync::{Arc, Mutex};
+
+/// A byte channel under a [`QemuFile`](crate::QemuFile): a socket, a pipe to a child, a file
+/// or an in-memory pipe.
+///
+/// Reads and writes are blocking. A transport that can be interrupted from another thread
+/// (to cancel a migration whose write is stuck on a full socket) returns a
+/// [`ShutdownHandle`].
+pub trait Transport: Send + fmt::Debug {
+    /// Reads some bytes; `Ok(0)` means the peer closed the stream.
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize>;
+
+    /// Writes some of `bufs` (one `writev` where the transport has it) and returns how much.
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize>;
+
+    /// A handle that makes blocked and later reads and writes fail, callable from any thread.
+    fn shutdown_handle(&self) -> Option<ShutdownHandle> {
+        None
+    }
+
+    /// Ends the outgoing direction once everything is written: waits for an exec child,
+    /// syncs a file, half-closes a socket so the reader sees the end.
+    fn finish(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+
+    /// A short description for messages, e.g. `tcp:127.0.0.1:4444`.
+    fn describe(&self) -> String;
+}
+
+/// Interrupts a transport from another thread (QEMU's `qemu_file_shutdown`).
+#[derive(Clone)]
+pub struct ShutdownHandle(Arc<dyn Fn() + Send + Sync>);
+
+impl ShutdownHandle {
+    /// Wraps the action that interrupts the transport.
+    pub fn new(f: impl Fn() + Send + Sync + 'static) -> Self {
+        ShutdownHandle(Arc::new(f))
+    }
+
+    /// Shuts the transport down: blocked and later reads and writes fail or see the end.
+    pub fn shutdown(&self) {
+        (self.0)()
+    }
+
+    /// A handle that shuts down the socket behind `fd` (a duplicate is kept, so the handle
+    /// stays valid after the transport is dropped). Not a socket: the handle does nothing.
+    pub fn for_socket(fd: impl AsFd) -> Option<Self> {
+        let dup = fd.as_fd().try_clone_to_owned().ok()?;
+        Some(ShutdownHandle::new(move || {
+            // SAFETY: `dup` is an open descriptor owned by this closure; shutdown(2) does not
+            // touch memory and fails harmlessly with ENOTSOCK on a non-socket.
+            unsafe { libc::shutdown(dup.as_raw_fd(), libc::SHUT_RDWR) };
+        }))
+    }
+}
+
+impl fmt::Debug for ShutdownHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ShutdownHandle")
+    }
+}
+
+/// A TCP connection (`tcp:HOST:PORT`).
+#[derive(Debug)]
+pub struct TcpTransport {
+    stream: TcpStream,
+    uri: String,
+}
+
+impl TcpTransport {
+    /// Wraps a connected stream. Nagle is turned off: the last small writes of a migration
+    /// must not wait for the peer's delayed acknowledgement while the VM is stopped.
+    pub fn new(stream: TcpStream, uri: String) -> Self {
+        let _ = stream.set_nodelay(true);
+        TcpTransport { stream, uri }
+    }
+}
+
+impl Transport for TcpTransport {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.stream.read(buf)
+    }
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        self.stream.write_vectored(bufs)
+    }
+    fn shutdown_handle(&self) -> Option<ShutdownHandle> {
+        ShutdownHandle::for_socket(&self.stream)
+    }
+    fn finish(&mut self) -> io::Result<()> {
+        half_close(self.stream.shutdown(Shutdown::Write))
+    }
+    fn describe(&self) -> String {
+        self.uri.clone()
+    }
+}
+
+/// A unix domain socket connection (`unix:PATH`).
+#[derive(Debug)]
+pub struct UnixTransport {
+    stream: UnixStream,
+    uri: String,
+}
+
+impl UnixTransport {
+    /// Wraps a connected stream.
+    pub fn new(stream: UnixStream, uri: String) -> Self {
+        UnixTransport { stream, uri }
+    }
+}
+
+impl Transport for UnixTransport {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.stream.read(buf)
+    }
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        self.stream.write_vectored(bufs)
+    }
+    fn shutdown_handle(&self) -> Option<ShutdownHandle> {
+        ShutdownHandle::for_socket(&self.stream)
+    }
+    fn finish(&mut self) -> io::Result<()> {
+        half_close(self.stream.shutdown(Shutdown::Write))
+    }
+    fn describe(&self) -> String {
+        self.uri.clone()
+    }
+}
+
+/// A peer that already closed its side is not an error at the end of a stream.
+fn half_close(r: io::Result<()>) -> io::Result<()> {
+    match r {
+        Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),
+        other => other,
+    }
+}
+
+/// Any open file descriptor: a regular file (`file:PATH`) or an inherited descriptor (`fd:N`)
+/// that may be a socket or a pipe.
+#[derive(Debug)]
+pub struct FdTransport {
+    file: File,
+    uri: String,
+    sync_on_finish: bool,
+}
+
+impl FdTransport {
+    /// Wraps a descriptor. `sync_on_finish` makes [`Transport::finish`] wait until the data
+    /// is on stable storage (for snapshots to `file:`).
+    pub fn new(fd: OwnedFd, uri: String, sync_on_finish: bool) -> Self {
+        FdTransport {
+            file: File::from(fd),
+            uri,
+            sync_on_finish,
+        }
+    }
+}
+
+impl Transport for FdTransport {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.file.read(buf)
+    }
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        self.file.write_vectored(bufs)
+    }
+    fn shutdown_handle(&self) -> Option<ShutdownHandle> {
+        ShutdownHandle::for_socket(&self.file)
+    }
+    fn finish(&mut self) -> io::Result<()> {
+        if self.sync_on_finish {
+            self.file.sync_data()
+        } else {
+            Ok(())
+        }
+    }
+    fn describe(&self) -> String {
+        self.uri.clone()
+    }
+}
+
+/// A child process run by `sh -c` (`exec:COMMAND`): the stream goes to its stdin (outgoing)
+/// or comes from its stdout (incoming).
+#[derive(Debug)]
+pub struct ExecTransport {
+    child: Arc<Mutex<Option<Child>>>,
+    stdin: Option<ChildStdin>,
+    stdout: Option<ChildStdout>,
+    uri: String,
+}
+
+impl ExecTransport {
+    /// Wraps a spawned child; its piped stdin and stdout become the two directions.
+    pub fn new(mut child: Child, uri: String) -> Self {
+        let stdin = child.stdin.take();
+        let stdout = child.stdout.take();
+        ExecTransport {
+            child: Arc::new(Mutex::new(Some(child))),
+            stdin,
+            stdout,
+            uri,
+        }
+    }
+}
+
+impl Transport for ExecTransport {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match &mut self.stdout {
+            Some(out) => out.read(buf),
+            None => Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "the command's stdout is not a migration stream (outgoing exec)",
+            )),
+        }
+    }
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        match &mut self.stdin {
+            Some(inp) => inp.write_vectored(bufs),
+            None => Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "the command's stdin does not take a migration stream (incoming exec)",
+            )),
+        }
+    }
+    fn shutdown_handle(&self) -> Option<ShutdownHandle> {
+        let child = Arc::clone(&self.child);
+        Some(ShutdownHandle::new(move || {
+            // The child is killed only while it has not been reaped, so the pid cannot have
+            // been reused by another process.
+            if let Some(c) = child.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+                let _ = c.kill();
+            }
+        }))
+    }
+    fn finish(&mut self) -> io::Result<()> {
+        // Closing stdin tells the command the stream has ended; then its exit status says
+        // whether it took everything.
+        drop(self.stdin.take());
+        let taken = self.child.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(mut c) = taken {
+            let status = c.wait()?;
+            if !status.success() {
+                return Err(io::Error::other(format!(
+                    "command of {} exited with {status}",
+                    self.uri
+                )));
+            }
+        }
+        Ok(())
+    }
+    fn describe(&self) -> String {
+        self.uri.clone()
+    }
+}
+
+impl Drop for ExecTransport {
+    fn drop(&mut self) {
+        drop(self.stdin.take());
+        drop(self.stdout.take());
+        // Reap the child so no zombie is left; a child that still runs after its stream is
+        // gone has nothing left to do.
+        if let Some(mut c) = self.child.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            if let Ok(None) = c.try_wait() {
+                let _ = c.kill();
+            }
+            let _ = c.wait();
+        }
+    }
+}

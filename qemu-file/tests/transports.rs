@@ -1,0 +1,169 @@
+//! Every transport scheme carries a stream both ways, through real sockets, pipes and files.
+
+use std::os::fd::IntoRawFd;
+use std::os::unix::fs::PermissionsExt;
+use std::thread;
+
+use qemu_file::{Error, Listener, MigrationUri, QemuFile, connect};
+
+/// 4 MiB in records of a header and a page, so partial writes and refills are exercised.
+fn send(f: &mut QemuFile) {
+    let page: Vec<u8> = (0..4096u32).map(|i| (i % 251) as u8).collect();
+    for i in 0..1024u64 {
+        f.put_be64(i << 12 | 0x08);
+        f.put_buffer(&page);
+    }
+    f.put_counted_string("end");
+    f.finish().unwrap();
+}
+
+fn receive(f: &mut QemuFile) {
+    let mut page = vec![0u8; 4096];
+    for i in 0..1024u64 {
+        assert_eq!(f.get_be64().unwrap(), i << 12 | 0x08);
+        f.get_buffer(&mut page).unwrap();
+        assert!(page.iter().enumerate().all(|(j, b)| *b == (j % 251) as u8));
+    }
+    assert_eq!(f.get_counted_string("trailer").unwrap(), "end");
+    assert_eq!(f.try_get_u8().unwrap(), None);
+}
+
+fn round_trip(listen_uri: &str) {
+    let listener = Listener::bind(&MigrationUri::parse(listen_uri).unwrap()).unwrap();
+    let uri = listener.local_uri();
+    let rx = thread::spawn(move || {
+        let mut f = QemuFile::new(listener.accept().unwrap());
+        receive(&mut f);
+    });
+    let mut out = QemuFile::new(connect(&uri).unwrap());
+    send(&mut out);
+    rx.join().unwrap();
+}
+
+#[test]
+fn tcp_ipv4() {
+    round_trip("tcp:127.0.0.1:0");
+}
+
+#[test]
+fn tcp_ipv6_when_the_loopback_has_it() {
+    if std::net::TcpListener::bind("[::1]:0").is_err() {
+        eprintln!("SKIPPED: no IPv6 loopback on this machine");
+        return;
+    }
+    round_trip("tcp:[::1]:0");
+}
+
+#[test]
+fn unix_socket_is_private_and_removed_after_use() {
+    let dir = tempdir();
+    let path = dir.join("mig.sock");
+    let listener = Listener::bind(&MigrationUri::Unix(path.clone())).unwrap();
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let rx = thread::spawn(move || {
+        let mut f = QemuFile::new(listener.accept().unwrap());
+        receive(&mut f);
+    });
+    let mut out = QemuFile::new(connect(&MigrationUri::Unix(path.clone())).unwrap());
+    send(&mut out);
+    rx.join().unwrap();
+    assert!(
+        !path.exists(),
+        "the socket path is removed once the stream is accepted"
+    );
+}
+
+#[test]
+fn unix_listen_refuses_to_remove_a_regular_file() {
+    let dir = tempdir();
+    let path = dir.join("not-a-socket");
+    std::fs::write(&path, b"keep me").unwrap();
+    let e = Listener::bind(&MigrationUri::Unix(path.clone())).unwrap_err();
+    assert!(matches!(e, Error::Open { .. }), "{e}");
+    assert_eq!(std::fs::read(&path).unwrap(), b"keep me");
+}
+
+#[test]
+fn file_save_then_restore() {
+    let dir = tempdir();
+    let uri = MigrationUri::File(dir.join("snapshot"));
+    let mut out = QemuFile::new(connect(&uri).unwrap());
+    send(&mut out);
+    let mut inp = QemuFile::new(Listener::bind(&uri).unwrap().accept().unwrap());
+    receive(&mut inp);
+}
+
+#[test]
+fn exec_outgoing_then_exec_incoming() {
+    let dir = tempdir();
+    let file = dir.join("via-exec");
+    let out_uri = MigrationUri::Exec(format!("cat > '{}'", file.display()));
+    let mut out = QemuFile::new(connect(&out_uri).unwrap());
+    send(&mut out);
+    let in_uri = MigrationUri::Exec(format!("cat '{}'", file.display()));
+    let mut inp = QemuFile::new(Listener::bind(&in_uri).unwrap().accept().unwrap());
+    receive(&mut inp);
+}
+
+#[test]
+fn exec_reports_a_failing_command() {
+    let mut out = QemuFile::new(connect(&MigrationUri::Exec("exit 3".into())).unwrap());
+    out.put_be32(1);
+    let e = out.finish().unwrap_err();
+    assert!(e.to_string().contains("exit"), "{e}");
+}
+
+#[test]
+fn fd_over_an_inherited_socketpair() {
+    let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+    let (fa, fb) = (a.into_raw_fd(), b.into_raw_fd());
+    let rx = thread::spawn(move || {
+        let mut f = QemuFile::new(
+            Listener::bind(&MigrationUri::Fd(fb))
+                .unwrap()
+                .accept()
+                .unwrap(),
+        );
+        receive(&mut f);
+    });
+    let mut out = QemuFile::new(connect(&MigrationUri::Fd(fa)).unwrap());
+    send(&mut out);
+    drop(out);
+    rx.join().unwrap();
+}
+
+#[test]
+fn fd_that_is_not_open_is_refused() {
+    let e = connect(&MigrationUri::Fd(987_654)).unwrap_err();
+    assert!(matches!(e, Error::Open { .. }), "{e}");
+}
+
+#[test]
+fn connecting_to_nobody_says_where() {
+    let dir = tempdir();
+    let uri = MigrationUri::Unix(dir.join("nobody.sock"));
+    let e = connect(&uri).unwrap_err().to_string();
+    assert!(e.contains("nobody.sock"), "{e}");
+}
+
+#[test]
+fn a_listener_can_be_shut_down_while_waiting() {
+    let listener = Listener::bind(&MigrationUri::parse("tcp:127.0.0.1:0").unwrap()).unwrap();
+    let h = listener.shutdown_handle().unwrap();
+    let t = thread::spawn(move || listener.accept().map(|_| ()));
+    thread::sleep(std::time::Duration::from_millis(50));
+    h.shutdown();
+    assert!(t.join().unwrap().is_err());
+}
+
+fn tempdir() -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!(
+        "qemu-file-test-{}-{:?}",
+        std::process::id(),
+        thread::current().id()
+    ));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
