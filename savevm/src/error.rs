@@ -1,0 +1,206 @@
+//! The error type of the stream format, the registry, the loader and the migration thread.
+
+use crate::SectionError;
+
+/// What went wrong with a migration stream or a migration.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The byte stream failed: I/O, truncation, an oversized length.
+    #[error(transparent)]
+    Stream(#[from] qemu_file::Error),
+    /// The stream does not start with "QEVM".
+    #[error(
+        "not a migration stream: the first bytes are {found:#010x}, expected 0x5145564d (\"QEVM\")"
+    )]
+    BadMagic {
+        /// The four bytes found, big-endian.
+        found: u32,
+    },
+    /// The stream's version is not 3.
+    #[error(
+        "migration stream version {found} is not supported: only version 3 (QEMU 2.x and later) is"
+    )]
+    UnsupportedVersion {
+        /// The version found.
+        found: u32,
+    },
+    /// The source's machine type differs from the destination's.
+    #[error(
+        "the stream is for machine type {stream:?} but this VM is {local:?}: start the destination with the same machine"
+    )]
+    MachineMismatch {
+        /// Machine type in the stream.
+        stream: String,
+        /// Machine type here.
+        local: String,
+    },
+    /// A record starts with a byte that is no known section type.
+    #[error(
+        "unknown section type {found:#04x} at byte {offset}: the stream is corrupt or from a newer QEMU"
+    )]
+    UnknownSectionType {
+        /// The byte.
+        found: u8,
+        /// Its position.
+        offset: u64,
+    },
+    /// A START or FULL record names a section this side has not registered.
+    #[error("the stream has section {idstr:?} instance {instance_id}, which this VM does not have")]
+    UnknownSection {
+        /// The name.
+        idstr: String,
+        /// The instance.
+        instance_id: u32,
+    },
+    /// A PART or END record refers to a section id that no START opened.
+    #[error("section id {section_id} at byte {offset} was never started: the stream is corrupt")]
+    UnknownSectionId {
+        /// The id.
+        section_id: u32,
+        /// Position of the record.
+        offset: u64,
+    },
+    /// A START or FULL record reuses a section id or opens a section twice.
+    #[error("section {idstr:?} (id {section_id}) appears twice: the stream is corrupt")]
+    DuplicateSection {
+        /// The name.
+        idstr: String,
+        /// The id.
+        section_id: u32,
+    },
+    /// A live section arrived as FULL, a device section as START/PART/END, or the END of a
+    /// section came twice.
+    #[error("section {idstr:?} arrived as a {found} record, which it cannot be")]
+    WrongRecordKind {
+        /// The name.
+        idstr: String,
+        /// The record kind (`START`, `FULL`, ...).
+        found: &'static str,
+    },
+    /// The section's version is outside what this side can load.
+    #[error(
+        "section {idstr:?} has version {version} in the stream; this side loads versions {min} to {max}: \
+         migrate between compatible builds"
+    )]
+    VersionOutOfRange {
+        /// The name.
+        idstr: String,
+        /// Version in the stream.
+        version: u32,
+        /// Oldest accepted.
+        min: u32,
+        /// Newest accepted.
+        max: u32,
+    },
+    /// After a section's payload the footer was missing or named another section.
+    #[error(
+        "section {idstr:?} (id {section_id}) does not end with its footer at byte {offset} \
+         (found byte {found_byte:#04x}{}): the sender and this loader disagree on its layout",
+        found_id.map(|i| format!(", section id {i}")).unwrap_or_default()
+    )]
+    FooterMismatch {
+        /// The section.
+        idstr: String,
+        /// Its id.
+        section_id: u32,
+        /// The byte found where 0x7e was expected.
+        found_byte: u8,
+        /// The id found in the footer, if the byte was 0x7e.
+        found_id: Option<u32>,
+        /// Position of the footer.
+        offset: u64,
+    },
+    /// The stream ended without a section this side has, or without a live section's END.
+    #[error(
+        "the stream ended without {}section {idstr:?} instance {instance_id}: \
+         the source and destination VMs are not configured alike, or the source stopped early",
+        if *started { "the end of " } else { "" }
+    )]
+    MissingSection {
+        /// The section.
+        idstr: String,
+        /// Its instance.
+        instance_id: u32,
+        /// Whether it was started but not ended.
+        started: bool,
+    },
+    /// A QEMU_VM_COMMAND record (postcopy, colo): not supported.
+    #[error(
+        "the stream uses QEMU_VM_COMMAND {command:#06x} at byte {offset}, which this loader does not support (postcopy is not implemented)"
+    )]
+    UnsupportedCommand {
+        /// The command number.
+        command: u16,
+        /// Its position.
+        offset: u64,
+    },
+    /// A section handler failed.
+    #[error("section {idstr:?} instance {instance_id}: {op} failed: {source}")]
+    Section {
+        /// The section.
+        idstr: String,
+        /// Its instance.
+        instance_id: u32,
+        /// What it was doing: `setup`, `iterate`, `pending`, `complete`, `load`, `save`.
+        op: &'static str,
+        /// The handler's error.
+        #[source]
+        source: SectionError,
+    },
+    /// Registering a second section with the same idstr and instance.
+    #[error("section {idstr:?} instance {instance_id} is already registered")]
+    DuplicateRegistration {
+        /// The name.
+        idstr: String,
+        /// The instance.
+        instance_id: u32,
+    },
+    /// An idstr too long for the stream.
+    #[error("section idstr {idstr:?} is {len} bytes; at most 127 fit the stream")]
+    IdTooLong {
+        /// The name.
+        idstr: String,
+        /// Its length.
+        len: usize,
+    },
+    /// The VM (stop, resume, flush) failed during a migration.
+    #[error("the VM could not {op}: {source}")]
+    Vm {
+        /// `stop its vCPUs`, `resume`, `flush its disks`.
+        op: &'static str,
+        /// The VM's error.
+        #[source]
+        source: SectionError,
+    },
+    /// The migration was cancelled.
+    #[error("the migration was cancelled")]
+    Cancelled,
+    /// The destination reported that it could not load the stream.
+    #[error(
+        "the destination could not load the stream (it reported status {status}); the source VM keeps running"
+    )]
+    DestinationFailed {
+        /// The destination's status code.
+        status: u32,
+    },
+    /// The destination's answer is not a return-path message this side knows.
+    #[error(
+        "the destination answered with return-path message {ty} of {len} bytes, not the expected status"
+    )]
+    BadReturnPath {
+        /// Message type.
+        ty: u16,
+        /// Message length.
+        len: u16,
+    },
+    /// The JSON VM description trailer is malformed.
+    #[error("the VM description trailer is malformed: {reason}")]
+    BadDescription {
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// The result type of this crate.
+pub type Result<T> = std::result::Result<T, Error>;

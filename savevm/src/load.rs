@@ -1,0 +1,216 @@
+//! The incoming side: loading a stream into a VM that is not running.
+
+use std::time::{Duration, Instant};
+
+use qemu_file::QemuFile;
+
+use crate::format::{
+    Configuration, FileHeader, Footer, FullHeader, MAX_DESCRIPTION_LEN, QEMU_VM_VMDESCRIPTION,
+    SectionType,
+};
+use crate::savevm::{Handler, section_error};
+use crate::vmstate::FieldReader;
+use crate::{Error, Result, SaveVm};
+
+/// What a successful load read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoadReport {
+    /// Stream bytes read, header to trailer.
+    pub bytes: u64,
+    /// Section records read (START, PART, END, FULL).
+    pub records: u64,
+    /// Time from the first byte to the end of the load.
+    pub duration: Duration,
+    /// The JSON VM description the source appended, if any.
+    pub description: Option<String>,
+}
+
+/// Where each registered section stands during a load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Progress {
+    NotSeen,
+    Started,
+    Done,
+}
+
+impl SaveVm {
+    /// Loads a whole stream into the registered sections (QEMU's `qemu_loadvm_state`).
+    ///
+    /// Every record is checked: magic and version, machine type, each section known and
+    /// of a loadable version, START before PART/END, every footer, every registered
+    /// section present and every live section ended. The VM must not run during the load;
+    /// the caller resumes it only after `Ok`. On error nothing tells the caller the state
+    /// is usable: the destination must discard it.
+    ///
+    /// # Errors
+    /// The first inconsistency, as a typed [`Error`] that names the section and offset.
+    pub fn load(&mut self, f: &mut QemuFile) -> Result<LoadReport> {
+        let t0 = Instant::now();
+        let start_offset = f.bytes_read();
+        for e in &mut self.entries {
+            if let Handler::Live(h) = &mut e.handler {
+                h.load_setup()
+                    .map_err(section_error(&e.info, "load setup"))?;
+            }
+        }
+        let mut progress = vec![Progress::NotSeen; self.entries.len()];
+        let result = self.load_records(f, &mut progress);
+        let ok = result.is_ok();
+        let mut cleanup_result = Ok(());
+        for e in &mut self.entries {
+            if let Handler::Live(h) = &mut e.handler {
+                let r = h
+                    .load_cleanup(ok)
+                    .map_err(section_error(&e.info, "load cleanup"));
+                if cleanup_result.is_ok() {
+                    cleanup_result = r;
+                }
+            }
+        }
+        let (records, description) = result?;
+        cleanup_result?;
+        Ok(LoadReport {
+            bytes: f.bytes_read() - start_offset,
+            records,
+            duration: t0.elapsed(),
+            description,
+        })
+    }
+
+    fn load_records(
+        &mut self,
+        f: &mut QemuFile,
+        progress: &mut [Progress],
+    ) -> Result<(u64, Option<String>)> {
+        FileHeader::read_from(f)?;
+        // Stream section id -> (index of the registered entry, version from its START).
+        let mut by_id: Vec<(u32, usize, u32)> = Vec::new();
+        let mut records = 0u64;
+        loop {
+            let offset = f.bytes_read();
+            let b = f.get_u8()?;
+            let ty = SectionType::try_from(b)
+                .map_err(|found| Error::UnknownSectionType { found, offset })?;
+            match ty {
+                SectionType::Eof => break,
+                SectionType::Configuration => {
+                    let c = Configuration::read_from(f)?;
+                    if c.machine != self.machine() {
+                        return Err(Error::MachineMismatch {
+                            stream: c.machine,
+                            local: self.machine().to_string(),
+                        });
+                    }
+                }
+                SectionType::Command => {
+                    let command = f.get_be16()?;
+                    return Err(Error::UnsupportedCommand { command, offset });
+                }
+                SectionType::Start | SectionType::Full => {
+                    let h = FullHeader::read_from(f)?;
+                    let i = self.find(&h.idstr, h.instance_id).ok_or_else(|| {
+                        Error::UnknownSection {
+                            idstr: h.idstr.clone(),
+                            instance_id: h.instance_id,
+                        }
+                    })?;
+                    if progress[i] != Progress::NotSeen
+                        || by_id.iter().any(|(id, _, _)| *id == h.section_id)
+                    {
+                        return Err(Error::DuplicateSection {
+                            idstr: h.idstr,
+                            section_id: h.section_id,
+                        });
+                    }
+                    let e = &mut self.entries[i];
+                    if h.version_id > e.info.version_id || h.version_id < e.info.minimum_version_id
+                    {
+                        return Err(Error::VersionOutOfRange {
+                            idstr: h.idstr,
+                            version: h.version_id,
+                            min: e.info.minimum_version_id,
+                            max: e.info.version_id,
+                        });
+                    }
+                    match (&mut e.handler, ty) {
+                        (Handler::Live(lh), SectionType::Start) => {
+                            lh.load(f, h.version_id)
+                                .map_err(section_error(&e.info, "load"))?;
+                            progress[i] = Progress::Started;
+                        }
+                        (Handler::Device(dh), SectionType::Full) => {
+                            dh.load(&mut FieldReader::new(f), h.version_id)
+                                .map_err(section_error(&e.info, "load"))?;
+                            progress[i] = Progress::Done;
+                        }
+                        _ => {
+                            return Err(Error::WrongRecordKind {
+                                idstr: h.idstr,
+                                found: ty.name(),
+                            });
+                        }
+                    }
+                    Footer::read_from(f, h.section_id, &e.info.idstr)?;
+                    by_id.push((h.section_id, i, h.version_id));
+                    records += 1;
+                }
+                SectionType::Part | SectionType::End => {
+                    let section_id = f.get_be32()?;
+                    let (i, version) = by_id
+                        .iter()
+                        .find(|(id, _, _)| *id == section_id)
+                        .map(|(_, i, v)| (*i, *v))
+                        .ok_or(Error::UnknownSectionId { section_id, offset })?;
+                    let e = &mut self.entries[i];
+                    let Handler::Live(lh) = &mut e.handler else {
+                        return Err(Error::WrongRecordKind {
+                            idstr: e.info.idstr.clone(),
+                            found: ty.name(),
+                        });
+                    };
+                    if progress[i] != Progress::Started {
+                        return Err(Error::WrongRecordKind {
+                            idstr: e.info.idstr.clone(),
+                            found: ty.name(),
+                        });
+                    }
+                    // PART and END carry no version: they are in their START's.
+                    lh.load(f, version)
+                        .map_err(section_error(&e.info, "load"))?;
+                    Footer::read_from(f, section_id, &e.info.idstr)?;
+                    if ty == SectionType::End {
+                        progress[i] = Progress::Done;
+                    }
+                    records += 1;
+                }
+            }
+        }
+        if let Some(i) = progress.iter().position(|p| *p != Progress::Done) {
+            return Err(Error::MissingSection {
+                idstr: self.entries[i].info.idstr.clone(),
+                instance_id: self.entries[i].info.instance_id,
+                started: progress[i] == Progress::Started,
+            });
+        }
+        // The source appends the JSON description after EOF; read it so that a socket is
+        // drained, and stop there (the source may wait for our answer).
+        let description = match f.try_get_u8()? {
+            None => None,
+            Some(QEMU_VM_VMDESCRIPTION) => {
+                let len = f.get_be32()?;
+                let json =
+                    f.get_bytes(len.into(), MAX_DESCRIPTION_LEN as usize, "VM description")?;
+                Some(String::from_utf8(json).map_err(|_| Error::BadDescription {
+                    reason: "not UTF-8".into(),
+                })?)
+            }
+            Some(other) => {
+                return Err(Error::UnknownSectionType {
+                    found: other,
+                    offset: f.bytes_read() - 1,
+                });
+            }
+        };
+        Ok((records, description))
+    }
+}

@@ -1,0 +1,535 @@
+//! The migration thread (QEMU's `migration_thread`, Juan Quintela's 2012 design).
+//!
+//! One thread per outgoing migration runs [`run_migration`]: setup, then iterations in
+//! which the VM lock is held only to ask how much is pending and to collect the next chunk
+//! (queued by reference on the [`QemuFile`]); the lock is released before the blocking
+//! write. Every 100 ms window the bandwidth is measured and the threshold recomputed as
+//! bandwidth × downtime limit; when the pending bytes, exact after a dirty sync, fit under
+//! it, the thread stops the vCPUs and completes, timing each step. Cancel and failure at
+//! any point leave the source running with nothing lost.
+
+use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime};
+
+use qemu_file::{QemuFile, ShutdownHandle};
+
+use crate::{Error, Result, SaveVm, SectionError, return_path};
+
+/// What the migration thread needs from the VM.
+pub trait VmControl: Send + Sync {
+    /// The VM lock's guard (QEMU's big lock): device emulation and the monitor take it.
+    type Guard<'a>
+    where
+        Self: 'a;
+
+    /// Takes the VM lock.
+    fn lock(&self) -> Self::Guard<'_>;
+
+    /// Stops every vCPU and returns once all of them are out of KVM_RUN with their pending
+    /// I/O completed. Called without the VM lock held, so a vCPU finishing an exit can
+    /// take it.
+    ///
+    /// # Errors
+    /// When a vCPU cannot be stopped; the migration fails and the VM is resumed.
+    fn stop_vcpus(&self) -> std::result::Result<(), SectionError>;
+
+    /// Lets the vCPUs run again (after a failed or cancelled migration).
+    ///
+    /// # Errors
+    /// When a vCPU cannot be resumed.
+    fn resume_vcpus(&self) -> std::result::Result<(), SectionError>;
+
+    /// Flushes the VM's disks to stable storage (the vCPUs are stopped).
+    ///
+    /// # Errors
+    /// When a flush fails; the migration fails and the VM is resumed.
+    fn flush_disks(&self) -> std::result::Result<(), SectionError> {
+        Ok(())
+    }
+}
+
+/// Migration parameters, with QEMU's names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MigrationParams {
+    /// `downtime-limit`: the longest pause the switchover may cause (default 300 ms).
+    pub downtime_limit: Duration,
+    /// `max-bandwidth` in bytes per second; 0 is unlimited (the default).
+    pub max_bandwidth: u64,
+    /// Bytes collected per hold of the VM lock before they are written (default 2 MiB).
+    pub chunk_bytes: usize,
+    /// Whether the destination answers on the reverse direction of the stream, and the
+    /// source keeps its VM until it says it loaded everything (sockets; not exec or file).
+    pub return_path: bool,
+}
+
+impl Default for MigrationParams {
+    fn default() -> Self {
+        MigrationParams {
+            downtime_limit: Duration::from_millis(300),
+            max_bandwidth: 0,
+            chunk_bytes: 2 << 20,
+            return_path: false,
+        }
+    }
+}
+
+/// The state of a migration, with QEMU's names (`query-migrate`'s `status`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MigrationStatus {
+    /// No migration has started.
+    #[default]
+    None,
+    /// Writing the header and the START sections.
+    Setup,
+    /// Iterating while the guest runs.
+    Active,
+    /// The guest is stopped and the rest is being sent.
+    Device,
+    /// Everything was sent (and, with a return path, loaded by the destination).
+    Completed,
+    /// The migration failed; the source runs on.
+    Failed,
+    /// A cancel was requested and is being carried out.
+    Cancelling,
+    /// The migration was cancelled; the source runs on.
+    Cancelled,
+}
+
+impl MigrationStatus {
+    /// QEMU's name, as in `query-migrate` and MIGRATION events.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MigrationStatus::None => "none",
+            MigrationStatus::Setup => "setup",
+            MigrationStatus::Active => "active",
+            MigrationStatus::Device => "device",
+            MigrationStatus::Completed => "completed",
+            MigrationStatus::Failed => "failed",
+            MigrationStatus::Cancelling => "cancelling",
+            MigrationStatus::Cancelled => "cancelled",
+        }
+    }
+
+    /// Whether the migration has ended.
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            MigrationStatus::Completed | MigrationStatus::Failed | MigrationStatus::Cancelled
+        )
+    }
+}
+
+impl fmt::Display for MigrationStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How long each step of the completion phase took: the guest is paused through all of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CompletionTimes {
+    /// Until every vCPU was out of KVM_RUN.
+    pub stop_vcpus: Duration,
+    /// Flushing the disks.
+    pub flush_disks: Duration,
+    /// The final dirty sync.
+    pub final_sync: Duration,
+    /// Sending what the live sections (RAM, disks) still had, and writing it out.
+    pub send_ram: Duration,
+    /// Saving and sending the devices, EOF and the description.
+    pub send_devices: Duration,
+    /// Waiting for the destination to say it loaded everything (return path).
+    pub wait_destination: Duration,
+    /// From the stop request to the end of the above: the source's view of the downtime.
+    pub total: Duration,
+}
+
+/// A snapshot of a migration (`query-migrate`).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct MigrationInfo {
+    /// Where it stands.
+    pub status: MigrationStatus,
+    /// Since the start (or the whole migration once ended).
+    pub total_time: Duration,
+    /// Header and START sections.
+    pub setup_time: Duration,
+    /// The source's measured downtime, once completed.
+    pub downtime: Option<Duration>,
+    /// Pending bytes / bandwidth at the last window.
+    pub expected_downtime: Duration,
+    /// Stream bytes produced so far.
+    pub transferred: u64,
+    /// Bytes the live sections still have to send (last estimate).
+    pub remaining: u64,
+    /// Bandwidth of the last 100 ms window, bytes per second.
+    pub bandwidth: f64,
+    /// Threshold of the last window: bandwidth × downtime limit, bytes.
+    pub threshold: u64,
+    /// Chunks collected and written.
+    pub iterations: u64,
+    /// Exact pending figures asked for (each one a dirty sync).
+    pub dirty_syncs: u64,
+    /// Wall-clock time the source asked its vCPUs to stop (to compute the real downtime
+    /// against the destination's resume time).
+    pub stopped_at: Option<SystemTime>,
+    /// The completion breakdown, once the completion phase ran.
+    pub completion: Option<CompletionTimes>,
+    /// What went wrong, for `failed` and `cancelled`.
+    pub error: Option<String>,
+}
+
+type Observer = Box<dyn Fn(&MigrationInfo) + Send + Sync>;
+
+/// The handle through which others see and steer a running migration: the monitor reads
+/// [`MigrationControl::info`], changes parameters and cancels; the migration thread
+/// publishes its progress here.
+pub struct MigrationControl {
+    // Lock: written by the migration thread (each window and at each status change), read
+    // by anyone; `wake` is signalled on cancel and at the end.
+    info: Mutex<MigrationInfo>,
+    wake: Condvar,
+    // Lock: written by the monitor (migrate-set-parameters); read by the migration thread
+    // at the start of each window.
+    params: Mutex<MigrationParams>,
+    cancel: AtomicBool,
+    // Lock: set by the migration thread while it owns a stream; taken by `cancel` to
+    // interrupt a blocked write.
+    shutdown: Mutex<Option<ShutdownHandle>>,
+    // Lock: set before the migration starts; called (without other locks held) on every
+    // status change.
+    observer: Mutex<Option<Observer>>,
+}
+
+impl fmt::Debug for MigrationControl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MigrationControl")
+            .field("info", &self.info())
+            .field("params", &self.params())
+            .finish()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl MigrationControl {
+    /// A control for a migration with `params`.
+    pub fn new(params: MigrationParams) -> Self {
+        MigrationControl {
+            info: Mutex::new(MigrationInfo::default()),
+            wake: Condvar::new(),
+            params: Mutex::new(params),
+            cancel: AtomicBool::new(false),
+            shutdown: Mutex::new(None),
+            observer: Mutex::new(None),
+        }
+    }
+
+    /// A snapshot of the migration's progress.
+    pub fn info(&self) -> MigrationInfo {
+        lock(&self.info).clone()
+    }
+
+    /// The current parameters.
+    pub fn params(&self) -> MigrationParams {
+        lock(&self.params).clone()
+    }
+
+    /// Changes the parameters; a running migration applies them at its next window.
+    pub fn set_params(&self, params: MigrationParams) {
+        *lock(&self.params) = params;
+    }
+
+    /// Calls `f` with the new info at every status change (MIGRATION events).
+    pub fn set_observer(&self, f: impl Fn(&MigrationInfo) + Send + Sync + 'static) {
+        *lock(&self.observer) = Some(Box::new(f));
+    }
+
+    /// Requests a cancel: the thread stops at once, even inside a blocked write, and the
+    /// source VM runs on. Has no effect once the migration ended.
+    pub fn cancel(&self) {
+        self.cancel.store(true, Ordering::SeqCst);
+        {
+            let mut info = lock(&self.info);
+            if !info.status.is_terminal() && info.status != MigrationStatus::None {
+                info.status = MigrationStatus::Cancelling;
+            }
+        }
+        if let Some(h) = lock(&self.shutdown).as_ref() {
+            h.shutdown();
+        }
+        self.wake.notify_all();
+    }
+
+    fn cancelled(&self) -> bool {
+        self.cancel.load(Ordering::SeqCst)
+    }
+
+    /// Blocks until the migration has ended and returns its final info.
+    pub fn wait(&self) -> MigrationInfo {
+        let mut info = lock(&self.info);
+        while !info.status.is_terminal() {
+            info = self.wake.wait(info).unwrap_or_else(|p| p.into_inner());
+        }
+        info.clone()
+    }
+
+    fn update(&self, f: impl FnOnce(&mut MigrationInfo)) {
+        f(&mut lock(&self.info));
+    }
+
+    fn set_status(&self, status: MigrationStatus, f: impl FnOnce(&mut MigrationInfo)) {
+        let snapshot = {
+            let mut info = lock(&self.info);
+            // A cancel in flight keeps showing as such until the thread reaches an end.
+            if info.status != MigrationStatus::Cancelling || status.is_terminal() {
+                info.status = status;
+            }
+            f(&mut info);
+            info.clone()
+        };
+        self.wake.notify_all();
+        if let Some(o) = lock(&self.observer).as_ref() {
+            o(&snapshot);
+        }
+    }
+
+    /// Sleeps until `deadline` or a cancel.
+    fn sleep_until(&self, deadline: Instant) {
+        let mut info = lock(&self.info);
+        while !self.cancelled() {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            info = self
+                .wake
+                .wait_timeout(info, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+}
+
+/// The length of a bandwidth measurement window.
+pub const WINDOW: Duration = Duration::from_millis(100);
+
+/// Runs an outgoing migration to its end, in the calling thread (the migration thread).
+///
+/// `savevm` holds the VM's sections, `f` the outgoing stream. On success the status is
+/// `completed` and the VM stays stopped (the caller hands over or quits). On failure or
+/// cancel the sections' tracking is cleaned up, a stopped VM is resumed, and the status is
+/// `failed` or `cancelled`; the error is returned.
+///
+/// # Errors
+/// [`Error::Cancelled`], the stream's error, a section's error, or the VM's.
+pub fn run_migration<V: VmControl + ?Sized>(
+    savevm: &mut SaveVm,
+    f: &mut QemuFile,
+    vm: &V,
+    ctl: &MigrationControl,
+) -> Result<MigrationInfo> {
+    let t0 = Instant::now();
+    *lock(&ctl.shutdown) = f.shutdown_handle();
+    ctl.set_status(MigrationStatus::Setup, |i| {
+        *i = MigrationInfo {
+            status: i.status,
+            ..MigrationInfo::default()
+        };
+    });
+    let mut stopped = false;
+    let result = if ctl.cancelled() {
+        Err(Error::Cancelled)
+    } else {
+        migrate(savevm, f, vm, ctl, t0, &mut stopped)
+    };
+    savevm.save_cleanup();
+    *lock(&ctl.shutdown) = None;
+    match result {
+        Ok(()) => {
+            ctl.set_status(MigrationStatus::Completed, |i| {
+                i.total_time = t0.elapsed();
+                i.transferred = f.bytes_written();
+                i.remaining = 0;
+            });
+            Ok(ctl.info())
+        }
+        Err(e) => {
+            let e = if ctl.cancelled() { Error::Cancelled } else { e };
+            let mut resume_error = None;
+            if stopped {
+                if let Err(re) = vm.resume_vcpus() {
+                    resume_error = Some(re.to_string());
+                }
+            }
+            let status = if matches!(e, Error::Cancelled) {
+                MigrationStatus::Cancelled
+            } else {
+                MigrationStatus::Failed
+            };
+            ctl.set_status(status, |i| {
+                i.total_time = t0.elapsed();
+                i.transferred = f.bytes_written();
+                i.error = Some(match &resume_error {
+                    Some(re) => format!("{e}; resuming the VM failed too: {re}"),
+                    None => e.to_string(),
+                });
+            });
+            Err(e)
+        }
+    }
+}
+
+fn check_cancel(ctl: &MigrationControl) -> Result<()> {
+    if ctl.cancelled() {
+        Err(Error::Cancelled)
+    } else {
+        Ok(())
+    }
+}
+
+fn vm_error(op: &'static str) -> impl FnOnce(SectionError) -> Error {
+    move |source| Error::Vm { op, source }
+}
+
+fn migrate<V: VmControl + ?Sized>(
+    savevm: &mut SaveVm,
+    f: &mut QemuFile,
+    vm: &V,
+    ctl: &MigrationControl,
+    t0: Instant,
+    stopped: &mut bool,
+) -> Result<()> {
+    let mut params = ctl.params();
+    f.set_chunk_budget(params.chunk_bytes);
+    f.set_auto_flush(params.chunk_bytes.saturating_mul(4).max(1 << 20));
+    f.rate_limiter().set_max_bytes_per_sec(params.max_bandwidth);
+
+    {
+        let _g = vm.lock();
+        savevm.save_header(f);
+        savevm.save_setup(f)?;
+    }
+    f.flush()?;
+    check_cancel(ctl)?;
+    let setup_time = t0.elapsed();
+    ctl.set_status(MigrationStatus::Active, |i| {
+        i.setup_time = setup_time;
+        i.transferred = f.bytes_written();
+    });
+
+    let mut window_start = Instant::now();
+    let mut window_bytes = f.bytes_written();
+    let mut threshold: u64 = 0;
+    let mut bandwidth: f64 = 0.0;
+    let mut iterations = 0u64;
+    let mut syncs = 0u64;
+    loop {
+        check_cancel(ctl)?;
+        let now = Instant::now();
+        let elapsed = now - window_start;
+        if elapsed >= WINDOW {
+            let sent = f.bytes_written() - window_bytes;
+            bandwidth = sent as f64 / elapsed.as_secs_f64();
+            params = ctl.params();
+            f.rate_limiter().set_max_bytes_per_sec(params.max_bandwidth);
+            threshold = (bandwidth * params.downtime_limit.as_secs_f64()) as u64;
+            let remaining = savevm.pending_estimate();
+            ctl.update(|i| {
+                i.total_time = t0.elapsed();
+                i.transferred = f.bytes_written();
+                i.remaining = remaining;
+                i.bandwidth = bandwidth;
+                i.threshold = threshold;
+                i.expected_downtime = expected(remaining, bandwidth);
+                i.iterations = iterations;
+                i.dirty_syncs = syncs;
+            });
+            window_start = now;
+            window_bytes = f.bytes_written();
+        }
+
+        let guard = vm.lock();
+        let mut pending = savevm.pending_estimate();
+        if pending <= threshold {
+            pending = savevm.pending_exact()?;
+            syncs += 1;
+            if pending <= threshold {
+                drop(guard);
+                ctl.update(|i| {
+                    i.remaining = pending;
+                    i.dirty_syncs = syncs;
+                    i.iterations = iterations;
+                    i.expected_downtime = expected(pending, bandwidth);
+                });
+                break;
+            }
+        }
+        savevm.save_iterate(f)?;
+        drop(guard);
+        iterations += 1;
+        // The blocking write, with the VM lock released.
+        f.flush()?;
+        if f.rate_limiter().exceeded() {
+            let end = f.rate_limiter().window_end();
+            ctl.sleep_until(end);
+        }
+    }
+
+    // Completion: the guest is paused from here to the end.
+    let t_stop = Instant::now();
+    ctl.set_status(MigrationStatus::Device, |i| {
+        i.stopped_at = Some(SystemTime::now())
+    });
+    let mut times = CompletionTimes::default();
+    *stopped = true;
+    vm.stop_vcpus().map_err(vm_error("stop its vCPUs"))?;
+    times.stop_vcpus = t_stop.elapsed();
+    {
+        let _g = vm.lock();
+        let t = Instant::now();
+        vm.flush_disks().map_err(vm_error("flush its disks"))?;
+        times.flush_disks = t.elapsed();
+
+        let t = Instant::now();
+        savevm.pending_exact()?;
+        times.final_sync = t.elapsed();
+
+        let t = Instant::now();
+        // The last chunks of a completion are not rate limited: the guest is waiting.
+        f.rate_limiter().set_max_bytes_per_sec(0);
+        savevm.save_complete(f)?;
+        f.flush()?;
+        times.send_ram = t.elapsed();
+
+        let t = Instant::now();
+        savevm.save_devices(f)?;
+        f.finish()?;
+        times.send_devices = t.elapsed();
+    }
+    if params.return_path {
+        let t = Instant::now();
+        return_path::wait_load_result(f)?;
+        times.wait_destination = t.elapsed();
+    }
+    times.total = t_stop.elapsed();
+    ctl.update(|i| {
+        i.downtime = Some(times.total);
+        i.completion = Some(times);
+        i.dirty_syncs = syncs + 1;
+        i.iterations = iterations;
+        i.bandwidth = bandwidth;
+    });
+    Ok(())
+}
+
+fn expected(pending: u64, bandwidth: f64) -> Duration {
+    if bandwidth > 0.0 {
+        Duration::from_secs_f64(pending as f64 / bandwidth)
+    } else {
+        Duration::ZERO
+    }
+}

@@ -1,0 +1,124 @@
+//! The two kinds of sections a VM registers: live (iterative) and device (one shot).
+
+use qemu_file::QemuFile;
+
+use crate::{FieldReader, FieldWriter};
+
+/// The error a section handler returns; savevm wraps it with the section's name and the
+/// operation.
+pub type SectionError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Name, instance and versions of a registered section.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SectionInfo {
+    /// The section's name in the stream, e.g. `ram` (at most 127 bytes).
+    pub idstr: String,
+    /// The instance of that name, e.g. a vCPU index.
+    pub instance_id: u32,
+    /// The version this side writes, and the newest it loads.
+    pub version_id: u32,
+    /// The oldest version this side loads.
+    pub minimum_version_id: u32,
+}
+
+impl SectionInfo {
+    /// A section that writes and loads exactly `version`.
+    pub fn new(idstr: impl Into<String>, instance_id: u32, version: u32) -> Self {
+        SectionInfo {
+            idstr: idstr.into(),
+            instance_id,
+            version_id: version,
+            minimum_version_id: version,
+        }
+    }
+}
+
+/// A live section (QEMU's `SaveVMHandlers`): state too large to send while the VM is
+/// stopped, sent while it runs and resent where it changes (RAM, disks).
+///
+/// On the source, the migration thread calls `setup` once (START), then alternately
+/// `pending_*` and `iterate` (PART) while the VM runs, then, with the VM stopped,
+/// `pending_exact` for the final sync and `complete` (END), and `cleanup` at the end
+/// whatever happened. On the destination, `load_setup`, then `load` for each record, then
+/// `load_cleanup`.
+///
+/// The VM lock is held during `pending_*` and `iterate`, which only queue data on the
+/// file; the migration thread writes it out after releasing the lock.
+pub trait SectionHandler: Send {
+    /// Writes the START payload and starts tracking changes (e.g. dirty logging on).
+    ///
+    /// # Errors
+    /// When tracking cannot start; the migration fails and `cleanup` runs.
+    fn setup(&mut self, f: &mut QemuFile) -> Result<(), SectionError>;
+
+    /// Queues a PART payload: as much as [`QemuFile::budget_exhausted`] allows. Returns
+    /// `true` when nothing known to be dirty remains.
+    ///
+    /// # Errors
+    /// When the state cannot be read; the migration fails.
+    fn iterate(&mut self, f: &mut QemuFile) -> Result<bool, SectionError>;
+
+    /// A cheap estimate of the bytes still to send, without syncing the dirty log.
+    fn pending_estimate(&self) -> u64;
+
+    /// Syncs the dirty log and returns the bytes still to send.
+    ///
+    /// # Errors
+    /// When the dirty log cannot be read.
+    fn pending_exact(&mut self) -> Result<u64, SectionError>;
+
+    /// Queues the END payload: everything still dirty. The VM is stopped and the final
+    /// sync was just made by `pending_exact`.
+    ///
+    /// # Errors
+    /// When the state cannot be read.
+    fn complete(&mut self, f: &mut QemuFile) -> Result<(), SectionError>;
+
+    /// Ends tracking (dirty logging off) after a completed, failed or cancelled migration.
+    fn cleanup(&mut self) {}
+
+    /// Prepares to load on the destination.
+    ///
+    /// # Errors
+    /// When the destination cannot take a stream (e.g. its storage is not ready).
+    fn load_setup(&mut self) -> Result<(), SectionError> {
+        Ok(())
+    }
+
+    /// Reads one START, PART or END payload written at `version_id`.
+    ///
+    /// # Errors
+    /// Any inconsistency with this side (unknown block, wrong size) or a hostile payload.
+    fn load(&mut self, f: &mut QemuFile, version_id: u32) -> Result<(), SectionError>;
+
+    /// Finishes loading; `ok` says whether the whole stream loaded. Makes the loaded state
+    /// durable (e.g. fsync a disk image) before the guest may run.
+    ///
+    /// # Errors
+    /// When the loaded state cannot be made durable.
+    fn load_cleanup(&mut self, ok: bool) -> Result<(), SectionError> {
+        let _ = ok;
+        Ok(())
+    }
+}
+
+/// A non-live device section (QEMU's VMState): saved in one FULL record while the VM is
+/// stopped, as a list of described fields.
+///
+/// `save` writes fields through a [`FieldWriter`], which records each field's name, QEMU
+/// type and size for the stream's JSON description; `load` reads them back in the same
+/// order through a [`FieldReader`].
+pub trait DeviceHandler: Send {
+    /// Writes the device state.
+    ///
+    /// # Errors
+    /// When the state cannot be read (e.g. a KVM ioctl fails).
+    fn save(&mut self, w: &mut FieldWriter<'_>) -> Result<(), SectionError>;
+
+    /// Reads the device state written at `version_id`; nothing may be applied to a running
+    /// VM (the caller resumes only after the whole stream loaded).
+    ///
+    /// # Errors
+    /// A truncated or inconsistent state.
+    fn load(&mut self, r: &mut FieldReader<'_>, version_id: u32) -> Result<(), SectionError>;
+}
