@@ -1,0 +1,41 @@
+//! `RamBacking`: the host memory behind a RAM block.
+
+use std::fmt;
+
+use vm_memory::bitmap::Bitmap;
+use vm_memory::{GuestMemoryRegion, GuestRegionMmap, MmapRegion};
+
+/// Host memory that backs a RAM block.
+///
+/// # Safety
+/// An implementation promises that `as_ptr()..as_ptr() + size()` is mapped, readable and
+/// writable memory for as long as the value lives, and that the pointer and size never
+/// change.
+pub unsafe trait RamBacking: Send + Sync + fmt::Debug {
+    /// Start of the memory.
+    fn as_ptr(&self) -> *mut u8;
+    /// Its size in bytes.
+    fn size(&self) -> usize;
+}
+
+// SAFETY: an `MmapRegion` owns its mapping until it is dropped; pointer and size are fixed
+// at creation.
+unsafe impl<B: Bitmap + Send + Sync + fmt::Debug> RamBacking for MmapRegion<B> {
+    fn as_ptr(&self) -> *mut u8 {
+        MmapRegion::as_ptr(self)
+    }
+    fn size(&self) -> usize {
+        MmapRegion::size(self)
+    }
+}
+
+// SAFETY: a guest region owns (an `Arc` of) its mapping until it is dropped.
+unsafe impl<B: Bitmap + Send + Sync + fmt::Debug> RamBacking for GuestRegionMmap<B> {
+    fn as_ptr(&self) -> *mut u8 {
+        let m: &MmapRegion<B> = self;
+        m.as_ptr()
+    }
+    fn size(&self) -> usize {
+        self.len() as usize
+    }
+}

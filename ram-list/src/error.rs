@@ -1,0 +1,113 @@
+//! The error type of the RAM list and the RAM section.
+
+/// What went wrong with RAM blocks or the RAM section.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A block name that the stream cannot carry.
+    #[error("RAM block name {idstr:?} is {len} bytes; names must be 1 to 127 bytes")]
+    BadName {
+        /// The name.
+        idstr: String,
+        /// Its length.
+        len: usize,
+    },
+    /// Two blocks with one name.
+    #[error("a RAM block named {idstr:?} already exists")]
+    DuplicateBlock {
+        /// The name.
+        idstr: String,
+    },
+    /// A size that is not a whole number of target pages, or larger than the backing.
+    #[error("RAM block {idstr:?}: {reason}")]
+    BadSize {
+        /// The block.
+        idstr: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// No block of that name here.
+    #[error(
+        "no RAM block named {idstr:?} on this side: the source and destination VMs have different memory devices"
+    )]
+    UnknownBlock {
+        /// The name.
+        idstr: String,
+    },
+    /// The stream's block has another size than ours.
+    #[error(
+        "destination RAM block {idstr:?} is {local} bytes ({}), the stream has {stream} bytes ({}): \
+         start the destination with the same memory size as the source",
+        human(*local), human(*stream)
+    )]
+    SizeMismatch {
+        /// The block.
+        idstr: String,
+        /// Our size.
+        local: u64,
+        /// The stream's size.
+        stream: u64,
+    },
+    /// The stream's block list does not add up, or leaves one of our blocks out.
+    #[error("the stream's RAM block list is inconsistent: {reason}")]
+    BadBlockList {
+        /// What is wrong.
+        reason: String,
+    },
+    /// A page record outside its block, or before the block list.
+    #[error("RAM page record at stream byte {at}: {reason}")]
+    BadPage {
+        /// Stream offset of the record.
+        at: u64,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A record with flags this loader does not know.
+    #[error(
+        "RAM record at stream byte {at} has flags {flags:#x}, which this loader does not support"
+    )]
+    UnknownFlags {
+        /// Stream offset of the record.
+        at: u64,
+        /// The flags.
+        flags: u64,
+    },
+    /// The section's version is not 4.
+    #[error("RAM section version {0} is not supported (only version 4)")]
+    Version(u32),
+    /// Blocks were added, removed or resized while a migration ran.
+    #[error(
+        "the RAM block list changed during the migration (version {at_setup} at setup, now {now}): \
+         a memory device was added, removed or resized; the migration is abandoned, retry it"
+    )]
+    ListChanged {
+        /// List version when the migration started.
+        at_setup: u64,
+        /// List version now.
+        now: u64,
+    },
+    /// The dirty log of a block failed.
+    #[error("dirty log of RAM block {idstr:?}: {source}")]
+    DirtyLog {
+        /// The block.
+        idstr: String,
+        /// The source's error.
+        #[source]
+        source: dirty_bitmap::Error,
+    },
+    /// The stream failed.
+    #[error(transparent)]
+    Stream(#[from] qemu_file::Error),
+}
+
+fn human(bytes: u64) -> String {
+    const MIB: u64 = 1 << 20;
+    if bytes >= MIB && bytes % MIB == 0 {
+        format!("{} MiB", bytes / MIB)
+    } else {
+        format!("{bytes} bytes")
+    }
+}
+
+/// The result type of this crate.
+pub type Result<T> = std::result::Result<T, Error>;

@@ -1,0 +1,395 @@
+//! `RamSection`: the live `"ram"` section, QEMU's RAM format version 4.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Instant;
+
+use qemu_file::{KeepAlive, QemuFile};
+use savevm::{SectionError, SectionHandler, SectionInfo};
+
+use crate::format::{
+    RAM_SAVE_FLAG_CONTINUE, RAM_SAVE_FLAG_EOS, RAM_SAVE_FLAG_MEM_SIZE, RAM_SAVE_FLAG_MULTIFD_FLUSH,
+    RAM_SAVE_FLAG_PAGE, RAM_SAVE_FLAG_ZERO, RecordHeader, TARGET_PAGE_SIZE, read_block_list,
+    write_block_list,
+};
+use crate::{Error, RamBlock, RamList, RamStats, Result};
+
+/// The version of QEMU's RAM format this section writes and reads.
+pub const RAM_SECTION_VERSION: u32 = 4;
+
+/// The live section that migrates every block of a [`RamList`].
+///
+/// Saving: setup marks every used page dirty, starts each block's dirty log and sends the
+/// block list; iterate walks the migration bitmaps from where it stopped
+/// (`last_seen_block`), sends a ZERO record for an all-zero page and a PAGE record (the
+/// page queued by reference, not copied) otherwise, leaves out the block name while the
+/// block equals `last_sent_block`, and stops when the file's budget is used; pending is
+/// dirty pages × page size; complete sends everything left. A change of the list's version
+/// fails the migration.
+///
+/// Loading: the block list must name exactly our blocks with our sizes; every page record
+/// must fall inside its block; a zero page's fill byte must be 0.
+///
+/// All fields are touched only by the thread that runs the migration or the load.
+pub struct RamSection {
+    list: Arc<RamList>,
+    stats: Arc<RamStats>,
+    /// The blocks as they were at setup, with a keep-alive for zero-copy sends.
+    blocks: Vec<(Arc<RamBlock>, KeepAlive)>,
+    version: u64,
+    last_seen_block: usize,
+    last_page: usize,
+    last_sent_block: Option<usize>,
+    last_sync: Option<(Instant, u64)>,
+    logging: bool,
+    // Load side.
+    load_listed: bool,
+    load_block: Option<Arc<RamBlock>>,
+}
+
+impl fmt::Debug for RamSection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RamSection")
+            .field("blocks", &self.blocks.len())
+            .field("version", &self.version)
+            .field("last_seen_block", &self.last_seen_block)
+            .field("last_page", &self.last_page)
+            .finish()
+    }
+}
+
+impl RamSection {
+    /// The section for `list`, reporting into `stats`.
+    pub fn new(list: Arc<RamList>, stats: Arc<RamStats>) -> Self {
+        RamSection {
+            list,
+            stats,
+            blocks: Vec::new(),
+            version: 0,
+            last_seen_block: 0,
+            last_page: 0,
+            last_sent_block: None,
+            last_sync: None,
+            logging: false,
+            load_listed: false,
+            load_block: None,
+        }
+    }
+
+    /// How the section registers: `"ram"`, instance 0, version 4.
+    pub fn info() -> SectionInfo {
+        SectionInfo::new("ram", 0, RAM_SECTION_VERSION)
+    }
+
+    fn check_version(&self) -> Result<()> {
+        let now = self.list.version();
+        if now != self.version {
+            return Err(Error::ListChanged {
+                at_setup: self.version,
+                now,
+            });
+        }
+        Ok(())
+    }
+
+    fn dirty_pages(&self) -> u64 {
+        self.blocks
+            .iter()
+            .map(|(b, _)| b.bitmap.dirty_count() as u64)
+            .sum()
+    }
+
+    /// The next dirty page at or after the cursor, wrapping around once.
+    fn find_dirty(&self) -> Option<(usize, usize)> {
+        let n = self.blocks.len();
+        for k in 0..=n {
+            let bi = (self.last_seen_block + k) % n;
+            let from = if k == 0 { self.last_page } else { 0 };
+            let (b, _) = &self.blocks[bi];
+            if b.bitmap.dirty_count() == 0 {
+                continue;
+            }
+            if let Some(p) = b.bitmap.find_next_dirty(from) {
+                if p < b.used_pages() {
+                    return Some((bi, p));
+                }
+            }
+        }
+        None
+    }
+
+    /// Sends dirty pages until none is left or (`limited`) the budget is used. Returns
+    /// whether none is left.
+    fn send_pages(&mut self, f: &mut QemuFile, limited: bool) -> bool {
+        if self.blocks.is_empty() {
+            return true;
+        }
+        let (mut zero, mut normal) = (0u64, 0u64);
+        let done = loop {
+            let Some((bi, page)) = self.find_dirty() else {
+                break true;
+            };
+            self.last_seen_block = bi;
+            self.last_page = page + 1;
+            let (block, owner) = &self.blocks[bi];
+            if !block.bitmap.test_and_clear(page) {
+                continue;
+            }
+            let idstr = (self.last_sent_block != Some(bi)).then(|| block.idstr());
+            let offset = page as u64 * TARGET_PAGE_SIZE;
+            if block.is_zero_page(page) {
+                RecordHeader::write_page(f, offset, RAM_SAVE_FLAG_ZERO, idstr);
+                f.put_u8(0);
+                zero += 1;
+            } else {
+                RecordHeader::write_page(f, offset, RAM_SAVE_FLAG_PAGE, idstr);
+                // SAFETY: the page lies inside the block's backing (`page < used_pages`),
+                // which `owner` (the block itself) keeps mapped.
+                unsafe {
+                    f.put_buffer_external(block.page_ptr(page), TARGET_PAGE_SIZE as usize, owner)
+                };
+                normal += 1;
+            }
+            self.last_sent_block = Some(bi);
+            if limited && f.budget_exhausted() {
+                break self.dirty_pages() == 0;
+            }
+        };
+        f.put_be64(RAM_SAVE_FLAG_EOS);
+        self.stats.add_pages(zero, normal);
+        self.stats
+            .set_remaining(self.dirty_pages() * TARGET_PAGE_SIZE);
+        done
+    }
+
+    fn sync(&mut self) -> Result<u64> {
+        self.check_version()?;
+        let mut newly = 0u64;
+        for (b, _) in &self.blocks {
+            newly += b.sync_dirty_log()? as u64;
+        }
+        let now = Instant::now();
+        let sent = self.stats.pages_sent();
+        let (dirty_rate, send_rate) = match self.last_sync {
+            Some((t, sent_then)) => {
+                let secs = now.duration_since(t).as_secs_f64().max(1e-6);
+                (
+                    (newly as f64 / secs) as u64,
+                    ((sent - sent_then) as f64 / secs) as u64,
+                )
+            }
+            None => (0, 0),
+        };
+        self.last_sync = Some((now, sent));
+        self.stats.synced(dirty_rate, send_rate);
+        let pending = self.dirty_pages() * TARGET_PAGE_SIZE;
+        self.stats.set_remaining(pending);
+        Ok(pending)
+    }
+
+    fn stop_logging(&mut self) {
+        if self.logging {
+            for (b, _) in &self.blocks {
+                let _ = b.log().stop();
+            }
+            self.logging = false;
+        }
+    }
+
+    fn load_records(&mut self, f: &mut QemuFile) -> Result<()> {
+        loop {
+            let at = f.bytes_read();
+            let h = RecordHeader::read_from(f)?;
+            let mut flags = h.flags;
+            if flags & RAM_SAVE_FLAG_MEM_SIZE != 0 {
+                self.load_block_list(f, h.offset)?;
+                flags &= !RAM_SAVE_FLAG_MEM_SIZE;
+            }
+            if flags & (RAM_SAVE_FLAG_ZERO | RAM_SAVE_FLAG_PAGE) != 0 {
+                self.load_page(f, &h, at)?;
+                flags &= !(RAM_SAVE_FLAG_ZERO | RAM_SAVE_FLAG_PAGE | RAM_SAVE_FLAG_CONTINUE);
+            }
+            flags &= !RAM_SAVE_FLAG_MULTIFD_FLUSH;
+            if flags == RAM_SAVE_FLAG_EOS {
+                return Ok(());
+            }
+            if flags != 0 {
+                return Err(Error::UnknownFlags { at, flags });
+            }
+        }
+    }
+
+    fn load_block_list(&mut self, f: &mut QemuFile, total: u64) -> Result<()> {
+        let blocks = self.list.blocks();
+        if self.load_listed {
+            return Err(Error::BadBlockList {
+                reason: "the block list was sent twice".into(),
+            });
+        }
+        let entries = read_block_list(f, total, blocks.len())?;
+        for (idstr, len) in &entries {
+            let b =
+                blocks
+                    .iter()
+                    .find(|b| b.idstr() == idstr)
+                    .ok_or_else(|| Error::UnknownBlock {
+                        idstr: idstr.clone(),
+                    })?;
+            if b.used_length() != *len {
+                return Err(Error::SizeMismatch {
+                    idstr: idstr.clone(),
+                    local: b.used_length(),
+                    stream: *len,
+                });
+            }
+        }
+        if let Some(missing) = blocks
+            .iter()
+            .find(|b| !entries.iter().any(|(n, _)| n == b.idstr()))
+        {
+            return Err(Error::BadBlockList {
+                reason: format!(
+                    "it does not include this VM's block {:?}: the source has different memory devices",
+                    missing.idstr()
+                ),
+            });
+        }
+        self.stats.reset(total);
+        self.load_listed = true;
+        Ok(())
+    }
+
+    fn load_page(&mut self, f: &mut QemuFile, h: &RecordHeader, at: u64) -> Result<()> {
+        let bad = |reason: String| Error::BadPage { at, reason };
+        if !self.load_listed {
+            return Err(bad("a page came before the block list".into()));
+        }
+        if let Some(name) = &h.idstr {
+            let b = self.list.find(name).ok_or_else(|| Error::UnknownBlock {
+                idstr: name.clone(),
+            })?;
+            self.load_block = Some(b);
+        }
+        let block = self
+            .load_block
+            .as_ref()
+            .ok_or_else(|| bad("CONTINUE with no previous block".into()))?;
+        if h.offset + TARGET_PAGE_SIZE > block.used_length() {
+            return Err(bad(format!(
+                "offset {:#x} is past the end of block {:?} ({} bytes)",
+                h.offset,
+                block.idstr(),
+                block.used_length()
+            )));
+        }
+        let page = (h.offset / TARGET_PAGE_SIZE) as usize;
+        if h.flags & RAM_SAVE_FLAG_ZERO != 0 {
+            let fill = f.get_u8()?;
+            if fill != 0 {
+                return Err(bad(format!("a zero page has fill byte {fill:#04x}, not 0")));
+            }
+            // Fresh destination memory is already zero: do not touch (and so allocate) it.
+            if !block.is_zero_page(page) {
+                block.write_bytes(h.offset, &[0; TARGET_PAGE_SIZE as usize]);
+            }
+            self.stats.add_pages(1, 0);
+        } else {
+            // SAFETY: the page is inside the block's backing (checked above), and the
+            // destination VM does not run during a load, so nothing else accesses it.
+            let dst = unsafe {
+                std::slice::from_raw_parts_mut(block.page_ptr(page), TARGET_PAGE_SIZE as usize)
+            };
+            f.get_buffer(dst)?;
+            self.stats.add_pages(0, 1);
+        }
+        Ok(())
+    }
+}
+
+impl SectionHandler for RamSection {
+    fn setup(&mut self, f: &mut QemuFile) -> std::result::Result<(), SectionError> {
+        let (blocks, version) = self.list.snapshot();
+        self.version = version;
+        self.blocks = blocks
+            .into_iter()
+            .map(|b| {
+                let owner: KeepAlive = b.clone();
+                (b, owner)
+            })
+            .collect();
+        self.last_seen_block = 0;
+        self.last_page = 0;
+        self.last_sent_block = None;
+        self.last_sync = None;
+        let total: u64 = self.blocks.iter().map(|(b, _)| b.used_length()).sum();
+        self.stats.reset(total);
+        for (b, _) in &self.blocks {
+            b.bitmap.clear_all();
+            b.bitmap.set_range(0..b.used_pages());
+        }
+        for i in 0..self.blocks.len() {
+            let (b, _) = &self.blocks[i];
+            if let Err(source) = b.log().start() {
+                for (b, _) in &self.blocks[..i] {
+                    let _ = b.log().stop();
+                }
+                return Err(Box::new(Error::DirtyLog {
+                    idstr: b.idstr().to_string(),
+                    source,
+                }));
+            }
+        }
+        self.logging = true;
+        write_block_list(
+            f,
+            self.blocks
+                .iter()
+                .map(|(b, _)| (b.idstr(), b.used_length())),
+        );
+        f.put_be64(RAM_SAVE_FLAG_EOS);
+        Ok(())
+    }
+
+    fn iterate(&mut self, f: &mut QemuFile) -> std::result::Result<bool, SectionError> {
+        self.check_version()?;
+        Ok(self.send_pages(f, true))
+    }
+
+    fn pending_estimate(&self) -> u64 {
+        self.dirty_pages() * TARGET_PAGE_SIZE
+    }
+
+    fn pending_exact(&mut self) -> std::result::Result<u64, SectionError> {
+        Ok(self.sync()?)
+    }
+
+    fn complete(&mut self, f: &mut QemuFile) -> std::result::Result<(), SectionError> {
+        self.check_version()?;
+        self.send_pages(f, false);
+        Ok(())
+    }
+
+    fn cleanup(&mut self) {
+        self.stop_logging();
+        self.blocks.clear();
+    }
+
+    fn load_setup(&mut self) -> std::result::Result<(), SectionError> {
+        self.load_listed = false;
+        self.load_block = None;
+        Ok(())
+    }
+
+    fn load(&mut self, f: &mut QemuFile, version_id: u32) -> std::result::Result<(), SectionError> {
+        if version_id != RAM_SECTION_VERSION {
+            return Err(Box::new(Error::Version(version_id)));
+        }
+        Ok(self.load_records(f)?)
+    }
+}
+
+impl Drop for RamSection {
+    fn drop(&mut self) {
+        self.stop_logging();
+    }
+}

@@ -1,0 +1,290 @@
+//! The RAM section end to end: randomized live round trips and hostile streams.
+
+use std::sync::Arc;
+
+use dirty_bitmap::ManualLog;
+use qemu_file::{MemBuffer, QemuFile};
+use ram_list::{Error, RamBlock, RamList, RamSection, RamStats};
+use savevm::SaveVm;
+use vm_memory::MmapRegion;
+
+const PAGE: usize = 4096;
+
+struct Vm {
+    savevm: SaveVm,
+    list: Arc<RamList>,
+    logs: Vec<ManualLog>,
+    stats: Arc<RamStats>,
+}
+
+fn vm(blocks: &[(&str, usize)]) -> Vm {
+    let list = Arc::new(RamList::new());
+    let mut logs = Vec::new();
+    for (name, pages) in blocks {
+        let log = ManualLog::new(*pages);
+        let host = Arc::new(MmapRegion::<()>::new(pages * PAGE).unwrap());
+        list.add(RamBlock::new(*name, host, Box::new(log.clone())).unwrap())
+            .unwrap();
+        logs.push(log);
+    }
+    let stats = Arc::new(RamStats::default());
+    let mut savevm = SaveVm::new("pc");
+    savevm
+        .register_live(
+            RamSection::info(),
+            Box::new(RamSection::new(list.clone(), stats.clone())),
+        )
+        .unwrap();
+    Vm {
+        savevm,
+        list,
+        logs,
+        stats,
+    }
+}
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+/// Writes page `p` of block `b` like a guest: zero or random content, and logs it.
+fn guest_write(vm: &Vm, rng: &mut Rng, b: usize, p: usize) {
+    let block = &vm.list.blocks()[b];
+    let mut page = vec![0u8; PAGE];
+    if rng.next() % 3 != 0 {
+        for w in page.chunks_mut(8) {
+            w.copy_from_slice(&rng.next().to_le_bytes());
+        }
+    }
+    block.write_bytes((p * PAGE) as u64, &page);
+    vm.logs[b].mark(p);
+}
+
+fn memory(vm: &Vm) -> Vec<Vec<u8>> {
+    vm.list
+        .blocks()
+        .iter()
+        .map(|b| {
+            let mut m = vec![0u8; b.used_length() as usize];
+            b.read_bytes(0, &mut m);
+            m
+        })
+        .collect()
+}
+
+/// A live migration by hand: setup, iterations with guest writes between them, final sync
+/// and completion; the stream is then loaded into a fresh VM.
+fn live_round_trip(seed: u64) {
+    let shape = [("pc.ram", 300), ("vga.vram", 70)];
+    let mut src = vm(&shape);
+    let mut rng = Rng(seed);
+    for (b, (_, pages)) in shape.iter().enumerate() {
+        for p in 0..*pages {
+            guest_write(&src, &mut rng, b, p);
+        }
+    }
+    let buf = MemBuffer::new();
+    let mut f = QemuFile::new(Box::new(buf.clone()));
+    f.set_chunk_budget(64 * 1024);
+    src.savevm.save_header(&mut f);
+    src.savevm.save_setup(&mut f).unwrap();
+    let mut rounds = 0;
+    loop {
+        rounds += 1;
+        // The guest keeps writing while the section iterates.
+        for _ in 0..(rng.next() % 40) {
+            let b = (rng.next() % 2) as usize;
+            let p = (rng.next() % shape[b].1 as u64) as usize;
+            guest_write(&src, &mut rng, b, p);
+        }
+        if src.savevm.pending_estimate() == 0 {
+            src.savevm.pending_exact().unwrap();
+        }
+        src.savevm.save_iterate(&mut f).unwrap();
+        f.flush().unwrap();
+        if rounds > 30 {
+            break;
+        }
+    }
+    // Stop: final sync and completion.
+    src.savevm.pending_exact().unwrap();
+    src.savevm.save_complete(&mut f).unwrap();
+    src.savevm.save_devices(&mut f).unwrap();
+    f.finish().unwrap();
+    src.savevm.save_cleanup();
+    let s = src.stats.snapshot();
+    assert!(s.duplicate > 0 && s.normal > 0, "{s:?}");
+    assert!(s.dirty_sync_count >= 1);
+
+    let mut dst = vm(&shape);
+    dst.savevm
+        .load(&mut QemuFile::new(Box::new(MemBuffer::from_bytes(
+            buf.contents(),
+        ))))
+        .unwrap();
+    assert_eq!(memory(&dst), memory(&src), "seed {seed}");
+}
+
+#[test]
+fn randomized_live_round_trips_reproduce_memory() {
+    for seed in 1..=12 {
+        live_round_trip(seed * 0x9e37_79b9);
+    }
+}
+
+/// A snapshot stream of `shape` with a few written pages.
+fn snapshot(shape: &[(&str, usize)]) -> Vec<u8> {
+    let mut src = vm(shape);
+    let blocks = src.list.blocks();
+    blocks[0].write_bytes(PAGE as u64, &[0xaa; PAGE]);
+    let buf = MemBuffer::new();
+    src.savevm
+        .save_snapshot(&mut QemuFile::new(Box::new(buf.clone())))
+        .unwrap();
+    buf.contents()
+}
+
+fn load_err(shape: &[(&str, usize)], bytes: Vec<u8>) -> Error {
+    let mut dst = vm(shape);
+    let e = dst
+        .savevm
+        .load(&mut QemuFile::new(Box::new(MemBuffer::from_bytes(bytes))))
+        .unwrap_err();
+    match e {
+        savevm::Error::Section { idstr, source, .. } => {
+            assert_eq!(idstr, "ram");
+            *source.downcast::<Error>().unwrap()
+        }
+        other => panic!("{other}"),
+    }
+}
+
+#[test]
+fn a_size_mismatch_is_refused_before_any_page_is_written() {
+    let bytes = snapshot(&[("pc.ram", 8)]);
+    let mut dst = vm(&[("pc.ram", 16)]);
+    let e = dst
+        .savevm
+        .load(&mut QemuFile::new(Box::new(MemBuffer::from_bytes(bytes))))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("destination RAM block \"pc.ram\" is 65536 bytes") && e.contains("32768"),
+        "{e}"
+    );
+    assert!(
+        memory(&dst)[0].iter().all(|b| *b == 0),
+        "nothing was written"
+    );
+}
+
+#[test]
+fn an_unknown_or_missing_block_is_refused() {
+    let bytes = snapshot(&[("pc.ram", 8)]);
+    assert!(
+        matches!(load_err(&[("ram0", 8)], bytes.clone()), Error::UnknownBlock { idstr } if idstr == "pc.ram")
+    );
+    assert!(matches!(
+        load_err(&[("pc.ram", 8), ("rom", 1)], bytes),
+        Error::BadBlockList { reason } if reason.contains("rom")
+    ));
+}
+
+/// Offset of the PAGE record of page 1, which continues the zero page 0's block.
+fn first_page_record(bytes: &[u8]) -> usize {
+    bytes
+        .windows(8)
+        .position(|w| w == [0, 0, 0, 0, 0, 0, 0x10, 0x28])
+        .unwrap()
+}
+
+#[test]
+fn a_page_past_the_end_of_its_block_is_refused() {
+    let mut bytes = snapshot(&[("pc.ram", 8)]);
+    let at = first_page_record(&bytes);
+    bytes[at + 6] = 0x80; // offset 0x8000: one past the last page
+    assert!(
+        matches!(load_err(&[("pc.ram", 8)], bytes), Error::BadPage { reason, .. } if reason.contains("past the end"))
+    );
+}
+
+#[test]
+fn a_zero_page_with_a_nonzero_fill_byte_is_refused() {
+    let mut bytes = snapshot(&[("pc.ram", 8)]);
+    // The END payload's first record is the zero page 0 (ZERO, "pc.ram", fill).
+    let at = bytes
+        .windows(9)
+        .position(|w| w == [0, 0, 0, 0, 0, 0, 0, 0x02, 6])
+        .unwrap();
+    bytes[at + 15] = 1;
+    assert!(
+        matches!(load_err(&[("pc.ram", 8)], bytes), Error::BadPage { reason, .. } if reason.contains("fill byte"))
+    );
+}
+
+#[test]
+fn unknown_flags_are_refused() {
+    let mut bytes = snapshot(&[("pc.ram", 8)]);
+    let at = first_page_record(&bytes);
+    bytes[at + 7] = 0x68; // PAGE | CONTINUE | XBZRLE
+    assert!(matches!(
+        load_err(&[("pc.ram", 8)], bytes),
+        Error::UnknownFlags { flags: 0x40, .. }
+    ));
+}
+
+#[test]
+fn every_truncation_is_refused() {
+    let bytes = snapshot(&[("pc.ram", 4), ("rom", 2)]);
+    let eof = bytes.iter().rposition(|b| *b == 0x06).unwrap() - 1;
+    for cut in 0..eof {
+        let mut dst = vm(&[("pc.ram", 4), ("rom", 2)]);
+        let r = dst
+            .savevm
+            .load(&mut QemuFile::new(Box::new(MemBuffer::from_bytes(
+                bytes[..cut].to_vec(),
+            ))));
+        assert!(r.is_err(), "cut at {cut}");
+    }
+}
+
+#[test]
+fn random_corruption_never_panics() {
+    let bytes = snapshot(&[("pc.ram", 4), ("rom", 2)]);
+    let mut rng = Rng(77);
+    for _ in 0..2000 {
+        let mut b = bytes.clone();
+        let i = (rng.next() as usize) % b.len();
+        b[i] = rng.next() as u8;
+        let mut dst = vm(&[("pc.ram", 4), ("rom", 2)]);
+        let _ = dst
+            .savevm
+            .load(&mut QemuFile::new(Box::new(MemBuffer::from_bytes(b))));
+    }
+}
+
+#[test]
+fn a_block_list_change_during_migration_fails_it() {
+    let mut src = vm(&[("pc.ram", 8)]);
+    let mut f = QemuFile::new(Box::new(MemBuffer::new()));
+    src.savevm.save_header(&mut f);
+    src.savevm.save_setup(&mut f).unwrap();
+    src.list.resize("pc.ram", 4 * PAGE as u64).unwrap();
+    let e = src.savevm.save_iterate(&mut f).unwrap_err().to_string();
+    assert!(e.contains("RAM block list changed"), "{e}");
+    src.savevm.save_cleanup();
+}
+
+#[test]
+fn consecutive_pages_of_one_block_use_continue() {
+    let bytes = snapshot(&[("pc.ram", 4)]);
+    let names = bytes.windows(7).filter(|w| *w == b"\x06pc.ram").count();
+    // Once in the block list, once for the first page record; every other record continues.
+    assert_eq!(names, 2);
+}
