@@ -17,6 +17,12 @@ use crate::{Error, RamBlock, RamList, RamStats, Result};
 /// The version of QEMU's RAM format this section writes and reads.
 pub const RAM_SECTION_VERSION: u32 = 4;
 
+/// Most pages one iteration examines: zero pages cost the stream 9 bytes each, so the
+/// byte budget alone would let one chunk scan all of RAM while the VM lock is held.
+const MAX_PAGES_PER_ITERATION: u64 = 16 * 1024;
+/// Longest one iteration may run (checked every 256 pages), as QEMU's 50 ms bound.
+const MAX_ITERATION_TIME: std::time::Duration = std::time::Duration::from_millis(20);
+
 /// The live section that migrates every block of a [`RamList`].
 ///
 /// Saving: setup marks every used page dirty, starts each block's dirty log and sends the
@@ -125,6 +131,7 @@ impl RamSection {
             return true;
         }
         let (mut zero, mut normal) = (0u64, 0u64);
+        let started = Instant::now();
         let done = loop {
             let Some((bi, page)) = self.find_dirty() else {
                 break true;
@@ -151,7 +158,12 @@ impl RamSection {
                 normal += 1;
             }
             self.last_sent_block = Some(bi);
-            if limited && f.budget_exhausted() {
+            let examined = zero + normal;
+            if limited
+                && (f.budget_exhausted()
+                    || examined >= MAX_PAGES_PER_ITERATION
+                    || (examined % 256 == 0 && started.elapsed() >= MAX_ITERATION_TIME))
+            {
                 break self.dirty_pages() == 0;
             }
         };

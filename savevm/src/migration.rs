@@ -268,6 +268,12 @@ impl MigrationControl {
         self.cancel.load(Ordering::SeqCst)
     }
 
+    /// Marks a migration that could not even start (e.g. the destination refused the
+    /// connection) as failed, so that observers and `query-migrate` see why.
+    pub fn fail_to_start(&self, error: String) {
+        self.set_status(MigrationStatus::Failed, |i| i.error = Some(error));
+    }
+
     /// Blocks until the migration has ended and returns its final info.
     pub fn wait(&self) -> MigrationInfo {
         let mut info = lock(&self.info);

@@ -1,1 +1,380 @@
-fn main() {}
+//! vmm: a small KVM VMM that live-migrates its running guest to another vmm process.
+//!
+//! `vmm` alone runs the demo; `vmm run` runs a VM (a source, or a destination with
+//! `--incoming`); `vmm analyze FILE` prints a migration stream as text.
+
+mod cpu_state;
+mod demo;
+mod events;
+mod guest;
+mod kvm;
+mod machine;
+mod memory;
+mod migration;
+mod monitor;
+mod progress;
+mod serial;
+mod session;
+mod soft;
+mod vcpu;
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use qemu_file::MigrationUri;
+use savevm::MigrationParams;
+use serde_json::json;
+
+use crate::events::EventLog;
+use crate::guest::{GuestParams, Workload};
+use crate::machine::{Accel, Machine, MachineConfig};
+use crate::session::Session;
+
+#[derive(Parser)]
+#[command(
+    name = "vmm",
+    version,
+    about = "A small KVM VMM that live-migrates its running guest to another vmm process",
+    long_about = "A small KVM VMM that live-migrates its running guest to another vmm process.\n\n\
+        Run `vmm` with no arguments for the demo: a destination and a source process, a guest that keeps \
+        rewriting 64 MiB, a live migration over a unix socket, and what happened.\n\n\
+        Examples:\n  \
+        vmm run --incoming tcp:127.0.0.1:4444          # a destination, waiting\n  \
+        vmm run --migrate-to tcp:127.0.0.1:4444        # a source, migrating as soon as its guest runs\n  \
+        vmm run --qmp unix:/tmp/vmm.qmp                # drive it with QMP: migrate, query-migrate, ...\n  \
+        vmm run --migrate-to file:/tmp/snap            # save to a file; restore with --incoming file:/tmp/snap\n  \
+        vmm analyze /tmp/snap                          # the stream, annotated"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a VM: a source (migrate it with --migrate-to or over QMP), or with --incoming a
+    /// destination that waits for a stream.
+    Run(Box<RunArgs>),
+    /// Print a migration stream file (ours or QEMU's) as annotated text.
+    Analyze {
+        /// The stream file (e.g. written by `migrate file:PATH`).
+        file: PathBuf,
+    },
+    /// The built-in demo (the default): migrate a dirtying guest between two vmm
+    /// processes over a unix socket and show what happened.
+    Demo(demo::DemoArgs),
+}
+
+#[derive(Args, Clone, Debug)]
+pub struct RunArgs {
+    /// Guest memory (K, M, G suffixes).
+    #[arg(short, long, default_value = "256M", value_parser = parse_size)]
+    pub memory: u64,
+    /// vCPUs (KVM only; the software backend has one).
+    #[arg(long, default_value_t = 1)]
+    pub vcpus: usize,
+    /// Accelerator: KVM, or the software backend (the workload on a host thread).
+    #[arg(long, value_enum, default_value_t = Accel::Auto)]
+    pub accel: Accel,
+    /// The built-in guest's workload.
+    #[arg(long, value_enum, default_value_t = Workload::Dirty)]
+    pub workload: Workload,
+    /// Start of the workload's memory range (at least 1M).
+    #[arg(long, default_value = "2M", value_parser = parse_size)]
+    pub range_start: u64,
+    /// Size of the workload's memory range.
+    #[arg(long, default_value = "64M", value_parser = parse_size)]
+    pub range_size: u64,
+    /// Dirty workload: pages per second (0: as fast as the guest can).
+    #[arg(long, default_value_t = 0)]
+    pub rate: u32,
+    /// Boot another 512-byte boot sector (same entry: 0x7c00, real mode, CS=0).
+    #[arg(long)]
+    pub guest_image: Option<PathBuf>,
+    /// Where the guest's serial output goes: stdout, none, or a file.
+    #[arg(long, default_value = "stdout")]
+    pub serial: String,
+    /// QMP monitor socket, unix:PATH (mode 0600).
+    #[arg(long)]
+    pub qmp: Option<String>,
+    /// Be a destination: wait for a migration stream on this URI (tcp:HOST:PORT,
+    /// unix:PATH, fd:N, exec:CMD, file:PATH) and run the guest only after a complete load.
+    #[arg(long, value_parser = parse_uri)]
+    pub incoming: Option<MigrationUri>,
+    /// Migrate to this URI as soon as the guest runs; exit once it completed.
+    #[arg(long, value_parser = parse_uri)]
+    pub migrate_to: Option<MigrationUri>,
+    /// downtime-limit in milliseconds.
+    #[arg(long, default_value_t = 300)]
+    pub downtime_limit: u64,
+    /// max-bandwidth in bytes per second (K, M, G suffixes); 0 is unlimited.
+    #[arg(long, default_value = "0", value_parser = parse_size)]
+    pub max_bandwidth: u64,
+    /// Hash guest RAM at the switchover on both sides (source after the final sync,
+    /// destination after the load) and log it.
+    #[arg(long)]
+    pub verify: bool,
+    /// Append JSON-lines events (migration states, stop and resume times, hashes) to FILE.
+    #[arg(long)]
+    pub log_json: Option<PathBuf>,
+    /// Stop and exit this many seconds after the guest starts running here.
+    #[arg(long)]
+    pub exit_after: Option<f64>,
+    /// The live progress line: auto (on a terminal), always, never.
+    #[arg(long, value_enum, default_value_t = Progress::Auto)]
+    pub progress: Progress,
+}
+
+/// When to draw the progress line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Progress {
+    /// When stderr is a terminal.
+    Auto,
+    /// Always.
+    Always,
+    /// Never.
+    Never,
+}
+
+/// Parses 4096, 64K, 256M, 1G, 1GiB.
+fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let t = t
+        .strip_suffix("iB")
+        .or_else(|| t.strip_suffix('B'))
+        .unwrap_or(t);
+    let (num, mult) = match t.chars().last() {
+        Some('K' | 'k') => (&t[..t.len() - 1], 1u64 << 10),
+        Some('M' | 'm') => (&t[..t.len() - 1], 1 << 20),
+        Some('G' | 'g') => (&t[..t.len() - 1], 1 << 30),
+        Some('T' | 't') => (&t[..t.len() - 1], 1 << 40),
+        _ => (t, 1),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(|| format!("{s:?} is not a size (e.g. 4096, 64K, 256M, 1G)"))
+}
+
+fn parse_uri(s: &str) -> Result<MigrationUri, String> {
+    MigrationUri::parse(s).map_err(|e| e.to_string())
+}
+
+static SIGNALLED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    SIGNALLED.store(true, Ordering::SeqCst);
+}
+
+fn install_signal_handlers() {
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_signal as *const () as usize;
+            libc::sigemptyset(&mut sa.sa_mask);
+            libc::sigaction(sig, &sa, std::ptr::null_mut());
+        }
+    }
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let code = match cli.command {
+        None => demo::run(&demo::DemoArgs::default()),
+        Some(Command::Demo(a)) => demo::run(&a),
+        Some(Command::Run(a)) => run(&a),
+        Some(Command::Analyze { file }) => analyze(&file),
+    };
+    match code {
+        Ok(c) => std::process::exit(c),
+        Err(e) => {
+            eprintln!("vmm: {e:#}");
+            std::process::exit(1);
+        }
+    }
+}
+
+fn analyze(file: &std::path::Path) -> Result<i32> {
+    let mut ram = ram_list::RamWalker::default();
+    let text = savevm::dump_stream(file, &mut [&mut ram])
+        .with_context(|| format!("reading {}", file.display()))?;
+    print!("{text}");
+    Ok(0)
+}
+
+fn run(a: &RunArgs) -> Result<i32> {
+    if a.incoming.is_some() && a.migrate_to.is_some() {
+        bail!(
+            "--incoming and --migrate-to cannot be combined: start a destination, then migrate to it"
+        );
+    }
+    let events = Arc::new(EventLog::open(a.log_json.as_deref())?);
+    let image = match &a.guest_image {
+        Some(p) => {
+            std::fs::read(p).with_context(|| format!("reading the guest image {}", p.display()))?
+        }
+        None => guest::IMAGE.to_vec(),
+    };
+    let params = guest::has_params(&image).then_some(GuestParams {
+        workload: a.workload,
+        range_start: a.range_start,
+        range_size: a.range_size,
+        rate: a.rate,
+        tsc_khz: 0,
+    });
+    let serial: Box<dyn Write + Send> = match a.serial.as_str() {
+        "stdout" => Box::new(std::io::stdout()),
+        "none" => Box::new(std::io::sink()),
+        path => {
+            Box::new(std::fs::File::create(path).with_context(|| format!("serial output {path}"))?)
+        }
+    };
+    let machine = Machine::new(
+        MachineConfig {
+            memory: a.memory,
+            vcpus: a.vcpus,
+            accel: a.accel,
+            image,
+            params,
+            load_image: a.incoming.is_none(),
+            serial,
+        },
+        events.clone(),
+    )?;
+    events.emit(
+        "started",
+        json!({"pid": std::process::id(), "memory": a.memory, "accel": machine.cpus.name(),
+               "workload": params.map(|p| p.workload), "range_size": a.range_size, "rate": a.rate}),
+    );
+    let session = Session::new(
+        machine.clone(),
+        MigrationParams {
+            downtime_limit: Duration::from_millis(a.downtime_limit),
+            max_bandwidth: a.max_bandwidth,
+            ..MigrationParams::default()
+        },
+        a.verify,
+    );
+    if let Some(q) = &a.qmp {
+        let path = q
+            .strip_prefix("unix:")
+            .with_context(|| format!("--qmp takes unix:PATH, not {q:?}"))?;
+        monitor::start(std::path::Path::new(path), session.clone())?;
+    }
+    install_signal_handlers();
+
+    if let Some(uri) = &a.incoming {
+        match migration::incoming(&machine, uri, a.verify) {
+            Ok(r) => eprintln!(
+                "vmm: loaded {} from {uri} in {:.1} ms; the guest runs here now",
+                progress::bytes(r.bytes),
+                r.load_time.as_secs_f64() * 1e3
+            ),
+            Err(e) => {
+                eprintln!("vmm: {e:#}");
+                return Ok(1);
+            }
+        }
+    } else {
+        machine.start()?;
+    }
+    let running_since = Instant::now();
+
+    if let Some(uri) = &a.migrate_to {
+        // Ready: the built-in guest's first progress letter (after "S", the end of its first
+        // pass or its fill); another image's first byte.
+        let ready = match machine.params {
+            Some(p) if p.workload != Workload::Idle => 2,
+            _ => 1,
+        };
+        if !machine
+            .console
+            .wait_for_bytes(ready, Duration::from_secs(60))
+        {
+            eprintln!("vmm: the guest did not report progress in 60 s; migrating anyway");
+        }
+        session.migrate(uri.clone())?;
+        let show = match a.progress {
+            Progress::Always => true,
+            Progress::Never => false,
+            Progress::Auto => std::io::stderr().is_terminal(),
+        };
+        let bar = show.then(|| progress::live(session.clone()));
+        let result = session.wait_migration().expect("a migration was started");
+        if let Some(b) = bar {
+            let _ = b.join();
+        }
+        if let Some((info, ram)) = session.progress() {
+            eprint!(
+                "{}",
+                progress::summary(&uri.to_string(), &info, &ram, &session.params())
+            );
+        }
+        match result {
+            Ok(_) => {
+                let (pass, mismatches) = machine.guest_status();
+                events.emit(
+                    "exit",
+                    json!({"reason": "migrated", "pass": pass, "mismatches": mismatches}),
+                );
+                return Ok(0);
+            }
+            Err(e) => eprintln!("vmm: the migration failed ({e:#}); the guest keeps running here"),
+        }
+    }
+
+    let code = loop {
+        if let Some(code) = session.wait_quit(Duration::from_millis(100)) {
+            break code;
+        }
+        if SIGNALLED.load(Ordering::SeqCst) {
+            break 0;
+        }
+        if a.exit_after
+            .is_some_and(|s| running_since.elapsed() >= Duration::from_secs_f64(s))
+        {
+            break 0;
+        }
+    };
+    if machine.run_state() == machine::RunState::Running {
+        machine.stop()?;
+    }
+    let (pass, mismatches) = machine.guest_status();
+    if let Some(f) = machine.cpus.fault() {
+        eprintln!("vmm: the guest crashed: {f}");
+    }
+    events.emit(
+        "exit",
+        json!({"reason": "quit", "pass": pass, "mismatches": mismatches, "serial_tail": machine.console.tail()}),
+    );
+    Ok(code)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_with_binary_suffixes() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("64K"), Ok(64 << 10));
+        assert_eq!(parse_size("256M"), Ok(256 << 20));
+        assert_eq!(parse_size("1GiB"), Ok(1 << 30));
+        assert_eq!(parse_size("2g"), Ok(2 << 30));
+        assert!(parse_size("12Q").is_err());
+        assert!(parse_size("").is_err());
+        assert!(parse_size("99999999999T").is_err());
+    }
+
+    #[test]
+    fn the_cli_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

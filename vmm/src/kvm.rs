@@ -1,0 +1,354 @@
+//! The KVM backend: a VM with an in-kernel irqchip and PIT, guest RAM in memory slot 0,
+//! vCPU threads, and the migration sections of everything KVM holds.
+
+use std::sync::{Arc, Mutex};
+
+use anyhow::{Context, Result};
+use dirty_bitmap::{DirtyLogSource, KvmDirtyLog, MergedLog, VmmWriteLog};
+use kvm_bindings::{
+    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MAX_CPUID_ENTRIES,
+    kvm_clock_data, kvm_irqchip, kvm_pit_config, kvm_pit_state2, kvm_userspace_memory_region,
+};
+use kvm_ioctls::{Kvm, VmFd};
+use savevm::{DeviceHandler, FieldReader, FieldWriter, SaveVm, SectionError, SectionInfo};
+use vm_memory::GuestRegionMmap;
+use vm_memory::bitmap::AtomicBitmap;
+use zerocopy::IntoBytes;
+
+use crate::cpu_state::{VcpuState, read_struct, supported_msrs};
+use crate::guest::LOAD_ADDR;
+use crate::machine::{Bus, Cpus};
+use crate::memory::GuestRam;
+use crate::vcpu::Vcpu;
+
+/// Where KVM puts the real-mode TSS on Intel (three pages below the BIOS area).
+const TSS_ADDR: usize = 0xfffb_d000;
+
+/// An open KVM VM, before its RAM and vCPUs exist.
+pub struct KvmVm {
+    kvm: Kvm,
+    vm: Arc<VmFd>,
+}
+
+impl KvmVm {
+    /// Opens /dev/kvm and creates a VM with an in-kernel irqchip and PIT.
+    ///
+    /// # Errors
+    /// No /dev/kvm, or a failing ioctl.
+    pub fn new() -> Result<Self> {
+        let kvm = Kvm::new().context("opening /dev/kvm")?;
+        let vm = kvm.create_vm().context("KVM_CREATE_VM")?;
+        vm.set_tss_address(TSS_ADDR).context("KVM_SET_TSS_ADDR")?;
+        vm.create_irq_chip().context("KVM_CREATE_IRQCHIP")?;
+        vm.create_pit2(kvm_pit_config::default())
+            .context("KVM_CREATE_PIT2")?;
+        Ok(KvmVm {
+            kvm,
+            vm: Arc::new(vm),
+        })
+    }
+
+    /// Registers `region` as memory slot 0 and returns its dirty log: KVM's log of guest
+    /// writes merged with vm-memory's log of the VMM's own writes.
+    ///
+    /// # Errors
+    /// KVM refuses the slot.
+    pub fn map_ram(
+        &self,
+        region: &Arc<GuestRegionMmap<AtomicBitmap>>,
+    ) -> Result<Box<dyn DirtyLogSource>> {
+        let mmap: &vm_memory::MmapRegion<AtomicBitmap> = region;
+        let slot = kvm_userspace_memory_region {
+            slot: 0,
+            flags: 0,
+            guest_phys_addr: 0,
+            memory_size: mmap.size() as u64,
+            userspace_addr: mmap.as_ptr() as u64,
+        };
+        // SAFETY: the region is a live mapping of `memory_size` bytes, kept alive by the
+        // machine (its `GuestRam`) for as long as the VM exists.
+        unsafe { self.vm.set_user_memory_region(slot) }.context("KVM_SET_USER_MEMORY_REGION")?;
+        Ok(Box::new(MergedLog(vec![
+            Box::new(KvmDirtyLog::new(self.vm.clone(), slot)),
+            Box::new(VmmWriteLog::new(region.clone())),
+        ])))
+    }
+
+    /// Creates `count` vCPUs set up to enter a boot sector (real mode, CS=0, IP=0x7c00)
+    /// and starts their threads, parked.
+    ///
+    /// # Errors
+    /// A failing ioctl.
+    pub fn into_backend(self, count: usize, bus: Arc<Bus>) -> Result<KvmBackend> {
+        let cpuid = self
+            .kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .context("KVM_GET_SUPPORTED_CPUID")?;
+        let mut vcpus = Vec::new();
+        let mut tsc_khz = 0;
+        let mut msrs = Arc::new(Vec::new());
+        for i in 0..count {
+            let fd = self.vm.create_vcpu(i as u64).context("KVM_CREATE_VCPU")?;
+            // Passing the supported CPUID lets long mode be used on real hardware too.
+            fd.set_cpuid2(&cpuid).context("KVM_SET_CPUID2")?;
+            let mut sregs = fd.get_sregs().context("KVM_GET_SREGS")?;
+            sregs.cs.base = 0;
+            sregs.cs.selector = 0;
+            fd.set_sregs(&sregs).context("KVM_SET_SREGS")?;
+            let mut regs = fd.get_regs().context("KVM_GET_REGS")?;
+            regs.rip = LOAD_ADDR;
+            regs.rsp = LOAD_ADDR;
+            regs.rflags = 2;
+            regs.rdx = 0x80; // boot drive, as a BIOS passes it
+            fd.set_regs(&regs).context("KVM_SET_REGS")?;
+            if i == 0 {
+                tsc_khz = fd.get_tsc_khz().unwrap_or(0);
+                msrs = Arc::new(supported_msrs(&fd));
+            }
+            vcpus.push(Vcpu::spawn(i, fd, bus.clone(), msrs.clone())?);
+        }
+        Ok(KvmBackend {
+            vm: self.vm,
+            vcpus: Arc::new(vcpus),
+            tsc_khz,
+            pending: Arc::new(Mutex::new(Pending::default())),
+        })
+    }
+}
+
+/// Loaded, not yet applied state (the destination applies it after the whole stream).
+#[derive(Default)]
+struct Pending {
+    chips: Vec<(u32, kvm_irqchip)>,
+    pit: Option<kvm_pit_state2>,
+    clock: Option<kvm_clock_data>,
+    cpus: Vec<(usize, VcpuState)>,
+}
+
+/// The KVM backend of a running machine.
+pub struct KvmBackend {
+    vm: Arc<VmFd>,
+    vcpus: Arc<Vec<Vcpu>>,
+    tsc_khz: u32,
+    // Lock: filled by the loading thread's device sections, drained by `apply_loaded`.
+    pending: Arc<Mutex<Pending>>,
+}
+
+impl KvmBackend {
+    /// The guest TSC frequency (for the guest's pacing).
+    pub fn tsc_khz(&self) -> u32 {
+        self.tsc_khz
+    }
+}
+
+impl Cpus for KvmBackend {
+    fn name(&self) -> &'static str {
+        "kvm"
+    }
+
+    fn resume(&self) {
+        for v in self.vcpus.iter() {
+            v.resume();
+        }
+    }
+
+    fn pause(&self) -> Result<()> {
+        for v in self.vcpus.iter() {
+            v.request_pause();
+        }
+        for v in self.vcpus.iter() {
+            v.wait_parked();
+        }
+        Ok(())
+    }
+
+    fn fault(&self) -> Option<String> {
+        self.vcpus.iter().find_map(|v| v.fault())
+    }
+
+    fn register_sections(&self, savevm: &mut SaveVm) -> Result<()> {
+        for (id, name) in [
+            (KVM_IRQCHIP_PIC_MASTER, "kvm-pic"),
+            (KVM_IRQCHIP_PIC_SLAVE, "kvm-pic"),
+        ] {
+            savevm.register_device(
+                SectionInfo::new(name, id, 1),
+                Box::new(ChipSection {
+                    vm: self.vm.clone(),
+                    pending: self.pending.clone(),
+                    chip: id,
+                }),
+            )?;
+        }
+        savevm.register_device(
+            SectionInfo::new("kvm-ioapic", 0, 1),
+            Box::new(ChipSection {
+                vm: self.vm.clone(),
+                pending: self.pending.clone(),
+                chip: KVM_IRQCHIP_IOAPIC,
+            }),
+        )?;
+        savevm.register_device(
+            SectionInfo::new("kvm-pit", 0, 1),
+            Box::new(PitSection {
+                vm: self.vm.clone(),
+                pending: self.pending.clone(),
+            }),
+        )?;
+        savevm.register_device(
+            SectionInfo::new("kvmclock", 0, 1),
+            Box::new(ClockSection {
+                vm: self.vm.clone(),
+                pending: self.pending.clone(),
+            }),
+        )?;
+        for i in 0..self.vcpus.len() {
+            savevm.register_device(
+                SectionInfo::new("cpu", i as u32, 1),
+                Box::new(CpuSection {
+                    vcpus: self.vcpus.clone(),
+                    index: i,
+                    pending: self.pending.clone(),
+                }),
+            )?;
+        }
+        Ok(())
+    }
+
+    fn apply_loaded(&self) -> Result<()> {
+        let p = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|p| p.into_inner()));
+        if let Some(pit) = p.pit {
+            self.vm.set_pit2(&pit).context("KVM_SET_PIT2")?;
+        }
+        for (_, chip) in &p.chips {
+            self.vm.set_irqchip(chip).context("KVM_SET_IRQCHIP")?;
+        }
+        if let Some(mut clock) = p.clock {
+            clock.flags = 0;
+            self.vm.set_clock(&clock).context("KVM_SET_CLOCK")?;
+        }
+        for (i, st) in p.cpus {
+            self.vcpus[i].load_state(st)?;
+        }
+        Ok(())
+    }
+}
+
+fn lock(p: &Mutex<Pending>) -> std::sync::MutexGuard<'_, Pending> {
+    p.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// `"kvm-pic"` (instances 0, 1) and `"kvm-ioapic"`: the in-kernel interrupt controllers.
+struct ChipSection {
+    vm: Arc<VmFd>,
+    pending: Arc<Mutex<Pending>>,
+    chip: u32,
+}
+
+impl DeviceHandler for ChipSection {
+    fn save(&mut self, w: &mut FieldWriter<'_>) -> Result<(), SectionError> {
+        let mut c = kvm_irqchip {
+            chip_id: self.chip,
+            ..Default::default()
+        };
+        self.vm
+            .get_irqchip(&mut c)
+            .map_err(|e| format!("KVM_GET_IRQCHIP: {e}"))?;
+        w.buffer("irqchip", c.as_bytes());
+        Ok(())
+    }
+    fn load(&mut self, r: &mut FieldReader<'_>, _v: u32) -> Result<(), SectionError> {
+        let c: kvm_irqchip = read_struct(r, "irqchip")?;
+        if c.chip_id != self.chip {
+            return Err(
+                format!("the stream's chip {} is not chip {}", c.chip_id, self.chip).into(),
+            );
+        }
+        lock(&self.pending).chips.push((self.chip, c));
+        Ok(())
+    }
+}
+
+/// `"kvm-pit"`: the in-kernel i8254.
+struct PitSection {
+    vm: Arc<VmFd>,
+    pending: Arc<Mutex<Pending>>,
+}
+
+impl DeviceHandler for PitSection {
+    fn save(&mut self, w: &mut FieldWriter<'_>) -> Result<(), SectionError> {
+        let p = self
+            .vm
+            .get_pit2()
+            .map_err(|e| format!("KVM_GET_PIT2: {e}"))?;
+        w.buffer("pit", p.as_bytes());
+        Ok(())
+    }
+    fn load(&mut self, r: &mut FieldReader<'_>, _v: u32) -> Result<(), SectionError> {
+        lock(&self.pending).pit = Some(read_struct(r, "pit")?);
+        Ok(())
+    }
+}
+
+/// `"kvmclock"`: the VM's clock.
+struct ClockSection {
+    vm: Arc<VmFd>,
+    pending: Arc<Mutex<Pending>>,
+}
+
+impl DeviceHandler for ClockSection {
+    fn save(&mut self, w: &mut FieldWriter<'_>) -> Result<(), SectionError> {
+        let c = self
+            .vm
+            .get_clock()
+            .map_err(|e| format!("KVM_GET_CLOCK: {e}"))?;
+        w.u64("clock", c.clock);
+        w.u32("flags", c.flags);
+        Ok(())
+    }
+    fn load(&mut self, r: &mut FieldReader<'_>, _v: u32) -> Result<(), SectionError> {
+        let clock = r.u64("clock")?;
+        let flags = r.u32("flags")?;
+        lock(&self.pending).clock = Some(kvm_clock_data {
+            clock,
+            flags,
+            ..Default::default()
+        });
+        Ok(())
+    }
+}
+
+/// `"cpu"` instance N: one vCPU's state (saved by its own thread).
+struct CpuSection {
+    vcpus: Arc<Vec<Vcpu>>,
+    index: usize,
+    pending: Arc<Mutex<Pending>>,
+}
+
+impl DeviceHandler for CpuSection {
+    fn save(&mut self, w: &mut FieldWriter<'_>) -> Result<(), SectionError> {
+        let st = self.vcpus[self.index]
+            .save_state()
+            .map_err(|e| format!("{e:#}"))?;
+        st.write_fields(w);
+        Ok(())
+    }
+    fn load(&mut self, r: &mut FieldReader<'_>, _v: u32) -> Result<(), SectionError> {
+        let st = VcpuState::read_fields(r)?;
+        lock(&self.pending).cpus.push((self.index, st));
+        Ok(())
+    }
+}
+
+/// Checks whether KVM is usable here.
+pub fn available() -> bool {
+    Kvm::new().is_ok()
+}
+
+/// Builds guest RAM for a KVM VM.
+///
+/// # Errors
+/// As [`GuestRam::new`] and [`KvmVm::map_ram`].
+pub fn ram(vm: &KvmVm, size: u64) -> Result<GuestRam> {
+    GuestRam::new(size, |region| vm.map_ram(region))
+}

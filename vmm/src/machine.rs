@@ -1,0 +1,355 @@
+//! `Machine`: guest RAM, the devices behind the VM lock, the vCPUs (KVM or software), the
+//! run state, and the `VmControl` the migration thread drives.
+
+use std::io::Write;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+
+use anyhow::{Context, Result, bail};
+use savevm::{SaveVm, SectionError, VmControl};
+use serde_json::json;
+
+use crate::events::EventLog;
+use crate::guest::{self, GuestParams, LOAD_ADDR};
+use crate::memory::GuestRam;
+use crate::serial::{COM1, Console, Uart, new_uart};
+use crate::{kvm, soft};
+
+/// The devices the vCPUs reach through port I/O.
+pub struct Devices {
+    /// COM1.
+    pub uart: Uart,
+}
+
+/// The VM lock and the device models behind it.
+pub struct Bus {
+    /// The VM lock (QEMU's big lock): a vCPU thread takes it to emulate an access, the
+    /// migration thread to ask for pending bytes, to collect a chunk and through the
+    /// completion, the monitor to act on the VM. Lock order: `vm_lock`, then `devices`.
+    pub vm_lock: Mutex<()>,
+    /// Lock: the device models; taken after `vm_lock` (a device section saving under the
+    /// held VM lock takes only this one).
+    pub devices: Mutex<Devices>,
+}
+
+impl Bus {
+    /// A bus with these devices.
+    pub fn new(devices: Devices) -> Arc<Self> {
+        Arc::new(Bus {
+            vm_lock: Mutex::new(()),
+            devices: Mutex::new(devices),
+        })
+    }
+
+    /// The device models (the caller holds the VM lock, or needs no consistency with it).
+    pub fn devices(&self) -> MutexGuard<'_, Devices> {
+        self.devices.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A guest `out`, under the VM lock.
+    pub fn io_out(&self, port: u16, data: &[u8]) {
+        let _vm = self.vm_lock.lock().unwrap_or_else(|p| p.into_inner());
+        self.devices().io_out(port, data);
+    }
+
+    /// A guest `in`, under the VM lock.
+    pub fn io_in(&self, port: u16, data: &mut [u8]) {
+        let _vm = self.vm_lock.lock().unwrap_or_else(|p| p.into_inner());
+        self.devices().io_in(port, data);
+    }
+}
+
+impl Devices {
+    /// A guest `out`.
+    pub fn io_out(&mut self, port: u16, data: &[u8]) {
+        if (COM1..COM1 + 8).contains(&port) && data.len() == 1 {
+            // The UART's only error is a failing interrupt trigger, and ours cannot fail.
+            let _ = self.uart.write((port - COM1) as u8, data[0]);
+        }
+    }
+
+    /// A guest `in`: the UART, or 0xff for ports nobody decodes.
+    pub fn io_in(&mut self, port: u16, data: &mut [u8]) {
+        if (COM1..COM1 + 8).contains(&port) && data.len() == 1 {
+            data[0] = self.uart.read((port - COM1) as u8);
+        } else {
+            data.fill(0xff);
+        }
+    }
+}
+
+/// What runs the guest's code: KVM vCPU threads or the software backend's thread.
+pub trait Cpus: Send + Sync {
+    /// `kvm` or `soft`.
+    fn name(&self) -> &'static str;
+    /// Lets the vCPUs run.
+    fn resume(&self);
+    /// Stops every vCPU; returns when all are out of KVM_RUN with their I/O completed.
+    ///
+    /// # Errors
+    /// A vCPU that cannot be stopped.
+    fn pause(&self) -> Result<()>;
+    /// Why the guest cannot run any more, if so.
+    fn fault(&self) -> Option<String>;
+    /// Registers the vCPU (and in-kernel device) sections.
+    ///
+    /// # Errors
+    /// A duplicate registration.
+    fn register_sections(&self, savevm: &mut SaveVm) -> Result<()>;
+    /// Applies state the sections loaded (the destination, after the whole stream).
+    ///
+    /// # Errors
+    /// KVM refused the state.
+    fn apply_loaded(&self) -> Result<()>;
+}
+
+/// The accelerator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Accel {
+    /// KVM when /dev/kvm works, the software backend otherwise.
+    Auto,
+    /// KVM (fails without /dev/kvm).
+    Kvm,
+    /// The software backend: the workload runs on a host thread.
+    Soft,
+}
+
+/// The VM's run state, with QEMU's names (`query-status`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunState {
+    /// The vCPUs run.
+    Running,
+    /// Stopped by the user (`stop`).
+    Paused,
+    /// A destination waiting for, or loading, a migration stream.
+    InMigrate,
+    /// Stopped by the migration thread for the switchover.
+    FinishMigrate,
+    /// Migrated away: this copy must not run again.
+    PostMigrate,
+    /// The guest crashed (triple fault, KVM entry failure).
+    GuestPanicked,
+}
+
+impl RunState {
+    /// QEMU's name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunState::Running => "running",
+            RunState::Paused => "paused",
+            RunState::InMigrate => "inmigrate",
+            RunState::FinishMigrate => "finish-migrate",
+            RunState::PostMigrate => "postmigrate",
+            RunState::GuestPanicked => "guest-panicked",
+        }
+    }
+}
+
+/// What a machine is made of.
+pub struct MachineConfig {
+    /// Bytes of RAM.
+    pub memory: u64,
+    /// vCPUs (KVM; the software backend has one).
+    pub vcpus: usize,
+    /// The accelerator.
+    pub accel: Accel,
+    /// The boot sector.
+    pub image: Vec<u8>,
+    /// Parameters to patch into it (with the TSC frequency filled in here).
+    pub params: Option<GuestParams>,
+    /// Whether to load the image (a destination's memory comes from the stream).
+    pub load_image: bool,
+    /// Where the serial port's output goes.
+    pub serial: Box<dyn Write + Send>,
+}
+
+/// A virtual machine.
+pub struct Machine {
+    /// Guest RAM.
+    pub ram: GuestRam,
+    /// The VM lock and the devices.
+    pub bus: Arc<Bus>,
+    /// What the guest printed.
+    pub console: Arc<Console>,
+    /// The vCPUs.
+    pub cpus: Box<dyn Cpus>,
+    /// The event log.
+    pub events: Arc<EventLog>,
+    /// The guest parameters in effect.
+    pub params: Option<GuestParams>,
+    // Lock: the run state; changed by the main thread, the monitor and the migration
+    // thread; `state_cond` signals changes.
+    state: Mutex<(RunState, bool)>,
+    state_cond: Condvar,
+}
+
+impl Machine {
+    /// Builds a machine, stopped (call [`Machine::start`], or load a stream first).
+    ///
+    /// # Errors
+    /// KVM requested but missing, bad memory size, bad parameters, failing ioctls.
+    pub fn new(cfg: MachineConfig, events: Arc<EventLog>) -> Result<Arc<Self>> {
+        let console = Arc::new(Console::default());
+        let bus = Bus::new(Devices {
+            uart: new_uart(cfg.serial, console.clone()),
+        });
+        let use_kvm = match cfg.accel {
+            Accel::Kvm => true,
+            Accel::Soft => false,
+            Accel::Auto => {
+                let ok = kvm::available();
+                if !ok {
+                    eprintln!(
+                        "vmm: /dev/kvm is not usable here: running the guest's workload on the SOFTWARE backend \
+                         (a host thread on the same memory, with the VMM's own dirty tracking)"
+                    );
+                }
+                ok
+            }
+        };
+        let (ram, cpus, tsc_khz): (GuestRam, Box<dyn Cpus>, u32) = if use_kvm {
+            let vm = kvm::KvmVm::new()?;
+            let ram = kvm::ram(&vm, cfg.memory)?;
+            let backend = vm.into_backend(cfg.vcpus, bus.clone())?;
+            let tsc = backend.tsc_khz();
+            (ram, Box::new(backend), tsc)
+        } else {
+            let ram = soft::ram(cfg.memory)?;
+            let backend = soft::SoftBackend::new(&ram, bus.clone());
+            (ram, Box::new(backend), 0)
+        };
+        let mut params = cfg.params;
+        if let Some(p) = &mut params {
+            p.tsc_khz = tsc_khz;
+            p.validate(cfg.memory)?;
+        }
+        if cfg.load_image {
+            guest::check_image(&cfg.image)?;
+            let mut image = cfg.image.clone();
+            if let Some(p) = &params {
+                p.patch(&mut image)?;
+            }
+            ram.write(LOAD_ADDR, &image)
+                .context("loading the guest image")?;
+        }
+        Ok(Arc::new(Machine {
+            ram,
+            bus,
+            console,
+            cpus,
+            events,
+            params,
+            state: Mutex::new((RunState::Paused, false)),
+            state_cond: Condvar::new(),
+        }))
+    }
+
+    fn state(&self) -> MutexGuard<'_, (RunState, bool)> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The run state (a crashed guest shows as `guest-panicked`).
+    pub fn run_state(&self) -> RunState {
+        if self.cpus.fault().is_some() {
+            return RunState::GuestPanicked;
+        }
+        self.state().0
+    }
+
+    fn set_state(&self, s: RunState) {
+        self.state().0 = s;
+        self.state_cond.notify_all();
+    }
+
+    /// Marks a destination as waiting for its stream.
+    pub fn set_incoming(&self) {
+        self.set_state(RunState::InMigrate);
+    }
+
+    /// Marks a source whose guest now runs elsewhere.
+    pub fn set_migrated(&self) {
+        self.set_state(RunState::PostMigrate);
+    }
+
+    /// Runs the vCPUs (`cont`).
+    ///
+    /// # Errors
+    /// The guest was migrated away or is still loading.
+    pub fn start(&self) -> Result<()> {
+        let mut st = self.state();
+        match st.0 {
+            RunState::PostMigrate => {
+                bail!("the guest was migrated away; this copy must not run again")
+            }
+            RunState::FinishMigrate => bail!("a migration is completing"),
+            RunState::Running => return Ok(()),
+            _ => {}
+        }
+        st.0 = RunState::Running;
+        drop(st);
+        self.cpus.resume();
+        self.state_cond.notify_all();
+        self.events.emit("resumed", json!({}));
+        Ok(())
+    }
+
+    /// Stops the vCPUs (`stop`).
+    ///
+    /// # Errors
+    /// A vCPU that cannot be stopped.
+    pub fn stop(&self) -> Result<()> {
+        self.cpus.pause()?;
+        let mut st = self.state();
+        if st.0 == RunState::Running {
+            st.0 = RunState::Paused;
+        }
+        drop(st);
+        self.state_cond.notify_all();
+        self.events.emit("stopped", json!({}));
+        Ok(())
+    }
+
+    /// The guest's pass counter and stale-page counter (built-in guest).
+    pub fn guest_status(&self) -> (u64, u64) {
+        (
+            self.ram.read_u64(guest::PASS_ADDR),
+            self.ram.read_u64(guest::MISMATCH_ADDR),
+        )
+    }
+}
+
+impl VmControl for Machine {
+    type Guard<'a> = MutexGuard<'a, ()>;
+
+    fn lock(&self) -> MutexGuard<'_, ()> {
+        self.bus.vm_lock.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn stop_vcpus(&self) -> Result<(), SectionError> {
+        self.cpus.pause().map_err(|e| format!("{e:#}"))?;
+        let mut st = self.state();
+        // Remember whether the guest ran, so a failed migration resumes only a guest
+        // that was running.
+        st.1 = st.0 == RunState::Running;
+        st.0 = RunState::FinishMigrate;
+        Ok(())
+    }
+
+    fn resume_vcpus(&self) -> Result<(), SectionError> {
+        let mut st = self.state();
+        if st.0 == RunState::FinishMigrate {
+            st.0 = if st.1 {
+                RunState::Running
+            } else {
+                RunState::Paused
+            };
+            if st.1 {
+                drop(st);
+                self.cpus.resume();
+                self.events
+                    .emit("resumed", json!({"after": "failed migration"}));
+            }
+        }
+        self.state_cond.notify_all();
+        Ok(())
+    }
+}

@@ -1,0 +1,141 @@
+//! Guest RAM: one vm-memory region at guest-physical 0, registered in a `RamList` as the
+//! block `"pc.ram"` (QEMU's name, so streams read alike).
+
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use dirty_bitmap::DirtyLogSource;
+use ram_list::{RamBlock, RamList};
+use rayon::prelude::*;
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
+
+/// The RAM block's name in the stream.
+pub const RAM_BLOCK: &str = "pc.ram";
+/// Largest guest: RAM stays below the 4 GiB boundary and the local APIC / IOAPIC pages.
+pub const MAX_MEMORY: u64 = 3 << 30;
+
+/// The guest's memory and its RAM list.
+#[derive(Debug)]
+pub struct GuestRam {
+    /// The guest memory, through which the VMM's own writes are dirty-tracked.
+    pub mem: GuestMemoryMmap<AtomicBitmap>,
+    /// The RAM list that migration walks.
+    pub list: Arc<RamList>,
+    /// The `"pc.ram"` block.
+    pub block: Arc<RamBlock>,
+}
+
+impl GuestRam {
+    /// Maps `size` bytes of guest RAM; `log` makes the block's dirty-log source from the
+    /// region (KVM's log plus the VMM's writes, or the VMM's alone).
+    ///
+    /// # Errors
+    /// A size that is not a multiple of 2 MiB or is too large, or a failed mapping.
+    pub fn new(
+        size: u64,
+        log: impl FnOnce(&Arc<GuestRegionMmap<AtomicBitmap>>) -> Result<Box<dyn DirtyLogSource>>,
+    ) -> Result<Self> {
+        anyhow::ensure!(
+            size >= 4 << 20 && size % (2 << 20) == 0 && size <= MAX_MEMORY,
+            "guest memory must be a multiple of 2 MiB from 4 MiB to {} MiB, not {} bytes",
+            MAX_MEMORY >> 20,
+            size
+        );
+        let region = Arc::new(
+            GuestRegionMmap::<AtomicBitmap>::from_range(GuestAddress(0), size as usize, None)
+                .context("mapping guest memory")?,
+        );
+        let mem = GuestMemoryMmap::from_arc_regions(vec![region.clone()])
+            .context("guest memory layout")?;
+        let list = Arc::new(RamList::new());
+        let block = list.add(RamBlock::new(RAM_BLOCK, region.clone(), log(&region)?)?)?;
+        Ok(GuestRam {
+            mem,
+            list,
+            block,
+        })
+    }
+
+    /// Bytes of guest RAM.
+    pub fn size(&self) -> u64 {
+        self.block.max_length()
+    }
+
+    /// Reads a little-endian u64 at guest-physical `gpa`.
+    pub fn read_u64(&self, gpa: u64) -> u64 {
+        self.mem.read_obj::<u64>(GuestAddress(gpa)).unwrap_or(0)
+    }
+
+    /// Writes `data` at guest-physical `gpa` (dirty-tracked).
+    ///
+    /// # Errors
+    /// Outside guest memory.
+    pub fn write(&self, gpa: u64, data: &[u8]) -> Result<()> {
+        self.mem
+            .write_slice(data, GuestAddress(gpa))
+            .with_context(|| format!("writing {} bytes at guest address {gpa:#x}", data.len()))
+    }
+
+    /// A 64-bit hash of all guest RAM, computed in parallel (the `verify` check; the guest
+    /// must be stopped for the answer to mean anything).
+    pub fn hash(&self) -> u64 {
+        const CHUNK: usize = 1 << 20;
+        let size = self.size() as usize;
+        let block = &self.block;
+        let parts: Vec<u64> = (0..size.div_ceil(CHUNK))
+            .into_par_iter()
+            .map(|i| {
+                let mut buf = vec![0u8; CHUNK.min(size - i * CHUNK)];
+                block.read_bytes((i * CHUNK) as u64, &mut buf);
+                hash_bytes(i as u64, &buf)
+            })
+            .collect();
+        parts.iter().fold(0xcbf2_9ce4_8422_2325, |h, p| {
+            (h ^ p).wrapping_mul(0x0000_0100_0000_01b3)
+        })
+    }
+}
+
+/// A fast 64-bit hash of `data` (four multiply-xor lanes), seeded with `seed`.
+fn hash_bytes(seed: u64, data: &[u8]) -> u64 {
+    const K: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut lanes = [seed ^ K, seed.rotate_left(17), seed.rotate_left(31), !seed];
+    for chunk in data.chunks_exact(32) {
+        for (l, w) in lanes.iter_mut().zip(chunk.chunks_exact(8)) {
+            let v = u64::from_le_bytes(w.try_into().expect("8 bytes"));
+            *l = (*l ^ v).wrapping_mul(K).rotate_left(29);
+        }
+    }
+    let mut h = data.len() as u64;
+    for l in lanes {
+        h = (h ^ l).wrapping_mul(K).rotate_left(23);
+    }
+    for &b in data.chunks_exact(32).remainder() {
+        h = (h ^ u64::from(b)).wrapping_mul(K);
+    }
+    h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hash_sees_a_single_byte_change() {
+        let ram = GuestRam::new(4 << 20, |_| Ok(Box::new(()))).unwrap();
+        let h0 = ram.hash();
+        ram.write(3 << 20, &[1]).unwrap();
+        let h1 = ram.hash();
+        assert_ne!(h0, h1);
+        ram.write(3 << 20, &[0]).unwrap();
+        assert_eq!(ram.hash(), h0);
+    }
+
+    #[test]
+    fn sizes_are_checked() {
+        assert!(GuestRam::new(3 << 20, |_| Ok(Box::new(()))).is_err());
+        assert!(GuestRam::new(5 << 20, |_| Ok(Box::new(()))).is_err());
+        assert!(GuestRam::new(4 << 30, |_| Ok(Box::new(()))).is_err());
+    }
+}

@@ -1,0 +1,252 @@
+//! Migrating a `Machine`: the sections it is made of, the outgoing migration thread and
+//! the incoming load.
+
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Instant, SystemTime};
+
+use anyhow::{Context, Result, anyhow, bail};
+use qemu_file::{Listener, MigrationUri, QemuFile, connect};
+use ram_list::{RamSection, RamStats};
+use savevm::{
+    MigrationControl, MigrationInfo, MigrationParams, SaveVm, return_path, run_migration,
+};
+use serde_json::json;
+
+use crate::events::unix_us;
+use crate::machine::Machine;
+use crate::serial::SerialSection;
+
+/// The machine type in the stream: both sides must run the same accelerator.
+pub fn machine_type(m: &Machine) -> String {
+    format!("vmm-{}", m.cpus.name())
+}
+
+/// The sections of `m`, in stream order: RAM, the vCPUs and in-kernel devices, the UART.
+///
+/// # Errors
+/// A duplicate registration (a bug).
+pub fn sections(m: &Machine, ram_stats: Arc<RamStats>) -> Result<SaveVm> {
+    let mut s = SaveVm::new(machine_type(m));
+    s.register_live(
+        RamSection::info(),
+        Box::new(RamSection::new(m.ram.list.clone(), ram_stats)),
+    )?;
+    m.cpus.register_sections(&mut s)?;
+    s.register_device(
+        SerialSection::info(),
+        Box::new(SerialSection::new(m.bus.clone())),
+    )?;
+    Ok(s)
+}
+
+/// Whether the transport has a reverse direction for the destination's answer.
+pub fn has_return_path(uri: &MigrationUri) -> bool {
+    matches!(uri, MigrationUri::Tcp { .. } | MigrationUri::Unix(_))
+}
+
+/// An outgoing migration in progress.
+pub struct Outgoing {
+    /// Progress, parameters, cancel.
+    pub ctl: Arc<MigrationControl>,
+    /// The RAM section's counters.
+    pub ram: Arc<RamStats>,
+    // Lock: taken by whoever waits for the end (the thread is joined once).
+    thread: Mutex<Option<JoinHandle<Result<MigrationInfo>>>>,
+}
+
+impl Outgoing {
+    /// Starts the migration thread. The observer sees every status change.
+    pub fn start(
+        machine: Arc<Machine>,
+        uri: MigrationUri,
+        mut params: MigrationParams,
+        verify: bool,
+        observer: impl Fn(&MigrationInfo) + Send + Sync + 'static,
+    ) -> Result<Self> {
+        params.return_path = has_return_path(&uri);
+        let ctl = Arc::new(MigrationControl::new(params));
+        ctl.set_observer(observer);
+        let ram = Arc::new(RamStats::default());
+        let (c, r) = (ctl.clone(), ram.clone());
+        let thread = std::thread::Builder::new()
+            .name("migration".into())
+            .spawn(move || migrate(machine, uri, c, r, verify))?;
+        Ok(Outgoing {
+            ctl,
+            ram,
+            thread: Mutex::new(Some(thread)),
+        })
+    }
+
+    /// Waits for the end and returns the final info.
+    ///
+    /// # Errors
+    /// The migration failed or was cancelled.
+    pub fn join(&self) -> Result<MigrationInfo> {
+        let t = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
+        match t {
+            Some(t) => t
+                .join()
+                .map_err(|_| anyhow!("the migration thread panicked"))?,
+            None => Ok(self.ctl.info()),
+        }
+    }
+
+    /// Whether it has ended.
+    pub fn finished(&self) -> bool {
+        self.ctl.info().status.is_terminal()
+    }
+}
+
+fn migrate(
+    machine: Arc<Machine>,
+    uri: MigrationUri,
+    ctl: Arc<MigrationControl>,
+    ram: Arc<RamStats>,
+    verify: bool,
+) -> Result<MigrationInfo> {
+    let events = machine.events.clone();
+    let transport = match connect(&uri) {
+        Ok(t) => t,
+        Err(e) => {
+            ctl.fail_to_start(e.to_string());
+            return Err(e.into());
+        }
+    };
+    let mut f = QemuFile::new(transport);
+    let mut savevm = sections(&machine, ram.clone())?;
+    let info = run_migration(&mut savevm, &mut f, &*machine, &ctl)?;
+    // The guest now runs at the destination (or lives in the file): never again here.
+    machine.set_migrated();
+    if let Some(at) = info.stopped_at {
+        let c = info.completion.unwrap_or_default();
+        events.emit_at(
+            "switchover",
+            at,
+            json!({
+                "stopped_at_us": unix_us(at),
+                "downtime_ms": ms(c.total),
+                "stop_vcpus_ms": ms(c.stop_vcpus),
+                "flush_disks_ms": ms(c.flush_disks),
+                "final_sync_ms": ms(c.final_sync),
+                "send_ram_ms": ms(c.send_ram),
+                "send_devices_ms": ms(c.send_devices),
+                "wait_destination_ms": ms(c.wait_destination),
+                "total_time_ms": ms(info.total_time),
+                "transferred": info.transferred,
+                "dirty_syncs": info.dirty_syncs,
+                "iterations": info.iterations,
+            }),
+        );
+    }
+    if verify {
+        emit_hash(&machine, "source");
+    }
+    Ok(info)
+}
+
+/// Milliseconds as a float.
+pub fn ms(d: std::time::Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn emit_hash(machine: &Machine, side: &str) {
+    let t = Instant::now();
+    let hash = machine.ram.hash();
+    let (pass, mismatches) = machine.guest_status();
+    machine.events.emit(
+        "ram-hash",
+        json!({"side": side, "hash": format!("{hash:016x}"), "pass": pass, "mismatches": mismatches,
+               "hash_ms": ms(t.elapsed())}),
+    );
+    eprintln!(
+        "vmm: {side} RAM hash at the switchover: {hash:016x} (guest pass {pass}, stale pages {mismatches})"
+    );
+}
+
+/// What an incoming migration did.
+#[derive(Debug)]
+pub struct IncomingReport {
+    /// Stream bytes.
+    pub bytes: u64,
+    /// From the connection to the end of the load.
+    pub load_time: std::time::Duration,
+}
+
+/// Waits for a stream on `uri`, loads it into `machine` (which must not have run), and
+/// resumes the guest only after a complete load. With a return path the source learns the
+/// outcome first; if it cannot be told, the guest does not run here.
+///
+/// # Errors
+/// Any load error; the guest has not run.
+pub fn incoming(
+    machine: &Arc<Machine>,
+    uri: &MigrationUri,
+    verify: bool,
+) -> Result<IncomingReport> {
+    let events = &machine.events;
+    machine.set_incoming();
+    let listener = Listener::bind(uri)?;
+    let local = listener.local_uri();
+    events.emit("listening", json!({"uri": local.to_string()}));
+    eprintln!("vmm: waiting for a migration stream on {local}");
+    let transport = listener.accept()?;
+    let t0 = Instant::now();
+    events.emit("incoming-connected", json!({}));
+    let mut f = QemuFile::new(transport);
+    let stats = Arc::new(RamStats::default());
+    let mut savevm = sections(machine, stats)?;
+    let answer = has_return_path(uri);
+    let loaded = savevm
+        .load(&mut f)
+        .map_err(anyhow::Error::from)
+        .and_then(|r| {
+            machine
+                .cpus
+                .apply_loaded()
+                .map(|_| r)
+                .context("applying the vCPU state")
+        });
+    let report = match loaded {
+        Ok(r) => r,
+        Err(e) => {
+            if answer {
+                let _ = return_path::send_load_result(&mut f, false);
+            }
+            events.emit("incoming-failed", json!({"error": format!("{e:#}")}));
+            return Err(e.context("the incoming migration failed; the guest was not started"));
+        }
+    };
+    let load_time = t0.elapsed();
+    let loaded_at = SystemTime::now();
+    events.emit_at(
+        "loaded",
+        loaded_at,
+        json!({"bytes": report.bytes, "load_ms": ms(load_time)}),
+    );
+    if answer {
+        if let Err(e) = return_path::send_load_result(&mut f, true) {
+            bail!(
+                "the stream loaded, but the source could not be told ({e}); it resumes its copy, so this one \
+                 does not run"
+            );
+        }
+    }
+    // The guest could run from here; with --verify it waits for the hash of its memory.
+    let ready_at = SystemTime::now();
+    if verify {
+        emit_hash(machine, "destination");
+    }
+    machine.start()?;
+    let resumed_at = SystemTime::now();
+    events.emit_at(
+        "incoming-resumed",
+        resumed_at,
+        json!({"resumed_at_us": unix_us(resumed_at), "ready_at_us": unix_us(ready_at)}),
+    );
+    Ok(IncomingReport {
+        bytes: report.bytes,
+        load_time,
+    })
+}

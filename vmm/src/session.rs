@@ -1,0 +1,225 @@
+//! `Session`: one vmm process's VM and what steers it: the migration parameters, the
+//! current outgoing migration, and the request to quit. The CLI and the monitor share it.
+
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, bail};
+use qemu_file::MigrationUri;
+use savevm::{MigrationInfo, MigrationParams, MigrationStatus};
+use serde_json::{Value, json};
+
+use crate::machine::Machine;
+use crate::migration::{Outgoing, ms};
+
+type Listener = Box<dyn Fn(&str, Value) + Send + Sync>;
+
+/// A vmm process's VM and its controls.
+pub struct Session {
+    /// The VM.
+    pub machine: Arc<Machine>,
+    /// Whether migrations hash RAM at the switchover.
+    pub verify: bool,
+    // Lock: the parameters for the next (and the running) migration; set by the CLI and
+    // `migrate-set-parameters`.
+    params: Mutex<MigrationParams>,
+    // Lock: the current or last outgoing migration; set by `migrate`, read by queries.
+    outgoing: Mutex<Option<Arc<Outgoing>>>,
+    // Lock: set once to the process's exit code; `quit_cond` wakes the main thread.
+    quit: Mutex<Option<i32>>,
+    quit_cond: Condvar,
+    // Lock: event listeners (the monitor's clients), called with the event name and data.
+    listeners: Mutex<Vec<Listener>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Session {
+    /// A session around `machine`.
+    pub fn new(machine: Arc<Machine>, params: MigrationParams, verify: bool) -> Arc<Self> {
+        Arc::new(Session {
+            machine,
+            verify,
+            params: Mutex::new(params),
+            outgoing: Mutex::new(None),
+            quit: Mutex::new(None),
+            quit_cond: Condvar::new(),
+            listeners: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Adds an event listener (QMP events).
+    pub fn listen(&self, f: impl Fn(&str, Value) + Send + Sync + 'static) {
+        lock(&self.listeners).push(Box::new(f));
+    }
+
+    /// Sends an event to every listener and the event log.
+    pub fn broadcast(&self, name: &str, data: Value) {
+        for l in lock(&self.listeners).iter() {
+            l(name, data.clone());
+        }
+    }
+
+    /// The migration parameters.
+    pub fn params(&self) -> MigrationParams {
+        lock(&self.params).clone()
+    }
+
+    /// Changes the parameters, for the next migration and the running one.
+    pub fn set_params(&self, p: MigrationParams) {
+        *lock(&self.params) = p.clone();
+        if let Some(o) = lock(&self.outgoing).as_ref() {
+            if !o.finished() {
+                o.ctl.set_params(MigrationParams {
+                    return_path: o.ctl.params().return_path,
+                    ..p
+                });
+            }
+        }
+    }
+
+    /// Starts migrating to `uri`.
+    ///
+    /// # Errors
+    /// A migration is already running, or the VM was migrated away.
+    pub fn migrate(self: &Arc<Self>, uri: MigrationUri) -> Result<()> {
+        let mut out = lock(&self.outgoing);
+        if out.as_ref().is_some_and(|o| !o.finished()) {
+            bail!("There's a migration process in progress");
+        }
+        if self.machine.run_state() == crate::machine::RunState::PostMigrate {
+            bail!("the guest was already migrated away");
+        }
+        let me = Arc::downgrade(self);
+        let events = self.machine.events.clone();
+        let o = Outgoing::start(
+            self.machine.clone(),
+            uri.clone(),
+            self.params(),
+            self.verify,
+            move |info| {
+                events.emit(
+                    "migration",
+                    json!({"status": info.status.as_str(), "error": info.error}),
+                );
+                if let Some(s) = me.upgrade() {
+                    s.broadcast("MIGRATION", json!({"status": info.status.as_str()}));
+                }
+            },
+        )?;
+        self.machine
+            .events
+            .emit("migrate", json!({"uri": uri.to_string()}));
+        *out = Some(Arc::new(o));
+        Ok(())
+    }
+
+    /// Cancels the running migration, if any.
+    pub fn cancel(&self) {
+        if let Some(o) = lock(&self.outgoing).as_ref() {
+            o.ctl.cancel();
+        }
+    }
+
+    /// The current migration's info and RAM counters (`query-migrate`).
+    pub fn query_migrate(&self) -> Value {
+        let out = lock(&self.outgoing);
+        let Some(o) = out.as_ref() else {
+            return json!({});
+        };
+        query_migrate_json(&o.ctl.info(), &o.ram.snapshot(), &self.params())
+    }
+
+    /// Waits for the running migration to end and returns its info (None if none ran).
+    pub fn wait_migration(&self) -> Option<Result<MigrationInfo>> {
+        // Join without holding the lock, so queries go on meanwhile.
+        let o = lock(&self.outgoing).clone();
+        o.map(|o| o.join())
+    }
+
+    /// A snapshot of the running migration for the progress display.
+    pub fn progress(&self) -> Option<(MigrationInfo, ram_list::RamStatsSnapshot)> {
+        lock(&self.outgoing)
+            .as_ref()
+            .map(|o| (o.ctl.info(), o.ram.snapshot()))
+    }
+
+    /// Asks the process to end with `code`.
+    pub fn request_quit(&self, code: i32) {
+        lock(&self.quit).get_or_insert(code);
+        self.quit_cond.notify_all();
+    }
+
+    /// Waits up to `timeout` for a quit request; returns its exit code.
+    pub fn wait_quit(&self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        let mut q = lock(&self.quit);
+        while q.is_none() {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            q = self
+                .quit_cond
+                .wait_timeout(q, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        *q
+    }
+}
+
+/// `query-migrate`'s answer, with QEMU's names, plus our completion breakdown.
+pub fn query_migrate_json(
+    info: &MigrationInfo,
+    ram: &ram_list::RamStatsSnapshot,
+    params: &MigrationParams,
+) -> Value {
+    let mut v = json!({
+        "status": info.status.as_str(),
+        "total-time": info.total_time.as_millis() as u64,
+        "setup-time": info.setup_time.as_millis() as u64,
+        "expected-downtime": info.expected_downtime.as_millis() as u64,
+        "downtime-limit": params.downtime_limit.as_millis() as u64,
+        "ram": {
+            "transferred": info.transferred,
+            "remaining": ram.remaining,
+            "total": ram.total,
+            "duplicate": ram.duplicate,
+            "normal": ram.normal,
+            "normal-bytes": ram.normal_bytes,
+            "dirty-pages-rate": ram.dirty_pages_rate,
+            "mbps": info.bandwidth * 8.0 / 1e6,
+            "dirty-sync-count": ram.dirty_sync_count,
+            "pages-per-second": ram.pages_per_second,
+            "page-size": 4096,
+        },
+    });
+    let o = v.as_object_mut().expect("an object");
+    if let Some(d) = info.downtime {
+        o.insert("downtime".into(), json!(d.as_millis() as u64));
+    }
+    if let Some(c) = info.completion {
+        o.insert(
+            "x-completion-breakdown".into(),
+            json!({
+                "stop-vcpus-ms": ms(c.stop_vcpus),
+                "flush-disks-ms": ms(c.flush_disks),
+                "final-sync-ms": ms(c.final_sync),
+                "send-ram-ms": ms(c.send_ram),
+                "send-devices-ms": ms(c.send_devices),
+                "wait-destination-ms": ms(c.wait_destination),
+                "total-ms": ms(c.total),
+            }),
+        );
+    }
+    if let Some(e) = &info.error {
+        o.insert("error-desc".into(), json!(e));
+    }
+    if info.status == MigrationStatus::None {
+        return json!({});
+    }
+    v
+}

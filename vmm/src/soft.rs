@@ -1,0 +1,360 @@
+//! The software backend, for machines without /dev/kvm: the built-in guest's workload run
+//! by a host thread on the same guest memory. Its writes go through vm-memory, whose dirty
+//! bitmap is the block's dirty log, so every migration path runs as with KVM. Its
+//! "vCPU state" is the workload's progress, migrated as the `"soft-cpu"` section.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use dirty_bitmap::VmmWriteLog;
+use savevm::{DeviceHandler, FieldReader, FieldWriter, SaveVm, SectionError, SectionInfo};
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use crate::guest::{self, GuestParams, LOAD_ADDR, Workload};
+use crate::machine::{Bus, Cpus};
+use crate::memory::GuestRam;
+use crate::serial::COM1;
+
+const PAGE: u64 = 4096;
+
+/// Guest RAM for the software backend: only the VMM's own writes exist.
+///
+/// # Errors
+/// As [`GuestRam::new`].
+pub fn ram(size: u64) -> Result<GuestRam> {
+    GuestRam::new(size, |region| {
+        Ok(Box::new(VmmWriteLog::new(region.clone())))
+    })
+}
+
+/// Where the workload stands; what migrates.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SoftState {
+    /// 0: not started, 1: working, 2: halted.
+    pub phase: u8,
+    /// The pass in progress (dirty) or 0.
+    pub pass: u64,
+    /// Next page of the range to write.
+    pub next_page: u64,
+    /// A stale page was found in this pass.
+    pub bad: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Want {
+    Run,
+    Pause,
+    Quit,
+}
+
+struct Ctl {
+    want: Want,
+    parked: bool,
+    exited: bool,
+    /// The state as of the last park.
+    state: SoftState,
+    /// A loaded state to continue from.
+    load: Option<SoftState>,
+}
+
+struct Shared {
+    // Lock: control state; the thread parks on `cond`, requesters wait on it.
+    ctl: Mutex<Ctl>,
+    cond: Condvar,
+    /// Fast check, per page, of whether the thread may go on.
+    run: AtomicBool,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Ctl> {
+        self.ctl.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The software "vCPU".
+pub struct SoftBackend {
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+    pending: Arc<Mutex<Option<SoftState>>>,
+}
+
+impl SoftBackend {
+    /// Starts the workload thread, parked.
+    pub fn new(ram: &GuestRam, bus: Arc<Bus>) -> Self {
+        let shared = Arc::new(Shared {
+            ctl: Mutex::new(Ctl {
+                want: Want::Pause,
+                parked: false,
+                exited: false,
+                state: SoftState::default(),
+                load: None,
+            }),
+            cond: Condvar::new(),
+            run: AtomicBool::new(false),
+        });
+        let s = shared.clone();
+        let mem = ram.mem.clone();
+        let thread = std::thread::Builder::new()
+            .name("soft-cpu".into())
+            .spawn(move || Worker::new(mem, bus, s).run())
+            .expect("spawning the software vCPU thread");
+        SoftBackend {
+            shared,
+            thread: Some(thread),
+            pending: Arc::new(Mutex::new(None)),
+        }
+    }
+}
+
+impl Drop for SoftBackend {
+    fn drop(&mut self) {
+        self.shared.lock().want = Want::Quit;
+        self.shared.run.store(false, Ordering::SeqCst);
+        self.shared.cond.notify_all();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Cpus for SoftBackend {
+    fn name(&self) -> &'static str {
+        "soft"
+    }
+
+    fn resume(&self) {
+        let mut c = self.shared.lock();
+        if c.want == Want::Pause {
+            c.want = Want::Run;
+            self.shared.run.store(true, Ordering::SeqCst);
+        }
+        drop(c);
+        self.shared.cond.notify_all();
+    }
+
+    fn pause(&self) -> Result<()> {
+        let mut c = self.shared.lock();
+        if c.want == Want::Run {
+            c.want = Want::Pause;
+        }
+        self.shared.run.store(false, Ordering::SeqCst);
+        self.shared.cond.notify_all();
+        while !c.parked && !c.exited {
+            c = self.shared.cond.wait(c).unwrap_or_else(|p| p.into_inner());
+        }
+        Ok(())
+    }
+
+    fn fault(&self) -> Option<String> {
+        None
+    }
+
+    fn register_sections(&self, savevm: &mut SaveVm) -> Result<()> {
+        savevm.register_device(
+            SectionInfo::new("soft-cpu", 0, 1),
+            Box::new(SoftSection {
+                shared: self.shared.clone(),
+                pending: self.pending.clone(),
+            }),
+        )?;
+        Ok(())
+    }
+
+    fn apply_loaded(&self) -> Result<()> {
+        let st = self
+            .pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(st) = st {
+            self.shared.lock().load = Some(st);
+        }
+        Ok(())
+    }
+}
+
+/// `"soft-cpu"`: the workload's progress.
+struct SoftSection {
+    shared: Arc<Shared>,
+    pending: Arc<Mutex<Option<SoftState>>>,
+}
+
+impl DeviceHandler for SoftSection {
+    fn save(&mut self, w: &mut FieldWriter<'_>) -> Result<(), SectionError> {
+        let c = self.shared.lock();
+        if !c.parked {
+            return Err("the software vCPU is not stopped".into());
+        }
+        w.u8("phase", c.state.phase);
+        w.u64("pass", c.state.pass);
+        w.u64("next_page", c.state.next_page);
+        w.bool("bad_pass", c.state.bad);
+        Ok(())
+    }
+
+    fn load(&mut self, r: &mut FieldReader<'_>, _v: u32) -> Result<(), SectionError> {
+        let st = SoftState {
+            phase: r.u8("phase")?,
+            pass: r.u64("pass")?,
+            next_page: r.u64("next_page")?,
+            bad: r.bool("bad_pass")?,
+        };
+        if st.phase > 2 {
+            return Err(format!("phase {} does not exist", st.phase).into());
+        }
+        *self.pending.lock().unwrap_or_else(|p| p.into_inner()) = Some(st);
+        Ok(())
+    }
+}
+
+struct Worker {
+    mem: GuestMemoryMmap<AtomicBitmap>,
+    bus: Arc<Bus>,
+    shared: Arc<Shared>,
+    st: SoftState,
+    params: Option<GuestParams>,
+    deadline: Instant,
+}
+
+impl Worker {
+    fn new(mem: GuestMemoryMmap<AtomicBitmap>, bus: Arc<Bus>, shared: Arc<Shared>) -> Self {
+        Worker {
+            mem,
+            bus,
+            shared,
+            st: SoftState::default(),
+            params: None,
+            deadline: Instant::now(),
+        }
+    }
+
+    fn putc(&self, c: u8) {
+        self.bus.io_out(COM1, &[c]);
+    }
+
+    fn read_params(&mut self) {
+        let mut image = [0u8; 512];
+        let _ = self.mem.read_slice(&mut image, GuestAddress(LOAD_ADDR));
+        self.params = GuestParams::read(&image);
+    }
+
+    /// Parks until allowed to run; false when the thread must end.
+    fn park(&mut self) -> bool {
+        let mut c = self.shared.lock();
+        c.state = self.st;
+        loop {
+            match c.want {
+                Want::Quit => {
+                    c.exited = true;
+                    self.shared.cond.notify_all();
+                    return false;
+                }
+                Want::Run if self.st.phase != 2 || c.load.is_some() => {
+                    if let Some(st) = c.load.take() {
+                        self.st = st;
+                        c.state = st;
+                        drop(c);
+                        self.read_params();
+                        c = self.shared.lock();
+                    }
+                    c.parked = false;
+                    self.deadline = Instant::now();
+                    self.shared.cond.notify_all();
+                    return true;
+                }
+                _ => {}
+            }
+            if !c.parked {
+                c.parked = true;
+                self.shared.cond.notify_all();
+            }
+            c = self.shared.cond.wait(c).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    fn run(mut self) {
+        loop {
+            if (!self.shared.run.load(Ordering::Acquire) || self.st.phase == 2) && !self.park() {
+                return;
+            }
+            self.step();
+        }
+    }
+
+    /// One unit of work: a page (dirty), a MiB (fill), or the boot.
+    fn step(&mut self) {
+        if self.st.phase == 0 {
+            self.read_params();
+            self.putc(b'S');
+            self.st.phase = 1;
+            self.st.pass = self
+                .mem
+                .read_obj::<u64>(GuestAddress(guest::PASS_ADDR))
+                .unwrap_or(0)
+                + 1;
+            return;
+        }
+        let Some(p) = self.params else {
+            self.st.phase = 2;
+            return;
+        };
+        let pages = p.range_size / PAGE;
+        match p.workload {
+            Workload::Idle => self.st.phase = 2,
+            Workload::Fill => {
+                let chunk = 256.min(pages - self.st.next_page);
+                let addr = p.range_start + self.st.next_page * PAGE;
+                let _ = self
+                    .mem
+                    .write_slice(&vec![0xa5; (chunk * PAGE) as usize], GuestAddress(addr));
+                self.st.next_page += chunk;
+                if self.st.next_page >= pages {
+                    self.putc(b'F');
+                    self.st.phase = 2;
+                }
+            }
+            Workload::Dirty => self.dirty_page(&p, pages),
+        }
+    }
+
+    fn dirty_page(&mut self, p: &GuestParams, pages: u64) {
+        let addr = GuestAddress(p.range_start + self.st.next_page * PAGE);
+        let old = self.mem.read_obj::<u64>(addr).unwrap_or(0);
+        if old != self.st.pass - 1 {
+            let a = GuestAddress(guest::MISMATCH_ADDR);
+            let n = self.mem.read_obj::<u64>(a).unwrap_or(0);
+            let _ = self.mem.write_obj(n + 1, a);
+            self.st.bad = true;
+        }
+        let _ = self.mem.write_obj(self.st.pass, addr);
+        self.st.next_page += 1;
+        if p.rate > 0 {
+            self.deadline += Duration::from_secs_f64(1.0 / f64::from(p.rate));
+            let now = Instant::now();
+            if self.deadline > now + Duration::from_millis(1) {
+                std::thread::sleep(self.deadline - now);
+            } else if now > self.deadline + Duration::from_millis(10) {
+                // Far behind (after a stop): do not catch up in a burst.
+                self.deadline = now;
+            }
+        }
+        if self.st.next_page >= pages {
+            let _ = self
+                .mem
+                .write_obj(self.st.pass, GuestAddress(guest::PASS_ADDR));
+            let letter = if self.st.bad {
+                b'!'
+            } else {
+                b'A' + (self.st.pass & 15) as u8
+            };
+            self.putc(letter);
+            self.st.pass += 1;
+            self.st.next_page = 0;
+            self.st.bad = false;
+        }
+    }
+}
