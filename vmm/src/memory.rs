@@ -50,11 +50,7 @@ impl GuestRam {
             .context("guest memory layout")?;
         let list = Arc::new(RamList::new());
         let block = list.add(RamBlock::new(RAM_BLOCK, region.clone(), log(&region)?)?)?;
-        Ok(GuestRam {
-            mem,
-            list,
-            block,
-        })
+        Ok(GuestRam { mem, list, block })
     }
 
     /// Bytes of guest RAM.

@@ -2,6 +2,8 @@
 //!
 //! - `cargo xtask ci`: what CI runs: format check, clippy with warnings as errors, the
 //!   whole test suite.
+//! - `cargo xtask guest`: assembles `vmm/guest/guest.S` into the `guest.bin` vmm embeds
+//!   (`--check`: only verify that the committed bytes match the source).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -20,12 +22,19 @@ struct Cli {
 enum Cmd {
     /// Format check, clippy -D warnings, cargo test --workspace.
     Ci,
+    /// Assemble vmm/guest/guest.S into vmm/guest/guest.bin (GNU as and ld).
+    Guest {
+        /// Only check that guest.bin matches guest.S.
+        #[arg(long)]
+        check: bool,
+    },
 }
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Cmd::Ci => ci(),
+        Cmd::Guest { check } => guest(check),
     }
 }
 
@@ -67,10 +76,63 @@ fn ci() -> Result<()> {
         "warnings",
     ]);
     run("cargo clippy -D warnings", clippy)?;
+    if Command::new("as").arg("--version").output().is_ok() {
+        guest(true)?;
+    } else {
+        eprintln!("==> SKIPPED the guest.bin check: GNU as is not installed");
+    }
     let mut test = cargo();
     test.args(["test", "--workspace", "--all-features"])
         .env("INSTA_UPDATE", "no");
     run("cargo test --workspace", test)?;
     eprintln!("==> ci passed in {:.0?}", t.elapsed());
+    Ok(())
+}
+
+/// Assembles the built-in guest with binutils (on every Debian machine with gcc).
+fn guest(check: bool) -> Result<()> {
+    let dir = root().join("vmm/guest");
+    let tmp = std::env::temp_dir().join(format!("xtask-guest-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp)?;
+    let obj = tmp.join("guest.o");
+    let bin = tmp.join("guest.bin");
+    let mut asm = Command::new("as");
+    asm.args(["--64", "-o"]).arg(&obj).arg(dir.join("guest.S"));
+    run("as guest.S", asm)?;
+    let mut ld = Command::new("ld");
+    ld.args([
+        "-m",
+        "elf_x86_64",
+        "-Ttext=0x7c00",
+        "--oformat",
+        "binary",
+        "-e",
+        "start",
+        "-o",
+    ])
+    .arg(&bin)
+    .arg(&obj);
+    run("ld guest.o", ld)?;
+    let new = std::fs::read(&bin)?;
+    std::fs::remove_dir_all(&tmp)?;
+    if new.len() != 512 || new[510..] != [0x55, 0xaa] {
+        bail!(
+            "the guest must assemble to one 512-byte boot sector; got {} bytes",
+            new.len()
+        );
+    }
+    let path = dir.join("guest.bin");
+    let old = std::fs::read(&path).unwrap_or_default();
+    if check {
+        if old != new {
+            bail!("vmm/guest/guest.bin does not match guest.S: run `cargo xtask guest`");
+        }
+        eprintln!("==> guest.bin matches guest.S");
+    } else if old != new {
+        std::fs::write(&path, &new)?;
+        eprintln!("==> wrote {}", path.display());
+    } else {
+        eprintln!("==> guest.bin is up to date");
+    }
     Ok(())
 }
