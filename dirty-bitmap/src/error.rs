@@ -7,7 +7,7 @@ use std::io;
 #[non_exhaustive]
 pub enum Error {
     /// A KVM ioctl on a memory slot failed.
-    #[error("KVM {op} on memory slot {slot} failed: {source}")]
+    #[error("KVM {op} on memory slot {slot} failed")]
     Kvm {
         /// What was being done (`get dirty log`, `enable dirty logging`, ...).
         op: &'static str,

@@ -11,7 +11,7 @@ use std::sync::Arc;
 #[non_exhaustive]
 pub enum Error {
     /// Writing to the transport failed (peer gone, disk full, shut down by a cancel).
-    #[error("writing the migration stream to {transport} failed: {source}")]
+    #[error("writing the migration stream to {transport} failed")]
     Write {
         /// What was written to, e.g. `unix:/tmp/mig.sock`.
         transport: String,
@@ -20,7 +20,7 @@ pub enum Error {
         source: Arc<io::Error>,
     },
     /// Reading from the transport failed.
-    #[error("reading the migration stream from {transport} failed at byte {offset}: {source}")]
+    #[error("reading the migration stream from {transport} failed at byte {offset}")]
     Read {
         /// What was read from.
         transport: String,
@@ -71,7 +71,7 @@ pub enum Error {
         reason: String,
     },
     /// Opening a transport (connect, listen, accept, spawn, open) failed.
-    #[error("cannot {op} {uri}: {source}")]
+    #[error("cannot {op} {uri}")]
     Open {
         /// The operation, e.g. `connect to`.
         op: &'static str,

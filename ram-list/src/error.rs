@@ -87,7 +87,7 @@ pub enum Error {
         now: u64,
     },
     /// The dirty log of a block failed.
-    #[error("dirty log of RAM block {idstr:?}: {source}")]
+    #[error("dirty log of RAM block {idstr:?}")]
     DirtyLog {
         /// The block.
         idstr: String,

@@ -169,11 +169,11 @@ fn load_err(shape: &[(&str, usize)], bytes: Vec<u8>) -> Error {
 fn a_size_mismatch_is_refused_before_any_page_is_written() {
     let bytes = snapshot(&[("pc.ram", 8)]);
     let mut dst = vm(&[("pc.ram", 16)]);
-    let e = dst
-        .savevm
-        .load(&mut QemuFile::new(Box::new(MemBuffer::from_bytes(bytes))))
-        .unwrap_err()
-        .to_string();
+    let e = savevm::error_chain(
+        &dst.savevm
+            .load(&mut QemuFile::new(Box::new(MemBuffer::from_bytes(bytes))))
+            .unwrap_err(),
+    );
     assert!(
         e.contains("destination RAM block \"pc.ram\" is 65536 bytes") && e.contains("32768"),
         "{e}"
@@ -276,7 +276,7 @@ fn a_block_list_change_during_migration_fails_it() {
     src.savevm.save_header(&mut f);
     src.savevm.save_setup(&mut f).unwrap();
     src.list.resize("pc.ram", 4 * PAGE as u64).unwrap();
-    let e = src.savevm.save_iterate(&mut f).unwrap_err().to_string();
+    let e = savevm::error_chain(&src.savevm.save_iterate(&mut f).unwrap_err());
     assert!(e.contains("RAM block list changed"), "{e}");
     src.savevm.save_cleanup();
 }

@@ -136,7 +136,7 @@ pub enum Error {
         offset: u64,
     },
     /// A section handler failed.
-    #[error("section {idstr:?} instance {instance_id}: {op} failed: {source}")]
+    #[error("section {idstr:?} instance {instance_id}: {op} failed")]
     Section {
         /// The section.
         idstr: String,
@@ -165,7 +165,7 @@ pub enum Error {
         len: usize,
     },
     /// The VM (stop, resume, flush) failed during a migration.
-    #[error("the VM could not {op}: {source}")]
+    #[error("the VM could not {op}")]
     Vm {
         /// `stop its vCPUs`, `resume`, `flush its disks`.
         op: &'static str,
@@ -204,3 +204,16 @@ pub enum Error {
 
 /// The result type of this crate.
 pub type Result<T> = std::result::Result<T, Error>;
+
+/// An error and its causes on one line, `outer: cause: root cause`: errors here keep their
+/// cause in `source()` rather than in their own message.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

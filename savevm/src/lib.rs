@@ -46,7 +46,7 @@ mod section;
 mod vmstate;
 
 pub use dump::{DumpSink, SectionWalker, dump_stream};
-pub use error::{Error, Result};
+pub use error::{Error, Result, error_chain};
 pub use load::LoadReport;
 pub use migration::{
     CompletionTimes, MigrationControl, MigrationInfo, MigrationParams, MigrationStatus, VmControl,

@@ -379,9 +379,10 @@ pub fn run_migration<V: VmControl + ?Sized>(
             ctl.set_status(status, |i| {
                 i.total_time = t0.elapsed();
                 i.transferred = f.bytes_written();
+                let msg = crate::error_chain(&e);
                 i.error = Some(match &resume_error {
-                    Some(re) => format!("{e}; resuming the VM failed too: {re}"),
-                    None => e.to_string(),
+                    Some(re) => format!("{msg}; resuming the VM failed too: {re}"),
+                    None => msg,
                 });
             });
             Err(e)

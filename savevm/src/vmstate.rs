@@ -198,7 +198,7 @@ impl<'a> FieldWriter<'a> {
 #[non_exhaustive]
 pub enum FieldError {
     /// The stream failed while reading the field.
-    #[error("field {field:?}: {source}")]
+    #[error("field {field:?}")]
     Stream {
         /// The field.
         field: String,

@@ -241,7 +241,7 @@ fn a_vcpu_that_cannot_stop_fails_the_migration_and_the_vm_is_resumed() {
     let ctl = MigrationControl::new(params(false));
     let e =
         run_migration(&mut s.savevm, &mut QemuFile::new(Box::new(a)), &*s.vm, &ctl).unwrap_err();
-    assert!(e.to_string().contains("did not stop"), "{e}");
+    assert!(savevm::error_chain(&e).contains("did not stop"), "{e}");
     assert_eq!(s.vm.resumes.load(Ordering::SeqCst), 1);
     assert!(dest.join().unwrap().1.is_err());
     s.vm.shutdown();

@@ -342,6 +342,10 @@ fn run(a: &RunArgs) -> Result<i32> {
             break 0;
         }
     };
+    // A migration still running is cancelled; a finished one may still be logging
+    // (the verify hash): wait for its thread either way.
+    session.cancel();
+    let _ = session.wait_migration();
     if machine.run_state() == machine::RunState::Running {
         machine.stop()?;
     }

@@ -1,0 +1,351 @@
+//! Two vmm processes, a guest rewriting 64 MiB, migrations over every transport, and the
+//! checks a user would make: RAM equal at the switchover, the guest going on at the
+//! destination, the source gone after success and running after a failure.
+
+mod common;
+
+use std::os::fd::IntoRawFd;
+use std::process::Command;
+
+use common::{Qmp, Vmm, check_migrated, migrate, scratch};
+use serde_json::json;
+
+const GUEST: &[&str] = &["--memory", "128M", "--range-size", "64M"];
+
+#[test]
+fn over_a_unix_socket() {
+    let dir = scratch("unix");
+    let sock = format!("unix:{}", dir.join("m.sock").display());
+    let (src, dst) = migrate(&dir, &sock, Some(&sock), GUEST);
+    check_migrated(&src, &dst);
+    let sw = src.event("switchover").unwrap();
+    assert!(sw["downtime_ms"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn over_tcp_on_loopback() {
+    let dir = scratch("tcp");
+    let (src, dst) = migrate(&dir, "tcp:127.0.0.1:0", None, GUEST);
+    check_migrated(&src, &dst);
+}
+
+#[test]
+fn through_exec_commands() {
+    let dir = scratch("exec");
+    let file = dir.join("stream");
+    let out = format!("exec:cat > '{}'", file.display());
+    let mut src = Vmm::start(
+        &dir,
+        "source",
+        &[&["--migrate-to", out.as_str(), "--verify"], GUEST].concat(),
+    );
+    assert!(src.wait().success(), "{}", src.stderr());
+    let inp = format!("exec:cat '{}'", file.display());
+    let mut dst = Vmm::start(
+        &dir,
+        "destination",
+        &[
+            &["--incoming", inp.as_str(), "--verify", "--exit-after", "1"],
+            GUEST,
+        ]
+        .concat(),
+    );
+    assert!(dst.wait().success(), "{}", dst.stderr());
+    check_migrated(&src, &dst);
+}
+
+#[test]
+fn to_a_file_and_back_and_analyzed() {
+    let dir = scratch("file");
+    let file = dir.join("snapshot");
+    let uri = format!("file:{}", file.display());
+    let mut src = Vmm::start(
+        &dir,
+        "source",
+        &[&["--migrate-to", uri.as_str(), "--verify"], GUEST].concat(),
+    );
+    assert!(src.wait().success(), "{}", src.stderr());
+    let out = Command::new(common::VMM)
+        .arg("analyze")
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    for needle in [
+        "HEADER",
+        "\"ram\"",
+        "block \"pc.ram\": 134217728 bytes",
+        "\"serial\"",
+        "EOF",
+        "VM DESCRIPTION",
+    ] {
+        assert!(
+            text.contains(needle),
+            "analyze output lacks {needle}:\n{text}"
+        );
+    }
+    let mut dst = Vmm::start(
+        &dir,
+        "destination",
+        &[
+            &["--incoming", uri.as_str(), "--verify", "--exit-after", "1"],
+            GUEST,
+        ]
+        .concat(),
+    );
+    assert!(dst.wait().success(), "{}", dst.stderr());
+    check_migrated(&src, &dst);
+}
+
+#[test]
+fn over_inherited_descriptors() {
+    let dir = scratch("fd");
+    let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+    let (fa, fb) = (a.into_raw_fd(), b.into_raw_fd());
+    // Each child keeps only its own end, without close-on-exec.
+    let spawn = |name: &str, keep: i32, close: i32, args: Vec<String>| {
+        let log = dir.join(format!("{name}.jsonl"));
+        let mut c = Command::new(common::VMM);
+        c.arg("run")
+            .args([
+                "--accel",
+                common::accel(),
+                "--progress",
+                "never",
+                "--serial",
+                "none",
+            ])
+            .arg("--log-json")
+            .arg(&log)
+            .args(args)
+            .args(GUEST)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(dir.join(format!("{name}-stderr.txt"))).unwrap());
+        use std::os::unix::process::CommandExt;
+        // SAFETY: between fork and exec only async-signal-safe calls are made (fcntl, close).
+        unsafe {
+            c.pre_exec(move || {
+                libc::fcntl(keep, libc::F_SETFD, 0);
+                libc::close(close);
+                Ok(())
+            });
+        }
+        Vmm {
+            child: c.spawn().unwrap(),
+            log,
+            name: name.into(),
+        }
+    };
+    let mut dst = spawn(
+        "destination",
+        fb,
+        fa,
+        vec![
+            "--incoming".into(),
+            format!("fd:{fb}"),
+            "--verify".into(),
+            "--exit-after".into(),
+            "1".into(),
+        ],
+    );
+    let mut src = spawn(
+        "source",
+        fa,
+        fb,
+        vec!["--migrate-to".into(), format!("fd:{fa}"), "--verify".into()],
+    );
+    // SAFETY: the parent's copies are no longer needed once both children have theirs.
+    unsafe {
+        libc::close(fa);
+        libc::close(fb);
+    }
+    assert!(src.wait().success(), "{}", src.stderr());
+    assert!(dst.wait().success(), "{}", dst.stderr());
+    check_migrated(&src, &dst);
+}
+
+#[test]
+fn cancel_during_iteration_keeps_the_source_running_and_a_retry_succeeds() {
+    let dir = scratch("cancel");
+    let qmp = dir.join("qmp.sock");
+    let qmp_arg = format!("unix:{}", qmp.display());
+    // 20 MB/s makes the first pass over 64 MiB of written memory last seconds.
+    let src_args = [
+        &[
+            "--qmp",
+            qmp_arg.as_str(),
+            "--max-bandwidth",
+            "20M",
+            "--verify",
+        ][..],
+        GUEST,
+    ]
+    .concat();
+    let mut src = Vmm::start(&dir, "source", &src_args);
+    let mut q = Qmp::connect(&qmp);
+    // Migrate once the guest has written its whole range (its first pass).
+    q.wait_guest_pass(1);
+    let mut dst1 = Vmm::start(
+        &dir,
+        "dest1",
+        &[&["--incoming", "tcp:127.0.0.1:0"][..], GUEST].concat(),
+    );
+    let uri = dst1.wait_event("listening")["uri"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    q.cmd("migrate", json!({"uri": uri}));
+    q.wait_status("active");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    q.cmd("migrate_cancel", json!({}));
+    let m = q.wait_status("cancelled");
+    assert!(m["ram"]["transferred"].as_u64().unwrap() > 0);
+    assert_eq!(q.cmd("query-status", json!({}))["status"], "running");
+    let before = q.cmd("x-query-guest", json!({}))["pass"].as_u64().unwrap();
+    q.wait_guest_pass(before + 2);
+    // The destination saw a broken stream: it exits non-zero and never ran the guest.
+    assert!(!dst1.wait().success());
+    assert!(dst1.event("incoming-resumed").is_none());
+    assert!(
+        dst1.stderr().contains("was not started"),
+        "{}",
+        dst1.stderr()
+    );
+
+    // A second migration of the same source, unthrottled, succeeds.
+    let mut dst2 = Vmm::start(
+        &dir,
+        "destination",
+        &[
+            &[
+                "--incoming",
+                "tcp:127.0.0.1:0",
+                "--verify",
+                "--exit-after",
+                "1",
+            ][..],
+            GUEST,
+        ]
+        .concat(),
+    );
+    let uri = dst2.wait_event("listening")["uri"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    q.cmd("migrate-set-parameters", json!({"max-bandwidth": 0}));
+    q.cmd("migrate", json!({"uri": uri}));
+    let m = q.wait_status("completed");
+    assert!(
+        m["x-completion-breakdown"]["total-ms"].as_f64().unwrap() > 0.0,
+        "{m}"
+    );
+    assert_eq!(q.cmd("query-status", json!({}))["status"], "postmigrate");
+    let statuses: Vec<_> = q
+        .events
+        .iter()
+        .filter(|e| e["event"] == "MIGRATION")
+        .map(|e| e["data"]["status"].as_str().unwrap().to_string())
+        .collect();
+    assert!(statuses.contains(&"cancelled".to_string()), "{statuses:?}");
+    let _ = q.try_cmd("quit", json!({}));
+    assert!(src.wait().success());
+    assert!(dst2.wait().success(), "{}", dst2.stderr());
+    let sh = src
+        .events()
+        .into_iter()
+        .find(|e| e["event"] == "ram-hash")
+        .unwrap();
+    let dh = dst2.event("ram-hash").unwrap();
+    assert_eq!(sh["hash"], dh["hash"]);
+}
+
+#[test]
+fn a_destination_with_less_memory_refuses_and_the_source_runs_on() {
+    let dir = scratch("refuse");
+    let qmp = dir.join("qmp.sock");
+    let qmp_arg = format!("unix:{}", qmp.display());
+    let mut src = Vmm::start(
+        &dir,
+        "source",
+        &[&["--qmp", qmp_arg.as_str()][..], GUEST].concat(),
+    );
+    let mut q = Qmp::connect(&qmp);
+    let mut dst = Vmm::start(
+        &dir,
+        "destination",
+        &[
+            "--incoming",
+            "tcp:127.0.0.1:0",
+            "--memory",
+            "64M",
+            "--range-size",
+            "32M",
+        ],
+    );
+    let uri = dst.wait_event("listening")["uri"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    q.cmd("migrate", json!({"uri": uri}));
+    let m = q.wait_status("failed");
+    assert!(m["error-desc"].is_string(), "{m}");
+    assert!(!dst.wait().success());
+    let err = dst.stderr();
+    assert!(
+        err.contains("destination RAM block \"pc.ram\" is 67108864 bytes (64 MiB)")
+            && err.contains("134217728 bytes (128 MiB)")
+            && err.contains("start the destination with the same memory size"),
+        "{err}"
+    );
+    assert_eq!(q.cmd("query-status", json!({}))["status"], "running");
+    let _ = q.try_cmd("quit", json!({}));
+    assert!(src.wait().success());
+}
+
+#[test]
+fn qmp_speaks_the_protocol() {
+    let dir = scratch("qmp");
+    let qmp = dir.join("qmp.sock");
+    let qmp_arg = format!("unix:{}", qmp.display());
+    let mut vm = Vmm::start(
+        &dir,
+        "vm",
+        &[&["--qmp", qmp_arg.as_str()][..], GUEST].concat(),
+    );
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&qmp)
+            .map(|m| m.permissions().mode() & 0o777)
+            .unwrap_or(0o600),
+        0o600
+    );
+    let mut q = Qmp::connect(&qmp);
+    assert_eq!(q.cmd("query-status", json!({}))["running"], true);
+    q.cmd("stop", json!({}));
+    assert_eq!(q.cmd("query-status", json!({}))["status"], "paused");
+    q.cmd("cont", json!({}));
+    assert_eq!(q.cmd("query-migrate", json!({})), json!({}));
+    q.cmd(
+        "migrate-set-parameters",
+        json!({"downtime-limit": 30, "max-bandwidth": 1000000000}),
+    );
+    assert_eq!(
+        q.cmd("query-migrate-parameters", json!({})),
+        json!({"downtime-limit": 30, "max-bandwidth": 1000000000})
+    );
+    let e = q.try_cmd("no-such-command", json!({})).unwrap_err();
+    assert_eq!(e["class"], "CommandNotFound");
+    let e = q.try_cmd("migrate", json!({"uri": "bogus"})).unwrap_err();
+    assert!(e["desc"].as_str().unwrap().contains("bogus"), "{e}");
+    let e = q
+        .try_cmd("migrate-set-parameters", json!({"downtime-limit": -1}))
+        .unwrap_err();
+    assert_eq!(e["class"], "GenericError");
+    let _ = q.try_cmd("quit", json!({}));
+    assert!(vm.wait().success());
+}
