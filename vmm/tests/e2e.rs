@@ -349,3 +349,68 @@ fn qmp_speaks_the_protocol() {
     let _ = q.try_cmd("quit", json!({}));
     assert!(vm.wait().success());
 }
+
+#[test]
+fn a_stalled_destination_blocks_neither_the_guest_nor_the_monitor() {
+    let dir = scratch("stall");
+    let qmp = dir.join("qmp.sock");
+    let qmp_arg = format!("unix:{}", qmp.display());
+    let mut src = Vmm::start(
+        &dir,
+        "source",
+        &[&["--qmp", qmp_arg.as_str()][..], GUEST].concat(),
+    );
+    let mut q = Qmp::connect(&qmp);
+    q.wait_guest_pass(1);
+    // A "destination" that accepts and never reads: the source's writes block once the
+    // socket buffers are full.
+    let path = dir.join("stall.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    q.cmd(
+        "migrate",
+        json!({"uri": format!("unix:{}", path.display())}),
+    );
+    let (_conn, _) = listener.accept().unwrap();
+    q.wait_status("active");
+    // Wait until the stream stops moving: the migration thread is blocked in a write.
+    let mut last = 0;
+    loop {
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let t = q.cmd("query-migrate", json!({}))["ram"]["transferred"]
+            .as_u64()
+            .unwrap();
+        if t == last {
+            break;
+        }
+        last = t;
+    }
+    // Every pass the guest prints a letter, which needs the VM lock: passes going on
+    // means the lock is free; the monitor answering means the same for QMP.
+    let before = q.cmd("x-query-guest", json!({}))["serial-bytes"]
+        .as_u64()
+        .unwrap();
+    let t = std::time::Instant::now();
+    loop {
+        let g = q.cmd("x-query-guest", json!({}));
+        if g["serial-bytes"].as_u64().unwrap() >= before + 20 {
+            break;
+        }
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(20),
+            "the guest stalled with the migration: {g}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let m = q.cmd("query-migrate", json!({}));
+    assert_eq!(m["status"], "active");
+    assert_eq!(
+        m["ram"]["transferred"].as_u64().unwrap(),
+        last,
+        "the stream moved: the write was not blocked"
+    );
+    q.cmd("migrate_cancel", json!({}));
+    q.wait_status("cancelled");
+    assert_eq!(q.cmd("query-status", json!({}))["status"], "running");
+    let _ = q.try_cmd("quit", json!({}));
+    assert!(src.wait().success());
+}
