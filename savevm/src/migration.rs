@@ -459,9 +459,11 @@ fn migrate<V: VmControl + ?Sized>(
             window_bytes = f.bytes_written();
         }
 
+        // Slow reads (disk chunks) happen here, outside the VM lock.
+        savevm.prepare_iterate(params.chunk_bytes)?;
         let guard = vm.lock();
         let mut pending = savevm.pending_estimate();
-        if pending <= threshold {
+        if pending <= threshold && !savevm.completion_blocked() {
             pending = savevm.pending_exact()?;
             syncs += 1;
             if pending <= threshold {

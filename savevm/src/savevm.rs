@@ -227,6 +227,27 @@ impl SaveVm {
         Ok(all_done)
     }
 
+    /// Lets every live section do its slow work for the next iteration, without the VM
+    /// lock.
+    ///
+    /// # Errors
+    /// A section failed.
+    pub fn prepare_iterate(&mut self, budget: usize) -> Result<()> {
+        for e in &mut self.entries {
+            if let Handler::Live(h) = &mut e.handler {
+                h.prepare(budget).map_err(section_error(&e.info, "prepare"))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether a live section holds the completion back (e.g. a disk in its bulk copy).
+    pub fn completion_blocked(&self) -> bool {
+        self.entries
+            .iter()
+            .any(|e| matches!(&e.handler, Handler::Live(h) if h.blocks_completion()))
+    }
+
     /// The live sections' estimate of bytes still to send, without syncing.
     pub fn pending_estimate(&self) -> u64 {
         self.entries

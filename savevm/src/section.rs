@@ -51,6 +51,22 @@ pub trait SectionHandler: Send {
     /// When tracking cannot start; the migration fails and `cleanup` runs.
     fn setup(&mut self, f: &mut QemuFile) -> Result<(), SectionError>;
 
+    /// Does slow work for the next iteration (e.g. reading disk chunks) before the
+    /// migration thread takes the VM lock; `budget` is the size of one chunk of output.
+    ///
+    /// # Errors
+    /// When the data cannot be read; the migration fails.
+    fn prepare(&mut self, budget: usize) -> Result<(), SectionError> {
+        let _ = budget;
+        Ok(())
+    }
+
+    /// Whether the migration must not complete yet whatever the pending figure (a disk
+    /// still in its bulk copy).
+    fn blocks_completion(&self) -> bool {
+        false
+    }
+
     /// Queues a PART payload: as much as [`QemuFile::budget_exhausted`] allows. Returns
     /// `true` when nothing known to be dirty remains.
     ///
