@@ -209,7 +209,9 @@ impl Disk {
     /// Past the end, or an I/O error.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         self.check_range("reading", offset, buf.len())?;
-        self.file.read_exact_at(buf, offset).map_err(self.io("reading", offset))
+        self.file
+            .read_exact_at(buf, offset)
+            .map_err(self.io("reading", offset))
     }
 
     /// Writes `buf` at `offset`, then marks its chunks dirty.
@@ -218,11 +220,15 @@ impl Disk {
     /// Past the end, or an I/O error.
     pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.check_range("writing", offset, buf.len())?;
-        self.file.write_all_at(buf, offset).map_err(self.io("writing", offset))?;
+        self.file
+            .write_all_at(buf, offset)
+            .map_err(self.io("writing", offset))?;
         if !buf.is_empty() {
             let first = offset / CHUNK_SIZE;
             let last = (offset + buf.len() as u64 - 1) / CHUNK_SIZE;
-            self.layout().dirty.set_range(first as usize..last as usize + 1);
+            self.layout()
+                .dirty
+                .set_range(first as usize..last as usize + 1);
         }
         Ok(())
     }
@@ -279,7 +285,10 @@ mod tests {
         let mut b = [0u8; 8192];
         d.read_at(&mut b, CHUNK_SIZE - 4096).unwrap();
         assert!(b.iter().all(|x| *x == 7));
-        assert!(d.write_at(&[0; 8192], 3 * CHUNK_SIZE).is_err(), "past the end");
+        assert!(
+            d.write_at(&[0; 8192], 3 * CHUNK_SIZE).is_err(),
+            "past the end"
+        );
         assert!(d.read_at(&mut b, u64::MAX - 10).is_err());
         std::fs::remove_file(p).unwrap();
     }
@@ -290,7 +299,15 @@ mod tests {
         let a = Disk::open(&p, "a", &DiskOptions::default()).unwrap();
         let e = Disk::open(&p, "b", &DiskOptions::default()).unwrap_err();
         assert!(matches!(e, Error::Locked { .. }), "{e}");
-        let b = Disk::open(&p, "b", &DiskOptions { lock: false, ..Default::default() }).unwrap();
+        let b = Disk::open(
+            &p,
+            "b",
+            &DiskOptions {
+                lock: false,
+                ..Default::default()
+            },
+        )
+        .unwrap();
         assert!(b.lock().is_err());
         a.unlock();
         b.lock().unwrap();
@@ -305,10 +322,21 @@ mod tests {
         let p = std::env::temp_dir().join(format!("blockmig-disk-{}-create", std::process::id()));
         let _ = std::fs::remove_file(&p);
         assert!(Disk::open(&p, "c", &DiskOptions::default()).is_err());
-        let d = Disk::open(&p, "c", &DiskOptions { create: true, ..Default::default() }).unwrap();
+        let d = Disk::open(
+            &p,
+            "c",
+            &DiskOptions {
+                create: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
         assert_eq!(d.size(), 0);
         d.set_size(5 * CHUNK_SIZE).unwrap();
-        assert_eq!((d.size(), d.chunks(), d.dirty().len()), (5 * CHUNK_SIZE, 5, 5));
+        assert_eq!(
+            (d.size(), d.chunks(), d.dirty().len()),
+            (5 * CHUNK_SIZE, 5, 5)
+        );
         std::fs::remove_file(p).unwrap();
     }
 }

@@ -17,7 +17,9 @@ pub enum Error {
         source: io::Error,
     },
     /// Another process holds the image.
-    #[error("disk image {path} is in use by another process (it holds the lock): stop it or use another image")]
+    #[error(
+        "disk image {path} is in use by another process (it holds the lock): stop it or use another image"
+    )]
     Locked {
         /// The image.
         path: PathBuf,
@@ -51,7 +53,9 @@ pub enum Error {
         name: String,
     },
     /// This side migrates a disk the stream does not carry.
-    #[error("this destination expects disk {name:?}, which the stream does not carry: the source has other disks")]
+    #[error(
+        "this destination expects disk {name:?}, which the stream does not carry: the source has other disks"
+    )]
     MissingDisk {
         /// The name.
         name: String,

@@ -93,7 +93,8 @@ impl Record {
         if self.flags & !known != 0 {
             return bad(format!("unknown flags {:#x}", self.flags & !known));
         }
-        if self.flags & BLK_MIG_FLAG_ZERO_BLOCK != 0 && self.flags & BLK_MIG_FLAG_DEVICE_BLOCK == 0 {
+        if self.flags & BLK_MIG_FLAG_ZERO_BLOCK != 0 && self.flags & BLK_MIG_FLAG_DEVICE_BLOCK == 0
+        {
             return bad("ZERO_BLOCK without DEVICE_BLOCK".into());
         }
         if self.flags & BLK_MIG_FLAG_DEVICE_BLOCK != 0 && self.value % SECTORS_PER_CHUNK != 0 {
@@ -117,7 +118,9 @@ mod tests {
     }
 
     fn read(b: &[u8]) -> Result<Record> {
-        Record::read_from(&mut QemuFile::new(Box::new(MemBuffer::from_bytes(b.to_vec()))))
+        Record::read_from(&mut QemuFile::new(Box::new(MemBuffer::from_bytes(
+            b.to_vec(),
+        ))))
     }
 
     #[test]
@@ -127,9 +130,19 @@ mod tests {
             0x00, 0x00, 0x00, 0x00, 0x00, 0x20, 0x00, 0x01, // sector 4096 << 9 | DEVICE_BLOCK
             0x05, b'd', b'i', b's', b'k', b'0',             // "disk0"
         ];
-        assert_eq!(bytes(|f| Record::write_to(f, 4096, BLK_MIG_FLAG_DEVICE_BLOCK, Some("disk0"))), golden);
+        assert_eq!(
+            bytes(|f| Record::write_to(f, 4096, BLK_MIG_FLAG_DEVICE_BLOCK, Some("disk0"))),
+            golden
+        );
         let r = read(golden).unwrap();
-        assert_eq!(r, Record { flags: 1, value: 4096, name: Some("disk0".into()) });
+        assert_eq!(
+            r,
+            Record {
+                flags: 1,
+                value: 4096,
+                name: Some("disk0".into())
+            }
+        );
         r.check(0).unwrap();
         for cut in 0..golden.len() {
             assert!(read(&golden[..cut]).is_err());
@@ -148,7 +161,12 @@ mod tests {
             0x01, b'a',
         ];
         let b = bytes(|f| {
-            Record::write_to(f, 0, BLK_MIG_FLAG_DEVICE_BLOCK | BLK_MIG_FLAG_ZERO_BLOCK, Some("a"));
+            Record::write_to(
+                f,
+                0,
+                BLK_MIG_FLAG_DEVICE_BLOCK | BLK_MIG_FLAG_ZERO_BLOCK,
+                Some("a"),
+            );
             Record::write_to(f, 100, BLK_MIG_FLAG_PROGRESS, None);
             Record::write_to(f, 0, BLK_MIG_FLAG_EOS, None);
             Record::write_to(f, 524_288, BLK_MIG_FLAG_DEVICE_INFO, Some("a"));
@@ -159,7 +177,10 @@ mod tests {
         assert_eq!(recs[0].flags, 9);
         assert_eq!((recs[1].flags, recs[1].value), (BLK_MIG_FLAG_PROGRESS, 100));
         assert_eq!(recs[2].flags, BLK_MIG_FLAG_EOS);
-        assert_eq!((recs[3].value, recs[3].name.as_deref()), (524_288, Some("a")));
+        assert_eq!(
+            (recs[3].value, recs[3].name.as_deref()),
+            (524_288, Some("a"))
+        );
         for r in &recs {
             r.check(0).unwrap();
         }
@@ -167,9 +188,20 @@ mod tests {
 
     #[test]
     fn impossible_records_are_refused() {
-        for (flags, value) in [(0x20, 0), (BLK_MIG_FLAG_ZERO_BLOCK, 0), (BLK_MIG_FLAG_DEVICE_BLOCK, 7)] {
-            let r = Record { flags, value, name: None };
-            assert!(matches!(r.check(9), Err(Error::BadRecord { at: 9, .. })), "{flags:#x}");
+        for (flags, value) in [
+            (0x20, 0),
+            (BLK_MIG_FLAG_ZERO_BLOCK, 0),
+            (BLK_MIG_FLAG_DEVICE_BLOCK, 7),
+        ] {
+            let r = Record {
+                flags,
+                value,
+                name: None,
+            };
+            assert!(
+                matches!(r.check(9), Err(Error::BadRecord { at: 9, .. })),
+                "{flags:#x}"
+            );
         }
     }
 }

@@ -155,7 +155,9 @@ impl BlockMigration {
     /// Reads chunks until `budget` bytes are queued or nothing is left to copy.
     fn fill(&mut self, budget: u64) -> Result<()> {
         while self.ready_bytes < budget {
-            let Some((i, chunk)) = self.next_chunk() else { break };
+            let Some((i, chunk)) = self.next_chunk() else {
+                break;
+            };
             let d = &self.disks[i];
             let offset = chunk * CHUNK_SIZE;
             let len = CHUNK_SIZE.min(d.size() - offset) as usize;
@@ -163,7 +165,11 @@ impl BlockMigration {
             d.read_at(&mut data[..len], offset)?;
             let data = (!is_zero(&data)).then(|| Arc::new(data));
             self.ready_bytes += if data.is_some() { CHUNK_SIZE } else { 64 };
-            self.ready.push_back(Ready { disk: i, chunk, data });
+            self.ready.push_back(Ready {
+                disk: i,
+                chunk,
+                data,
+            });
         }
         Ok(())
     }
@@ -176,7 +182,12 @@ impl BlockMigration {
             let bytes = CHUNK_SIZE.min(d.size() - r.chunk * CHUNK_SIZE);
             match r.data {
                 None => {
-                    Record::write_to(f, sector, BLK_MIG_FLAG_DEVICE_BLOCK | BLK_MIG_FLAG_ZERO_BLOCK, Some(d.name()));
+                    Record::write_to(
+                        f,
+                        sector,
+                        BLK_MIG_FLAG_DEVICE_BLOCK | BLK_MIG_FLAG_ZERO_BLOCK,
+                        Some(d.name()),
+                    );
                     self.stats.sent(bytes, true);
                 }
                 Some(data) => {
@@ -200,7 +211,7 @@ impl BlockMigration {
             .zip(&self.cursors)
             .map(|(d, c)| c.bulk_next.min(d.chunks()))
             .sum();
-        let percent = if total == 0 { 100 } else { done * 100 / total };
+        let percent = (done * 100).checked_div(total).unwrap_or(100);
         if self.progress != Some(percent) {
             self.progress = Some(percent);
             self.stats.set_bulk_percent(percent);
@@ -262,14 +273,21 @@ impl BlockMigration {
                 });
             }
             seen[i] = true;
-            let stream = r.value.checked_mul(SECTOR_SIZE).ok_or_else(|| Error::BadRecord {
-                at,
-                reason: format!("disk {name:?} claims {} sectors", r.value),
-            })?;
+            let stream = r
+                .value
+                .checked_mul(SECTOR_SIZE)
+                .ok_or_else(|| Error::BadRecord {
+                    at,
+                    reason: format!("disk {name:?} claims {} sectors", r.value),
+                })?;
             let local = self.disks[i].size();
             if stream != local {
                 if !self.created[i] {
-                    return Err(Error::SizeMismatch { name, local, stream });
+                    return Err(Error::SizeMismatch {
+                        name,
+                        local,
+                        stream,
+                    });
                 }
                 self.disks[i].set_size(stream)?;
             }
@@ -304,12 +322,18 @@ impl BlockMigration {
                 };
                 self.last = Some(i);
                 let d = &self.disks[i];
-                let offset = r.value.checked_mul(SECTOR_SIZE).filter(|o| *o < d.size()).ok_or_else(|| {
-                    Error::BadRecord {
+                let offset = r
+                    .value
+                    .checked_mul(SECTOR_SIZE)
+                    .filter(|o| *o < d.size())
+                    .ok_or_else(|| Error::BadRecord {
                         at,
-                        reason: format!("sector {} is past the end of disk {name:?} ({} bytes)", r.value, d.size()),
-                    }
-                })?;
+                        reason: format!(
+                            "sector {} is past the end of disk {name:?} ({} bytes)",
+                            r.value,
+                            d.size()
+                        ),
+                    })?;
                 let len = CHUNK_SIZE.min(d.size() - offset) as usize;
                 self.buf.resize(CHUNK_SIZE as usize, 0);
                 if r.flags & BLK_MIG_FLAG_ZERO_BLOCK != 0 {
@@ -318,7 +342,8 @@ impl BlockMigration {
                     f.get_buffer(&mut self.buf)?;
                 }
                 d.write_at(&self.buf[..len], offset)?;
-                self.stats.sent(len as u64, r.flags & BLK_MIG_FLAG_ZERO_BLOCK != 0);
+                self.stats
+                    .sent(len as u64, r.flags & BLK_MIG_FLAG_ZERO_BLOCK != 0);
             } else if r.flags & BLK_MIG_FLAG_PROGRESS != 0 {
                 if r.value > 100 {
                     return Err(Error::BadRecord {
@@ -349,12 +374,21 @@ impl SectionHandler for BlockMigration {
         let mut total = 0;
         for d in &self.disks {
             if d.size() % SECTOR_SIZE != 0 {
-                return Err(format!("disk {:?} is not a whole number of 512-byte sectors", d.name()).into());
+                return Err(format!(
+                    "disk {:?} is not a whole number of 512-byte sectors",
+                    d.name()
+                )
+                .into());
             }
             // The bulk copy covers everything written before now.
             d.dirty().clear_all();
             total += d.size();
-            Record::write_to(f, d.size() / SECTOR_SIZE, BLK_MIG_FLAG_DEVICE_INFO, Some(d.name()));
+            Record::write_to(
+                f,
+                d.size() / SECTOR_SIZE,
+                BLK_MIG_FLAG_DEVICE_INFO,
+                Some(d.name()),
+            );
         }
         self.stats.reset(total);
         self.write_progress(f);

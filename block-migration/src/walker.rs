@@ -35,7 +35,10 @@ impl SectionWalker for BlockWalker {
             r.check(at)?;
             if r.flags & BLK_MIG_FLAG_DEVICE_INFO != 0 {
                 let name = r.name.unwrap_or_default();
-                out.line(format_args!("disk {name:?}: {} bytes", r.value * SECTOR_SIZE));
+                out.line(format_args!(
+                    "disk {name:?}: {} bytes",
+                    r.value * SECTOR_SIZE
+                ));
                 continue;
             }
             if r.flags & BLK_MIG_FLAG_DEVICE_BLOCK != 0 {
@@ -62,7 +65,10 @@ impl SectionWalker for BlockWalker {
             }
         }
         if data + zero > 0 {
-            out.line(format_args!("{} chunks of 1 MiB: {data} with data, {zero} zero", data + zero));
+            out.line(format_args!(
+                "{} chunks of 1 MiB: {data} with data, {zero} zero",
+                data + zero
+            ));
         }
         if let Some(p) = progress {
             out.line(format_args!("bulk copy at {p} %"));
@@ -73,7 +79,9 @@ impl SectionWalker for BlockWalker {
 
     fn summary(&self, out: &mut DumpSink) {
         for (name, data, zero) in &self.totals {
-            out.line(format_args!("disk {name:?}: {data} data and {zero} zero chunk records in all"));
+            out.line(format_args!(
+                "disk {name:?}: {data} data and {zero} zero chunk records in all"
+            ));
         }
     }
 }

@@ -30,8 +30,11 @@ fn open(p: &PathBuf, name: &str) -> Arc<Disk> {
 fn vm(disks: Vec<Arc<Disk>>) -> (SaveVm, Arc<BlockStats>) {
     let stats = Arc::new(BlockStats::default());
     let mut s = SaveVm::new("pc");
-    s.register_live(BlockMigration::info(), Box::new(BlockMigration::new(disks, stats.clone())))
-        .unwrap();
+    s.register_live(
+        BlockMigration::info(),
+        Box::new(BlockMigration::new(disks, stats.clone())),
+    )
+    .unwrap();
     (s, stats)
 }
 
@@ -61,8 +64,14 @@ fn contents(p: &PathBuf) -> Vec<u8> {
 fn live_copies_with_writes_between_iterations_end_identical() {
     let d = dir("live");
     // Two disks, one not a whole number of MiB (its last chunk is partial).
-    let (sa, sb) = (image(&d, "a.src", 9 * MIB), image(&d, "b.src", 3 * MIB + 8 * 512));
-    let (ta, tb) = (image(&d, "a.dst", 9 * MIB), image(&d, "b.dst", 3 * MIB + 8 * 512));
+    let (sa, sb) = (
+        image(&d, "a.src", 9 * MIB),
+        image(&d, "b.src", 3 * MIB + 8 * 512),
+    );
+    let (ta, tb) = (
+        image(&d, "a.dst", 9 * MIB),
+        image(&d, "b.dst", 3 * MIB + 8 * 512),
+    );
     let (da, db) = (open(&sa, "disk-a"), open(&sb, "disk-b"));
     let mut rng = Rng(0x5eed);
     for _ in 0..50 {
@@ -98,8 +107,10 @@ fn live_copies_with_writes_between_iterations_end_identical() {
 
     let (ta_d, tb_d) = (open(&ta, "disk-a"), open(&tb, "disk-b"));
     let (mut dst, dstats) = vm(vec![ta_d, tb_d]);
-    dst.load(&mut QemuFile::new(Box::new(MemBuffer::from_bytes(buf.contents()))))
-        .unwrap();
+    dst.load(&mut QemuFile::new(Box::new(MemBuffer::from_bytes(
+        buf.contents(),
+    ))))
+    .unwrap();
     assert_eq!(contents(&ta), contents(&sa));
     assert_eq!(contents(&tb), contents(&sb));
     assert_eq!(dstats.snapshot().bulk_percent, 100);
@@ -118,14 +129,22 @@ fn stream_of(disks: &[(&str, u64)], d: &PathBuf) -> Vec<u8> {
         .collect();
     let (mut src, _) = vm(ds);
     let buf = MemBuffer::new();
-    src.save_snapshot(&mut QemuFile::new(Box::new(buf.clone()))).unwrap();
+    src.save_snapshot(&mut QemuFile::new(Box::new(buf.clone())))
+        .unwrap();
     buf.contents()
 }
 
 /// Loads `stream` into fresh images of `disks`; the error, and whether any image changed.
 fn refuse(stream: Vec<u8>, disks: &[(&str, u64)], d: &PathBuf) -> (Error, bool) {
-    let paths: Vec<_> = disks.iter().map(|(n, s)| image(d, &format!("{n}.dst"), *s)).collect();
-    let ds = disks.iter().zip(&paths).map(|((n, _), p)| open(p, n)).collect();
+    let paths: Vec<_> = disks
+        .iter()
+        .map(|(n, s)| image(d, &format!("{n}.dst"), *s))
+        .collect();
+    let ds = disks
+        .iter()
+        .zip(&paths)
+        .map(|((n, _), p)| open(p, n))
+        .collect();
     let (mut dst, _) = vm(ds);
     let e = dst
         .load(&mut QemuFile::new(Box::new(MemBuffer::from_bytes(stream))))
@@ -142,7 +161,10 @@ fn a_size_mismatch_is_refused_before_any_write() {
     let d = dir("size");
     let s = stream_of(&[("d0", 4 * MIB), ("d1", 2 * MIB)], &d);
     let (e, touched) = refuse(s, &[("d0", 4 * MIB), ("d1", 3 * MIB)], &d);
-    assert!(matches!(&e, Error::SizeMismatch { name, local, stream } if name == "d1" && *local == 3 * MIB && *stream == 2 * MIB), "{e}");
+    assert!(
+        matches!(&e, Error::SizeMismatch { name, local, stream } if name == "d1" && *local == 3 * MIB && *stream == 2 * MIB),
+        "{e}"
+    );
     assert!(!touched, "a chunk was written before the refusal");
     assert!(e.to_string().contains("same size"), "{e}");
     std::fs::remove_dir_all(&d).unwrap();
@@ -153,11 +175,17 @@ fn an_unknown_or_missing_disk_is_refused_before_any_write() {
     let d = dir("names");
     let s = stream_of(&[("d0", 2 * MIB), ("other", 2 * MIB)], &d);
     let (e, touched) = refuse(s, &[("d0", 2 * MIB)], &d);
-    assert!(matches!(&e, Error::UnknownDisk { name } if name == "other"), "{e}");
+    assert!(
+        matches!(&e, Error::UnknownDisk { name } if name == "other"),
+        "{e}"
+    );
     assert!(!touched);
     let s = stream_of(&[("d0", 2 * MIB)], &d);
     let (e, touched) = refuse(s, &[("d0", 2 * MIB), ("d9", 2 * MIB)], &d);
-    assert!(matches!(&e, Error::MissingDisk { name } if name == "d9"), "{e}");
+    assert!(
+        matches!(&e, Error::MissingDisk { name } if name == "d9"),
+        "{e}"
+    );
     assert!(!touched);
     std::fs::remove_dir_all(&d).unwrap();
 }
@@ -168,14 +196,24 @@ fn a_created_destination_takes_the_streams_size() {
     let s = stream_of(&[("d0", 5 * MIB)], &d);
     let p = d.join("new.img");
     let disk = Arc::new(
-        Disk::open(&p, "d0", &DiskOptions { create: true, ..Default::default() }).unwrap(),
+        Disk::open(
+            &p,
+            "d0",
+            &DiskOptions {
+                create: true,
+                ..Default::default()
+            },
+        )
+        .unwrap(),
     );
     let stats = Arc::new(BlockStats::default());
     let mut mig = BlockMigration::new(vec![disk.clone()], stats);
     mig.allow_resize("d0");
     let mut dst = SaveVm::new("pc");
-    dst.register_live(BlockMigration::info(), Box::new(mig)).unwrap();
-    dst.load(&mut QemuFile::new(Box::new(MemBuffer::from_bytes(s)))).unwrap();
+    dst.register_live(BlockMigration::info(), Box::new(mig))
+        .unwrap();
+    dst.load(&mut QemuFile::new(Box::new(MemBuffer::from_bytes(s))))
+        .unwrap();
     assert_eq!(disk.size(), 5 * MIB);
     assert_eq!(&contents(&p)[..4096], &[0x5a; 4096][..]);
     std::fs::remove_dir_all(&d).unwrap();
@@ -192,8 +230,10 @@ fn hostile_streams_are_refused_without_panics() {
         let p = image(&d, "t.dst", 2 * MIB);
         let (mut dst, _) = vm(vec![open(&p, "d0")]);
         assert!(
-            dst.load(&mut QemuFile::new(Box::new(MemBuffer::from_bytes(s[..cut].to_vec()))))
-                .is_err(),
+            dst.load(&mut QemuFile::new(Box::new(MemBuffer::from_bytes(
+                s[..cut].to_vec()
+            ))))
+            .is_err(),
             "cut {cut}"
         );
     }

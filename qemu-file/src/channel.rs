@@ -74,14 +74,29 @@ fn resolve(host: &str, port: u16) -> io::Result<Vec<SocketAddr>> {
     Ok(addrs)
 }
 
-/// Takes ownership of an inherited descriptor after checking that it is open.
+/// Takes ownership of an inherited descriptor after checking that it is open and that no
+/// earlier `fd:N` took it: once used (and closed), the number may belong to another file.
 fn take_fd(fd: RawFd, uri: &str) -> Result<OwnedFd> {
+    static TAKEN: std::sync::Mutex<Vec<RawFd>> = std::sync::Mutex::new(Vec::new());
+    let mut taken = TAKEN.lock().unwrap_or_else(|p| p.into_inner());
+    if taken.contains(&fd) {
+        return Err(Error::open(
+            "use",
+            uri,
+            io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                "this descriptor was already used by an earlier migration; pass a new one",
+            ),
+        ));
+    }
     // SAFETY: F_GETFD only queries the descriptor table; it reads no memory of ours.
     if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
         return Err(Error::open("use", uri, io::Error::last_os_error()));
     }
-    // SAFETY: the descriptor is open (checked above) and the user handed it to the migration
-    // by naming it in the URI, so from here on the migration owns and closes it.
+    taken.push(fd);
+    // SAFETY: the descriptor is open (checked above), no earlier `fd:` took it, and the
+    // user handed it to the migration by naming it in the URI, so from here on the
+    // migration owns and closes it.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 

@@ -131,6 +131,17 @@ impl QemuFile {
         }
     }
 
+    /// Forgets the sticky error and anything queued, so that a final answer can still be
+    /// written on the reverse direction after reading failed (a destination telling the
+    /// source it refused the stream). Not for going on with a broken stream.
+    pub fn clear_error(&mut self) {
+        self.error = None;
+        self.buf.clear();
+        self.segments.clear();
+        self.keep_alive.clear();
+        self.queued = 0;
+    }
+
     /// Records `e` unless an earlier error is already recorded; returns the sticky error.
     pub fn set_error(&mut self, e: Error) -> Error {
         self.error.get_or_insert(e).clone()

@@ -242,19 +242,25 @@ impl Transport for ExecTransport {
     }
     fn finish(&mut self) -> io::Result<()> {
         // Closing stdin tells the command the stream has ended; then its exit status says
-        // whether it took everything.
+        // whether it took everything. The child stays in the mutex while we wait, so a
+        // cancel (the shutdown handle) can still kill a command that hangs.
         drop(self.stdin.take());
-        let taken = self.child.lock().unwrap_or_else(|p| p.into_inner()).take();
-        if let Some(mut c) = taken {
-            let status = c.wait()?;
-            if !status.success() {
-                return Err(io::Error::other(format!(
-                    "command of {} exited with {status}",
-                    self.uri
-                )));
+        loop {
+            let mut g = self.child.lock().unwrap_or_else(|p| p.into_inner());
+            let Some(c) = g.as_mut() else { return Ok(()) };
+            if let Some(status) = c.try_wait()? {
+                g.take();
+                if !status.success() {
+                    return Err(io::Error::other(format!(
+                        "command of {} exited with {status}",
+                        self.uri
+                    )));
+                }
+                return Ok(());
             }
+            drop(g);
+            std::thread::sleep(std::time::Duration::from_millis(5));
         }
-        Ok(())
     }
     fn describe(&self) -> String {
         self.uri.clone()

@@ -286,7 +286,8 @@ impl RamSection {
             .load_block
             .as_ref()
             .ok_or_else(|| bad("CONTINUE with no previous block".into()))?;
-        if h.offset + TARGET_PAGE_SIZE > block.used_length() {
+        // Offsets are page aligned, so this bound is exact and cannot overflow.
+        if h.offset >= block.used_length() {
             return Err(bad(format!(
                 "offset {:#x} is past the end of block {:?} ({} bytes)",
                 h.offset,

@@ -215,6 +215,17 @@ fn a_page_past_the_end_of_its_block_is_refused() {
 }
 
 #[test]
+fn an_offset_at_the_top_of_the_address_space_is_refused() {
+    let mut bytes = snapshot(&[("pc.ram", 8)]);
+    let at = first_page_record(&bytes);
+    bytes[at..at + 6].copy_from_slice(&[0xff; 6]);
+    bytes[at + 6] = 0xf0;
+    assert!(
+        matches!(load_err(&[("pc.ram", 8)], bytes), Error::BadPage { reason, .. } if reason.contains("past the end"))
+    );
+}
+
+#[test]
 fn a_zero_page_with_a_nonzero_fill_byte_is_refused() {
     let mut bytes = snapshot(&[("pc.ram", 8)]);
     // The END payload's first record is the zero page 0 (ZERO, "pc.ram", fill).

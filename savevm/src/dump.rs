@@ -23,6 +23,10 @@ use crate::{Error, Result, SectionError};
 
 /// Largest single field a dump reads.
 const MAX_DUMP_FIELD: u64 = 64 << 20;
+/// Most field entries a dump walks (a hostile trailer's `array_len` must not loop forever).
+const MAX_DUMP_ENTRIES: u64 = 1 << 20;
+/// Deepest nesting of structs and subsections a dump follows.
+const MAX_DUMP_DEPTH: usize = 32;
 /// How far from the end the description is looked for (as QEMU's analyzer does).
 const DESCRIPTION_SEARCH: u64 = 10 << 20;
 
@@ -268,23 +272,56 @@ fn walk_live(
         })
 }
 
+/// What a device walk may still spend: entries and nesting.
+struct Budget {
+    entries: u64,
+    depth: usize,
+}
+
+fn too_much(what: &str) -> Error {
+    Error::BadDescription {
+        reason: format!("the description asks for {what}; it is corrupt or hostile"),
+    }
+}
+
 fn walk_device(f: &mut QemuFile, d: &DeviceDescription, out: &mut DumpSink) -> Result<()> {
-    walk_fields(f, &d.fields, out)?;
-    walk_subsections(f, &d.subsections, out)
+    let mut budget = Budget {
+        entries: MAX_DUMP_ENTRIES,
+        depth: 0,
+    };
+    walk_struct(f, &d.fields, &d.subsections, out, &mut budget)
+}
+
+fn walk_struct(
+    f: &mut QemuFile,
+    fields: &[FieldDesc],
+    subsections: &[DeviceDescription],
+    out: &mut DumpSink,
+    budget: &mut Budget,
+) -> Result<()> {
+    if budget.depth >= MAX_DUMP_DEPTH {
+        return Err(too_much("more than 32 levels of nesting"));
+    }
+    budget.depth += 1;
+    walk_fields(f, fields, out, budget)?;
+    walk_subsections(f, subsections, out, budget)?;
+    budget.depth -= 1;
+    Ok(())
 }
 
 fn walk_subsections(
     f: &mut QemuFile,
     subs: &[DeviceDescription],
     out: &mut DumpSink,
+    budget: &mut Budget,
 ) -> Result<()> {
     for s in subs {
         let offset = f.bytes_read();
-        let b = f.get_u8()?;
-        if b != QEMU_VM_SUBSECTION {
+        let byte = f.get_u8()?;
+        if byte != QEMU_VM_SUBSECTION {
             return Err(Error::BadDescription {
                 reason: format!(
-                    "subsection {:?} expected at byte {offset}, found {b:#04x}",
+                    "subsection {:?} expected at byte {offset}, found {byte:#04x}",
                     s.vmsd_name
                 ),
             });
@@ -292,15 +329,24 @@ fn walk_subsections(
         let name = f.get_counted_string("subsection name")?;
         let version = f.get_be32()?;
         out.line(format_args!("subsection {name:?} version {version}"));
-        out.nested(|out| walk_device(f, s, out))?;
+        out.nested(|out| walk_struct(f, &s.fields, &s.subsections, out, budget))?;
     }
     Ok(())
 }
 
-fn walk_fields(f: &mut QemuFile, fields: &[FieldDesc], out: &mut DumpSink) -> Result<()> {
+fn walk_fields(
+    f: &mut QemuFile,
+    fields: &[FieldDesc],
+    out: &mut DumpSink,
+    budget: &mut Budget,
+) -> Result<()> {
     for field in fields {
         let count = field.array_len.unwrap_or(1);
         for index in 0..count {
+            budget.entries = budget
+                .entries
+                .checked_sub(1)
+                .ok_or_else(|| too_much("more than a million fields"))?;
             let name = if field.array_len.is_some() {
                 format!("{}[{index}]", field.name)
             } else {
@@ -308,13 +354,9 @@ fn walk_fields(f: &mut QemuFile, fields: &[FieldDesc], out: &mut DumpSink) -> Re
             };
             if let Some(nested) = &field.nested {
                 out.line(format_args!("{name}: struct"));
-                out.nested(|out| {
-                    walk_fields(f, &nested.fields, out)?;
-                    walk_subsections(f, &nested.subsections, out)
-                })?;
+                out.nested(|out| walk_struct(f, &nested.fields, &nested.subsections, out, budget))?;
                 continue;
             }
-            f.check_length(field.size, MAX_DUMP_FIELD, "described field")?;
             let bytes = f.get_bytes(field.size, MAX_DUMP_FIELD as usize, "described field")?;
             out.line(format_args!(
                 "{name}: {} = {}",

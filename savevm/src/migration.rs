@@ -194,6 +194,9 @@ pub struct MigrationControl {
     // at the start of each window.
     params: Mutex<MigrationParams>,
     cancel: AtomicBool,
+    /// Set once the whole stream is written: from then on the destination may run the
+    /// guest, so a cancel must not make the source run it too.
+    committed: AtomicBool,
     // Lock: set by the migration thread while it owns a stream; taken by `cancel` to
     // interrupt a blocked write.
     shutdown: Mutex<Option<ShutdownHandle>>,
@@ -223,6 +226,7 @@ impl MigrationControl {
             wake: Condvar::new(),
             params: Mutex::new(params),
             cancel: AtomicBool::new(false),
+            committed: AtomicBool::new(false),
             shutdown: Mutex::new(None),
             observer: Mutex::new(None),
         }
@@ -249,12 +253,22 @@ impl MigrationControl {
     }
 
     /// Requests a cancel: the thread stops at once, even inside a blocked write, and the
-    /// source VM runs on. Has no effect once the migration ended.
-    pub fn cancel(&self) {
+    /// source VM runs on. Returns false, doing nothing, once the migration ended or the
+    /// whole stream was written (the destination may already be running the guest).
+    pub fn cancel(&self) -> bool {
+        // The flag first, then the check: `commit` does the reverse, so one of the two
+        // always sees the other.
         self.cancel.store(true, Ordering::SeqCst);
+        if self.committed.load(Ordering::SeqCst) {
+            self.cancel.store(false, Ordering::SeqCst);
+            return false;
+        }
         {
             let mut info = lock(&self.info);
-            if !info.status.is_terminal() && info.status != MigrationStatus::None {
+            if info.status.is_terminal() {
+                return false;
+            }
+            if info.status != MigrationStatus::None {
                 info.status = MigrationStatus::Cancelling;
             }
         }
@@ -262,6 +276,17 @@ impl MigrationControl {
             h.shutdown();
         }
         self.wake.notify_all();
+        true
+    }
+
+    /// Passes the point of no return; false if a cancel came first.
+    fn commit(&self) -> bool {
+        self.committed.store(true, Ordering::SeqCst);
+        if self.cancel.load(Ordering::SeqCst) {
+            self.committed.store(false, Ordering::SeqCst);
+            return false;
+        }
+        true
     }
 
     fn cancelled(&self) -> bool {
@@ -347,11 +372,21 @@ pub fn run_migration<V: VmControl + ?Sized>(
         };
     });
     let mut stopped = false;
+    // Should the thread panic, the guard still resumes a VM it stopped and ends the
+    // migration as failed, so the source is not left paused with a migration "running".
+    let mut guard = PanicGuard {
+        vm,
+        ctl,
+        stopped: &mut stopped,
+        armed: true,
+    };
     let result = if ctl.cancelled() {
         Err(Error::Cancelled)
     } else {
-        migrate(savevm, f, vm, ctl, t0, &mut stopped)
+        migrate(savevm, f, guard.vm, ctl, t0, guard.stopped)
     };
+    guard.armed = false;
+    drop(guard);
     savevm.save_cleanup();
     *lock(&ctl.shutdown) = None;
     match result {
@@ -390,6 +425,26 @@ pub fn run_migration<V: VmControl + ?Sized>(
     }
 }
 
+struct PanicGuard<'a, V: VmControl + ?Sized> {
+    vm: &'a V,
+    ctl: &'a MigrationControl,
+    stopped: &'a mut bool,
+    armed: bool,
+}
+
+impl<V: VmControl + ?Sized> Drop for PanicGuard<'_, V> {
+    fn drop(&mut self) {
+        if self.armed {
+            if *self.stopped {
+                let _ = self.vm.resume_vcpus();
+            }
+            self.ctl.set_status(MigrationStatus::Failed, |i| {
+                i.error = Some("the migration thread panicked; the VM was resumed".into());
+            });
+        }
+    }
+}
+
 fn check_cancel(ctl: &MigrationControl) -> Result<()> {
     if ctl.cancelled() {
         Err(Error::Cancelled)
@@ -411,6 +466,8 @@ fn migrate<V: VmControl + ?Sized>(
     stopped: &mut bool,
 ) -> Result<()> {
     let mut params = ctl.params();
+    // A chunk smaller than a page would never let a section send anything.
+    params.chunk_bytes = params.chunk_bytes.max(64 << 10);
     f.set_chunk_budget(params.chunk_bytes);
     f.set_auto_flush(params.chunk_bytes.saturating_mul(4).max(1 << 20));
     f.rate_limiter().set_max_bytes_per_sec(params.max_bandwidth);
@@ -518,6 +575,13 @@ fn migrate<V: VmControl + ?Sized>(
         savevm.save_devices(f)?;
         f.finish()?;
         times.send_devices = t.elapsed();
+    }
+    // Everything is written: the destination may run the guest from here on, so a cancel
+    // no longer applies. A destination that reports a failure, or that goes away without
+    // answering, still makes the source resume (as QEMU does): it answers only once it
+    // has loaded everything, and runs the guest only after that answer was sent.
+    if !ctl.commit() {
+        return Err(Error::Cancelled);
     }
     if params.return_path {
         let t = Instant::now();

@@ -16,11 +16,15 @@ use crate::{Error, Result};
 /// QEMU's return-path message type "shut": the destination is done, with a status.
 pub const MIG_RP_MSG_SHUT: u16 = 1;
 
-/// Sends the destination's verdict (`ok`: the whole stream loaded) and flushes.
+/// Sends the destination's verdict (`ok`: the whole stream loaded) and flushes. A failed
+/// load leaves the stream's sticky error behind; it is cleared so the answer still goes.
 ///
 /// # Errors
 /// The stream failed (the source is gone).
 pub fn send_load_result(f: &mut QemuFile, ok: bool) -> Result<()> {
+    if !ok {
+        f.clear_error();
+    }
     f.put_be16(MIG_RP_MSG_SHUT);
     f.put_be16(4);
     f.put_be32(u32::from(!ok));

@@ -235,7 +235,8 @@ impl SaveVm {
     pub fn prepare_iterate(&mut self, budget: usize) -> Result<()> {
         for e in &mut self.entries {
             if let Handler::Live(h) = &mut e.handler {
-                h.prepare(budget).map_err(section_error(&e.info, "prepare"))?;
+                h.prepare(budget)
+                    .map_err(section_error(&e.info, "prepare"))?;
             }
         }
         Ok(())

@@ -80,3 +80,16 @@ fn dump_without_a_walker_names_the_section() {
     std::fs::remove_file(&path).unwrap();
     assert!(e.to_string().contains("words"), "{e}");
 }
+
+#[test]
+fn a_hostile_description_cannot_make_the_dump_loop_forever() {
+    let b = golden_stream();
+    let at = b.iter().rposition(|x| *x == 0x06).unwrap();
+    let hostile = br#"{"page_size":4096,"devices":[{"name":"uart","instance_id":0,"vmsd_name":"uart","version":1,"fields":[{"name":"lcr","type":"uint8","size":0,"array_len":1000000000000000}]}]}"#;
+    let mut s = b[..at].to_vec();
+    s.push(0x06);
+    s.extend_from_slice(&(hostile.len() as u32).to_be_bytes());
+    s.extend_from_slice(hostile);
+    let e = dump_bytes(&s, "hostile").unwrap_err();
+    assert!(e.to_string().contains("corrupt or hostile"), "{e}");
+}

@@ -299,3 +299,50 @@ fn cancel_before_start_touches_nothing() {
     assert_eq!(s.vm.stops.load(Ordering::SeqCst), 0);
     s.vm.shutdown();
 }
+
+#[test]
+fn a_cancel_after_the_whole_stream_was_written_is_refused() {
+    let mut s = source(10);
+    let (a, b) = mem_channel(256 << 10);
+    // A destination that takes its time to answer after loading.
+    let dest = thread::spawn(move || {
+        let mem = Words::new(WORDS);
+        let mut vm = SaveVm::new("pc");
+        vm.register_live(
+            SectionInfo::new("words", 0, 2),
+            Box::new(WordsSection::new(mem)),
+        )
+        .unwrap();
+        vm.register_device(
+            SectionInfo::new("uart", 0, 1),
+            Box::new(UartSection(Default::default())),
+        )
+        .unwrap();
+        let mut f = QemuFile::new(Box::new(b));
+        let r = vm.load(&mut f);
+        thread::sleep(Duration::from_millis(300));
+        return_path::send_load_result(&mut f, r.is_ok()).unwrap();
+    });
+    let ctl = Arc::new(MigrationControl::new(params(true)));
+    let c2 = ctl.clone();
+    let canceller = thread::spawn(move || {
+        while c2.info().status != MigrationStatus::Device {
+            thread::sleep(Duration::from_millis(1));
+        }
+        thread::sleep(Duration::from_millis(150));
+        c2.cancel()
+    });
+    let info = run_migration(&mut s.savevm, &mut QemuFile::new(Box::new(a)), &*s.vm, &ctl).unwrap();
+    assert!(
+        !canceller.join().unwrap(),
+        "the cancel was accepted after the point of no return"
+    );
+    assert_eq!(info.status, MigrationStatus::Completed);
+    assert_eq!(
+        s.vm.resumes.load(Ordering::SeqCst),
+        0,
+        "both sides would run the guest"
+    );
+    dest.join().unwrap();
+    s.vm.shutdown();
+}
