@@ -1,7 +1,7 @@
 //! Block migration end to end in one process: live copies with writes between iterations,
 //! and every way a destination refuses a stream before writing anything.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use block_migration::{BlockMigration, BlockStats, BlockWalker, Disk, DiskOptions, Error};
@@ -17,13 +17,13 @@ fn dir(name: &str) -> PathBuf {
     d
 }
 
-fn image(dir: &PathBuf, file: &str, size: u64) -> PathBuf {
+fn image(dir: &Path, file: &str, size: u64) -> PathBuf {
     let p = dir.join(file);
     std::fs::File::create(&p).unwrap().set_len(size).unwrap();
     p
 }
 
-fn open(p: &PathBuf, name: &str) -> Arc<Disk> {
+fn open(p: &Path, name: &str) -> Arc<Disk> {
     Arc::new(Disk::open(p, name, &DiskOptions::default()).unwrap())
 }
 
@@ -56,7 +56,7 @@ fn guest_write(d: &Disk, rng: &mut Rng) {
     d.write_at(&data, off).unwrap();
 }
 
-fn contents(p: &PathBuf) -> Vec<u8> {
+fn contents(p: &Path) -> Vec<u8> {
     std::fs::read(p).unwrap()
 }
 
@@ -117,7 +117,7 @@ fn live_copies_with_writes_between_iterations_end_identical() {
     std::fs::remove_dir_all(&d).unwrap();
 }
 
-fn stream_of(disks: &[(&str, u64)], d: &PathBuf) -> Vec<u8> {
+fn stream_of(disks: &[(&str, u64)], d: &Path) -> Vec<u8> {
     let ds: Vec<_> = disks
         .iter()
         .map(|(n, size)| {
@@ -135,7 +135,7 @@ fn stream_of(disks: &[(&str, u64)], d: &PathBuf) -> Vec<u8> {
 }
 
 /// Loads `stream` into fresh images of `disks`; the error, and whether any image changed.
-fn refuse(stream: Vec<u8>, disks: &[(&str, u64)], d: &PathBuf) -> (Error, bool) {
+fn refuse(stream: Vec<u8>, disks: &[(&str, u64)], d: &Path) -> (Error, bool) {
     let paths: Vec<_> = disks
         .iter()
         .map(|(n, s)| image(d, &format!("{n}.dst"), *s))
