@@ -1,27 +1,35 @@
 /*
- * The built-in test guest: a 512-byte boot sector.
+ * The built-in test guest: a 2 KiB disk image whose first sector is a boot sector.
  *
- * Entry contract (the same under our vmm and under QEMU + SeaBIOS): loaded at 0x7c00, real
- * mode, CS=0, IP=0x7c00. The guest goes from real mode straight to long mode (identity map
- * of the first 4 GiB with 2 MiB pages) and runs its workload at CPL 3, where kvm-pvm runs
- * code natively. `out` faults at CPL 3 here, so a #GP handler at CPL 0 performs the
- * faulting `out dx, al` and resumes after it; a `hlt` at CPL 3 makes the handler halt for
- * good (idle). Nothing uses interrupts.
+ * Entry contract (the same under our vmm and under QEMU + SeaBIOS): the first sector is
+ * loaded at 0x7c00 and entered in real mode, CS=0, IP=0x7c00. vmm loads the whole image
+ * there; under a BIOS the boot sector reads sectors 2-4 to 0x7e00 with INT 13h (it checks
+ * a marker first, so under vmm, which has no BIOS, nothing is read). The guest then goes
+ * from real mode straight to long mode (identity map of the first 4 GiB with 2 MiB pages)
+ * and runs its workload at CPL 3, where kvm-pvm runs code natively. `out` faults at CPL 3
+ * here, so a #GP handler at CPL 0 performs the faulting `out dx, al` or `out dx, eax` and
+ * resumes after it; a `hlt` at CPL 3 makes the handler halt for good (idle). Nothing uses
+ * interrupts.
  *
- * Workloads (parameter block at 0x7dbe, patched by vmm and the bench; see params below):
+ * Workloads (parameter block at 0x7d80, patched by vmm and the bench; see params below):
  *   0 idle:  print "S", halt.
  *   1 fill:  write 0xa5 over [start, start+size), print "F", halt.
  *   2 dirty: pass after pass, write the pass number into the first 8 bytes of every page
- *            of the range, checking first that the page holds the previous pass number
- *            (from the second pass on); optionally paced by rdtsc to `ticks per page`
- *            (the patcher derives it from `rate` pages/s and `TSC kHz`). After each pass:
- *            store the pass number (status block) and print 'A' + pass % 16, or "!" if
- *            any page held a wrong value (counted in the status block). A page lost or left
- *            stale by a migration shows up within one pass.
+ *            of the range, checking first that the page holds the previous pass number;
+ *            optionally paced by rdtsc to `ticks per unit` (the patcher derives it from
+ *            `rate` and `TSC kHz`). After each pass: store the pass number (status block)
+ *            and print 'A' + pass % 16, or "!" if any page held a wrong value (counted in
+ *            the status block). A page lost or left stale by a migration shows up within
+ *            one pass.
+ *   3 disk:  pass after pass, write every 4 KiB block of disk 0 (vmm's block device, see
+ *            vmm/src/disk.rs) filled with the qword (block << 32 | pass), paced like dirty;
+ *            a request the device does not complete counts as a mismatch. A letter per
+ *            pass as above.
  *
  * Memory used: 0x500 TSS, 0x600 IDT, 0x1000 PML4, 0x2000 PDPT, 0x3000-0x6fff page
- * directories, 0x7000-0x7bff kernel stack, 0x7c00 this sector, 0x7e00-0x8fff user stack.
- * The workload range must start at or above 1 MiB.
+ * directories, 0x7000-0x7bff kernel stack, 0x7c00-0x83ff this image, 0x8400-0x87ff user
+ * stack, 0x8800 the disk request block, 0x9000-0x9fff the disk buffer. The workload
+ * range must start at or above 1 MiB.
  *
  * Regenerate guest.bin with `cargo xtask guest`.
  */
@@ -33,8 +41,11 @@
         .set PDPT, 0x2000
         .set PD, 0x3000
         .set KSTACK, 0x7c00
-        .set USTACK, 0x9000
+        .set USTACK, 0x8800
+        .set REQ, 0x8800
+        .set BUF, 0x9000
         .set SERIAL, 0x3f8
+        .set SECTORS, 3                 /* sectors after the boot sector */
 
         .set KCODE, 0x08
         .set UDATA, 0x10
@@ -50,7 +61,19 @@ start:
         xor     ax, ax
         mov     ds, ax
         mov     es, ax
+        mov     ss, ax
+        mov     sp, KSTACK
+        /* Under a BIOS only this sector is in memory: read the rest (DL = boot drive). */
+        cmp     dword ptr [rest_marker], 0x5453524d   /* "MRST" */
+        je      1f
+        mov     ax, 0x0200 + SECTORS    /* read SECTORS sectors */
+        mov     bx, 0x7e00
+        mov     cx, 0x0002              /* cylinder 0, sector 2 */
+        xor     dh, dh                  /* head 0 */
+        int     0x13
+1:
         /* Zero TSS, IDT and page tables (0x500-0x6fff). */
+        xor     ax, ax
         mov     di, TSS
         mov     cx, (0x7000 - TSS) / 2
         rep stosw
@@ -66,24 +89,23 @@ start:
         mov     di, PDPT
         mov     eax, PD + 7
         mov     cx, 4
-1:      stosd                           /* low half; the high half is already zero */
+2:      stosd                           /* low half; the high half is already zero */
         add     ax, 0x1000
         add     di, 4
-        loop    1b
+        loop    2b
         /* Page directories: 2048 entries of 2 MiB, present, writable, user, large. */
         mov     di, PD
-        xor     eax, eax
-        mov     al, 0x87
-        mov     ch, 2048 >> 8           /* cl is 0 after the loop */
-2:      stosd
+        mov     eax, 0x87
+        mov     cx, 2048
+3:      stosd
         add     eax, 0x200000
         add     di, 4
-        loop    2b
-        lgdt    [gdt]
+        loop    3b
+        lgdt    [gdtr]
         lidt    [idtr]                  /* a 32-bit base, still right in long mode */
         mov     eax, 0x20               /* CR4.PAE */
         mov     cr4, eax
-        mov     ah, PML4 >> 8           /* eax = 0x1020: CR3 ignores bit 5 */
+        mov     eax, PML4
         mov     cr3, eax
         mov     ecx, 0xc0000080         /* EFER.LME */
         rdmsr
@@ -95,6 +117,48 @@ start:
         .word   long_entry
         .word   KCODE
 
+        .p2align 3
+gdt:
+        .quad   0
+        .quad   0x00209a0000000000              /* 0x08 kernel code, 64-bit */
+        .quad   0x0000f20000000000              /* 0x10 user data */
+        .quad   0x0020fa0000000000              /* 0x18 user code, 64-bit */
+        .quad   0x0000890000000067 + (TSS << 16) /* 0x20 TSS, 104 bytes */
+        .quad   0
+gdt_end:
+gdtr:
+        .word   gdt_end - gdt - 1
+        .long   gdt
+idtr:
+        .word   14 * 16 - 1
+        .long   IDT
+
+/* ------------------------------------------------------------- parameter block
+ * Patched by vmm and the bench (vmm/src/guest.rs describes the layout). */
+        .org    0x180
+params:
+        .ascii  "MIGT"                          /* magic */
+p_mode: .byte   2                               /* 0 idle, 1 fill, 2 dirty, 3 disk */
+        .byte   2                               /* parameter block version */
+p_disk_port:
+        .word   0x510                           /* port of disk 0 */
+p_start:
+        .quad   0x200000                        /* range start: 2 MiB */
+p_size: .quad   0x4000000                       /* range size: 64 MiB */
+p_rate: .long   0                               /* pages (blocks) per second; 0: full speed */
+p_tsc_khz:
+        .long   0                               /* TSC frequency in kHz */
+p_ticks:
+        .quad   0                               /* TSC ticks per unit: tsc_khz * 1000 / rate */
+p_disk_blocks:
+        .quad   0                               /* 4 KiB blocks of disk 0 */
+s_pass: .quad   0                               /* status: passes completed */
+s_mismatch:
+        .quad   0                               /* status: pages found stale / failed I/O */
+        .org    0x1fe
+        .byte   0x55, 0xaa
+
+/* ============================================================= sectors 2-4 */
         .code64
 /* Data segment registers are ignored in long mode; SS is loaded by iretq. */
 long_entry:
@@ -108,18 +172,22 @@ long_entry:
         push    offset user_entry
         iretq
 
-/* #GP at CPL 0: perform a user `out dx, al` and skip it; anything else (a user `hlt`)
- * halts for good. User code keeps nothing in rsi. */
+/* #GP at CPL 0: perform a user `out dx, al` or `out dx, eax` and skip it; anything else
+ * (a user `hlt`) halts for good. User code keeps nothing in rsi. */
 gp_handler:
         mov     rsi, [rsp + 8]                  /* faulting RIP */
         cmp     byte ptr [rsi], 0xee
-        jne     3f
-        out     dx, al
-        inc     qword ptr [rsp + 8]
+        je      4f
+        cmp     byte ptr [rsi], 0xef
+        jne     6f
+        out     dx, eax
+        jmp     5f
+4:      out     dx, al
+5:      inc     qword ptr [rsp + 8]
         pop     rsi                             /* drop the error code */
         iretq
-3:      hlt
-        jmp     3b
+6:      hlt
+        jmp     6b
 
 /* ------------------------------------------------------------- CPL 3 */
 user_entry:
@@ -127,11 +195,17 @@ user_entry:
         call    putc
         mov     rdi, [rip + p_start]
         mov     rcx, [rip + p_size]
+        mov     r8, [rip + p_ticks]             /* TSC ticks per unit; 0: unpaced */
+        call    rdtsc64
+        mov     r9, rax                         /* next deadline */
+        mov     r14, [rip + s_pass]
         mov     bl, [rip + p_mode]
-        dec     bl
-        jz      fill
-        dec     bl
-        jz      dirty
+        cmp     bl, 1
+        je      fill
+        cmp     bl, 2
+        je      dirty
+        cmp     bl, 3
+        je      disk
 idle:
         hlt                                     /* faults: the handler halts for good */
 
@@ -145,88 +219,93 @@ fill:
 dirty:
         mov     r12, rdi                        /* range start */
         lea     r13, [rdi + rcx]                /* range end */
-        mov     r8, [rip + p_ticks]             /* TSC ticks per page; 0: unpaced */
-        rdtsc
-        shl     rdx, 32
-        or      rax, rdx
-        mov     r9, rax                         /* next deadline */
-        mov     r14, [rip + s_pass]
-pass:
+dirty_pass:
         inc     r14
         mov     rdi, r12
         xor     r15d, r15d                      /* a mismatch this pass */
-page:
+dirty_page:
         lea     rax, [r14 - 1]                  /* memory starts zeroed: pass 1 expects 0 */
         cmp     [rdi], rax
-        je      6f
+        je      7f
         inc     qword ptr [rip + s_mismatch]
         inc     r15d
-6:      mov     [rdi], r14
-        add     edi, 4096
-        test    r8, r8
-        jz      8f
-        add     r9, r8
-7:      rdtsc
-        shl     rdx, 32
-        or      rax, rdx
-        mov     rdx, rax
-        sub     rdx, r9
-        cmp     rdx, r8                         /* far behind (e.g. after a stop): */
-        jle     71f                             /* do not catch up in a burst */
-        mov     r9, rax
-71:     cmp     rax, r9
-        jb      7b
-8:      cmp     rdi, r13
-        jb      page
+7:      mov     [rdi], r14
+        add     rdi, 4096
+        call    pace
+        cmp     rdi, r13
+        jb      dirty_page
+        call    end_pass
+        jmp     dirty_pass
+
+disk:
+        mov     r13, [rip + p_disk_blocks]
+disk_pass:
+        inc     r14
+        xor     r12d, r12d                      /* block */
+        xor     r15d, r15d
+disk_block:
+        mov     rax, r12
+        shl     rax, 32
+        or      rax, r14                        /* block << 32 | pass (pass < 2^32) */
+        mov     edi, BUF
+        mov     ecx, 512
+        rep stosq
+        mov     dword ptr [REQ], 2              /* write */
+        mov     dword ptr [REQ + 4], 0          /* status: pending */
+        lea     rax, [r12 * 8]
+        mov     [REQ + 8], rax                  /* first sector */
+        mov     dword ptr [REQ + 16], 8         /* sectors */
+        mov     qword ptr [REQ + 24], BUF       /* guest buffer */
+        mov     eax, REQ
+        mov     dx, [rip + p_disk_port]
+        out     dx, eax                         /* the device does the request */
+        cmp     dword ptr [REQ + 4], 1          /* done? */
+        je      8f
+        inc     qword ptr [rip + s_mismatch]
+        inc     r15d
+8:      inc     r12
+        call    pace
+        cmp     r12, r13
+        jb      disk_block
+        call    end_pass
+        jmp     disk_pass
+
+/* After a pass: store its number, print its letter (or "!"). */
+end_pass:
         mov     [rip + s_pass], r14
         mov     eax, r14d
         and     al, 15
         add     al, 'A'
-        test    r15d, r15d                      /* a bad pass prints "!" for its letter */
-        jz      9f
+        test    r15d, r15d
+        jz      putc
         mov     al, '!'
-9:      call    putc
-        jmp     pass
-
 putc:
         mov     dx, SERIAL
         out     dx, al                          /* faults to gp_handler, which does it */
         ret
 
-/* The GDT; its null descriptor holds the GDTR. */
-        .p2align 3
-gdt:
-        .word   gdt_end - gdt - 1
-        .long   gdt
-        .word   0
-        .quad   0x00209a0000000000              /* 0x08 kernel code, 64-bit */
-        .quad   0x0000f20000000000              /* 0x10 user data */
-        .quad   0x0020fa0000000000              /* 0x18 user code, 64-bit */
-        .quad   0x0000890000000067 + (TSS << 16) /* 0x20 TSS, 104 bytes */
-        .quad   0
-gdt_end:
-idtr:
-        .word   14 * 16 - 1
-        .long   IDT
+/* Waits for the next deadline when paced (r8 ticks per unit, r9 the deadline). */
+pace:
+        test    r8, r8
+        jz      10f
+        add     r9, r8
+9:      call    rdtsc64
+        mov     rdx, rax
+        sub     rdx, r9
+        cmp     rdx, r8                         /* far behind (e.g. after a stop): */
+        jle     91f                             /* do not catch up in a burst */
+        mov     r9, rax
+91:     cmp     rax, r9
+        jb      9b
+10:     ret
 
-/* ------------------------------------------------------------- parameter block
- * Patched by vmm and the bench (vmm/src/guest.rs describes the layout). */
-        .org    0x1be
-params:
-        .ascii  "MIGT"                          /* magic */
-p_mode: .byte   2                               /* 0 idle, 1 fill, 2 dirty */
-        .byte   1                               /* parameter block version */
-        .word   0
-p_start:
-        .quad   0x200000                        /* range start: 2 MiB */
-p_size: .quad   0x4000000                       /* range size: 64 MiB */
-p_rate: .long   0                               /* pages per second; 0: as fast as possible */
-p_tsc_khz:
-        .long   0                               /* TSC frequency in kHz */
-p_ticks:
-        .quad   0                               /* TSC ticks per page: tsc_khz * 1000 / rate */
-s_pass: .quad   0                               /* status: passes completed */
-s_mismatch:
-        .quad   0                               /* status: pages found stale */
-        .org    0x1fe
-        .byte   0x55, 0xaa
+rdtsc64:
+        rdtsc
+        shl     rdx, 32
+        or      rax, rdx
+        ret
+
+        .org    0x7f8
+rest_marker:
+        .ascii  "MRST"                          /* the rest of the image is loaded */
+        .long   0

@@ -1,23 +1,28 @@
 //! The built-in test guest (`guest/guest.S`, assembled into `guest/guest.bin` by
 //! `cargo xtask guest`) and its parameter block.
 //!
-//! The image is a boot sector: the same bytes boot under QEMU (SeaBIOS loads them from a raw
-//! disk) and under vmm (which loads them at 0x7c00 and starts the vCPU there in real mode).
-//! The parameter block at byte 0x1be says what the guest does; the status block after it
-//! is where the guest reports its passes and any stale pages it found.
+//! The image starts with a boot sector: the same bytes boot under QEMU (SeaBIOS loads the
+//! first sector from a raw disk, which reads the rest) and under vmm (which loads the whole
+//! image at 0x7c00 and starts the vCPU there in real mode). The parameter block at byte
+//! 0x180 says what the guest does; the status block at its end is where the guest reports
+//! its passes and any stale pages or failed disk writes it found.
 
 use anyhow::{Result, bail, ensure};
 
 /// The assembled guest.
-pub const IMAGE: &[u8; 512] = include_bytes!("../guest/guest.bin");
+pub const IMAGE: &[u8; 2048] = include_bytes!("../guest/guest.bin");
 /// Where a boot sector is loaded and entered.
 pub const LOAD_ADDR: u64 = 0x7c00;
+/// Largest image vmm loads at [`LOAD_ADDR`] (up to 0x17c00, below the EBDA).
+pub const MAX_IMAGE: usize = 64 * 1024;
 /// Offset of the parameter block in the image.
-pub const PARAMS_OFFSET: usize = 0x1be;
+pub const PARAMS_OFFSET: usize = 0x180;
 /// "MIGT": the parameter block's magic.
 pub const PARAMS_MAGIC: &[u8; 4] = b"MIGT";
 /// Offset of the status block (pass count, then stale-page count) in the image.
-pub const STATUS_OFFSET: usize = 0x1e6;
+pub const STATUS_OFFSET: usize = 0x1b0;
+/// Port of the built-in guest's disk 0.
+pub const DISK_PORT: u16 = 0x510;
 /// Lowest range start: below 1 MiB live the guest's tables, code and stacks.
 pub const MIN_RANGE_START: u64 = 1 << 20;
 
@@ -33,6 +38,8 @@ pub enum Workload {
     Fill,
     /// Rewrite the range pass after pass, checking every page's pass count.
     Dirty,
+    /// Rewrite every 4 KiB block of disk 0 pass after pass, with a pattern of block and pass.
+    Disk,
 }
 
 /// The parameter block (layout in `guest/guest.S`).
@@ -44,10 +51,12 @@ pub struct GuestParams {
     pub range_start: u64,
     /// Bytes in the range (page multiple).
     pub range_size: u64,
-    /// Pages per second in dirty mode; 0: as fast as the guest can.
+    /// Pages (dirty) or 4 KiB blocks (disk) per second; 0: as fast as the guest can.
     pub rate: u32,
     /// The guest's TSC frequency, for pacing.
     pub tsc_khz: u32,
+    /// 4 KiB blocks of disk 0 (the disk workload writes them all).
+    pub disk_blocks: u64,
 }
 
 impl GuestParams {
@@ -72,6 +81,10 @@ impl GuestParams {
             "the workload range ends at {} MiB, past the guest's {} MiB of memory",
             (self.range_start + self.range_size) >> 20,
             memory >> 20
+        );
+        ensure!(
+            self.workload != Workload::Disk || self.disk_blocks > 0,
+            "the disk workload needs a disk: add --drive file=PATH,id=NAME"
         );
         Ok(())
     }
@@ -98,12 +111,15 @@ impl GuestParams {
             Workload::Idle => 0,
             Workload::Fill => 1,
             Workload::Dirty => 2,
+            Workload::Disk => 3,
         };
+        p[6..8].copy_from_slice(&DISK_PORT.to_le_bytes());
         p[8..16].copy_from_slice(&self.range_start.to_le_bytes());
         p[16..24].copy_from_slice(&self.range_size.to_le_bytes());
         p[24..28].copy_from_slice(&self.rate.to_le_bytes());
         p[28..32].copy_from_slice(&self.tsc_khz.to_le_bytes());
         p[32..40].copy_from_slice(&self.ticks_per_page().to_le_bytes());
+        p[40..48].copy_from_slice(&self.disk_blocks.to_le_bytes());
         Ok(())
     }
 
@@ -119,12 +135,14 @@ impl GuestParams {
             workload: match p[4] {
                 0 => Workload::Idle,
                 1 => Workload::Fill,
+                3 => Workload::Disk,
                 _ => Workload::Dirty,
             },
             range_start: u64_at(8),
             range_size: u64_at(16),
             rate: u32_at(24),
             tsc_khz: u32_at(28),
+            disk_blocks: u64_at(40),
         })
     }
 }
@@ -134,14 +152,16 @@ pub fn has_params(image: &[u8]) -> bool {
     image.len() >= 512 && &image[PARAMS_OFFSET..PARAMS_OFFSET + 4] == PARAMS_MAGIC
 }
 
-/// Checks a boot sector given with `--guest-image`.
+/// Checks an image given with `--guest-image`: whole sectors, a boot signature, small
+/// enough to sit at 0x7c00 below the EBDA.
 ///
 /// # Errors
-/// Not 512 bytes, or no 0x55 0xaa signature.
+/// A bad size or no 0x55 0xaa signature.
 pub fn check_image(image: &[u8]) -> Result<()> {
     ensure!(
-        image.len() == 512,
-        "a guest image is one 512-byte boot sector; this one is {} bytes",
+        !image.is_empty() && image.len() % 512 == 0 && image.len() <= MAX_IMAGE,
+        "a guest image is 1 to {} sectors of 512 bytes starting with a boot sector; this one is {} bytes",
+        MAX_IMAGE / 512,
         image.len()
     );
     ensure!(
@@ -166,6 +186,11 @@ mod tests {
         let p = GuestParams::read(IMAGE).unwrap();
         assert_eq!(p.workload, Workload::Dirty);
         assert_eq!((p.range_start, p.range_size), (2 << 20, 64 << 20));
+        assert_eq!(
+            &IMAGE[0x7f8..0x7fc],
+            b"MRST",
+            "the marker that the whole image is loaded"
+        );
     }
 
     #[test]
@@ -177,6 +202,7 @@ mod tests {
             range_size: 8 << 20,
             rate: 50_000,
             tsc_khz: 2_000_000,
+            disk_blocks: 7,
         };
         p.patch(&mut img).unwrap();
         assert_eq!(GuestParams::read(&img), Some(p));
@@ -204,6 +230,7 @@ mod tests {
             range_size: 64 << 20,
             rate: 0,
             tsc_khz: 0,
+            disk_blocks: 0,
         };
         ok.validate(128 << 20).unwrap();
         for (p, mem) in [
@@ -229,6 +256,13 @@ mod tests {
                 128 << 20,
             ),
             (ok, 32 << 20),
+            (
+                GuestParams {
+                    workload: Workload::Disk,
+                    ..ok
+                },
+                128 << 20,
+            ),
         ] {
             assert!(p.validate(mem).is_err(), "{p:?}");
         }

@@ -9,6 +9,9 @@ use savevm::{SaveVm, SectionError, VmControl};
 use serde_json::json;
 
 use crate::events::EventLog;
+use block_migration::Disk;
+
+use crate::disk::{BlockDevice, DriveSpec, open_disks};
 use crate::guest::{self, GuestParams, LOAD_ADDR};
 use crate::memory::GuestRam;
 use crate::serial::{COM1, Console, Uart, new_uart};
@@ -18,6 +21,8 @@ use crate::{kvm, soft};
 pub struct Devices {
     /// COM1.
     pub uart: Uart,
+    /// The disks' doorbells.
+    pub block: BlockDevice,
 }
 
 /// The VM lock and the device models behind it.
@@ -64,6 +69,8 @@ impl Devices {
         if (COM1..COM1 + 8).contains(&port) && data.len() == 1 {
             // The UART's only error is a failing interrupt trigger, and ours cannot fail.
             let _ = self.uart.write((port - COM1) as u8, data[0]);
+        } else if let (Some(i), Ok(addr)) = (self.block.disk_at(port), <[u8; 4]>::try_from(data)) {
+            self.block.request(i, u64::from(u32::from_le_bytes(addr)));
         }
     }
 
@@ -156,30 +163,41 @@ pub struct MachineConfig {
     pub image: Vec<u8>,
     /// Parameters to patch into it (with the TSC frequency filled in here).
     pub params: Option<GuestParams>,
-    /// Whether to load the image (a destination's memory comes from the stream).
-    pub load_image: bool,
+    /// A destination: memory comes from the stream (no image is loaded) and shared disks
+    /// are locked only when the guest starts here.
+    pub incoming: bool,
     /// Where the serial port's output goes.
     pub serial: Box<dyn Write + Send>,
+    /// The disks.
+    pub drives: Vec<DriveSpec>,
 }
 
 /// A virtual machine.
 pub struct Machine {
-    /// Guest RAM.
-    pub ram: GuestRam,
+    /// The vCPUs. Declared first so they are dropped (their threads ended) before the
+    /// memory KVM maps into the guest.
+    pub cpus: Box<dyn Cpus>,
     /// The VM lock and the devices.
     pub bus: Arc<Bus>,
+    /// Guest RAM.
+    pub ram: GuestRam,
+    /// The disks.
+    pub disks: Vec<Arc<Disk>>,
+    /// Disks created here (`create=on`), which take the size the stream gives.
+    pub created_disks: Vec<String>,
     /// What the guest printed.
     pub console: Arc<Console>,
-    /// The vCPUs.
-    pub cpus: Box<dyn Cpus>,
     /// The event log.
     pub events: Arc<EventLog>,
     /// The guest parameters in effect.
     pub params: Option<GuestParams>,
-    // Lock: the run state; changed by the main thread, the monitor and the migration
-    // thread; `state_cond` signals changes.
+    // Lock: the run state, and whether the guest ran when the migration stopped it;
+    // changed by the main thread, the monitor and the migration thread.
     state: Mutex<(RunState, bool)>,
     state_cond: Condvar,
+    // Lock: the shared disks this source unlocked for the destination at the switchover
+    // (the migration thread only).
+    handed_over: Mutex<Vec<Arc<Disk>>>,
 }
 
 impl Machine {
@@ -189,9 +207,7 @@ impl Machine {
     /// KVM requested but missing, bad memory size, bad parameters, failing ioctls.
     pub fn new(cfg: MachineConfig, events: Arc<EventLog>) -> Result<Arc<Self>> {
         let console = Arc::new(Console::default());
-        let bus = Bus::new(Devices {
-            uart: new_uart(cfg.serial, console.clone()),
-        });
+        let disks = open_disks(&cfg.drives, cfg.incoming)?;
         let use_kvm = match cfg.accel {
             Accel::Kvm => true,
             Accel::Soft => false,
@@ -206,23 +222,36 @@ impl Machine {
                 ok
             }
         };
-        let (ram, cpus, tsc_khz): (GuestRam, Box<dyn Cpus>, u32) = if use_kvm {
-            let vm = kvm::KvmVm::new()?;
-            let ram = kvm::ram(&vm, cfg.memory)?;
-            let backend = vm.into_backend(cfg.vcpus, bus.clone())?;
-            let tsc = backend.tsc_khz();
-            (ram, Box::new(backend), tsc)
+        let vm = if use_kvm {
+            Some(kvm::KvmVm::new()?)
         } else {
-            let ram = soft::ram(cfg.memory)?;
-            let backend = soft::SoftBackend::new(&ram, bus.clone());
-            (ram, Box::new(backend), 0)
+            None
+        };
+        let ram = match &vm {
+            Some(vm) => kvm::ram(vm, cfg.memory)?,
+            None => soft::ram(cfg.memory)?,
+        };
+        let bus = Bus::new(Devices {
+            uart: new_uart(cfg.serial, console.clone()),
+            block: BlockDevice::new(disks.clone(), ram.mem.clone()),
+        });
+        let (cpus, tsc_khz): (Box<dyn Cpus>, u32) = match vm {
+            Some(vm) => {
+                let backend = vm.into_backend(cfg.vcpus, bus.clone())?;
+                let tsc = backend.tsc_khz();
+                (Box::new(backend), tsc)
+            }
+            None => (Box::new(soft::SoftBackend::new(&ram, bus.clone())), 0),
         };
         let mut params = cfg.params;
         if let Some(p) = &mut params {
             p.tsc_khz = tsc_khz;
-            p.validate(cfg.memory)?;
+            p.disk_blocks = disks.first().map_or(0, |d| d.size() / 4096);
+            if !cfg.incoming {
+                p.validate(cfg.memory)?;
+            }
         }
-        if cfg.load_image {
+        if !cfg.incoming {
             guest::check_image(&cfg.image)?;
             let mut image = cfg.image.clone();
             if let Some(p) = &params {
@@ -232,14 +261,22 @@ impl Machine {
                 .context("loading the guest image")?;
         }
         Ok(Arc::new(Machine {
-            ram,
-            bus,
-            console,
             cpus,
+            bus,
+            ram,
+            disks,
+            created_disks: cfg
+                .drives
+                .iter()
+                .filter(|d| d.create)
+                .map(|d| d.id.clone())
+                .collect(),
+            console,
             events,
             params,
             state: Mutex::new((RunState::Paused, false)),
             state_cond: Condvar::new(),
+            handed_over: Mutex::new(Vec::new()),
         }))
     }
 
@@ -273,8 +310,37 @@ impl Machine {
     /// Runs the vCPUs (`cont`).
     ///
     /// # Errors
-    /// The guest was migrated away or is still loading.
+    /// The guest was migrated away, is being migrated, or is still being loaded.
     pub fn start(&self) -> Result<()> {
+        // Read the state first: a guard in the match would still be held in the arm.
+        let state = self.state().0;
+        match state {
+            RunState::InMigrate => bail!("the guest is still being loaded from a migration stream"),
+            _ => self.resume_from(None),
+        }
+    }
+
+    /// Runs the guest of a destination that loaded it completely: takes the locks of the
+    /// shared disks (which the source releases at the switchover), then the vCPUs.
+    ///
+    /// # Errors
+    /// A shared disk stays locked by another process.
+    pub fn start_after_load(&self) -> Result<()> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        for d in &self.disks {
+            while let Err(e) = d.lock() {
+                if std::time::Instant::now() >= deadline {
+                    return Err(anyhow::Error::new(e).context(
+                        "the source still holds a shared disk; the guest does not run here",
+                    ));
+                }
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+        }
+        self.resume_from(Some(RunState::InMigrate))
+    }
+
+    fn resume_from(&self, required: Option<RunState>) -> Result<()> {
         let mut st = self.state();
         match st.0 {
             RunState::PostMigrate => {
@@ -282,6 +348,7 @@ impl Machine {
             }
             RunState::FinishMigrate => bail!("a migration is completing"),
             RunState::Running => return Ok(()),
+            s if required.is_some_and(|r| r != s) => bail!("the guest is {}", s.as_str()),
             _ => {}
         }
         st.0 = RunState::Running;
@@ -299,8 +366,11 @@ impl Machine {
     pub fn stop(&self) -> Result<()> {
         self.cpus.pause()?;
         let mut st = self.state();
-        if st.0 == RunState::Running {
-            st.0 = RunState::Paused;
+        match st.0 {
+            RunState::Running => st.0 = RunState::Paused,
+            // A stop during a switchover: a migration that fails must not resume it.
+            RunState::FinishMigrate => st.1 = false,
+            _ => {}
         }
         drop(st);
         self.state_cond.notify_all();
@@ -325,16 +395,40 @@ impl VmControl for Machine {
     }
 
     fn stop_vcpus(&self) -> Result<(), SectionError> {
+        {
+            // The state changes first, so a `cont` from now on is refused.
+            let mut st = self.state();
+            st.1 = st.0 == RunState::Running;
+            st.0 = RunState::FinishMigrate;
+        }
         self.cpus.pause().map_err(|e| format!("{e:#}"))?;
-        let mut st = self.state();
-        // Remember whether the guest ran, so a failed migration resumes only a guest
-        // that was running.
-        st.1 = st.0 == RunState::Running;
-        st.0 = RunState::FinishMigrate;
+        Ok(())
+    }
+
+    fn flush_disks(&self) -> Result<(), SectionError> {
+        for d in &self.disks {
+            d.flush().map_err(|e| format!("{e:#}"))?;
+        }
+        // Shared disks go to the destination with the guest: release them now that
+        // they are flushed, so it can take them when it starts.
+        let mut handed = self.handed_over.lock().unwrap_or_else(|p| p.into_inner());
+        for d in self.disks.iter().filter(|d| !d.migrates()) {
+            d.unlock();
+            handed.push(d.clone());
+        }
         Ok(())
     }
 
     fn resume_vcpus(&self) -> Result<(), SectionError> {
+        // Take back the shared disks handed over for a switchover that failed.
+        let handed =
+            std::mem::take(&mut *self.handed_over.lock().unwrap_or_else(|p| p.into_inner()));
+        let mut lost = None;
+        for d in handed {
+            if let Err(e) = d.lock() {
+                lost = Some(e.to_string());
+            }
+        }
         let mut st = self.state();
         if st.0 == RunState::FinishMigrate {
             st.0 = if st.1 {
@@ -350,6 +444,9 @@ impl VmControl for Machine {
             }
         }
         self.state_cond.notify_all();
-        Ok(())
+        match lost {
+            Some(e) => Err(format!("a shared disk was taken meanwhile: {e}").into()),
+            None => Ok(()),
+        }
     }
 }

@@ -5,6 +5,7 @@
 
 mod cpu_state;
 mod demo;
+mod disk;
 mod events;
 mod guest;
 mod kvm;
@@ -99,6 +100,12 @@ pub struct RunArgs {
     /// Where the guest's serial output goes: stdout, none, or a file.
     #[arg(long, default_value = "stdout")]
     pub serial: String,
+    /// A disk: file=PATH,id=NAME[,migrate=on|off][,create=on]. migrate=off is shared
+    /// storage (flushed at the switchover, not copied); create=on creates a destination's
+    /// image with the size the stream gives. The built-in guest's disk workload writes the
+    /// first disk. Repeatable.
+    #[arg(long = "drive")]
+    pub drives: Vec<disk::DriveSpec>,
     /// QMP monitor socket, unix:PATH (mode 0600).
     #[arg(long)]
     pub qmp: Option<String>,
@@ -227,6 +234,7 @@ fn run(a: &RunArgs) -> Result<i32> {
         range_size: a.range_size,
         rate: a.rate,
         tsc_khz: 0,
+        disk_blocks: 0,
     });
     let serial: Box<dyn Write + Send> = match a.serial.as_str() {
         "stdout" => Box::new(std::io::stdout()),
@@ -242,8 +250,9 @@ fn run(a: &RunArgs) -> Result<i32> {
             accel: a.accel,
             image,
             params,
-            load_image: a.incoming.is_none(),
+            incoming: a.incoming.is_some(),
             serial,
+            drives: a.drives.clone(),
         },
         events.clone(),
     )?;
@@ -310,10 +319,10 @@ fn run(a: &RunArgs) -> Result<i32> {
         if let Some(b) = bar {
             let _ = b.join();
         }
-        if let Some((info, ram)) = session.progress() {
+        if let Some((info, ram, disk)) = session.progress() {
             eprint!(
                 "{}",
-                progress::summary(&uri.to_string(), &info, &ram, &session.params())
+                progress::summary(&uri.to_string(), &info, &ram, &disk, &session.params())
             );
         }
         match result {

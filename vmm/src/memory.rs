@@ -87,14 +87,19 @@ impl GuestRam {
                 hash_bytes(i as u64, &buf)
             })
             .collect();
-        parts.iter().fold(0xcbf2_9ce4_8422_2325, |h, p| {
-            (h ^ p).wrapping_mul(0x0000_0100_0000_01b3)
-        })
+        combine(&parts)
     }
 }
 
+/// Combines per-chunk hashes in order.
+pub fn combine(parts: &[u64]) -> u64 {
+    parts.iter().fold(0xcbf2_9ce4_8422_2325, |h, p| {
+        (h ^ p).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
 /// A fast 64-bit hash of `data` (four multiply-xor lanes), seeded with `seed`.
-fn hash_bytes(seed: u64, data: &[u8]) -> u64 {
+pub fn hash_bytes(seed: u64, data: &[u8]) -> u64 {
     const K: u64 = 0x9e37_79b9_7f4a_7c15;
     let mut lanes = [seed ^ K, seed.rotate_left(17), seed.rotate_left(31), !seed];
     for chunk in data.chunks_exact(32) {

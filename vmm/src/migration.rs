@@ -6,6 +6,7 @@ use std::thread::JoinHandle;
 use std::time::{Instant, SystemTime};
 
 use anyhow::{Context, Result, anyhow, bail};
+use block_migration::{BlockMigration, BlockStats};
 use qemu_file::{Listener, MigrationUri, QemuFile, connect};
 use ram_list::{RamSection, RamStats};
 use savevm::{
@@ -22,12 +23,24 @@ pub fn machine_type(m: &Machine) -> String {
     format!("vmm-{}", m.cpus.name())
 }
 
-/// The sections of `m`, in stream order: RAM, the vCPUs and in-kernel devices, the UART.
+/// The sections of `m`, in stream order: the disks copied by block migration (if any),
+/// RAM, the vCPUs and in-kernel devices, the UART.
 ///
 /// # Errors
 /// A duplicate registration (a bug).
-pub fn sections(m: &Machine, ram_stats: Arc<RamStats>) -> Result<SaveVm> {
+pub fn sections(
+    m: &Machine,
+    ram_stats: Arc<RamStats>,
+    disk_stats: Arc<BlockStats>,
+) -> Result<SaveVm> {
     let mut s = SaveVm::new(machine_type(m));
+    let mut block = BlockMigration::new(m.disks.clone(), disk_stats);
+    if !block.is_empty() {
+        for name in &m.created_disks {
+            block.allow_resize(name);
+        }
+        s.register_live(BlockMigration::info(), Box::new(block))?;
+    }
     s.register_live(
         RamSection::info(),
         Box::new(RamSection::new(m.ram.list.clone(), ram_stats)),
@@ -51,30 +64,47 @@ pub struct Outgoing {
     pub ctl: Arc<MigrationControl>,
     /// The RAM section's counters.
     pub ram: Arc<RamStats>,
+    /// The block section's counters.
+    pub disk: Arc<BlockStats>,
     // Lock: taken by whoever waits for the end (the thread is joined once).
     thread: Mutex<Option<JoinHandle<Result<MigrationInfo>>>>,
 }
 
 impl Outgoing {
     /// Starts the migration thread. The observer sees every status change.
+    /// `return_path`: whether the destination's answer is awaited where the transport
+    /// can carry one (the `return-path` capability).
     pub fn start(
         machine: Arc<Machine>,
         uri: MigrationUri,
         mut params: MigrationParams,
+        return_path: bool,
         verify: bool,
         observer: impl Fn(&MigrationInfo) + Send + Sync + 'static,
     ) -> Result<Self> {
-        params.return_path = has_return_path(&uri);
+        params.return_path = return_path && has_return_path(&uri);
         let ctl = Arc::new(MigrationControl::new(params));
         ctl.set_observer(observer);
         let ram = Arc::new(RamStats::default());
-        let (c, r) = (ctl.clone(), ram.clone());
+        let disk = Arc::new(BlockStats::default());
+        let (c, r, d) = (ctl.clone(), ram.clone(), disk.clone());
         let thread = std::thread::Builder::new()
             .name("migration".into())
-            .spawn(move || migrate(machine, uri, c, r, verify))?;
+            .spawn(move || {
+                let result = migrate(machine, uri, &c, r, d, verify);
+                if let Err(e) = &result {
+                    // An error before the migration thread proper ran (no connection, no
+                    // sections) still ends the migration.
+                    if !c.info().status.is_terminal() {
+                        c.fail_to_start(format!("{e:#}"));
+                    }
+                }
+                result
+            })?;
         Ok(Outgoing {
             ctl,
             ram,
+            disk,
             thread: Mutex::new(Some(thread)),
         })
     }
@@ -102,21 +132,15 @@ impl Outgoing {
 fn migrate(
     machine: Arc<Machine>,
     uri: MigrationUri,
-    ctl: Arc<MigrationControl>,
+    ctl: &MigrationControl,
     ram: Arc<RamStats>,
+    disk: Arc<BlockStats>,
     verify: bool,
 ) -> Result<MigrationInfo> {
     let events = machine.events.clone();
-    let transport = match connect(&uri) {
-        Ok(t) => t,
-        Err(e) => {
-            ctl.fail_to_start(e.to_string());
-            return Err(e.into());
-        }
-    };
-    let mut f = QemuFile::new(transport);
-    let mut savevm = sections(&machine, ram.clone())?;
-    let info = run_migration(&mut savevm, &mut f, &*machine, &ctl)?;
+    let mut savevm = sections(&machine, ram, disk)?;
+    let mut f = QemuFile::new(connect(&uri)?);
+    let info = run_migration(&mut savevm, &mut f, &*machine, ctl)?;
     // The guest now runs at the destination (or lives in the file): never again here.
     machine.set_migrated();
     if let Some(at) = info.stopped_at {
@@ -163,6 +187,22 @@ fn emit_hash(machine: &Machine, side: &str) {
     eprintln!(
         "vmm: {side} RAM hash at the switchover: {hash:016x} (guest pass {pass}, stale pages {mismatches})"
     );
+    for d in &machine.disks {
+        match crate::disk::hash(d) {
+            Ok(h) => {
+                machine.events.emit(
+                    "disk-hash",
+                    json!({"side": side, "disk": d.name(), "hash": format!("{h:016x}"),
+                           "migrated": d.migrates()}),
+                );
+                eprintln!(
+                    "vmm: {side} disk {:?} hash at the switchover: {h:016x}",
+                    d.name()
+                );
+            }
+            Err(e) => eprintln!("vmm: cannot hash disk {:?}: {e:#}", d.name()),
+        }
+    }
 }
 
 /// What an incoming migration did.
@@ -195,8 +235,7 @@ pub fn incoming(
     let t0 = Instant::now();
     events.emit("incoming-connected", json!({}));
     let mut f = QemuFile::new(transport);
-    let stats = Arc::new(RamStats::default());
-    let mut savevm = sections(machine, stats)?;
+    let mut savevm = sections(machine, Arc::default(), Arc::default())?;
     let answer = has_return_path(uri);
     let loaded = savevm
         .load(&mut f)
@@ -238,7 +277,7 @@ pub fn incoming(
     if verify {
         emit_hash(machine, "destination");
     }
-    machine.start()?;
+    machine.start_after_load()?;
     let resumed_at = SystemTime::now();
     events.emit_at(
         "incoming-resumed",

@@ -12,6 +12,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::mpsc::{SyncSender, sync_channel};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -39,13 +40,21 @@ pub fn start(path: &Path, session: Arc<Session>) -> Result<()> {
     let listener =
         UnixListener::bind(path).with_context(|| format!("QMP socket {}", path.display()))?;
     fs::set_permissions(path, fs::Permissions::from_mode(0o600))?;
-    let clients: Arc<Mutex<Vec<UnixStream>>> = Arc::new(Mutex::new(Vec::new()));
+    let clients: Arc<Mutex<Vec<Client>>> = Arc::new(Mutex::new(Vec::new()));
     let c = clients.clone();
     session.listen(move |name, data| {
-        let ev = event(name, data);
+        let ev = event(name, data).to_string();
+        // Never block the thread that sends the event (it may be the migration thread):
+        // a client that does not keep up is disconnected.
         c.lock()
             .unwrap_or_else(|p| p.into_inner())
-            .retain_mut(|s| writeln!(s, "{ev}").is_ok());
+            .retain(|cl| match cl.tx.try_send(ev.clone()) {
+                Ok(()) => true,
+                Err(_) => {
+                    let _ = cl.sock.shutdown(std::net::Shutdown::Both);
+                    false
+                }
+            });
     });
     let path: PathBuf = path.to_path_buf();
     std::thread::Builder::new()
@@ -61,6 +70,15 @@ pub fn start(path: &Path, session: Arc<Session>) -> Result<()> {
         })?;
     Ok(())
 }
+
+/// A client that receives events: its outgoing queue and its socket.
+struct Client {
+    tx: SyncSender<String>,
+    sock: UnixStream,
+}
+
+/// Messages a client may have waiting before it is considered stuck.
+const CLIENT_QUEUE: usize = 256;
 
 fn event(name: &str, data: Value) -> Value {
     let t = SystemTime::now()
@@ -80,15 +98,30 @@ fn error(class: &str, desc: impl Into<String>) -> Value {
     json!({"error": {"class": class, "desc": desc.into()}})
 }
 
-fn serve(conn: UnixStream, session: Arc<Session>, clients: Arc<Mutex<Vec<UnixStream>>>) {
-    let Ok(mut out) = conn.try_clone() else {
+fn serve(conn: UnixStream, session: Arc<Session>, clients: Arc<Mutex<Vec<Client>>>) {
+    let (Ok(mut w), Ok(sock)) = (conn.try_clone(), conn.try_clone()) else {
         return;
     };
+    // Replies and events leave through one queue, written by the client's own thread.
+    let (tx, rx) = sync_channel::<String>(CLIENT_QUEUE);
+    let writer = std::thread::Builder::new()
+        .name("qmp-writer".into())
+        .spawn(move || {
+            for line in rx {
+                if writeln!(w, "{line}").is_err() {
+                    break;
+                }
+            }
+        });
+    if writer.is_err() {
+        return;
+    }
+    let send = |v: Value| tx.send(v.to_string()).is_ok();
     let greeting = json!({"QMP": {
         "version": {"qemu": {"major": 0, "minor": 1, "micro": 0}, "package": "vmm"},
         "capabilities": [],
     }});
-    if writeln!(out, "{greeting}").is_err() {
+    if !send(greeting) {
         return;
     }
     let mut reader = BufReader::new(conn);
@@ -105,14 +138,10 @@ fn serve(conn: UnixStream, session: Arc<Session>, clients: Arc<Mutex<Vec<UnixStr
             Ok(_) => {}
         }
         if line.len() > MAX_COMMAND {
-            let _ = writeln!(
-                out,
-                "{}",
-                error(
-                    "GenericError",
-                    format!("command longer than {MAX_COMMAND} bytes")
-                )
-            );
+            send(error(
+                "GenericError",
+                format!("command longer than {MAX_COMMAND} bytes"),
+            ));
             break;
         }
         if line.iter().all(u8::is_ascii_whitespace) {
@@ -121,11 +150,7 @@ fn serve(conn: UnixStream, session: Arc<Session>, clients: Arc<Mutex<Vec<UnixStr
         let cmd: Value = match serde_json::from_slice(&line) {
             Ok(c) => c,
             Err(e) => {
-                let _ = writeln!(
-                    out,
-                    "{}",
-                    error("GenericError", format!("JSON parse error: {e}"))
-                );
+                send(error("GenericError", format!("JSON parse error: {e}")));
                 continue;
             }
         };
@@ -134,8 +159,14 @@ fn serve(conn: UnixStream, session: Arc<Session>, clients: Arc<Mutex<Vec<UnixStr
             (None, _) => error("GenericError", "Expected 'execute' in QMP input"),
             (Some("qmp_capabilities"), false) => {
                 negotiated = true;
-                if let Ok(s) = out.try_clone() {
-                    clients.lock().unwrap_or_else(|p| p.into_inner()).push(s);
+                if let Ok(sock) = sock.try_clone() {
+                    clients
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push(Client {
+                            tx: tx.clone(),
+                            sock,
+                        });
                 }
                 json!({"return": {}})
             }
@@ -154,7 +185,7 @@ fn serve(conn: UnixStream, session: Arc<Session>, clients: Arc<Mutex<Vec<UnixStr
         if let Some(id) = id {
             reply["id"] = id;
         }
-        if writeln!(out, "{reply}").is_err() {
+        if !send(reply) {
             break;
         }
         if cmd.get("execute").and_then(Value::as_str) == Some("quit") && negotiated {
@@ -246,13 +277,14 @@ fn execute(session: &Arc<Session>, name: &str, args: &Value) -> CmdResult {
                 let name = c.get("capability").and_then(Value::as_str).unwrap_or("");
                 let state = c.get("state").and_then(Value::as_bool).unwrap_or(false);
                 match (name, state) {
-                    // Always on: MIGRATION events are sent, and sockets carry the return path.
-                    ("events" | "return-path", true) => {}
-                    ("events" | "return-path", false) => {
-                        return Err(generic(format!(
-                            "Capability '{name}' cannot be turned off in vmm"
-                        )));
+                    // MIGRATION events are always sent.
+                    ("events", true) => {}
+                    ("events", false) => {
+                        return Err(generic("Capability 'events' cannot be turned off in vmm"));
                     }
+                    // Off: the source does not wait for the destination's answer (for a
+                    // destination that never sends one).
+                    ("return-path", on) => session.set_return_path(on),
                     (other, _) => {
                         return Err(generic(format!("Capability '{other}' is not supported")));
                     }
@@ -262,9 +294,16 @@ fn execute(session: &Arc<Session>, name: &str, args: &Value) -> CmdResult {
         }
         "query-migrate-capabilities" => Ok(json!([
             {"capability": "events", "state": true},
-            {"capability": "return-path", "state": true},
+            {"capability": "return-path", "state": session.return_path()},
         ])),
         "x-query-guest" => {
+            if m.run_state() == crate::machine::RunState::InMigrate {
+                // Guest memory is being written by the load: nothing to read yet.
+                return Ok(
+                    json!({"pass": 0, "mismatches": 0, "serial-bytes": 0, "accel": m.cpus.name(),
+                                 "loading": true}),
+                );
+            }
             let (pass, mismatches) = m.guest_status();
             Ok(
                 json!({"pass": pass, "mismatches": mismatches, "serial-bytes": m.console.bytes(),

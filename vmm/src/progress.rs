@@ -5,6 +5,7 @@ use std::io::Write;
 use std::sync::Arc;
 use std::time::Duration;
 
+use block_migration::BlockStatsSnapshot;
 use ram_list::RamStatsSnapshot;
 use savevm::{MigrationInfo, MigrationParams, MigrationStatus};
 
@@ -41,7 +42,7 @@ pub fn live(session: Arc<Session>) -> std::thread::JoinHandle<()> {
         let mut err = std::io::stderr();
         loop {
             std::thread::sleep(Duration::from_millis(200));
-            let Some((info, ram)) = session.progress() else {
+            let Some((info, ram, disk)) = session.progress() else {
                 continue;
             };
             if info.status.is_terminal() {
@@ -55,9 +56,18 @@ pub fn live(session: Arc<Session>) -> std::thread::JoinHandle<()> {
                 MigrationStatus::Cancelling => "cancelling",
                 _ => "migrating",
             };
+            let disks = if disk.total > 0 {
+                format!(
+                    ", disks {} % copied, {} left",
+                    disk.bulk_percent,
+                    bytes(disk.remaining)
+                )
+            } else {
+                String::new()
+            };
             let _ = write!(
                 err,
-                "\r\x1b[K{phase}: sent {}, remaining {}, {:.2} GB/s, guest dirtying {} pages/s, expected downtime {} ms",
+                "\r\x1b[K{phase}: sent {}, RAM left {}{disks}, {:.2} GB/s, guest dirtying {} pages/s, expected downtime {} ms",
                 bytes(info.transferred),
                 bytes(ram.remaining),
                 info.bandwidth / 1e9,
@@ -74,6 +84,7 @@ pub fn summary(
     uri: &str,
     info: &MigrationInfo,
     ram: &RamStatsSnapshot,
+    disk: &BlockStatsSnapshot,
     params: &MigrationParams,
 ) -> String {
     let mut s = format!(
@@ -94,6 +105,14 @@ pub fn summary(
         ram.duplicate,
         ram.normal
     );
+    if disk.total > 0 {
+        s += &format!(
+            "  disks         {} copied of {}, {} zero chunks\n",
+            bytes(disk.transferred),
+            bytes(disk.total),
+            disk.zero_chunks
+        );
+    }
     s += &format!(
         "  convergence   {} dirty syncs, {} chunks; the guest dirtied {} pages/s at the last sync\n",
         ram.dirty_sync_count,

@@ -5,6 +5,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
+use block_migration::BlockStatsSnapshot;
 use qemu_file::MigrationUri;
 use savevm::{MigrationInfo, MigrationParams, MigrationStatus};
 use serde_json::{Value, json};
@@ -23,6 +24,8 @@ pub struct Session {
     // Lock: the parameters for the next (and the running) migration; set by the CLI and
     // `migrate-set-parameters`.
     params: Mutex<MigrationParams>,
+    /// The `return-path` capability: await the destination's answer on sockets.
+    return_path: std::sync::atomic::AtomicBool,
     // Lock: the current or last outgoing migration; set by `migrate`, read by queries.
     outgoing: Mutex<Option<Arc<Outgoing>>>,
     // Lock: set once to the process's exit code; `quit_cond` wakes the main thread.
@@ -43,6 +46,7 @@ impl Session {
             machine,
             verify,
             params: Mutex::new(params),
+            return_path: std::sync::atomic::AtomicBool::new(true),
             outgoing: Mutex::new(None),
             quit: Mutex::new(None),
             quit_cond: Condvar::new(),
@@ -80,17 +84,33 @@ impl Session {
         }
     }
 
+    /// The `return-path` capability.
+    pub fn return_path(&self) -> bool {
+        self.return_path.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Sets the `return-path` capability for the next migration.
+    pub fn set_return_path(&self, on: bool) {
+        self.return_path
+            .store(on, std::sync::atomic::Ordering::SeqCst);
+    }
+
     /// Starts migrating to `uri`.
     ///
     /// # Errors
-    /// A migration is already running, or the VM was migrated away.
+    /// A migration is already running, the VM was migrated away, or it is still being
+    /// loaded from a stream.
     pub fn migrate(self: &Arc<Self>, uri: MigrationUri) -> Result<()> {
         let mut out = lock(&self.outgoing);
         if out.as_ref().is_some_and(|o| !o.finished()) {
             bail!("There's a migration process in progress");
         }
-        if self.machine.run_state() == crate::machine::RunState::PostMigrate {
-            bail!("the guest was already migrated away");
+        match self.machine.run_state() {
+            crate::machine::RunState::PostMigrate => bail!("the guest was already migrated away"),
+            crate::machine::RunState::InMigrate => {
+                bail!("the guest is still being loaded from a migration stream")
+            }
+            _ => {}
         }
         let me = Arc::downgrade(self);
         let events = self.machine.events.clone();
@@ -98,8 +118,9 @@ impl Session {
             self.machine.clone(),
             uri.clone(),
             self.params(),
+            self.return_path(),
             self.verify,
-            move |info| {
+            move |info: &MigrationInfo| {
                 events.emit(
                     "migration",
                     json!({"status": info.status.as_str(), "error": info.error}),
@@ -129,7 +150,12 @@ impl Session {
         let Some(o) = out.as_ref() else {
             return json!({});
         };
-        query_migrate_json(&o.ctl.info(), &o.ram.snapshot(), &self.params())
+        query_migrate_json(
+            &o.ctl.info(),
+            &o.ram.snapshot(),
+            &o.disk.snapshot(),
+            &self.params(),
+        )
     }
 
     /// Waits for the running migration to end and returns its info (None if none ran).
@@ -140,10 +166,16 @@ impl Session {
     }
 
     /// A snapshot of the running migration for the progress display.
-    pub fn progress(&self) -> Option<(MigrationInfo, ram_list::RamStatsSnapshot)> {
+    pub fn progress(
+        &self,
+    ) -> Option<(
+        MigrationInfo,
+        ram_list::RamStatsSnapshot,
+        BlockStatsSnapshot,
+    )> {
         lock(&self.outgoing)
             .as_ref()
-            .map(|o| (o.ctl.info(), o.ram.snapshot()))
+            .map(|o| (o.ctl.info(), o.ram.snapshot(), o.disk.snapshot()))
     }
 
     /// Asks the process to end with `code`.
@@ -175,6 +207,7 @@ impl Session {
 pub fn query_migrate_json(
     info: &MigrationInfo,
     ram: &ram_list::RamStatsSnapshot,
+    disk: &BlockStatsSnapshot,
     params: &MigrationParams,
 ) -> Value {
     let mut v = json!({
@@ -198,6 +231,13 @@ pub fn query_migrate_json(
         },
     });
     let o = v.as_object_mut().expect("an object");
+    if disk.total > 0 {
+        o.insert(
+            "disk".into(),
+            json!({"transferred": disk.transferred, "remaining": disk.remaining, "total": disk.total,
+                   "x-zero-chunks": disk.zero_chunks, "x-bulk-percent": disk.bulk_percent}),
+        );
+    }
     if let Some(d) = info.downtime {
         o.insert("downtime".into(), json!(d.as_millis() as u64));
     }

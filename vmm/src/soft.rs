@@ -20,6 +20,9 @@ use crate::memory::GuestRam;
 use crate::serial::COM1;
 
 const PAGE: u64 = 4096;
+/// Where the built-in guest keeps its disk request block and buffer (guest.S).
+const DISK_REQ: u64 = 0x8800;
+const DISK_BUF: u64 = 0x9000;
 
 /// Guest RAM for the software backend: only the VMM's own writes exist.
 ///
@@ -98,9 +101,10 @@ impl SoftBackend {
         });
         let s = shared.clone();
         let mem = ram.mem.clone();
+        let mem_size = ram.size();
         let thread = std::thread::Builder::new()
             .name("soft-cpu".into())
-            .spawn(move || Worker::new(mem, bus, s).run())
+            .spawn(move || Worker::new(mem, mem_size, bus, s).run())
             .expect("spawning the software vCPU thread");
         SoftBackend {
             shared,
@@ -206,6 +210,11 @@ impl DeviceHandler for SoftSection {
         if st.phase > 2 {
             return Err(format!("phase {} does not exist", st.phase).into());
         }
+        if st.phase == 1 && st.pass == 0 {
+            return Err("a running workload is in pass 0, which does not exist".into());
+        }
+        // next_page is checked against the range once the parameters are read from the
+        // loaded memory (Worker::read_params).
         *self.pending.lock().unwrap_or_else(|p| p.into_inner()) = Some(st);
         Ok(())
     }
@@ -213,6 +222,7 @@ impl DeviceHandler for SoftSection {
 
 struct Worker {
     mem: GuestMemoryMmap<AtomicBitmap>,
+    mem_size: u64,
     bus: Arc<Bus>,
     shared: Arc<Shared>,
     st: SoftState,
@@ -221,9 +231,15 @@ struct Worker {
 }
 
 impl Worker {
-    fn new(mem: GuestMemoryMmap<AtomicBitmap>, bus: Arc<Bus>, shared: Arc<Shared>) -> Self {
+    fn new(
+        mem: GuestMemoryMmap<AtomicBitmap>,
+        mem_size: u64,
+        bus: Arc<Bus>,
+        shared: Arc<Shared>,
+    ) -> Self {
         Worker {
             mem,
+            mem_size,
             bus,
             shared,
             st: SoftState::default(),
@@ -277,6 +293,15 @@ impl Worker {
     }
 
     fn run(mut self) {
+        // However the worker ends, a thread waiting for it to park must not wait forever.
+        struct Exited(Arc<Shared>);
+        impl Drop for Exited {
+            fn drop(&mut self) {
+                self.0.lock().exited = true;
+                self.0.cond.notify_all();
+            }
+        }
+        let _exited = Exited(self.shared.clone());
         loop {
             if (!self.shared.run.load(Ordering::Acquire) || self.st.phase == 2) && !self.park() {
                 return;
@@ -285,7 +310,21 @@ impl Worker {
         }
     }
 
-    /// One unit of work: a page (dirty), a MiB (fill), or the boot.
+    /// Units (pages or disk blocks) of the workload, or None when the parameters or the
+    /// progress make no sense (memory from a stream could say anything): the guest halts.
+    fn units(&self, p: &GuestParams) -> Option<u64> {
+        let units = match p.workload {
+            Workload::Disk => p.disk_blocks,
+            _ => p.range_size / PAGE,
+        };
+        let range_ok = p
+            .range_start
+            .checked_add(p.range_size)
+            .is_some_and(|end| p.range_start >= guest::MIN_RANGE_START && end <= self.mem_size);
+        (range_ok && units > 0 && self.st.next_page < units && self.st.pass >= 1).then_some(units)
+    }
+
+    /// One unit of work: a page (dirty), a disk block (disk), a MiB (fill), or the boot.
     fn step(&mut self) {
         if self.st.phase == 0 {
             self.read_params();
@@ -295,42 +334,80 @@ impl Worker {
                 .mem
                 .read_obj::<u64>(GuestAddress(guest::PASS_ADDR))
                 .unwrap_or(0)
-                + 1;
+                .saturating_add(1);
             return;
         }
         let Some(p) = self.params else {
             self.st.phase = 2;
             return;
         };
-        let pages = p.range_size / PAGE;
+        if p.workload == Workload::Idle {
+            self.st.phase = 2;
+            return;
+        }
+        let Some(units) = self.units(&p) else {
+            self.putc(b'?');
+            self.st.phase = 2;
+            return;
+        };
         match p.workload {
-            Workload::Idle => self.st.phase = 2,
+            Workload::Idle => {}
             Workload::Fill => {
-                let chunk = 256.min(pages - self.st.next_page);
+                let chunk = 256.min(units - self.st.next_page);
                 let addr = p.range_start + self.st.next_page * PAGE;
                 let _ = self
                     .mem
                     .write_slice(&vec![0xa5; (chunk * PAGE) as usize], GuestAddress(addr));
                 self.st.next_page += chunk;
-                if self.st.next_page >= pages {
+                if self.st.next_page >= units {
                     self.putc(b'F');
                     self.st.phase = 2;
                 }
             }
-            Workload::Dirty => self.dirty_page(&p, pages),
+            Workload::Dirty => {
+                let addr = GuestAddress(p.range_start + self.st.next_page * PAGE);
+                let old = self.mem.read_obj::<u64>(addr).unwrap_or(0);
+                if old != self.st.pass - 1 {
+                    self.mismatch();
+                }
+                let _ = self.mem.write_obj(self.st.pass, addr);
+                self.advance(&p, units);
+            }
+            Workload::Disk => {
+                // As the guest does: fill the buffer, write the request block, ring.
+                let block = self.st.next_page;
+                let word = (block << 32 | (self.st.pass & 0xffff_ffff)).to_le_bytes();
+                let buf: Vec<u8> = word.iter().copied().cycle().take(PAGE as usize).collect();
+                let _ = self.mem.write_slice(&buf, GuestAddress(DISK_BUF));
+                let mut req = [0u8; 32];
+                req[0..4].copy_from_slice(&crate::disk::CMD_WRITE.to_le_bytes());
+                req[8..16].copy_from_slice(&(block * 8).to_le_bytes());
+                req[16..20].copy_from_slice(&8u32.to_le_bytes());
+                req[24..32].copy_from_slice(&DISK_BUF.to_le_bytes());
+                let _ = self.mem.write_slice(&req, GuestAddress(DISK_REQ));
+                self.bus
+                    .io_out(guest::DISK_PORT, &(DISK_REQ as u32).to_le_bytes());
+                let status = self
+                    .mem
+                    .read_obj::<u32>(GuestAddress(DISK_REQ + 4))
+                    .unwrap_or(0);
+                if status != crate::disk::STATUS_DONE {
+                    self.mismatch();
+                }
+                self.advance(&p, units);
+            }
         }
     }
 
-    fn dirty_page(&mut self, p: &GuestParams, pages: u64) {
-        let addr = GuestAddress(p.range_start + self.st.next_page * PAGE);
-        let old = self.mem.read_obj::<u64>(addr).unwrap_or(0);
-        if old != self.st.pass - 1 {
-            let a = GuestAddress(guest::MISMATCH_ADDR);
-            let n = self.mem.read_obj::<u64>(a).unwrap_or(0);
-            let _ = self.mem.write_obj(n + 1, a);
-            self.st.bad = true;
-        }
-        let _ = self.mem.write_obj(self.st.pass, addr);
+    fn mismatch(&mut self) {
+        let a = GuestAddress(guest::MISMATCH_ADDR);
+        let n = self.mem.read_obj::<u64>(a).unwrap_or(0);
+        let _ = self.mem.write_obj(n + 1, a);
+        self.st.bad = true;
+    }
+
+    /// Paces, moves to the next unit, and ends the pass after the last one.
+    fn advance(&mut self, p: &GuestParams, units: u64) {
         self.st.next_page += 1;
         if p.rate > 0 {
             self.deadline += Duration::from_secs_f64(1.0 / f64::from(p.rate));
@@ -342,7 +419,7 @@ impl Worker {
                 self.deadline = now;
             }
         }
-        if self.st.next_page >= pages {
+        if self.st.next_page >= units {
             let _ = self
                 .mem
                 .write_obj(self.st.pass, GuestAddress(guest::PASS_ADDR));

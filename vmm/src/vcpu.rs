@@ -54,7 +54,9 @@ struct Kick {
 
 // SAFETY: the pointer is only used for atomic byte stores while the owning vCPU thread
 // keeps its `kvm_run` mapping alive, which the `kick` mutex guarantees (the thread clears
-// the kick under that mutex before it drops its fd).
+// the kick under that mutex before it drops its fd, on every exit path). The vCPU thread
+// meanwhile holds a `&mut kvm_run` inside kvm-ioctls' `run()`; the kernel reads the byte,
+// and a concurrent store of it is the protocol the KVM API prescribes, as in every VMM.
 unsafe impl Send for Kick {}
 
 /// The shared half of a vCPU: control state and the kick.
@@ -158,6 +160,8 @@ impl Vcpu {
             c.want = Want::Pause;
         }
         drop(c);
+        // A vCPU sleeping after a HLT exit waits on the condition variable, not in KVM.
+        self.shared.cond.notify_all();
         self.shared.kick();
     }
 
@@ -236,6 +240,18 @@ impl Drop for Vcpu {
     }
 }
 
+/// Ends a vCPU thread cleanly however it ends (a panic included): the kick is removed
+/// before the `kvm_run` mapping goes away with the fd, and waiters learn the vCPU is gone.
+struct ThreadEnd<'a>(&'a VcpuShared);
+
+impl Drop for ThreadEnd<'_> {
+    fn drop(&mut self) {
+        *self.0.kick.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        self.0.lock().exited = true;
+        self.0.cond.notify_all();
+    }
+}
+
 fn run(mut fd: VcpuFd, s: Arc<VcpuShared>, bus: Arc<Bus>, msrs: Arc<Vec<u32>>) {
     {
         let ie = std::ptr::addr_of_mut!(fd.get_kvm_run().immediate_exit);
@@ -246,6 +262,8 @@ fn run(mut fd: VcpuFd, s: Arc<VcpuShared>, bus: Arc<Bus>, msrs: Arc<Vec<u32>>) {
             immediate_exit: ie,
         });
     }
+    // Declared after `fd`, so it is dropped first: the kick goes before the mapping does.
+    let _end = ThreadEnd(&s);
     while control(&mut fd, &s, &msrs) {
         match fd.run() {
             Ok(VcpuExit::IoOut(port, data)) => bus.io_out(port, data),
@@ -279,11 +297,6 @@ fn run(mut fd: VcpuFd, s: Arc<VcpuShared>, bus: Arc<Bus>, msrs: Arc<Vec<u32>>) {
             Err(e) => fail(&s, format!("KVM_RUN failed: {e}")),
         }
     }
-    *s.kick.lock().unwrap_or_else(|p| p.into_inner()) = None;
-    let mut c = s.lock();
-    c.exited = true;
-    drop(c);
-    s.cond.notify_all();
 }
 
 fn fail(s: &VcpuShared, why: String) {
@@ -311,15 +324,8 @@ fn control(fd: &mut VcpuFd, s: &VcpuShared, msrs: &[u32]) -> bool {
             c.parked = false;
             return false;
         }
-        if c.want == Want::Run && c.fault.is_none() {
-            c.parked = false;
-            s.cond.notify_all();
-            return true;
-        }
-        if !c.parked {
-            c.parked = true;
-            s.cond.notify_all();
-        }
+        // A state request made while parked is answered before the vCPU runs again, so
+        // the requester (holding the VM lock) never waits for a vCPU that left.
         if let Some(cmd) = c.command.take() {
             drop(c);
             let reply = match cmd {
@@ -330,6 +336,15 @@ fn control(fd: &mut VcpuFd, s: &VcpuShared, msrs: &[u32]) -> bool {
             c.reply = Some(reply.map_err(|e| format!("{e:#}")));
             s.cond.notify_all();
             continue;
+        }
+        if c.want == Want::Run && c.fault.is_none() {
+            c.parked = false;
+            s.cond.notify_all();
+            return true;
+        }
+        if !c.parked {
+            c.parked = true;
+            s.cond.notify_all();
         }
         c = s.wait(c);
     }
