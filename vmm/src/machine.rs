@@ -170,6 +170,9 @@ pub struct MachineConfig {
     pub serial: Box<dyn Write + Send>,
     /// The disks.
     pub drives: Vec<DriveSpec>,
+    /// Hash shared disks at the switchover (`--verify`): they must be hashed before the
+    /// destination may write them.
+    pub verify: bool,
 }
 
 /// A virtual machine.
@@ -198,6 +201,10 @@ pub struct Machine {
     // Lock: the shared disks this source unlocked for the destination at the switchover
     // (the migration thread only).
     handed_over: Mutex<Vec<Arc<Disk>>>,
+    verify: bool,
+    // Lock: with `verify`, the hashes of the shared disks taken at the switchover (the
+    // migration thread writes, the verify report reads).
+    shared_hashes: Mutex<Vec<(String, u64)>>,
 }
 
 impl Machine {
@@ -277,6 +284,8 @@ impl Machine {
             state: Mutex::new((RunState::Paused, false)),
             state_cond: Condvar::new(),
             handed_over: Mutex::new(Vec::new()),
+            verify: cfg.verify,
+            shared_hashes: Mutex::new(Vec::new()),
         }))
     }
 
@@ -378,6 +387,16 @@ impl Machine {
         Ok(())
     }
 
+    /// The hash of a shared disk taken at the switchover (`verify`).
+    pub fn shared_hash(&self, name: &str) -> Option<u64> {
+        self.shared_hashes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, h)| *h)
+    }
+
     /// The guest's pass counter and stale-page counter (built-in guest).
     pub fn guest_status(&self) -> (u64, u64) {
         (
@@ -410,9 +429,17 @@ impl VmControl for Machine {
             d.flush().map_err(|e| format!("{e:#}"))?;
         }
         // Shared disks go to the destination with the guest: release them now that
-        // they are flushed, so it can take them when it starts.
+        // they are flushed, so it can take them when it starts. `verify` hashes them
+        // first: afterwards the destination may write them.
         let mut handed = self.handed_over.lock().unwrap_or_else(|p| p.into_inner());
         for d in self.disks.iter().filter(|d| !d.migrates()) {
+            if self.verify {
+                let h = crate::disk::hash(d).map_err(|e| format!("{e:#}"))?;
+                self.shared_hashes
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push((d.name().to_string(), h));
+            }
             d.unlock();
             handed.push(d.clone());
         }

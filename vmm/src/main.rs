@@ -253,6 +253,7 @@ fn run(a: &RunArgs) -> Result<i32> {
             incoming: a.incoming.is_some(),
             serial,
             drives: a.drives.clone(),
+            verify: a.verify,
         },
         events.clone(),
     )?;

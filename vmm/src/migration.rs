@@ -188,7 +188,12 @@ fn emit_hash(machine: &Machine, side: &str) {
         "vmm: {side} RAM hash at the switchover: {hash:016x} (guest pass {pass}, stale pages {mismatches})"
     );
     for d in &machine.disks {
-        match crate::disk::hash(d) {
+        // A shared disk was hashed at the switchover, before the destination could write it.
+        let hash = match machine.shared_hash(d.name()) {
+            Some(h) if side == "source" => Ok(h),
+            _ => crate::disk::hash(d),
+        };
+        match hash {
             Ok(h) => {
                 machine.events.emit(
                     "disk-hash",
