@@ -209,7 +209,8 @@ fn main() {
 
 fn analyze(file: &std::path::Path) -> Result<i32> {
     let mut ram = ram_list::RamWalker::default();
-    let text = savevm::dump_stream(file, &mut [&mut ram])
+    let mut block = block_migration::BlockWalker::default();
+    let text = savevm::dump_stream(file, &mut [&mut ram, &mut block])
         .with_context(|| format!("reading {}", file.display()))?;
     print!("{text}");
     Ok(0)
