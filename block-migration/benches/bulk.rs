@@ -46,15 +46,24 @@ fn ours(src: &Path, dst: &Path) -> Duration {
     let t = Instant::now();
     let loader = std::thread::spawn(move || {
         let mut vm = SaveVm::new("pc");
-        vm.register_live(BlockMigration::info(), Box::new(BlockMigration::new(vec![d], Arc::default())))
-            .unwrap();
-        vm.load(&mut QemuFile::new(Box::new(UnixTransport::new(b, "bench".into()))))
-            .unwrap();
+        vm.register_live(
+            BlockMigration::info(),
+            Box::new(BlockMigration::new(vec![d], Arc::default())),
+        )
+        .unwrap();
+        vm.load(&mut QemuFile::new(Box::new(UnixTransport::new(
+            b,
+            "bench".into(),
+        ))))
+        .unwrap();
     });
     let mut vm = SaveVm::new("pc");
     vm.register_live(
         BlockMigration::info(),
-        Box::new(BlockMigration::new(vec![s], Arc::new(BlockStats::default()))),
+        Box::new(BlockMigration::new(
+            vec![s],
+            Arc::new(BlockStats::default()),
+        )),
     )
     .unwrap();
     let mut f = QemuFile::new(Box::new(UnixTransport::new(a, "bench".into())));
@@ -77,7 +86,14 @@ fn ours(src: &Path, dst: &Path) -> Duration {
 fn cp(src: &Path, dst: &Path) -> Duration {
     let _ = std::fs::remove_file(dst);
     let t = Instant::now();
-    assert!(Command::new("cp").arg(src).arg(dst).status().unwrap().success());
+    assert!(
+        Command::new("cp")
+            .arg(src)
+            .arg(dst)
+            .status()
+            .unwrap()
+            .success()
+    );
     std::fs::File::open(dst).unwrap().sync_all().unwrap();
     t.elapsed()
 }
@@ -92,13 +108,21 @@ fn main() {
         .unwrap_or_else(std::env::temp_dir)
         .join(format!("blockmig-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let (src, a, b) = (dir.join("src.img"), dir.join("ours.img"), dir.join("cp.img"));
+    let (src, a, b) = (
+        dir.join("src.img"),
+        dir.join("ours.img"),
+        dir.join("cp.img"),
+    );
     make_image(&src);
     let gibps = |d: Duration| SIZE as f64 / (1u64 << 30) as f64 / d.as_secs_f64();
     let mut ratios = vec![];
     for round in 0..3 {
         let (to, tc) = (ours(&src, &a), cp(&src, &b));
-        assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap(), "the copies differ");
+        assert_eq!(
+            std::fs::read(&a).unwrap(),
+            std::fs::read(&b).unwrap(),
+            "the copies differ"
+        );
         println!(
             "round {round}: block migration {:.2} GiB/s, cp + fsync {:.2} GiB/s, ratio {:.2}",
             gibps(to),

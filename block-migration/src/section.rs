@@ -12,6 +12,8 @@ use crate::format::{
     BLK_MIG_FLAG_DEVICE_BLOCK, BLK_MIG_FLAG_DEVICE_INFO, BLK_MIG_FLAG_EOS, BLK_MIG_FLAG_PROGRESS,
     BLK_MIG_FLAG_ZERO_BLOCK, CHUNK_SIZE, Record, SECTOR_SIZE, SECTORS_PER_CHUNK,
 };
+use dirty_bitmap::DirtyBitmap;
+
 use crate::{BlockStats, Disk, Error, Result};
 
 /// The version this section writes: QEMU's version 1 plus the device list at START.
@@ -25,6 +27,19 @@ struct Cursor {
     bulk_done: bool,
     /// Where the search for dirty chunks goes on.
     dirty_next: u64,
+}
+
+/// The chunks to resend, as of the last sync, per disk. Writes mark the disk's own bitmap
+/// as they happen; a sync moves those bits here, as the KVM dirty log does for RAM, so a
+/// chunk the guest keeps writing is resent once per sync, not on every iteration.
+fn sync_into(d: &Disk, to_send: &DirtyBitmap) -> u64 {
+    let live = d.dirty();
+    let mut raw = Vec::with_capacity(live.word_count());
+    for w in 0..live.word_count() {
+        raw.push(live.take_word(w));
+    }
+    // Both bitmaps cover the same chunks, so a merge at chunk 0 always fits.
+    to_send.merge_raw(0, &raw).unwrap_or(0) as u64
 }
 
 /// A chunk read and waiting to be sent; `None` data: all zero.
@@ -52,6 +67,8 @@ pub struct BlockMigration {
     disks: Vec<Arc<Disk>>,
     stats: Arc<BlockStats>,
     cursors: Vec<Cursor>,
+    /// Per disk: the chunks the last sync found written (see [`sync_into`]).
+    to_send: Vec<DirtyBitmap>,
     ready: VecDeque<Ready>,
     ready_bytes: u64,
     progress: Option<u64>,
@@ -90,6 +107,7 @@ impl BlockMigration {
             disks,
             stats,
             cursors: vec![Cursor::default(); n],
+            to_send: Vec::new(),
             ready: VecDeque::new(),
             ready_bytes: 0,
             progress: None,
@@ -138,7 +156,7 @@ impl BlockMigration {
                 }
                 continue;
             }
-            let dirty = d.dirty();
+            let dirty = &self.to_send[i];
             let found = dirty
                 .find_next_dirty(c.dirty_next as usize)
                 .or_else(|| dirty.find_next_dirty(0));
@@ -225,7 +243,9 @@ impl BlockMigration {
             if !c.bulk_done {
                 bytes += (d.chunks().saturating_sub(c.bulk_next)) * CHUNK_SIZE;
             }
-            bytes += d.dirty().dirty_count() as u64 * CHUNK_SIZE;
+        }
+        for t in &self.to_send {
+            bytes += t.dirty_count() as u64 * CHUNK_SIZE;
         }
         bytes
     }
@@ -236,7 +256,8 @@ impl BlockMigration {
                 .disks
                 .iter()
                 .zip(&self.cursors)
-                .all(|(d, c)| c.bulk_done && d.dirty().dirty_count() == 0)
+                .all(|(_, c)| c.bulk_done)
+            && self.to_send.iter().all(|t| t.dirty_count() == 0)
     }
 
     fn disk_index(&self, name: &str) -> Result<usize> {
@@ -368,6 +389,7 @@ impl BlockMigration {
 impl SectionHandler for BlockMigration {
     fn setup(&mut self, f: &mut QemuFile) -> std::result::Result<(), SectionError> {
         self.cursors = vec![Cursor::default(); self.disks.len()];
+        self.to_send.clear();
         self.ready.clear();
         self.ready_bytes = 0;
         self.progress = None;
@@ -382,6 +404,7 @@ impl SectionHandler for BlockMigration {
             }
             // The bulk copy covers everything written before now.
             d.dirty().clear_all();
+            self.to_send.push(DirtyBitmap::new(d.chunks() as usize));
             total += d.size();
             Record::write_to(
                 f,
@@ -416,12 +439,16 @@ impl SectionHandler for BlockMigration {
         Ok(self.nothing_left())
     }
 
+    /// The rest of the bulk copy and what the last sync found; writes since then are
+    /// counted by the next sync.
     fn pending_estimate(&self) -> u64 {
         self.remaining()
     }
 
     fn pending_exact(&mut self) -> std::result::Result<u64, SectionError> {
-        // The device marks chunks as it writes: the bitmap is always current.
+        for (d, t) in self.disks.iter().zip(&self.to_send) {
+            sync_into(d, t);
+        }
         let r = self.remaining();
         self.stats.set_remaining(r);
         Ok(r)

@@ -347,6 +347,8 @@ impl MigrationControl {
 
 /// The length of a bandwidth measurement window.
 pub const WINDOW: Duration = Duration::from_millis(100);
+/// How long the thread sends before it trusts a provisional bandwidth figure.
+const PROVISIONAL: Duration = Duration::from_millis(10);
 
 /// Runs an outgoing migration to its end, in the calling thread (the migration thread).
 ///
@@ -489,6 +491,7 @@ fn migrate<V: VmControl + ?Sized>(
     let mut window_bytes = f.bytes_written();
     let mut threshold: u64 = 0;
     let mut bandwidth: f64 = 0.0;
+    let mut measured = false;
     let mut iterations = 0u64;
     let mut syncs = 0u64;
     loop {
@@ -514,6 +517,14 @@ fn migrate<V: VmControl + ?Sized>(
             });
             window_start = now;
             window_bytes = f.bytes_written();
+            measured = true;
+        } else if !measured && elapsed >= PROVISIONAL {
+            // Until the first window closes, the rate so far stands in for the bandwidth:
+            // with a threshold of 0, a guest that writes at all would make the thread sync
+            // and resend in a tight loop for the whole first window.
+            let sent = f.bytes_written() - window_bytes;
+            bandwidth = sent as f64 / elapsed.as_secs_f64();
+            threshold = (bandwidth * params.downtime_limit.as_secs_f64()) as u64;
         }
 
         // Slow reads (disk chunks) happen here, outside the VM lock.

@@ -66,6 +66,14 @@ impl GuestParams {
     /// A range that is unaligned, too low, empty, or not inside the guest's memory.
     pub fn validate(&self, memory: u64) -> Result<()> {
         ensure!(
+            self.workload != Workload::Disk || self.disk_blocks > 0,
+            "the disk workload needs a disk: add --drive file=PATH,id=NAME"
+        );
+        if !matches!(self.workload, Workload::Fill | Workload::Dirty) {
+            // Only fill and dirty use the memory range.
+            return Ok(());
+        }
+        ensure!(
             self.range_start % PAGE == 0 && self.range_size % PAGE == 0,
             "the workload range must be page aligned (start {:#x}, size {:#x})",
             self.range_start,
@@ -81,10 +89,6 @@ impl GuestParams {
             "the workload range ends at {} MiB, past the guest's {} MiB of memory",
             (self.range_start + self.range_size) >> 20,
             memory >> 20
-        );
-        ensure!(
-            self.workload != Workload::Disk || self.disk_blocks > 0,
-            "the disk workload needs a disk: add --drive file=PATH,id=NAME"
         );
         Ok(())
     }

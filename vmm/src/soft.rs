@@ -317,10 +317,10 @@ impl Worker {
             Workload::Disk => p.disk_blocks,
             _ => p.range_size / PAGE,
         };
-        let range_ok = p
-            .range_start
-            .checked_add(p.range_size)
-            .is_some_and(|end| p.range_start >= guest::MIN_RANGE_START && end <= self.mem_size);
+        let range_ok = p.workload == Workload::Disk
+            || p.range_start
+                .checked_add(p.range_size)
+                .is_some_and(|end| p.range_start >= guest::MIN_RANGE_START && end <= self.mem_size);
         (range_ok && units > 0 && self.st.next_page < units && self.st.pass >= 1).then_some(units)
     }
 
