@@ -366,7 +366,8 @@ fn run(a: &RunArgs) -> Result<i32> {
     }
     events.emit(
         "exit",
-        json!({"reason": "quit", "pass": pass, "mismatches": mismatches, "serial_tail": machine.console.tail()}),
+        json!({"reason": "quit", "pass": pass, "mismatches": mismatches, "serial_tail": machine.console.tail(),
+               "fault": machine.cpus.fault()}),
     );
     Ok(code)
 }

@@ -46,6 +46,7 @@ fn carried_on(src: &Vmm, dst: &Vmm) {
 
 #[test]
 fn a_disk_written_throughout_arrives_identical() {
+    common::init();
     let dir = scratch("disk");
     let (s, d) = (dir.join("src.img"), dir.join("dst.img"));
     image(&s, 256 * MIB);
@@ -130,6 +131,7 @@ fn pattern(img: &[u8], done: u64) -> u64 {
 
 #[test]
 fn a_shared_disk_is_handed_over_not_copied() {
+    common::init();
     let dir = scratch("shared");
     let img = dir.join("shared.img");
     image(&img, 32 * MIB);
@@ -207,6 +209,7 @@ fn throttled(dir: &Path, q: &mut Qmp, name: &str) -> Vmm {
 
 #[test]
 fn cancel_in_the_bulk_and_in_the_dirty_phase_then_a_migration_that_succeeds() {
+    common::init();
     let dir = scratch("diskcancel");
     let img = dir.join("src.img");
     image(&img, 32 * MIB);
@@ -314,6 +317,7 @@ fn cancel_in_the_bulk_and_in_the_dirty_phase_then_a_migration_that_succeeds() {
 
 #[test]
 fn a_wrong_size_or_name_is_refused_before_any_write_and_the_source_runs_on() {
+    common::init();
     let dir = scratch("diskrefuse");
     let img = dir.join("src.img");
     image(&img, 16 * MIB);

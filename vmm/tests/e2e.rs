@@ -14,6 +14,7 @@ const GUEST: &[&str] = &["--memory", "128M", "--range-size", "64M"];
 
 #[test]
 fn over_a_unix_socket() {
+    common::init();
     let dir = scratch("unix");
     let sock = format!("unix:{}", dir.join("m.sock").display());
     let (src, dst) = migrate(&dir, &sock, Some(&sock), GUEST);
@@ -24,6 +25,7 @@ fn over_a_unix_socket() {
 
 #[test]
 fn over_tcp_on_loopback() {
+    common::init();
     let dir = scratch("tcp");
     let (src, dst) = migrate(&dir, "tcp:127.0.0.1:0", None, GUEST);
     check_migrated(&src, &dst);
@@ -31,6 +33,7 @@ fn over_tcp_on_loopback() {
 
 #[test]
 fn through_exec_commands() {
+    common::init();
     let dir = scratch("exec");
     let file = dir.join("stream");
     let out = format!("exec:cat > '{}'", file.display());
@@ -56,6 +59,7 @@ fn through_exec_commands() {
 
 #[test]
 fn to_a_file_and_back_and_analyzed() {
+    common::init();
     let dir = scratch("file");
     let file = dir.join("snapshot");
     let uri = format!("file:{}", file.display());
@@ -104,60 +108,47 @@ fn to_a_file_and_back_and_analyzed() {
 
 #[test]
 fn over_inherited_descriptors() {
+    common::init();
     let dir = scratch("fd");
     let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
     let (fa, fb) = (a.into_raw_fd(), b.into_raw_fd());
     // Each child keeps only its own end, without close-on-exec.
-    let spawn = |name: &str, keep: i32, close: i32, args: Vec<String>| {
-        let log = dir.join(format!("{name}.jsonl"));
-        let mut c = Command::new(common::VMM);
-        c.arg("run")
-            .args([
-                "--accel",
-                common::accel(),
-                "--progress",
-                "never",
-                "--serial",
-                "none",
-            ])
-            .arg("--log-json")
-            .arg(&log)
-            .args(args)
-            .args(GUEST)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::fs::File::create(dir.join(format!("{name}-stderr.txt"))).unwrap());
-        use std::os::unix::process::CommandExt;
-        // SAFETY: between fork and exec only async-signal-safe calls are made (fcntl, close).
-        unsafe {
-            c.pre_exec(move || {
-                libc::fcntl(keep, libc::F_SETFD, 0);
-                libc::close(close);
-                Ok(())
-            });
-        }
-        Vmm {
-            child: c.spawn().unwrap(),
-            log,
-            name: name.into(),
+    let pass = |keep: i32, close: i32| {
+        move |c: &mut Command| {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: between fork and exec only async-signal-safe calls are made (fcntl, close).
+            unsafe {
+                c.pre_exec(move || {
+                    libc::fcntl(keep, libc::F_SETFD, 0);
+                    libc::close(close);
+                    Ok(())
+                });
+            }
         }
     };
-    let mut dst = spawn(
+    let fb_uri = format!("fd:{fb}");
+    let fa_uri = format!("fd:{fa}");
+    let mut dst = Vmm::start_with(
+        &dir,
         "destination",
-        fb,
-        fa,
-        vec![
-            "--incoming".into(),
-            format!("fd:{fb}"),
-            "--verify".into(),
-            "--exit-after".into(),
-            "1".into(),
-        ],
+        &[
+            &[
+                "--incoming",
+                fb_uri.as_str(),
+                "--verify",
+                "--exit-after",
+                "1",
+            ],
+            GUEST,
+        ]
+        .concat(),
+        pass(fb, fa),
     );
-    let mut src = spawn(
+    let mut src = Vmm::start_with(
+        &dir,
         "source",
-        fa,
-        fb,
-        vec!["--migrate-to".into(), format!("fd:{fa}"), "--verify".into()],
+        &[&["--migrate-to", fa_uri.as_str(), "--verify"], GUEST].concat(),
+        pass(fa, fb),
     );
     // SAFETY: the parent's copies are no longer needed once both children have theirs.
     unsafe {
@@ -171,6 +162,7 @@ fn over_inherited_descriptors() {
 
 #[test]
 fn cancel_during_iteration_keeps_the_source_running_and_a_retry_succeeds() {
+    common::init();
     let dir = scratch("cancel");
     let qmp = dir.join("qmp.sock");
     let qmp_arg = format!("unix:{}", qmp.display());
@@ -266,6 +258,7 @@ fn cancel_during_iteration_keeps_the_source_running_and_a_retry_succeeds() {
 
 #[test]
 fn a_destination_with_less_memory_refuses_and_the_source_runs_on() {
+    common::init();
     let dir = scratch("refuse");
     let qmp = dir.join("qmp.sock");
     let qmp_arg = format!("unix:{}", qmp.display());
@@ -309,6 +302,7 @@ fn a_destination_with_less_memory_refuses_and_the_source_runs_on() {
 
 #[test]
 fn qmp_speaks_the_protocol() {
+    common::init();
     let dir = scratch("qmp");
     let qmp = dir.join("qmp.sock");
     let qmp_arg = format!("unix:{}", qmp.display());
@@ -352,6 +346,7 @@ fn qmp_speaks_the_protocol() {
 
 #[test]
 fn a_stalled_destination_blocks_neither_the_guest_nor_the_monitor() {
+    common::init();
     let dir = scratch("stall");
     let qmp = dir.join("qmp.sock");
     let qmp_arg = format!("unix:{}", qmp.display());

@@ -4,6 +4,10 @@
 //!   whole test suite.
 //! - `cargo xtask guest`: assembles `vmm/guest/guest.S` into the `guest.bin` vmm embeds
 //!   (`--check`: only verify that the committed bytes match the source).
+//! - `cargo xtask migrate-test [--quick]`: migrations between real vmm processes over every
+//!   transport and workload, with and without a disk, verified, in a table.
+
+mod migrate_test;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -28,6 +32,12 @@ enum Cmd {
         #[arg(long)]
         check: bool,
     },
+    /// Migrate between vmm processes over every transport and workload, verified.
+    MigrateTest {
+        /// A few representative cases (what CI runs).
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 fn main() -> Result<()> {
@@ -35,6 +45,7 @@ fn main() -> Result<()> {
     match cli.command {
         Cmd::Ci => ci(),
         Cmd::Guest { check } => guest(check),
+        Cmd::MigrateTest { quick } => migrate_test::run(build_vmm()?, quick),
     }
 }
 
@@ -58,6 +69,14 @@ fn run(step: &str, mut c: Command) -> Result<()> {
         bail!("{step} failed ({status})");
     }
     Ok(())
+}
+
+/// Builds vmm (the optimised dev profile) and returns its path.
+fn build_vmm() -> Result<PathBuf> {
+    let mut b = cargo();
+    b.args(["build", "--quiet", "-p", "vmm"]);
+    run("cargo build -p vmm", b)?;
+    Ok(root().join("target/debug/vmm"))
 }
 
 fn ci() -> Result<()> {
@@ -85,6 +104,8 @@ fn ci() -> Result<()> {
     test.args(["test", "--workspace", "--all-features"])
         .env("INSTA_UPDATE", "no");
     run("cargo test --workspace", test)?;
+    eprintln!("==> cargo xtask migrate-test --quick");
+    migrate_test::run(build_vmm()?, true)?;
     eprintln!("==> ci passed in {:.0?}", t.elapsed());
     Ok(())
 }

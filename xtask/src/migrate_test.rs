@@ -1,0 +1,518 @@
+//! `cargo xtask migrate-test`: the whole matrix of migrations between real vmm processes,
+//! every case verified, and a table.
+//!
+//! Transports (unix, tcp, exec, fd, file) × workloads (idle, fill, dirty) × with and
+//! without a migrated disk, then a cancel followed by a retry, and two destinations that
+//! must refuse (less memory, an unknown disk). Each migration is checked: RAM (and disk)
+//! hashes equal at the switchover, the guest going on at the destination, no stale page or
+//! failed disk write, the source gone; a refusal leaves the source running and its guest
+//! progressing.
+
+use std::os::fd::IntoRawFd;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, bail};
+use serde_json::{Value, json};
+use xtask::harness::{Qmp, Vmm, scratch};
+
+/// How a case moves its stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// A unix socket.
+    Unix,
+    /// TCP on 127.0.0.1.
+    Tcp,
+    /// `exec:cat > FILE`, then `exec:cat FILE`.
+    Exec,
+    /// An inherited socketpair.
+    Fd,
+    /// Save to a file, then restore from it.
+    File,
+}
+
+impl Transport {
+    fn name(self) -> &'static str {
+        match self {
+            Transport::Unix => "unix",
+            Transport::Tcp => "tcp",
+            Transport::Exec => "exec",
+            Transport::Fd => "fd",
+            Transport::File => "file",
+        }
+    }
+
+    /// Whether both sides run at once (the real downtime is then measurable).
+    fn live(self) -> bool {
+        matches!(self, Transport::Unix | Transport::Tcp | Transport::Fd)
+    }
+}
+
+/// One case of the matrix.
+#[derive(Debug, Clone)]
+enum Case {
+    Migrate {
+        transport: Transport,
+        workload: &'static str,
+        disk: bool,
+    },
+    CancelThenRetry,
+    RefuseMemory,
+    RefuseDisk,
+}
+
+impl Case {
+    fn name(&self) -> String {
+        match self {
+            Case::Migrate {
+                transport,
+                workload,
+                disk,
+            } => format!(
+                "{} {workload}{}",
+                transport.name(),
+                if *disk { " +disk" } else { "" }
+            ),
+            Case::CancelThenRetry => "cancel, then retry".into(),
+            Case::RefuseMemory => "refused: less memory".into(),
+            Case::RefuseDisk => "refused: unknown disk".into(),
+        }
+    }
+}
+
+/// What a case measured.
+#[derive(Debug, Default)]
+struct Measured {
+    total_ms: Option<f64>,
+    downtime_ms: Option<f64>,
+    bytes: Option<u64>,
+}
+
+const MEMORY: &str = "256M";
+const DISK_SIZE: u64 = 64 << 20;
+
+fn cases(quick: bool) -> Vec<Case> {
+    use Transport::*;
+    let mut v = Vec::new();
+    if quick {
+        for (transport, workload, disk) in [
+            (Unix, "dirty", true),
+            (Tcp, "dirty", false),
+            (Exec, "idle", false),
+            (Fd, "fill", false),
+            (File, "dirty", true),
+        ] {
+            v.push(Case::Migrate {
+                transport,
+                workload,
+                disk,
+            });
+        }
+    } else {
+        for transport in [Unix, Tcp, Exec, Fd, File] {
+            for workload in ["idle", "fill", "dirty"] {
+                for disk in [false, true] {
+                    v.push(Case::Migrate {
+                        transport,
+                        workload,
+                        disk,
+                    });
+                }
+            }
+        }
+    }
+    v.extend([Case::CancelThenRetry, Case::RefuseMemory, Case::RefuseDisk]);
+    v
+}
+
+/// A 64 MiB image with data in three chunks of four (the rest zero, as real disks).
+fn disk_image(path: &Path) -> Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path)?;
+    let mut buf = vec![0u8; 1 << 20];
+    for chunk in 0..DISK_SIZE >> 20 {
+        let fill = if chunk % 4 == 3 { 0 } else { (chunk as u8) | 1 };
+        buf.fill(fill);
+        f.write_all(&buf)?;
+    }
+    Ok(())
+}
+
+fn guest_args(workload: &str) -> Vec<String> {
+    guest_args_with(workload, MEMORY)
+}
+
+fn guest_args_with(workload: &str, memory: &str) -> Vec<String> {
+    let range = if workload == "fill" { "192M" } else { "64M" };
+    [
+        "--memory",
+        memory,
+        "--workload",
+        workload,
+        "--range-size",
+        range,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+fn refs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+fn event(v: &Vmm, name: &str, side: Option<&str>) -> Option<Value> {
+    v.events()
+        .into_iter()
+        .find(|e| e["event"] == name && side.is_none_or(|s| e["side"] == s))
+}
+
+/// Runs one migration case and checks it.
+fn migrate(
+    transport: Transport,
+    workload: &'static str,
+    disk: bool,
+    name: &str,
+) -> Result<Measured> {
+    let dir = scratch(&name.replace([' ', '+', ','], "-"));
+    let mut src_args = guest_args(workload);
+    let mut dst_args = guest_args(workload);
+    if disk {
+        let (s, d) = (dir.join("src.img"), dir.join("dst.img"));
+        disk_image(&s)?;
+        src_args.extend(["--drive".into(), format!("file={},id=disk0", s.display())]);
+        dst_args.extend([
+            "--drive".into(),
+            format!("file={},id=disk0,create=on", d.display()),
+        ]);
+    }
+    src_args.push("--verify".into());
+    dst_args.extend(["--verify".into(), "--exit-after".into(), "1".into()]);
+    let stream = dir.join("stream");
+    let (mut src, mut dst) = match transport {
+        Transport::Unix | Transport::Tcp => {
+            let listen = match transport {
+                Transport::Unix => format!("unix:{}", dir.join("m.sock").display()),
+                _ => "tcp:127.0.0.1:0".into(),
+            };
+            dst_args.extend(["--incoming".into(), listen]);
+            let mut dst = Vmm::start(&dir, "destination", &refs(&dst_args));
+            let uri = dst.wait_event("listening")["uri"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            src_args.extend(["--migrate-to".into(), uri]);
+            (Vmm::start(&dir, "source", &refs(&src_args)), dst)
+        }
+        Transport::Exec | Transport::File => {
+            let (out, inp) = match transport {
+                Transport::Exec => (
+                    format!("exec:cat > '{}'", stream.display()),
+                    format!("exec:cat '{}'", stream.display()),
+                ),
+                _ => (
+                    format!("file:{}", stream.display()),
+                    format!("file:{}", stream.display()),
+                ),
+            };
+            src_args.extend(["--migrate-to".into(), out]);
+            let mut src = Vmm::start(&dir, "source", &refs(&src_args));
+            if !src.wait().success() {
+                bail!("the source failed: {}", src.stderr());
+            }
+            dst_args.extend(["--incoming".into(), inp]);
+            (src, Vmm::start(&dir, "destination", &refs(&dst_args)))
+        }
+        Transport::Fd => {
+            let (a, b) = std::os::unix::net::UnixStream::pair()?;
+            let (fa, fb) = (a.into_raw_fd(), b.into_raw_fd());
+            let pass = |keep: i32, close: i32| {
+                move |c: &mut std::process::Command| {
+                    use std::os::unix::process::CommandExt;
+                    // SAFETY: only async-signal-safe calls (fcntl, close) between fork and exec.
+                    unsafe {
+                        c.pre_exec(move || {
+                            libc::fcntl(keep, libc::F_SETFD, 0);
+                            libc::close(close);
+                            Ok(())
+                        });
+                    }
+                }
+            };
+            dst_args.extend(["--incoming".into(), format!("fd:{fb}")]);
+            src_args.extend(["--migrate-to".into(), format!("fd:{fa}")]);
+            let dst = Vmm::start_with(&dir, "destination", &refs(&dst_args), pass(fb, fa));
+            let src = Vmm::start_with(&dir, "source", &refs(&src_args), pass(fa, fb));
+            // SAFETY: the parent's copies are not needed once both children have theirs.
+            unsafe {
+                libc::close(fa);
+                libc::close(fb);
+            }
+            (src, dst)
+        }
+    };
+    if !src.wait().success() {
+        bail!("the source failed: {}", last_lines(&src.stderr()));
+    }
+    if !dst.wait().success() {
+        bail!("the destination failed: {}", last_lines(&dst.stderr()));
+    }
+    // RAM (and disk) equal at the switchover.
+    let sh = event(&src, "ram-hash", Some("source"))
+        .ok_or_else(|| anyhow::anyhow!("no source RAM hash"))?;
+    let dh = event(&dst, "ram-hash", Some("destination"))
+        .ok_or_else(|| anyhow::anyhow!("no destination RAM hash"))?;
+    if sh["hash"] != dh["hash"] {
+        bail!(
+            "RAM differs at the switchover: {} vs {}",
+            sh["hash"],
+            dh["hash"]
+        );
+    }
+    if disk {
+        let (sd, dd) = (
+            event(&src, "disk-hash", Some("source")),
+            event(&dst, "disk-hash", Some("destination")),
+        );
+        match (sd, dd) {
+            (Some(a), Some(b)) if a["hash"] == b["hash"] => {}
+            (a, b) => bail!("the disk differs at the switchover: {a:?} vs {b:?}"),
+        }
+    }
+    // The guest goes on at the destination.
+    let exit = dst
+        .event("exit")
+        .ok_or_else(|| anyhow::anyhow!("the destination logged no exit"))?;
+    if let Some(f) = exit["fault"].as_str() {
+        bail!("the guest crashed at the destination: {f}");
+    }
+    if exit["mismatches"] != 0 {
+        bail!("the guest found stale pages: {exit}");
+    }
+    if workload == "dirty" && exit["pass"].as_u64() <= dh["pass"].as_u64() {
+        bail!(
+            "the guest did not carry on: pass {} at the switchover, {} at exit",
+            dh["pass"],
+            exit["pass"]
+        );
+    }
+    if src.event("exit").map(|e| e["reason"] == "migrated") != Some(true) {
+        bail!("the source did not end as migrated");
+    }
+    let sw = src
+        .event("switchover")
+        .ok_or_else(|| anyhow::anyhow!("no switchover"))?;
+    let downtime = match (
+        transport.live(),
+        sw["stopped_at_us"].as_u64(),
+        dst.event("incoming-resumed"),
+    ) {
+        (true, Some(stop), Some(r)) => r["ready_at_us"]
+            .as_u64()
+            .map(|ready| (ready as f64 - stop as f64) / 1e3),
+        _ => None,
+    };
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(Measured {
+        total_ms: sw["total_time_ms"].as_f64(),
+        downtime_ms: downtime,
+        bytes: sw["transferred"].as_u64(),
+    })
+}
+
+fn last_lines(s: &str) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(3)..].join(" / ")
+}
+
+fn qmp_source(dir: &Path, extra: &[&str]) -> (Vmm, Qmp) {
+    let qmp = dir.join("qmp.sock");
+    let arg = format!("unix:{}", qmp.display());
+    let g = guest_args("dirty");
+    let mut args = refs(&g);
+    args.extend(["--qmp", &arg, "--verify"]);
+    args.extend_from_slice(extra);
+    let src = Vmm::start(dir, "source", &args);
+    let mut q = Qmp::connect(&qmp);
+    q.wait_guest_pass(1);
+    (src, q)
+}
+
+fn destination(dir: &Path, name: &str, memory: &str, extra: &[&str]) -> (Vmm, String) {
+    // The destination's own parameters do not matter (its guest comes from the stream),
+    // but a range that fits its memory keeps them valid.
+    let g = guest_args_with("idle", memory);
+    let mut args = refs(&g);
+    args.extend(["--incoming", "tcp:127.0.0.1:0"]);
+    args.extend_from_slice(extra);
+    let mut d = Vmm::start(dir, name, &args);
+    let uri = d.wait_event("listening")["uri"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    (d, uri)
+}
+
+fn cancel_then_retry() -> Result<Measured> {
+    let dir = scratch("cancel-retry");
+    let (mut src, mut q) = qmp_source(&dir, &["--max-bandwidth", "20M"]);
+    let (mut d1, uri) = destination(&dir, "dest1", MEMORY, &[]);
+    q.cmd("migrate", json!({"uri": uri}));
+    q.wait_status("active");
+    std::thread::sleep(Duration::from_millis(300));
+    q.cmd("migrate_cancel", json!({}));
+    q.wait_status("cancelled");
+    if q.cmd("query-status", json!({}))["status"] != "running" {
+        bail!("the source does not run after the cancel");
+    }
+    let pass = q.cmd("x-query-guest", json!({}))["pass"]
+        .as_u64()
+        .unwrap_or(0);
+    q.wait_guest_pass(pass + 2);
+    if d1.wait().success() || d1.event("incoming-resumed").is_some() {
+        bail!("the cancelled destination ran the guest");
+    }
+    let (mut d2, uri) = destination(
+        &dir,
+        "destination",
+        MEMORY,
+        &["--verify", "--exit-after", "1"],
+    );
+    q.cmd("migrate-set-parameters", json!({"max-bandwidth": 0}));
+    q.cmd("migrate", json!({"uri": uri}));
+    let m = q.wait_status("completed");
+    let _ = q.try_cmd("quit", json!({}));
+    if !src.wait().success() || !d2.wait().success() {
+        bail!("a process failed: {}", last_lines(&d2.stderr()));
+    }
+    let sh = event(&src, "ram-hash", Some("source"));
+    let dh = event(&d2, "ram-hash", Some("destination"));
+    if sh.as_ref().map(|h| &h["hash"]) != dh.as_ref().map(|h| &h["hash"]) {
+        bail!("RAM differs after the retry");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(Measured {
+        total_ms: m["total-time"].as_f64(),
+        downtime_ms: None,
+        bytes: m["ram"]["transferred"].as_u64(),
+    })
+}
+
+fn refuse(what: &str) -> Result<Measured> {
+    let dir = scratch(&format!("refuse-{what}"));
+    let img = dir.join("src.img");
+    disk_image(&img)?;
+    let spec = format!("file={},id=disk0", img.display());
+    let (mut src, mut q) = qmp_source(&dir, &["--drive", &spec]);
+    let dimg = dir.join("dst.img");
+    let (memory, id, expect) = match what {
+        "memory" => ("128M", "disk0", "same memory size"),
+        _ => (MEMORY, "data", "does not have"),
+    };
+    let extra = [
+        "--drive".to_string(),
+        format!("file={},id={id},create=on", dimg.display()),
+    ];
+    let (mut d, uri) = destination(&dir, "destination", memory, &refs(&extra));
+    q.cmd("migrate", json!({"uri": uri}));
+    q.wait_status("failed");
+    if d.wait().success() {
+        bail!("the destination accepted the stream");
+    }
+    if !d.stderr().contains(expect) {
+        bail!(
+            "the refusal does not say {expect:?}: {}",
+            last_lines(&d.stderr())
+        );
+    }
+    if std::fs::metadata(&dimg).map(|m| m.len()).unwrap_or(0) > 0
+        && std::fs::read(&dimg)?.iter().any(|b| *b != 0)
+    {
+        bail!("the refusing destination wrote its disk");
+    }
+    if q.cmd("query-status", json!({}))["status"] != "running" {
+        bail!("the source does not run after the refusal");
+    }
+    let pass = q.cmd("x-query-guest", json!({}))["pass"]
+        .as_u64()
+        .unwrap_or(0);
+    q.wait_guest_pass(pass + 2);
+    let _ = q.try_cmd("quit", json!({}));
+    if !src.wait().success() {
+        bail!("the source failed to quit");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(Measured::default())
+}
+
+fn run_case(case: &Case) -> Result<Measured> {
+    match case {
+        Case::Migrate {
+            transport,
+            workload,
+            disk,
+        } => migrate(*transport, workload, *disk, &case.name()),
+        Case::CancelThenRetry => cancel_then_retry(),
+        Case::RefuseMemory => refuse("memory"),
+        Case::RefuseDisk => refuse("disk"),
+    }
+}
+
+/// Runs the matrix with the vmm at `vmm`; fails if any case failed.
+///
+/// # Errors
+/// A failed case.
+pub fn run(vmm: PathBuf, quick: bool) -> Result<()> {
+    xtask::harness::set_vmm(vmm);
+    let cases = cases(quick);
+    println!(
+        "migrate-test: {} cases, guest memory {MEMORY}, accelerator {}\n",
+        cases.len(),
+        xtask::harness::accel()
+    );
+    println!("| case | result | total ms | real downtime ms | bytes | MB/s |");
+    println!("|---|---|---:|---:|---:|---:|");
+    let mut failed = Vec::new();
+    let t = Instant::now();
+    for case in &cases {
+        let name = case.name();
+        // The harness panics on a broken expectation; a case is then a failure, and the
+        // next one runs.
+        let r = std::panic::catch_unwind(|| run_case(case))
+            .unwrap_or_else(|p| Err(anyhow::anyhow!("{}", panic_message(&p))));
+        let fmt = |v: Option<f64>| v.map_or("-".to_string(), |x| format!("{x:.1}"));
+        match r {
+            Ok(m) => {
+                let mbps = match (m.bytes, m.total_ms) {
+                    (Some(b), Some(t)) if t > 0.0 => format!("{:.0}", b as f64 / t / 1e3),
+                    _ => "-".into(),
+                };
+                println!(
+                    "| {name} | ok | {} | {} | {} | {mbps} |",
+                    fmt(m.total_ms),
+                    fmt(m.downtime_ms),
+                    m.bytes.map_or("-".into(), |b| b.to_string())
+                );
+            }
+            Err(e) => {
+                println!("| {name} | **FAILED** | - | - | - | - |");
+                failed.push((name, e));
+            }
+        }
+    }
+    println!("\n{} cases in {:.0?}", cases.len(), t.elapsed());
+    if !failed.is_empty() {
+        for (name, e) in &failed {
+            eprintln!("FAILED {name}: {e:#}");
+        }
+        bail!("{} of {} cases failed", failed.len(), cases.len());
+    }
+    Ok(())
+}
+
+fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {
+    p.downcast_ref::<String>()
+        .cloned()
+        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "panicked".into())
+}
