@@ -340,6 +340,17 @@ impl DeviceHandler for CpuSection {
     }
 }
 
+/// The TSC frequency a KVM vCPU runs with here, in kHz.
+///
+/// # Errors
+/// No KVM, or it does not say.
+pub fn tsc_khz() -> Result<u32> {
+    let kvm = Kvm::new().context("opening /dev/kvm")?;
+    let vm = kvm.create_vm().context("KVM_CREATE_VM")?;
+    let vcpu = vm.create_vcpu(0).context("KVM_CREATE_VCPU")?;
+    vcpu.get_tsc_khz().context("KVM_GET_TSC_KHZ")
+}
+
 /// Checks whether KVM is usable here.
 pub fn available() -> bool {
     Kvm::new().is_ok()

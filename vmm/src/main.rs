@@ -69,6 +69,34 @@ enum Command {
     /// The built-in demo (the default): migrate a dirtying guest between two vmm
     /// processes over a unix socket and show what happened.
     Demo(demo::DemoArgs),
+    /// Write the built-in guest, with its parameters, as a raw disk image that QEMU boots
+    /// too (for side-by-side runs).
+    Image(ImageArgs),
+}
+
+#[derive(Args, Clone, Debug)]
+struct ImageArgs {
+    /// The workload.
+    #[arg(long, value_enum, default_value_t = Workload::Dirty)]
+    workload: Workload,
+    /// Start of the workload's memory range.
+    #[arg(long, default_value = "2M", value_parser = parse_size)]
+    range_start: u64,
+    /// Size of the workload's memory range.
+    #[arg(long, default_value = "64M", value_parser = parse_size)]
+    range_size: u64,
+    /// Pages per second (dirty); 0: as fast as the guest can.
+    #[arg(long, default_value_t = 0)]
+    rate: u32,
+    /// The guest TSC frequency in kHz for pacing; "auto" asks KVM.
+    #[arg(long, default_value = "auto")]
+    tsc_khz: String,
+    /// Pad the image to this size (QEMU's q35 needs at least one 16x63 cylinder).
+    #[arg(long, default_value = "1M", value_parser = parse_size)]
+    pad: u64,
+    /// The image file to write.
+    #[arg(short, long)]
+    output: PathBuf,
 }
 
 #[derive(Args, Clone, Debug)]
@@ -197,6 +225,7 @@ fn main() {
         Some(Command::Demo(a)) => demo::run(&a),
         Some(Command::Run(a)) => run(&a),
         Some(Command::Analyze { file }) => analyze(&file),
+        Some(Command::Image(a)) => image(&a),
     };
     match code {
         Ok(c) => std::process::exit(c),
@@ -213,6 +242,31 @@ fn analyze(file: &std::path::Path) -> Result<i32> {
     let text = savevm::dump_stream(file, &mut [&mut ram, &mut block])
         .with_context(|| format!("reading {}", file.display()))?;
     print!("{text}");
+    Ok(0)
+}
+
+fn image(a: &ImageArgs) -> Result<i32> {
+    let tsc_khz = match a.tsc_khz.as_str() {
+        "auto" => {
+            kvm::tsc_khz().context("asking KVM for the TSC frequency (or give --tsc-khz N)")?
+        }
+        n => n
+            .parse()
+            .context("--tsc-khz takes a number of kHz or auto")?,
+    };
+    let p = GuestParams {
+        workload: a.workload,
+        range_start: a.range_start,
+        range_size: a.range_size,
+        rate: a.rate,
+        tsc_khz,
+        disk_blocks: 0,
+    };
+    let mut img = guest::IMAGE.to_vec();
+    p.patch(&mut img)?;
+    img.resize(img.len().max(a.pad as usize), 0);
+    std::fs::write(&a.output, &img).with_context(|| format!("writing {}", a.output.display()))?;
+    println!("{} (TSC {tsc_khz} kHz)", a.output.display());
     Ok(0)
 }
 
@@ -261,6 +315,7 @@ fn run(a: &RunArgs) -> Result<i32> {
     events.emit(
         "started",
         json!({"pid": std::process::id(), "memory": a.memory, "accel": machine.cpus.name(),
+               "tsc_khz": machine.params.map(|p| p.tsc_khz),
                "workload": params.map(|p| p.workload), "range_size": a.range_size, "rate": a.rate}),
     );
     let session = Session::new(

@@ -77,6 +77,10 @@ struct Client {
     sock: UnixStream,
 }
 
+/// Queued after the reply to `quit`: the writer then ends the process (no JSON line starts
+/// with a NUL byte).
+const QUIT_AFTER_REPLY: &str = "\0quit";
+
 /// Messages a client may have waiting before it is considered stuck.
 const CLIENT_QUEUE: usize = 256;
 
@@ -103,11 +107,18 @@ fn serve(conn: UnixStream, session: Arc<Session>, clients: Arc<Mutex<Vec<Client>
         return;
     };
     // Replies and events leave through one queue, written by the client's own thread.
+    // `quit` is carried out by that thread once its reply is written.
     let (tx, rx) = sync_channel::<String>(CLIENT_QUEUE);
+    let s2 = session.clone();
     let writer = std::thread::Builder::new()
         .name("qmp-writer".into())
         .spawn(move || {
             for line in rx {
+                if line == QUIT_AFTER_REPLY {
+                    let _ = w.flush();
+                    s2.request_quit(0);
+                    break;
+                }
                 if writeln!(w, "{line}").is_err() {
                     break;
                 }
@@ -189,7 +200,7 @@ fn serve(conn: UnixStream, session: Arc<Session>, clients: Arc<Mutex<Vec<Client>
             break;
         }
         if cmd.get("execute").and_then(Value::as_str) == Some("quit") && negotiated {
-            session.request_quit(0);
+            let _ = tx.send(QUIT_AFTER_REPLY.to_string());
         }
     }
 }

@@ -249,6 +249,10 @@ impl Qmp {
     fn read(&mut self) -> Value {
         let mut line = String::new();
         self.r.read_line(&mut line).unwrap();
+        if line.is_empty() {
+            // The peer closed the connection (e.g. after quit): an error reply.
+            return json!({"error": {"class": "Closed", "desc": "the QMP connection was closed"}});
+        }
         serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"))
     }
 

@@ -6,8 +6,11 @@
 //!   (`--check`: only verify that the committed bytes match the source).
 //! - `cargo xtask migrate-test [--quick]`: migrations between real vmm processes over every
 //!   transport and workload, with and without a disk, verified, in a table.
+//! - `cargo xtask bench`: ours beside QEMU on the same guest, with plots.
 
+mod bench;
 mod migrate_test;
+mod plot;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -38,6 +41,27 @@ enum Cmd {
         #[arg(long)]
         quick: bool,
     },
+    /// Our migration beside QEMU's on the same guest: a table, JSON and plots.
+    Bench {
+        /// Rounds per scenario and downtime limit (interleaved, ours then QEMU).
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Where report.md, results.json and the plots go.
+        #[arg(long, default_value = "target/bench")]
+        out: PathBuf,
+        /// The QEMU binary (default: qemu-system-x86_64 from the PATH, if installed).
+        #[arg(long)]
+        qemu: Option<PathBuf>,
+        /// Install QEMU with apt-get if it is missing.
+        #[arg(long)]
+        install_qemu: bool,
+        /// Run ours only.
+        #[arg(long)]
+        no_qemu: bool,
+        /// Only these scenarios: idle, fill, dirty128, dirty256.
+        #[arg(long)]
+        only: Vec<String>,
+    },
 }
 
 fn main() -> Result<()> {
@@ -46,6 +70,34 @@ fn main() -> Result<()> {
         Cmd::Ci => ci(),
         Cmd::Guest { check } => guest(check),
         Cmd::MigrateTest { quick } => migrate_test::run(build_vmm()?, quick),
+        Cmd::Bench {
+            rounds,
+            out,
+            qemu,
+            install_qemu,
+            no_qemu,
+            only,
+        } => {
+            let qemu = if no_qemu {
+                None
+            } else {
+                find_qemu(qemu, install_qemu)?
+            };
+            let out = if out.is_absolute() {
+                out
+            } else {
+                root().join(out)
+            };
+            bench::run(
+                build_release_vmm()?,
+                &bench::Options {
+                    rounds: rounds.max(1),
+                    out,
+                    qemu,
+                    only,
+                },
+            )
+        }
     }
 }
 
@@ -77,6 +129,42 @@ fn build_vmm() -> Result<PathBuf> {
     b.args(["build", "--quiet", "-p", "vmm"]);
     run("cargo build -p vmm", b)?;
     Ok(root().join("target/debug/vmm"))
+}
+
+/// Builds vmm in release (the bench measures the shipped build) and returns its path.
+fn build_release_vmm() -> Result<PathBuf> {
+    let mut b = cargo();
+    b.args(["build", "--quiet", "--release", "-p", "vmm"]);
+    run("cargo build --release -p vmm", b)?;
+    Ok(root().join("target/release/vmm"))
+}
+
+/// The QEMU to compare with: the given one, the one on the PATH, or (with `install`) the
+/// one apt-get installs; None with a note when there is none.
+fn find_qemu(given: Option<PathBuf>, install: bool) -> Result<Option<PathBuf>> {
+    if given.is_some() {
+        return Ok(given);
+    }
+    let found = || {
+        Command::new("qemu-system-x86_64")
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if !found() && install {
+        let mut apt = Command::new("apt-get");
+        apt.args(["install", "-y", "qemu-system-x86"]);
+        run("apt-get install -y qemu-system-x86", apt)?;
+    }
+    if found() {
+        Ok(Some(PathBuf::from("qemu-system-x86_64")))
+    } else {
+        eprintln!(
+            "==> NOTE: qemu-system-x86_64 is not installed: measuring ours only \
+             (--install-qemu installs it with apt-get)"
+        );
+        Ok(None)
+    }
 }
 
 fn ci() -> Result<()> {

@@ -1,0 +1,666 @@
+//! `cargo xtask bench`: our migration beside QEMU's on the same guest, on the same
+//! machine, in the same run, and beside the machine's physical limits.
+//!
+//! For a 1 GiB guest: idle; fill 1 GiB; dirty 128 MiB as fast as the guest can; dirty
+//! 256 MiB at 50,000 pages/s; each at downtime-limit 300 ms and 30 ms, bandwidth
+//! unlimited, over tcp 127.0.0.1. Rounds interleave ours and QEMU's. Both are driven the
+//! same way over QMP, migrate once the guest printed its first progress letter, and are
+//! sampled every 50 ms for the curves. Real downtime is the destination's resume minus the
+//! source's stop, from wall-clock timestamps both sides log (our event logs; QEMU's STOP
+//! and RESUME events). References measured in the same run: memcpy of 1 GiB and a plain
+//! loopback TCP copy of 1 GiB.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde_json::{Value, json};
+use xtask::harness::{Qmp, Vmm};
+
+use crate::plot;
+
+/// A workload to migrate.
+#[derive(Debug, Clone, Copy)]
+pub struct Scenario {
+    /// Its name in the report.
+    pub name: &'static str,
+    /// A short name for files.
+    pub slug: &'static str,
+    workload: &'static str,
+    range: &'static str,
+    rate: u32,
+}
+
+const SCENARIOS: &[Scenario] = &[
+    Scenario {
+        name: "idle 1 GiB",
+        slug: "idle",
+        workload: "idle",
+        range: "64M",
+        rate: 0,
+    },
+    Scenario {
+        name: "fill 1 GiB",
+        slug: "fill",
+        workload: "fill",
+        range: "1020M",
+        rate: 0,
+    },
+    Scenario {
+        name: "dirty 128 MiB, full speed",
+        slug: "dirty128",
+        workload: "dirty",
+        range: "128M",
+        rate: 0,
+    },
+    Scenario {
+        name: "dirty 256 MiB, 50k pages/s",
+        slug: "dirty256",
+        workload: "dirty",
+        range: "256M",
+        rate: 50_000,
+    },
+];
+
+const LIMITS: &[u64] = &[300, 30];
+const MEMORY_MIB: u64 = 1024;
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+/// One migration run.
+#[derive(Debug, Clone)]
+pub struct Run {
+    /// `ours` or `qemu`.
+    pub side: &'static str,
+    /// Scenario slug.
+    pub scenario: &'static str,
+    /// downtime-limit, ms.
+    pub limit: u64,
+    /// Round number.
+    pub round: usize,
+    /// Whether it completed.
+    pub completed: bool,
+    /// query-migrate's total-time, ms.
+    pub total_ms: f64,
+    /// Destination running minus source stopped, ms.
+    pub downtime_ms: f64,
+    /// Stream bytes.
+    pub bytes: u64,
+    /// What went wrong.
+    pub error: Option<String>,
+    /// (ms since migrate, remaining bytes, dirty pages/s).
+    pub series: Vec<(f64, u64, u64)>,
+}
+
+impl Run {
+    fn new(side: &'static str, s: &Scenario, limit: u64, round: usize) -> Self {
+        Run {
+            side,
+            scenario: s.slug,
+            limit,
+            round,
+            completed: false,
+            total_ms: 0.0,
+            downtime_ms: 0.0,
+            bytes: 0,
+            error: None,
+            series: Vec::new(),
+        }
+    }
+
+    fn json(&self) -> Value {
+        json!({"side": self.side, "scenario": self.scenario, "limit_ms": self.limit, "round": self.round,
+               "completed": self.completed, "total_ms": self.total_ms, "downtime_ms": self.downtime_ms,
+               "bytes": self.bytes, "error": self.error})
+    }
+}
+
+/// Options of the bench.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Rounds per scenario and limit.
+    pub rounds: usize,
+    /// Where the report goes.
+    pub out: PathBuf,
+    /// The QEMU binary, if any.
+    pub qemu: Option<PathBuf>,
+    /// Only these scenarios (slugs); all if empty.
+    pub only: Vec<String>,
+}
+
+/// Polls query-migrate every 50 ms until it ends; fills the run's series and result.
+fn follow(q: &mut Qmp, run: &mut Run) -> Value {
+    let t0 = Instant::now();
+    loop {
+        let m = q.cmd("query-migrate", json!({}));
+        let t = t0.elapsed().as_secs_f64() * 1e3;
+        let remaining = m["ram"]["remaining"].as_u64().unwrap_or(0);
+        let rate = m["ram"]["dirty-pages-rate"].as_u64().unwrap_or(0);
+        run.series.push((t, remaining, rate));
+        match m["status"].as_str() {
+            Some("completed") => {
+                run.completed = true;
+                run.total_ms = m["total-time"].as_f64().unwrap_or(0.0);
+                run.bytes = m["ram"]["transferred"].as_u64().unwrap_or(0);
+                return m;
+            }
+            Some("failed") | Some("cancelled") => {
+                run.error = Some(format!("migration {}: {}", m["status"], m["error-desc"]));
+                return m;
+            }
+            _ => {}
+        }
+        if t0.elapsed() > TIMEOUT {
+            let _ = q.try_cmd("migrate_cancel", json!({}));
+            run.error = Some(format!("did not converge in {} s", TIMEOUT.as_secs()));
+            return m;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn ready_bytes(s: &Scenario) -> u64 {
+    if s.workload == "idle" { 1 } else { 2 }
+}
+
+/// Our migration: vmm source and destination, driven over QMP like QEMU.
+fn ours(s: &Scenario, limit: u64, round: usize, dir: &Path) -> Run {
+    let mut run = Run::new("ours", s, limit, round);
+    let mem = format!("{MEMORY_MIB}M");
+    let rate = s.rate.to_string();
+    let guest = [
+        "--memory",
+        mem.as_str(),
+        "--workload",
+        s.workload,
+        "--range-size",
+        s.range,
+        "--rate",
+        rate.as_str(),
+    ];
+    let mut dst = Vmm::start(
+        dir,
+        "ours-dst",
+        &[
+            &guest[..],
+            &["--incoming", "tcp:127.0.0.1:0", "--exit-after", "0.5"],
+        ]
+        .concat(),
+    );
+    let uri = dst.wait_event("listening")["uri"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let qmp = dir.join("ours.qmp");
+    let qarg = format!("unix:{}", qmp.display());
+    let mut src = Vmm::start(
+        dir,
+        "ours-src",
+        &[&guest[..], &["--qmp", qarg.as_str()]].concat(),
+    );
+    let mut q = Qmp::connect(&qmp);
+    let t = Instant::now();
+    while q.cmd("x-query-guest", json!({}))["serial-bytes"]
+        .as_u64()
+        .unwrap_or(0)
+        < ready_bytes(s)
+    {
+        if t.elapsed() > TIMEOUT {
+            run.error = Some("the guest did not report progress".into());
+            return run;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    q.cmd(
+        "migrate-set-parameters",
+        json!({"downtime-limit": limit, "max-bandwidth": 0}),
+    );
+    q.cmd("migrate", json!({"uri": uri}));
+    follow(&mut q, &mut run);
+    let _ = q.try_cmd("quit", json!({}));
+    let _ = src.wait();
+    let _ = dst.wait();
+    if run.completed {
+        let stop = src
+            .event("switchover")
+            .and_then(|e| e["stopped_at_us"].as_u64());
+        let resume = dst
+            .event("incoming-resumed")
+            .and_then(|e| e["resumed_at_us"].as_u64());
+        match (stop, resume) {
+            (Some(a), Some(b)) => run.downtime_ms = (b as f64 - a as f64) / 1e3,
+            _ => run.error = Some("no stop/resume timestamps".into()),
+        }
+    }
+    run
+}
+
+/// A QEMU process killed on drop.
+struct Qemu(Child);
+
+impl Drop for Qemu {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn qemu_start(
+    bin: &Path,
+    dir: &Path,
+    name: &str,
+    image: &Path,
+    extra: &[String],
+) -> Result<(Qemu, Qmp)> {
+    let qmp = dir.join(format!("{name}.qmp"));
+    let child = Command::new(bin)
+        .args([
+            "-enable-kvm",
+            "-cpu",
+            "host,-arch-capabilities",
+            "-machine",
+            "pc",
+            "-nodefaults",
+        ])
+        .args([
+            "-vga",
+            "none",
+            "-display",
+            "none",
+            "-m",
+            &MEMORY_MIB.to_string(),
+        ])
+        .arg("-drive")
+        .arg(format!("file={},format=raw,if=ide", image.display()))
+        .arg("-serial")
+        .arg(format!(
+            "file:{}",
+            dir.join(format!("{name}-serial.txt")).display()
+        ))
+        .arg("-qmp")
+        .arg(format!("unix:{},server=on,wait=off", qmp.display()))
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(std::fs::File::create(
+            dir.join(format!("{name}-stderr.txt")),
+        )?))
+        .spawn()
+        .with_context(|| format!("starting {}", bin.display()))?;
+    let q = Qmp::connect(&qmp);
+    Ok((Qemu(child), q))
+}
+
+fn event_us(e: &Value) -> u64 {
+    e["timestamp"]["seconds"].as_u64().unwrap_or(0) * 1_000_000
+        + e["timestamp"]["microseconds"].as_u64().unwrap_or(0)
+}
+
+/// QEMU's migration of the same guest image with the same parameters.
+fn qemu(bin: &Path, s: &Scenario, limit: u64, round: usize, dir: &Path, tsc_khz: u64) -> Run {
+    let mut run = Run::new("qemu", s, limit, round);
+    if let Err(e) = qemu_inner(bin, s, dir, tsc_khz, &mut run) {
+        run.error = Some(format!("{e:#}"));
+        run.completed = false;
+    }
+    run
+}
+
+fn qemu_inner(bin: &Path, s: &Scenario, dir: &Path, tsc_khz: u64, run: &mut Run) -> Result<()> {
+    let image = dir.join("guest.img");
+    let st = Command::new(xtask::harness::vmm())
+        .args(["image", "--workload", s.workload, "--range-size", s.range])
+        .args([
+            "--rate",
+            &s.rate.to_string(),
+            "--tsc-khz",
+            &tsc_khz.to_string(),
+            "-o",
+        ])
+        .arg(&image)
+        .stdout(Stdio::null())
+        .status()?;
+    if !st.success() {
+        bail!("vmm image failed");
+    }
+    let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let (_dst, mut dq) = qemu_start(
+        bin,
+        dir,
+        "qemu-dst",
+        &image,
+        &["-incoming".into(), format!("tcp:127.0.0.1:{port}")],
+    )?;
+    let (_src, mut sq) = qemu_start(bin, dir, "qemu-src", &image, &[])?;
+    let serial = dir.join("qemu-src-serial.txt");
+    let t = Instant::now();
+    while std::fs::metadata(&serial).map(|m| m.len()).unwrap_or(0) < ready_bytes(s) {
+        if t.elapsed() > TIMEOUT {
+            bail!("the guest printed nothing under QEMU");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // QEMU's default max-bandwidth is 128 MiB/s: raise it, as ours is unlimited.
+    sq.cmd(
+        "migrate-set-parameters",
+        json!({"downtime-limit": limit_of(run), "max-bandwidth": 10_000_000_000u64}),
+    );
+    sq.cmd("migrate", json!({"uri": format!("tcp:127.0.0.1:{port}")}));
+    follow(&mut sq, run);
+    if run.completed {
+        // The destination's RESUME event; poll so its events are read.
+        let t = Instant::now();
+        while dq.cmd("query-status", json!({}))["status"] != "running" && t.elapsed() < TIMEOUT {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let stop = sq
+            .events
+            .iter()
+            .find(|e| e["event"] == "STOP")
+            .map(event_us);
+        let resume = dq
+            .events
+            .iter()
+            .find(|e| e["event"] == "RESUME")
+            .map(event_us);
+        match (stop, resume) {
+            (Some(a), Some(b)) => run.downtime_ms = (b as f64 - a as f64) / 1e3,
+            _ => bail!("no STOP/RESUME events"),
+        }
+    }
+    let _ = sq.try_cmd("quit", json!({}));
+    let _ = dq.try_cmd("quit", json!({}));
+    Ok(())
+}
+
+fn limit_of(run: &Run) -> u64 {
+    run.limit
+}
+
+/// memcpy of 1 GiB, best of three, bytes per second.
+fn memcpy() -> f64 {
+    let src = vec![0x5au8; 1 << 30];
+    let mut dst = vec![0u8; 1 << 30];
+    dst.copy_from_slice(&src);
+    (0..3)
+        .map(|_| {
+            let t = Instant::now();
+            dst.copy_from_slice(std::hint::black_box(&src));
+            std::hint::black_box(&dst);
+            (1u64 << 30) as f64 / t.elapsed().as_secs_f64()
+        })
+        .fold(0.0, f64::max)
+}
+
+/// A plain copy of 1 GiB over loopback TCP, best of three, bytes per second.
+fn loopback_tcp() -> Result<f64> {
+    let mut best: f64 = 0.0;
+    for _ in 0..3 {
+        let l = TcpListener::bind("127.0.0.1:0")?;
+        let addr = l.local_addr()?;
+        let reader = std::thread::spawn(move || -> std::io::Result<u64> {
+            let (mut s, _) = l.accept()?;
+            let mut buf = vec![0u8; 1 << 20];
+            let mut n = 0u64;
+            loop {
+                match s.read(&mut buf)? {
+                    0 => return Ok(n),
+                    k => n += k as u64,
+                }
+            }
+        });
+        let mut s = TcpStream::connect(addr)?;
+        let buf = vec![0xa5u8; 1 << 20];
+        let t = Instant::now();
+        for _ in 0..1024 {
+            s.write_all(&buf)?;
+        }
+        drop(s);
+        let n = reader
+            .join()
+            .map_err(|_| anyhow::anyhow!("reader panicked"))??;
+        anyhow::ensure!(n == 1 << 30, "short copy");
+        best = best.max(n as f64 / t.elapsed().as_secs_f64());
+    }
+    Ok(best)
+}
+
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    Some(v[v.len() / 2])
+}
+
+fn fmt(v: Option<f64>, digits: usize) -> String {
+    v.map_or("-".into(), |x| format!("{x:.digits$}"))
+}
+
+fn ratio(a: Option<f64>, b: Option<f64>) -> String {
+    match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => format!("{:.2}", a / b),
+        _ => "-".into(),
+    }
+}
+
+/// Runs the bench and writes report.md, results.json and the plots into `opts.out`.
+///
+/// # Errors
+/// The output cannot be written, or vmm cannot be run.
+pub fn run(vmm: PathBuf, opts: &Options) -> Result<()> {
+    xtask::harness::set_vmm(&vmm);
+    std::fs::create_dir_all(&opts.out)?;
+    let work = std::env::temp_dir().join(format!("vmm-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&work)?;
+    let tsc_khz = {
+        let out = Command::new(&vmm)
+            .args(["image", "-o"])
+            .arg(work.join("probe.img"))
+            .output()?;
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        text.split("TSC ")
+            .nth(1)
+            .and_then(|r| r.split(' ').next())
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let qemu_version = opts.qemu.as_ref().and_then(|q| {
+        Command::new(q).arg("--version").output().ok().map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .unwrap_or("")
+                .to_string()
+        })
+    });
+    eprintln!(
+        "bench: {} rounds, QEMU: {}",
+        opts.rounds,
+        qemu_version
+            .as_deref()
+            .unwrap_or("not installed (ours only)")
+    );
+    eprintln!("bench: references: memcpy and loopback TCP of 1 GiB");
+    let mc = memcpy();
+    let tcp = loopback_tcp()?;
+    eprintln!(
+        "bench: memcpy {:.2} GB/s, loopback TCP {:.2} GB/s",
+        mc / 1e9,
+        tcp / 1e9
+    );
+
+    let scenarios: Vec<&Scenario> = SCENARIOS
+        .iter()
+        .filter(|s| opts.only.is_empty() || opts.only.iter().any(|o| o == s.slug))
+        .collect();
+    let mut runs: Vec<Run> = Vec::new();
+    for s in &scenarios {
+        for &limit in LIMITS {
+            for round in 0..opts.rounds {
+                let dir = work.join(format!("{}-{limit}-{round}", s.slug));
+                std::fs::create_dir_all(&dir)?;
+                let r = ours(s, limit, round, &dir);
+                eprintln!("  ours {:<28} limit {limit:>3}: {}", s.name, describe(&r));
+                runs.push(r);
+                if let Some(q) = &opts.qemu {
+                    let r = qemu(q, s, limit, round, &dir, tsc_khz);
+                    eprintln!("  qemu {:<28} limit {limit:>3}: {}", s.name, describe(&r));
+                    runs.push(r);
+                }
+                let _ = std::fs::remove_dir_all(&dir);
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(&work);
+
+    // The report.
+    let mut md = String::new();
+    md += &format!(
+        "Guest: the built-in guest, 1 GiB, KVM (kvm-pvm) on {}; {} rounds per row, medians; \
+         tcp 127.0.0.1, bandwidth unlimited (QEMU's raised to 10 GB/s). {}\n\n",
+        host(),
+        opts.rounds,
+        qemu_version
+            .as_deref()
+            .map_or("QEMU not run.".into(), |v| format!(
+                "QEMU: {v}, -cpu host,-arch-capabilities."
+            ))
+    );
+    md += "| scenario | limit ms | total ms ours | total ms QEMU | ratio | real downtime ms ours | QEMU | ratio | MB sent ours | QEMU | throughput MB/s ours | QEMU | ratio |\n";
+    md += "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n";
+    let mut best_fill_tput = None;
+    for s in &scenarios {
+        for &limit in LIMITS {
+            let pick = |side: &str, f: &dyn Fn(&Run) -> f64| {
+                median(
+                    runs.iter()
+                        .filter(|r| {
+                            r.side == side
+                                && r.scenario == s.slug
+                                && r.limit == limit
+                                && r.completed
+                        })
+                        .map(f)
+                        .collect(),
+                )
+            };
+            let fails = |side: &str| {
+                runs.iter()
+                    .filter(|r| {
+                        r.side == side && r.scenario == s.slug && r.limit == limit && !r.completed
+                    })
+                    .count()
+            };
+            let tput = |r: &Run| r.bytes as f64 / (r.total_ms / 1e3).max(1e-9) / 1e6;
+            let (ot, qt) = (pick("ours", &|r| r.total_ms), pick("qemu", &|r| r.total_ms));
+            let (od, qd) = (
+                pick("ours", &|r| r.downtime_ms),
+                pick("qemu", &|r| r.downtime_ms),
+            );
+            let (ob, qb) = (
+                pick("ours", &|r| r.bytes as f64 / 1e6),
+                pick("qemu", &|r| r.bytes as f64 / 1e6),
+            );
+            let (op, qp) = (pick("ours", &tput), pick("qemu", &tput));
+            if s.slug == "fill" && limit == 300 {
+                best_fill_tput = op;
+            }
+            let note = |side: &str| match fails(side) {
+                0 => String::new(),
+                n => format!(" ({n} not completed)"),
+            };
+            md += &format!(
+                "| {}{} | {limit} | {} | {}{} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+                s.name,
+                note("ours"),
+                fmt(ot, 0),
+                fmt(qt, 0),
+                note("qemu"),
+                ratio(ot, qt),
+                fmt(od, 1),
+                fmt(qd, 1),
+                ratio(od, qd),
+                fmt(ob, 0),
+                fmt(qb, 0),
+                fmt(op, 0),
+                fmt(qp, 0),
+                ratio(op, qp)
+            );
+        }
+    }
+    md += &format!(
+        "\nPhysical references in the same run: memcpy {:.2} GB/s, loopback TCP {:.2} GB/s.",
+        mc / 1e9,
+        tcp / 1e9
+    );
+    if let Some(p) = best_fill_tput {
+        md += &format!(
+            " Our fill-1-GiB throughput ({:.0} MB/s) is {:.0}% of loopback TCP and {:.0}% of memcpy.",
+            p,
+            p * 1e6 / tcp * 100.0,
+            p * 1e6 / mc * 100.0
+        );
+    }
+    md += "\n";
+    std::fs::write(opts.out.join("report.md"), &md)?;
+    let results = json!({
+        "host": host(), "qemu": qemu_version, "memcpy_bps": mc, "loopback_tcp_bps": tcp,
+        "runs": runs.iter().map(Run::json).collect::<Vec<_>>(),
+    });
+    std::fs::write(
+        opts.out.join("results.json"),
+        serde_json::to_string_pretty(&results)?,
+    )?;
+    for s in &scenarios {
+        let pick = |side: &str| {
+            runs.iter()
+                .find(|r| r.side == side && r.scenario == s.slug && r.limit == 300)
+        };
+        plot::scenario(
+            &opts.out.join(format!("{}.svg", s.slug)),
+            s.name,
+            pick("ours"),
+            pick("qemu"),
+        )?;
+    }
+    println!("{md}");
+    eprintln!("bench: wrote {}", opts.out.display());
+    Ok(())
+}
+
+fn describe(r: &Run) -> String {
+    match &r.error {
+        Some(e) => format!("FAILED {e}"),
+        None => format!(
+            "total {:.0} ms, real downtime {:.1} ms, {:.0} MB",
+            r.total_ms,
+            r.downtime_ms,
+            r.bytes as f64 / 1e6
+        ),
+    }
+}
+
+fn host() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_default();
+    let date = Command::new("date")
+        .arg("-u")
+        .arg("+%Y-%m-%d")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    format!(
+        "{} x {cpu}, {date}",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    )
+}

@@ -1,0 +1,72 @@
+//! The bench's migration curves: remaining bytes and the guest's dirty rate over time,
+//! ours and QEMU's, as SVG.
+
+use std::path::Path;
+
+use anyhow::Result;
+use plotters::prelude::*;
+
+use crate::bench::Run;
+
+/// Draws one scenario: remaining MiB (left) and dirty pages/s (right) over time.
+///
+/// # Errors
+/// The file cannot be written.
+pub fn scenario(path: &Path, title: &str, ours: Option<&Run>, qemu: Option<&Run>) -> Result<()> {
+    let root = SVGBackend::new(path, (1000, 380)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let root = root.titled(title, ("sans-serif", 18))?;
+    let (left, right) = root.split_horizontally(500);
+    let runs: Vec<(&Run, RGBColor, &str)> = [(ours, BLUE, "ours"), (qemu, RED, "QEMU")]
+        .into_iter()
+        .filter_map(|(r, c, n)| r.map(|r| (r, c, n)))
+        .collect();
+    let tmax = runs
+        .iter()
+        .flat_map(|(r, _, _)| r.series.iter().map(|p| p.0))
+        .fold(100.0, f64::max);
+    for (area, label, value) in [
+        (&left, "remaining (MiB)", 0usize),
+        (&right, "guest dirty rate (kpages/s)", 1usize),
+    ] {
+        let get = |p: &(f64, u64, u64)| {
+            if value == 0 {
+                p.1 as f64 / (1 << 20) as f64
+            } else {
+                p.2 as f64 / 1e3
+            }
+        };
+        let ymax = runs
+            .iter()
+            .flat_map(|(r, _, _)| r.series.iter().map(get))
+            .fold(1.0, f64::max);
+        let mut chart = ChartBuilder::on(area)
+            .margin(10)
+            .x_label_area_size(35)
+            .y_label_area_size(55)
+            .build_cartesian_2d(0.0..tmax, 0.0..ymax * 1.05)?;
+        chart
+            .configure_mesh()
+            .x_desc("ms since migrate")
+            .y_desc(label)
+            .draw()?;
+        for (r, color, name) in &runs {
+            chart
+                .draw_series(LineSeries::new(
+                    r.series.iter().map(|p| (p.0, get(p))),
+                    color.stroke_width(2),
+                ))?
+                .label(*name)
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2))
+                });
+        }
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()?;
+    }
+    root.present()?;
+    Ok(())
+}
