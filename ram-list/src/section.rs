@@ -51,6 +51,9 @@ pub struct RamSection {
     // Load side.
     load_listed: bool,
     load_block: Option<Arc<RamBlock>>,
+    /// The destination's memory is all zero when the load starts (a new VM): pages no
+    /// PAGE record wrote are known to be zero (tracked in the blocks' bitmaps).
+    fresh: bool,
 }
 
 impl fmt::Debug for RamSection {
@@ -78,8 +81,16 @@ impl RamSection {
             last_sync: None,
             logging: false,
             load_listed: false,
+            fresh: false,
             load_block: None,
         }
+    }
+
+    /// Declares that the memory a load goes into is all zero (a VM that never ran): ZERO
+    /// records for pages the load has not written then cost nothing, not even a read.
+    pub fn with_fresh_memory(mut self) -> Self {
+        self.fresh = true;
+        self
     }
 
     /// How the section registers: `"ram"`, instance 0, version 4.
@@ -301,8 +312,10 @@ impl RamSection {
             if fill != 0 {
                 return Err(bad(format!("a zero page has fill byte {fill:#04x}, not 0")));
             }
-            // Fresh destination memory is already zero: do not touch (and so allocate) it.
-            if !block.is_zero_page(page) {
+            // A page known to be zero is left alone; otherwise one that is already zero is
+            // not written (so not allocated).
+            let known_zero = self.fresh && !block.bitmap.test(page);
+            if !known_zero && !block.is_zero_page(page) {
                 block.write_bytes(h.offset, &[0; TARGET_PAGE_SIZE as usize]);
             }
             self.stats.add_pages(1, 0);
@@ -313,6 +326,9 @@ impl RamSection {
                 std::slice::from_raw_parts_mut(block.page_ptr(page), TARGET_PAGE_SIZE as usize)
             };
             f.get_buffer(dst)?;
+            if self.fresh {
+                block.bitmap.set(page);
+            }
             self.stats.add_pages(0, 1);
         }
         Ok(())
@@ -390,6 +406,12 @@ impl SectionHandler for RamSection {
     fn load_setup(&mut self) -> std::result::Result<(), SectionError> {
         self.load_listed = false;
         self.load_block = None;
+        if self.fresh {
+            // The bitmaps record what this load writes (a later migration resets them).
+            for b in self.list.blocks() {
+                b.bitmap.clear_all();
+            }
+        }
         Ok(())
     }
 

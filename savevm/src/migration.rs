@@ -540,6 +540,8 @@ fn migrate<V: VmControl + ?Sized>(
                     i.remaining = pending;
                     i.dirty_syncs = syncs;
                     i.iterations = iterations;
+                    i.bandwidth = bandwidth;
+                    i.threshold = threshold;
                     i.expected_downtime = expected(pending, bandwidth);
                 });
                 break;

@@ -360,6 +360,6 @@ pub fn available() -> bool {
 ///
 /// # Errors
 /// As [`GuestRam::new`] and [`KvmVm::map_ram`].
-pub fn ram(vm: &KvmVm, size: u64) -> Result<GuestRam> {
-    GuestRam::new(size, |region| vm.map_ram(region))
+pub fn ram(vm: &KvmVm, size: u64, prefault: bool) -> Result<GuestRam> {
+    GuestRam::new(size, prefault, |region| vm.map_ram(region))
 }

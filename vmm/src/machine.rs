@@ -173,6 +173,8 @@ pub struct MachineConfig {
     /// Hash shared disks at the switchover (`--verify`): they must be hashed before the
     /// destination may write them.
     pub verify: bool,
+    /// A destination allocates all guest RAM before the stream arrives.
+    pub prealloc: bool,
 }
 
 /// A virtual machine.
@@ -235,8 +237,8 @@ impl Machine {
             None
         };
         let ram = match &vm {
-            Some(vm) => kvm::ram(vm, cfg.memory)?,
-            None => soft::ram(cfg.memory)?,
+            Some(vm) => kvm::ram(vm, cfg.memory, cfg.incoming && cfg.prealloc)?,
+            None => soft::ram(cfg.memory, cfg.incoming && cfg.prealloc)?,
         };
         let bus = Bus::new(Devices {
             uart: new_uart(cfg.serial, console.clone()),

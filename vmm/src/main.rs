@@ -141,6 +141,10 @@ pub struct RunArgs {
     /// unix:PATH, fd:N, exec:CMD, file:PATH) and run the guest only after a complete load.
     #[arg(long, value_parser = parse_uri)]
     pub incoming: Option<MigrationUri>,
+    /// A destination allocates all guest RAM while it waits, so the stream loads at memory
+    /// speed; this turns that off (RAM is then allocated as pages arrive).
+    #[arg(long)]
+    pub no_prealloc: bool,
     /// Migrate to this URI as soon as the guest runs; exit once it completed.
     #[arg(long, value_parser = parse_uri)]
     pub migrate_to: Option<MigrationUri>,
@@ -309,6 +313,7 @@ fn run(a: &RunArgs) -> Result<i32> {
             serial,
             drives: a.drives.clone(),
             verify: a.verify,
+            prealloc: !a.no_prealloc,
         },
         events.clone(),
     )?;

@@ -41,10 +41,12 @@ pub fn sections(
         }
         s.register_live(BlockMigration::info(), Box::new(block))?;
     }
-    s.register_live(
-        RamSection::info(),
-        Box::new(RamSection::new(m.ram.list.clone(), ram_stats)),
-    )?;
+    let mut ram = RamSection::new(m.ram.list.clone(), ram_stats);
+    if m.run_state() == crate::machine::RunState::InMigrate {
+        // A destination's memory is untouched: zero pages it never wrote need no work.
+        ram = ram.with_fresh_memory();
+    }
+    s.register_live(RamSection::info(), Box::new(ram))?;
     m.cpus.register_sections(&mut s)?;
     s.register_device(
         SerialSection::info(),
@@ -161,6 +163,9 @@ fn migrate(
                 "transferred": info.transferred,
                 "dirty_syncs": info.dirty_syncs,
                 "iterations": info.iterations,
+                "bandwidth_bps": info.bandwidth,
+                "threshold": info.threshold,
+                "expected_downtime_ms": ms(info.expected_downtime),
             }),
         );
     }

@@ -259,7 +259,8 @@ pub fn query_migrate_json(
         o.insert("error-desc".into(), json!(e));
     }
     if info.status == MigrationStatus::None {
-        return json!({});
+        // `migrate` has returned but its thread has not begun: QEMU says setup here.
+        o.insert("status".into(), json!(MigrationStatus::Setup.as_str()));
     }
     v
 }

@@ -28,8 +28,8 @@ const DISK_BUF: u64 = 0x9000;
 ///
 /// # Errors
 /// As [`GuestRam::new`].
-pub fn ram(size: u64) -> Result<GuestRam> {
-    GuestRam::new(size, |region| {
+pub fn ram(size: u64, prefault: bool) -> Result<GuestRam> {
+    GuestRam::new(size, prefault, |region| {
         Ok(Box::new(VmmWriteLog::new(region.clone())))
     })
 }

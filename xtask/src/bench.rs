@@ -501,11 +501,25 @@ pub fn run(vmm: PathBuf, opts: &Options) -> Result<()> {
             for round in 0..opts.rounds {
                 let dir = work.join(format!("{}-{limit}-{round}", s.slug));
                 std::fs::create_dir_all(&dir)?;
-                let r = ours(s, limit, round, &dir);
+                // A run that breaks (a process gone, a QMP error) is a failed run; the
+                // bench goes on.
+                let guarded = |side: &'static str, f: &dyn Fn() -> Run| {
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|p| {
+                        let mut r = Run::new(side, s, limit, round);
+                        r.error = Some(
+                            p.downcast_ref::<String>()
+                                .cloned()
+                                .or_else(|| p.downcast_ref::<&str>().map(|m| m.to_string()))
+                                .unwrap_or_else(|| "panicked".into()),
+                        );
+                        r
+                    })
+                };
+                let r = guarded("ours", &|| ours(s, limit, round, &dir));
                 eprintln!("  ours {:<28} limit {limit:>3}: {}", s.name, describe(&r));
                 runs.push(r);
                 if let Some(q) = &opts.qemu {
-                    let r = qemu(q, s, limit, round, &dir, tsc_khz);
+                    let r = guarded("qemu", &|| qemu(q, s, limit, round, &dir, tsc_khz));
                     eprintln!("  qemu {:<28} limit {limit:>3}: {}", s.name, describe(&r));
                     runs.push(r);
                 }

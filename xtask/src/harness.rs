@@ -264,7 +264,11 @@ impl Qmp {
 
     /// Runs a command; Err with the error object.
     pub fn try_cmd(&mut self, name: &str, args: Value) -> Result<Value, Value> {
-        writeln!(self.w, "{}", json!({"execute": name, "arguments": args})).unwrap();
+        if let Err(e) = writeln!(self.w, "{}", json!({"execute": name, "arguments": args})) {
+            return Err(
+                json!({"class": "Closed", "desc": format!("the QMP connection is gone: {e}")}),
+            );
+        }
         loop {
             let v = self.read();
             if v.get("event").is_some() {
