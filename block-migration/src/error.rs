@@ -25,7 +25,7 @@ pub enum Error {
         path: PathBuf,
     },
     /// Reading, writing or flushing the image failed.
-    #[error("{op} disk {name:?} at byte {offset}")]
+    #[error("{op} disk {name_shown} at byte {offset}", name_shown = qemu_file::shown(.name))]
     Io {
         /// `reading`, `writing`, `flushing`, `resizing`.
         op: &'static str,
@@ -38,33 +38,33 @@ pub enum Error {
         source: io::Error,
     },
     /// A disk name that the stream cannot carry.
-    #[error("disk name {name:?} must be 1 to 255 bytes")]
+    #[error("disk name {name_shown} must be 1 to 255 bytes", name_shown = qemu_file::shown(.name))]
     BadName {
         /// The name.
         name: String,
     },
     /// The stream names a disk this side does not migrate.
     #[error(
-        "the stream carries disk {name:?}, which this destination does not have: \
+        "the stream carries disk {name_shown}, which this destination does not have: \
          add --drive file=PATH,id={name} (with create=on to create the image)"
-    )]
+    , name_shown = qemu_file::shown(.name))]
     UnknownDisk {
         /// The name.
         name: String,
     },
     /// This side migrates a disk the stream does not carry.
     #[error(
-        "this destination expects disk {name:?}, which the stream does not carry: the source has other disks"
-    )]
+        "this destination expects disk {name_shown}, which the stream does not carry: the source has other disks"
+    , name_shown = qemu_file::shown(.name))]
     MissingDisk {
         /// The name.
         name: String,
     },
     /// The stream's disk has another size than ours.
     #[error(
-        "destination disk {name:?} is {local} bytes, the stream's is {stream} bytes: \
+        "destination disk {name_shown} is {local} bytes, the stream's is {stream} bytes: \
          give the destination an image of the same size, or create=on"
-    )]
+    , name_shown = qemu_file::shown(.name))]
     SizeMismatch {
         /// The disk.
         name: String,

@@ -63,7 +63,7 @@ pub enum Error {
         offset: u64,
     },
     /// A migration URI could not be parsed.
-    #[error("invalid migration URI {uri:?}: {reason}")]
+    #[error("invalid migration URI {uri_shown}: {reason}", uri_shown = crate::shown(.uri))]
     InvalidUri {
         /// The URI as given.
         uri: String,

@@ -28,6 +28,7 @@ mod error;
 mod memory;
 mod qemu_file;
 mod rate_limit;
+mod shown;
 mod transport;
 mod uri;
 
@@ -36,6 +37,7 @@ pub use error::{Error, Result};
 pub use memory::{MemBuffer, MemTransport, mem_channel};
 pub use qemu_file::{KeepAlive, QemuFile};
 pub use rate_limit::RateLimiter;
+pub use shown::{SHOWN_CHARS, shown};
 pub use transport::{
     ExecTransport, FdTransport, ShutdownHandle, TcpTransport, Transport, UnixTransport,
 };

@@ -63,6 +63,11 @@ impl MigrationUri {
                         "the host is empty; use 127.0.0.1 or [::1] for this machine",
                     ));
                 }
+                if !valid_host(host) {
+                    return Err(bad(
+                        "the host must be a name (letters, digits, '-', '.', '_'), an IPv4 address or a bracketed IPv6 address",
+                    ));
+                }
                 Ok(MigrationUri::Tcp {
                     host: host.to_string(),
                     port,
@@ -111,6 +116,22 @@ fn split_host_port(s: &str) -> Option<(&str, &str)> {
             return None;
         }
         Some((host, port))
+    }
+}
+
+/// A host name, an IPv4 address, or (with colons) what was inside the brackets of an IPv6
+/// address, with an optional `%zone`.
+fn valid_host(host: &str) -> bool {
+    if host.contains(':') {
+        let (addr, zone) = host.split_once('%').unwrap_or((host, ""));
+        addr.chars()
+            .all(|c| c.is_ascii_hexdigit() || c == ':' || c == '.')
+            && zone
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    } else {
+        host.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
     }
 }
 
@@ -183,6 +204,8 @@ mod tests {
         for s in [
             "tcp:127.0.0.1:4444",
             "tcp:[::1]:5",
+            "tcp:[fe80::1%eth0]:5",
+            "tcp:my-host.example_1:7",
             "unix:/x",
             "fd:3",
             "exec:cat",
@@ -203,6 +226,9 @@ mod tests {
             "tcp:1.2.3.4:99999",
             "tcp:::1:4",
             "tcp:[::1]4",
+            "tcp:[[\0\0]:4",
+            "tcp:a b:1",
+            "tcp:x/y:1",
             "unix:",
             "fd:",
             "fd:-1",

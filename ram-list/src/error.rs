@@ -5,7 +5,7 @@
 #[non_exhaustive]
 pub enum Error {
     /// A block name that the stream cannot carry.
-    #[error("RAM block name {idstr:?} is {len} bytes; names must be 1 to 127 bytes")]
+    #[error("RAM block name {idstr_shown} is {len} bytes; names must be 1 to 127 bytes", idstr_shown = qemu_file::shown(.idstr))]
     BadName {
         /// The name.
         idstr: String,
@@ -13,13 +13,13 @@ pub enum Error {
         len: usize,
     },
     /// Two blocks with one name.
-    #[error("a RAM block named {idstr:?} already exists")]
+    #[error("a RAM block named {idstr_shown} already exists", idstr_shown = qemu_file::shown(.idstr))]
     DuplicateBlock {
         /// The name.
         idstr: String,
     },
     /// A size that is not a whole number of target pages, or larger than the backing.
-    #[error("RAM block {idstr:?}: {reason}")]
+    #[error("RAM block {idstr_shown}: {reason}", idstr_shown = qemu_file::shown(.idstr))]
     BadSize {
         /// The block.
         idstr: String,
@@ -28,18 +28,18 @@ pub enum Error {
     },
     /// No block of that name here.
     #[error(
-        "no RAM block named {idstr:?} on this side: the source and destination VMs have different memory devices"
-    )]
+        "no RAM block named {idstr_shown} on this side: the source and destination VMs have different memory devices"
+    , idstr_shown = qemu_file::shown(.idstr))]
     UnknownBlock {
         /// The name.
         idstr: String,
     },
     /// The stream's block has another size than ours.
     #[error(
-        "destination RAM block {idstr:?} is {local} bytes ({}), the stream has {stream} bytes ({}): \
+        "destination RAM block {idstr_shown} is {local} bytes ({}), the stream has {stream} bytes ({}): \
          start the destination with the same memory size as the source",
         human(*local), human(*stream)
-    )]
+    , idstr_shown = qemu_file::shown(.idstr))]
     SizeMismatch {
         /// The block.
         idstr: String,
@@ -87,7 +87,7 @@ pub enum Error {
         now: u64,
     },
     /// The dirty log of a block failed.
-    #[error("dirty log of RAM block {idstr:?}")]
+    #[error("dirty log of RAM block {idstr_shown}", idstr_shown = qemu_file::shown(.idstr))]
     DirtyLog {
         /// The block.
         idstr: String,

@@ -27,8 +27,8 @@ pub enum Error {
     },
     /// The source's machine type differs from the destination's.
     #[error(
-        "the stream is for machine type {stream:?} but this VM is {local:?}: start the destination with the same machine"
-    )]
+        "the stream is for machine type {stream_shown} but this VM is {local_shown}: start the destination with the same machine"
+    , stream_shown = qemu_file::shown(.stream), local_shown = qemu_file::shown(.local))]
     MachineMismatch {
         /// Machine type in the stream.
         stream: String,
@@ -46,7 +46,7 @@ pub enum Error {
         offset: u64,
     },
     /// A START or FULL record names a section this side has not registered.
-    #[error("the stream has section {idstr:?} instance {instance_id}, which this VM does not have")]
+    #[error("the stream has section {idstr_shown} instance {instance_id}, which this VM does not have", idstr_shown = qemu_file::shown(.idstr))]
     UnknownSection {
         /// The name.
         idstr: String,
@@ -62,7 +62,7 @@ pub enum Error {
         offset: u64,
     },
     /// A START or FULL record reuses a section id or opens a section twice.
-    #[error("section {idstr:?} (id {section_id}) appears twice: the stream is corrupt")]
+    #[error("section {idstr_shown} (id {section_id}) appears twice: the stream is corrupt", idstr_shown = qemu_file::shown(.idstr))]
     DuplicateSection {
         /// The name.
         idstr: String,
@@ -71,7 +71,7 @@ pub enum Error {
     },
     /// A live section arrived as FULL, a device section as START/PART/END, or the END of a
     /// section came twice.
-    #[error("section {idstr:?} arrived as a {found} record, which it cannot be")]
+    #[error("section {idstr_shown} arrived as a {found} record, which it cannot be", idstr_shown = qemu_file::shown(.idstr))]
     WrongRecordKind {
         /// The name.
         idstr: String,
@@ -80,9 +80,9 @@ pub enum Error {
     },
     /// The section's version is outside what this side can load.
     #[error(
-        "section {idstr:?} has version {version} in the stream; this side loads versions {min} to {max}: \
+        "section {idstr_shown} has version {version} in the stream; this side loads versions {min} to {max}: \
          migrate between compatible builds"
-    )]
+    , idstr_shown = qemu_file::shown(.idstr))]
     VersionOutOfRange {
         /// The name.
         idstr: String,
@@ -95,10 +95,10 @@ pub enum Error {
     },
     /// After a section's payload the footer was missing or named another section.
     #[error(
-        "section {idstr:?} (id {section_id}) does not end with its footer at byte {offset} \
+        "section {idstr_shown} (id {section_id}) does not end with its footer at byte {offset} \
          (found byte {found_byte:#04x}{}): the sender and this loader disagree on its layout",
         found_id.map(|i| format!(", section id {i}")).unwrap_or_default()
-    )]
+    , idstr_shown = qemu_file::shown(.idstr))]
     FooterMismatch {
         /// The section.
         idstr: String,
@@ -113,10 +113,10 @@ pub enum Error {
     },
     /// The stream ended without a section this side has, or without a live section's END.
     #[error(
-        "the stream ended without {}section {idstr:?} instance {instance_id}: \
+        "the stream ended without {}section {idstr_shown} instance {instance_id}: \
          the source and destination VMs are not configured alike, or the source stopped early",
         if *started { "the end of " } else { "" }
-    )]
+    , idstr_shown = qemu_file::shown(.idstr))]
     MissingSection {
         /// The section.
         idstr: String,
@@ -136,7 +136,7 @@ pub enum Error {
         offset: u64,
     },
     /// A section handler failed.
-    #[error("section {idstr:?} instance {instance_id}: {op} failed")]
+    #[error("section {idstr_shown} instance {instance_id}: {op} failed", idstr_shown = qemu_file::shown(.idstr))]
     Section {
         /// The section.
         idstr: String,
@@ -149,7 +149,7 @@ pub enum Error {
         source: SectionError,
     },
     /// Registering a second section with the same idstr and instance.
-    #[error("section {idstr:?} instance {instance_id} is already registered")]
+    #[error("section {idstr_shown} instance {instance_id} is already registered", idstr_shown = qemu_file::shown(.idstr))]
     DuplicateRegistration {
         /// The name.
         idstr: String,
@@ -157,7 +157,7 @@ pub enum Error {
         instance_id: u32,
     },
     /// An idstr too long for the stream.
-    #[error("section idstr {idstr:?} is {len} bytes; at most 127 fit the stream")]
+    #[error("section idstr {idstr_shown} is {len} bytes; at most 127 fit the stream", idstr_shown = qemu_file::shown(.idstr))]
     IdTooLong {
         /// The name.
         idstr: String,

@@ -1,4 +1,4 @@
-//! The disks of a VM: `--drive` options and the block device the built-in guest drives.
+//! The disks of a VM: opening `--drive`s and the block device the built-in guest drives.
 //!
 //! The device is deliberately small (a register-less "doorbell" over port I/O, documented
 //! here) rather than virtio-blk: the guest is a 2 KiB program that must drive it from CPL 3,
@@ -20,8 +20,6 @@
 //! guest memory is dirty-tracked like any VMM write, and the disk's own dirty bitmap marks
 //! every chunk a write touches.
 
-use std::path::PathBuf;
-use std::str::FromStr;
 use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
@@ -31,6 +29,7 @@ use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::guest::DISK_PORT;
+use vmm::spec::DriveSpec;
 
 /// Read sectors into guest memory.
 pub const CMD_READ: u32 = 1;
@@ -44,58 +43,6 @@ pub const STATUS_DONE: u32 = 1;
 pub const STATUS_ERROR: u32 = 2;
 /// Most sectors one request moves.
 pub const MAX_SECTORS: u32 = 2048;
-
-/// `--drive file=PATH,id=NAME[,migrate=on|off][,create=on]`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DriveSpec {
-    /// The raw image.
-    pub path: PathBuf,
-    /// The disk's name, also in the stream.
-    pub id: String,
-    /// Copied by block migration (on, the default) or shared storage (off).
-    pub migrate: bool,
-    /// Create the image if missing (a destination sizes it from the stream).
-    pub create: bool,
-}
-
-impl FromStr for DriveSpec {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let (mut path, mut id, mut migrate, mut create) = (None, None, true, false);
-        let onoff = |k: &str, v: &str| match v {
-            "on" => Ok(true),
-            "off" => Ok(false),
-            _ => Err(format!("{k} takes on or off, not {v:?}")),
-        };
-        for part in s.split(',') {
-            let (k, v) = part
-                .split_once('=')
-                .ok_or_else(|| format!("expected key=value in --drive, got {part:?}"))?;
-            match k {
-                "file" => path = Some(PathBuf::from(v)),
-                "id" => id = Some(v.to_string()),
-                "migrate" => migrate = onoff(k, v)?,
-                "create" => create = onoff(k, v)?,
-                other => {
-                    return Err(format!(
-                        "unknown --drive option {other:?} (file, id, migrate, create)"
-                    ));
-                }
-            }
-        }
-        let path = path.ok_or("--drive needs file=PATH")?;
-        let id = id.ok_or("--drive needs id=NAME")?;
-        if id.is_empty() || id.len() > 255 {
-            return Err("the drive id must be 1 to 255 bytes".into());
-        }
-        Ok(DriveSpec {
-            path,
-            id,
-            migrate,
-            create,
-        })
-    }
-}
 
 /// Opens the disks of `specs`. A destination (`incoming`) leaves shared disks unlocked:
 /// the source still writes them until the switchover.
@@ -209,33 +156,4 @@ pub fn hash(disk: &Disk) -> Result<u64> {
         })
         .collect::<Result<_>>()?;
     Ok(crate::memory::combine(&parts))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn drive_options_parse_and_refuse_with_reasons() {
-        assert_eq!(
-            "file=/tmp/a.img,id=disk0".parse::<DriveSpec>().unwrap(),
-            DriveSpec {
-                path: "/tmp/a.img".into(),
-                id: "disk0".into(),
-                migrate: true,
-                create: false
-            }
-        );
-        let d: DriveSpec = "id=d,file=x,migrate=off,create=on".parse().unwrap();
-        assert!(!d.migrate && d.create);
-        for bad in [
-            "file=x",
-            "id=d",
-            "file=x,id=d,migrate=maybe",
-            "file=x,id=d,cache=none",
-            "file",
-        ] {
-            assert!(bad.parse::<DriveSpec>().is_err(), "{bad}");
-        }
-    }
 }

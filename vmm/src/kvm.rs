@@ -15,11 +15,11 @@ use vm_memory::GuestRegionMmap;
 use vm_memory::bitmap::AtomicBitmap;
 use zerocopy::IntoBytes;
 
-use crate::cpu_state::{VcpuState, read_struct, supported_msrs};
 use crate::guest::LOAD_ADDR;
 use crate::machine::{Bus, Cpus};
 use crate::memory::GuestRam;
 use crate::vcpu::Vcpu;
+use vmm::cpu_state::{VcpuState, read_struct, supported_msrs};
 
 /// Where KVM puts the real-mode TSS on Intel (three pages below the BIOS area).
 const TSS_ADDR: usize = 0xfffb_d000;

@@ -11,11 +11,12 @@ use serde_json::json;
 use crate::events::EventLog;
 use block_migration::Disk;
 
-use crate::disk::{BlockDevice, DriveSpec, open_disks};
+use crate::disk::{BlockDevice, open_disks};
 use crate::guest::{self, GuestParams, LOAD_ADDR};
 use crate::memory::GuestRam;
 use crate::serial::{COM1, Console, Uart, new_uart};
 use crate::{kvm, soft};
+use vmm::spec::DriveSpec;
 
 /// The devices the vCPUs reach through port I/O.
 pub struct Devices {

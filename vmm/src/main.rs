@@ -3,7 +3,6 @@
 //! `vmm` alone runs the demo; `vmm run` runs a VM (a source, or a destination with
 //! `--incoming`); `vmm analyze FILE` prints a migration stream as text.
 
-mod cpu_state;
 mod demo;
 mod disk;
 mod events;
@@ -35,6 +34,7 @@ use crate::events::EventLog;
 use crate::guest::{GuestParams, Workload};
 use crate::machine::{Accel, Machine, MachineConfig};
 use crate::session::Session;
+use vmm::spec::{DriveSpec, parse_size};
 
 #[derive(Parser)]
 #[command(
@@ -133,7 +133,7 @@ pub struct RunArgs {
     /// image with the size the stream gives. The built-in guest's disk workload writes the
     /// first disk. Repeatable.
     #[arg(long = "drive")]
-    pub drives: Vec<disk::DriveSpec>,
+    pub drives: Vec<DriveSpec>,
     /// QMP monitor socket, unix:PATH (mode 0600).
     #[arg(long)]
     pub qmp: Option<String>,
@@ -178,26 +178,6 @@ pub enum Progress {
     Always,
     /// Never.
     Never,
-}
-
-/// Parses 4096, 64K, 256M, 1G, 1GiB.
-fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let t = t
-        .strip_suffix("iB")
-        .or_else(|| t.strip_suffix('B'))
-        .unwrap_or(t);
-    let (num, mult) = match t.chars().last() {
-        Some('K' | 'k') => (&t[..t.len() - 1], 1u64 << 10),
-        Some('M' | 'm') => (&t[..t.len() - 1], 1 << 20),
-        Some('G' | 'g') => (&t[..t.len() - 1], 1 << 30),
-        Some('T' | 't') => (&t[..t.len() - 1], 1 << 40),
-        _ => (t, 1),
-    };
-    num.parse::<u64>()
-        .ok()
-        .and_then(|n| n.checked_mul(mult))
-        .ok_or_else(|| format!("{s:?} is not a size (e.g. 4096, 64K, 256M, 1G)"))
 }
 
 fn parse_uri(s: &str) -> Result<MigrationUri, String> {
@@ -435,18 +415,6 @@ fn run(a: &RunArgs) -> Result<i32> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sizes_parse_with_binary_suffixes() {
-        assert_eq!(parse_size("4096"), Ok(4096));
-        assert_eq!(parse_size("64K"), Ok(64 << 10));
-        assert_eq!(parse_size("256M"), Ok(256 << 20));
-        assert_eq!(parse_size("1GiB"), Ok(1 << 30));
-        assert_eq!(parse_size("2g"), Ok(2 << 30));
-        assert!(parse_size("12Q").is_err());
-        assert!(parse_size("").is_err());
-        assert!(parse_size("99999999999T").is_err());
-    }
 
     #[test]
     fn the_cli_is_consistent() {

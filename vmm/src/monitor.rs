@@ -17,13 +17,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
-use qemu_file::MigrationUri;
 use serde_json::{Value, json};
 
 use crate::session::Session;
-
-/// Largest command accepted, in bytes (a QMP command is small; this bounds a hostile one).
-const MAX_COMMAND: usize = 64 * 1024;
+use vmm::qmp::{self, Capability, MAX_COMMAND, Parameter, QmpError, Request};
 
 /// Starts the monitor on the unix socket `path` (mode 0600).
 ///
@@ -98,10 +95,6 @@ fn event(name: &str, data: Value) -> Value {
     v
 }
 
-fn error(class: &str, desc: impl Into<String>) -> Value {
-    json!({"error": {"class": class, "desc": desc.into()}})
-}
-
 fn serve(conn: UnixStream, session: Arc<Session>, clients: Arc<Mutex<Vec<Client>>>) {
     let (Ok(mut w), Ok(sock)) = (conn.try_clone(), conn.try_clone()) else {
         return;
@@ -139,7 +132,8 @@ fn serve(conn: UnixStream, session: Arc<Session>, clients: Arc<Mutex<Vec<Client>
     let mut negotiated = false;
     let mut line = Vec::new();
     loop {
-        // One command per line, as QMP clients send them; a longer line is refused.
+        // One command per line, as QMP clients send them; a longer line is refused and
+        // ends the connection.
         line.clear();
         match (&mut reader)
             .take(MAX_COMMAND as u64 + 1)
@@ -148,27 +142,14 @@ fn serve(conn: UnixStream, session: Arc<Session>, clients: Arc<Mutex<Vec<Client>
             Ok(0) | Err(_) => break,
             Ok(_) => {}
         }
-        if line.len() > MAX_COMMAND {
-            send(error(
-                "GenericError",
-                format!("command longer than {MAX_COMMAND} bytes"),
-            ));
-            break;
-        }
         if line.iter().all(u8::is_ascii_whitespace) {
             continue;
         }
-        let cmd: Value = match serde_json::from_slice(&line) {
-            Ok(c) => c,
-            Err(e) => {
-                send(error("GenericError", format!("JSON parse error: {e}")));
-                continue;
-            }
-        };
-        let id = cmd.get("id").cloned();
-        let mut reply = match (cmd.get("execute").and_then(Value::as_str), negotiated) {
-            (None, _) => error("GenericError", "Expected 'execute' in QMP input"),
-            (Some("qmp_capabilities"), false) => {
+        let too_long = line.len() > MAX_COMMAND;
+        let cmd = qmp::parse(&line);
+        let quit = negotiated && cmd.request == Ok(Request::Quit);
+        let result = match (cmd.request, negotiated) {
+            (Ok(Request::Capabilities), false) => {
                 negotiated = true;
                 if let Ok(sock) = sock.try_clone() {
                     clients
@@ -179,135 +160,104 @@ fn serve(conn: UnixStream, session: Arc<Session>, clients: Arc<Mutex<Vec<Client>
                             sock,
                         });
                 }
-                json!({"return": {}})
+                Ok(json!({}))
             }
-            (Some(_), false) => error(
-                "CommandNotFound",
-                "Expecting capabilities negotiation with 'qmp_capabilities'",
-            ),
-            (Some(name), true) => {
-                let args = cmd.get("arguments").cloned().unwrap_or(json!({}));
-                match execute(&session, name, &args) {
-                    Ok(v) => json!({"return": v}),
-                    Err((class, desc)) => error(class, desc),
-                }
-            }
+            (Ok(_), false) => Err(QmpError {
+                class: "CommandNotFound",
+                desc: "Expecting capabilities negotiation with 'qmp_capabilities'".into(),
+            }),
+            (Ok(request), true) => execute(&session, request),
+            (Err(e), _) => Err(e),
         };
-        if let Some(id) = id {
+        let mut reply = match result {
+            Ok(v) => json!({"return": v}),
+            Err(e) => e.to_reply(),
+        };
+        if let Some(id) = cmd.id {
             reply["id"] = id;
         }
-        if !send(reply) {
+        if !send(reply) || too_long {
             break;
         }
-        if cmd.get("execute").and_then(Value::as_str) == Some("quit") && negotiated {
+        if quit {
             let _ = tx.send(QUIT_AFTER_REPLY.to_string());
         }
     }
 }
 
-type CmdResult = std::result::Result<Value, (&'static str, String)>;
-
-fn generic(e: impl std::fmt::Display) -> (&'static str, String) {
-    ("GenericError", e.to_string())
+fn generic(e: impl std::fmt::Display) -> QmpError {
+    QmpError::generic(e)
 }
 
-fn execute(session: &Arc<Session>, name: &str, args: &Value) -> CmdResult {
+fn execute(session: &Arc<Session>, request: Request) -> Result<Value, QmpError> {
     let m = &session.machine;
-    match name {
-        "query-status" => {
+    match request {
+        Request::QueryStatus => {
             let st = m.run_state();
             Ok(
                 json!({"status": st.as_str(), "running": st == crate::machine::RunState::Running, "singlestep": false}),
             )
         }
-        "stop" => {
+        Request::Stop => {
             m.stop().map_err(generic)?;
             session.broadcast("STOP", Value::Null);
             Ok(json!({}))
         }
-        "cont" => {
+        Request::Cont => {
             m.start().map_err(generic)?;
             session.broadcast("RESUME", Value::Null);
             Ok(json!({}))
         }
-        "quit" => {
+        Request::Quit => {
             session.broadcast(
                 "SHUTDOWN",
                 json!({"guest": false, "reason": "host-qmp-quit"}),
             );
             Ok(json!({}))
         }
-        "migrate" => {
-            let uri = args
-                .get("uri")
-                .and_then(Value::as_str)
-                .ok_or_else(|| generic("Parameter 'uri' is missing"))?;
-            let uri = MigrationUri::parse(uri).map_err(generic)?;
+        Request::Migrate(uri) => {
             session.migrate(uri).map_err(generic)?;
             Ok(json!({}))
         }
-        "migrate_cancel" => {
+        Request::MigrateCancel => {
             session.cancel();
             Ok(json!({}))
         }
-        "query-migrate" => Ok(session.query_migrate()),
-        "migrate-set-parameters" => {
+        Request::QueryMigrate => Ok(session.query_migrate()),
+        Request::SetParameters(list) => {
             let mut p = session.params();
-            for (k, v) in args.as_object().into_iter().flatten() {
-                let n = v.as_u64().ok_or_else(|| {
-                    generic(format!("Parameter '{k}' expects a non-negative number"))
-                })?;
-                match k.as_str() {
-                    "downtime-limit" => {
-                        if n > 2_000_000 {
-                            return Err(generic(
-                                "Parameter 'downtime-limit' expects a value in range [0, 2000000] ms",
-                            ));
-                        }
-                        p.downtime_limit = Duration::from_millis(n);
-                    }
-                    "max-bandwidth" => p.max_bandwidth = n,
-                    other => return Err(generic(format!("Parameter '{other}' is not supported"))),
+            for param in list {
+                match param {
+                    Parameter::DowntimeLimit(d) => p.downtime_limit = d,
+                    Parameter::MaxBandwidth(n) => p.max_bandwidth = n,
                 }
             }
             session.set_params(p);
             Ok(json!({}))
         }
-        "query-migrate-parameters" => {
+        Request::QueryParameters => {
             let p = session.params();
             Ok(
                 json!({"downtime-limit": p.downtime_limit.as_millis() as u64, "max-bandwidth": p.max_bandwidth}),
             )
         }
-        "migrate-set-capabilities" => {
-            for c in args
-                .get("capabilities")
-                .and_then(Value::as_array)
-                .ok_or_else(|| generic("Parameter 'capabilities' is missing"))?
-            {
-                let name = c.get("capability").and_then(Value::as_str).unwrap_or("");
-                let state = c.get("state").and_then(Value::as_bool).unwrap_or(false);
-                match (name, state) {
-                    // MIGRATION events are always sent.
-                    ("events", true) => {}
-                    ("events", false) => {
-                        return Err(generic("Capability 'events' cannot be turned off in vmm"));
-                    }
+        Request::SetCapabilities(list) => {
+            for (cap, on) in list {
+                match cap {
+                    // MIGRATION events are always sent (the parser refuses turning them off).
+                    Capability::Events => {}
                     // Off: the source does not wait for the destination's answer (for a
                     // destination that never sends one).
-                    ("return-path", on) => session.set_return_path(on),
-                    (other, _) => {
-                        return Err(generic(format!("Capability '{other}' is not supported")));
-                    }
+                    Capability::ReturnPath => session.set_return_path(on),
                 }
             }
             Ok(json!({}))
         }
-        "query-migrate-capabilities" => Ok(json!([
+        Request::QueryCapabilities => Ok(json!([
             {"capability": "events", "state": true},
             {"capability": "return-path", "state": session.return_path()},
         ])),
-        "x-query-guest" => {
+        Request::QueryGuest => {
             if m.run_state() == crate::machine::RunState::InMigrate {
                 // Guest memory is being written by the load: nothing to read yet.
                 return Ok(
@@ -321,9 +271,10 @@ fn execute(session: &Arc<Session>, name: &str, args: &Value) -> CmdResult {
                       "accel": m.cpus.name()}),
             )
         }
-        other => Err((
-            "CommandNotFound",
-            format!("The command {other} has not been found"),
-        )),
+        // Handled by the connection (negotiation is per client).
+        Request::Capabilities => Err(QmpError {
+            class: "CommandNotFound",
+            desc: "Capabilities negotiation is already complete, command ignored".into(),
+        }),
     }
 }

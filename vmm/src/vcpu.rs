@@ -12,8 +12,8 @@ use std::thread::JoinHandle;
 use anyhow::{Result, anyhow};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
-use crate::cpu_state::VcpuState;
 use crate::machine::Bus;
+use vmm::cpu_state::VcpuState;
 
 /// What the vCPU's owner wants it to do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -7,8 +7,11 @@
 //! - `cargo xtask migrate-test [--quick]`: migrations between real vmm processes over every
 //!   transport and workload, with and without a disk, verified, in a table.
 //! - `cargo xtask bench`: ours beside QEMU on the same guest, with plots.
+//! - `cargo xtask fuzz [--seconds N] [TARGET...]`: coverage-guided fuzzing of every parser
+//!   of untrusted input (libFuzzer, stable toolchain).
 
 mod bench;
+mod fuzz;
 mod migrate_test;
 mod plot;
 
@@ -62,6 +65,14 @@ enum Cmd {
         #[arg(long)]
         only: Vec<String>,
     },
+    /// Coverage-guided fuzzing (libFuzzer) of every parser of untrusted input.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Only these targets (stream, ram, block, analyze, qmp, uri); all by default.
+        targets: Vec<String>,
+    },
 }
 
 fn main() -> Result<()> {
@@ -69,6 +80,7 @@ fn main() -> Result<()> {
     match cli.command {
         Cmd::Ci => ci(),
         Cmd::Guest { check } => guest(check),
+        Cmd::Fuzz { seconds, targets } => fuzz::run_fuzz(seconds.max(1), &targets),
         Cmd::MigrateTest { quick } => migrate_test::run(build_vmm()?, quick),
         Cmd::Bench {
             rounds,

@@ -1,0 +1,64 @@
+//! Text a client or user sends: QMP lines, migration URIs, `--drive` specs, sizes.
+
+use qemu_file::MigrationUri;
+use vmm::qmp;
+use vmm::spec::{DriveSpec, parse_size};
+
+/// Target `qmp`: one line; whatever it is, the reply is well-formed JSON.
+pub fn qmp(data: &[u8]) {
+    let c = qmp::parse(data);
+    if let Err(e) = &c.request {
+        let reply = e.to_reply().to_string();
+        let back: serde_json::Value = serde_json::from_str(&reply).expect("a JSON reply");
+        assert!(back["error"]["desc"].is_string(), "{reply:.200}");
+    }
+}
+
+/// Target `uri`: the input as a URI, a drive spec and a size; a parsed URI prints back to
+/// itself.
+pub fn uri(data: &[u8]) {
+    let Ok(s) = std::str::from_utf8(data) else {
+        return;
+    };
+    if let Ok(u) = MigrationUri::parse(s) {
+        let again = MigrationUri::parse(&u.to_string())
+            .unwrap_or_else(|e| panic!("{u} (from {s:?}) does not parse again: {e}"));
+        assert_eq!(again, u, "{s:?}");
+    }
+    let _ = s.parse::<DriveSpec>();
+    let _ = parse_size(s);
+}
+
+/// Seeds of `qmp`.
+pub fn qmp_seeds() -> Vec<Vec<u8>> {
+    [
+        r#"{"execute": "qmp_capabilities"}"#,
+        r#"{"execute": "migrate", "arguments": {"uri": "tcp:127.0.0.1:4444"}, "id": 1}"#,
+        r#"{"execute": "migrate-set-parameters", "arguments": {"downtime-limit": 30, "max-bandwidth": 1000000}}"#,
+        r#"{"execute": "migrate-set-capabilities", "arguments": {"capabilities": [{"capability": "return-path", "state": false}, {"capability": "events", "state": true}]}}"#,
+        r#"{"execute": "query-migrate", "id": {"a": [1, 2.5, null, true, "x"]}}"#,
+        r#"{"execute": "x-query-guest"}"#,
+    ]
+    .iter()
+    .map(|s| s.as_bytes().to_vec())
+    .collect()
+}
+
+/// Seeds of `uri`.
+pub fn uri_seeds() -> Vec<Vec<u8>> {
+    [
+        "tcp:127.0.0.1:4444",
+        "tcp:[::1]:4444",
+        "tcp:localhost:0",
+        "unix:/tmp/vmm.sock",
+        "fd:3",
+        "exec:cat > /tmp/x",
+        "file:/tmp/snap",
+        "file=/tmp/a.img,id=disk0,migrate=off,create=on",
+        "256M",
+        "1GiB",
+    ]
+    .iter()
+    .map(|s| s.as_bytes().to_vec())
+    .collect()
+}
