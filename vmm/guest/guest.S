@@ -23,8 +23,10 @@
  *            one pass.
  *   3 disk:  pass after pass, write every 4 KiB block of disk 0 (vmm's block device, see
  *            vmm/src/disk.rs) filled with the qword (block << 32 | pass), paced like dirty;
- *            a request the device does not complete counts as a mismatch. A letter per
- *            pass as above.
+ *            from pass 2 on, read each block back first and check that it holds the
+ *            previous pass's qword, so a block lost or left stale by a migration shows up
+ *            within one pass; a wrong block, or a request the device does not complete,
+ *            counts as a mismatch. A letter per pass as above.
  *
  * Memory used: 0x500 TSS, 0x600 IDT, 0x1000 PML4, 0x2000 PDPT, 0x3000-0x6fff page
  * directories, 0x7000-0x7bff kernel stack, 0x7c00-0x83ff this image, 0x8400-0x87ff user
@@ -244,13 +246,37 @@ disk_pass:
         xor     r12d, r12d                      /* block */
         xor     r15d, r15d
 disk_block:
+        cmp     r14, 1
+        je      5f                              /* pass 1: the image holds anything */
+        mov     dword ptr [REQ], 1              /* read the block back */
+        call    disk_request
         mov     rax, r12
+        shl     rax, 32
+        lea     rax, [rax + r14 - 1]            /* what the previous pass wrote */
+        cmp     qword ptr [BUF], rax
+        jne     4f
+        cmp     qword ptr [BUF + 4088], rax
+        je      5f
+4:      inc     qword ptr [rip + s_mismatch]
+        inc     r15d
+5:      mov     rax, r12
         shl     rax, 32
         or      rax, r14                        /* block << 32 | pass (pass < 2^32) */
         mov     edi, BUF
         mov     ecx, 512
         rep stosq
         mov     dword ptr [REQ], 2              /* write */
+        call    disk_request
+        inc     r12
+        call    pace
+        cmp     r12, r13
+        jb      disk_block
+        call    end_pass
+        jmp     disk_pass
+
+/* Sends the request block (command set) for 4 KiB block r12 of disk 0 through BUF; a
+   request the device does not complete counts as a mismatch. */
+disk_request:
         mov     dword ptr [REQ + 4], 0          /* status: pending */
         lea     rax, [r12 * 8]
         mov     [REQ + 8], rax                  /* first sector */
@@ -260,15 +286,10 @@ disk_block:
         mov     dx, [rip + p_disk_port]
         out     dx, eax                         /* the device does the request */
         cmp     dword ptr [REQ + 4], 1          /* done? */
-        je      8f
+        je      6f
         inc     qword ptr [rip + s_mismatch]
         inc     r15d
-8:      inc     r12
-        call    pace
-        cmp     r12, r13
-        jb      disk_block
-        call    end_pass
-        jmp     disk_pass
+6:      ret
 
 /* After a pass: store its number, print its letter (or "!"). */
 end_pass:

@@ -297,8 +297,10 @@ fn cancel_in_the_bulk_and_in_the_dirty_phase_then_a_migration_that_succeeds() {
             "--incoming",
             "tcp:127.0.0.1:0",
             "--verify",
+            // Long enough for a whole pass (each block is read back, then written) on a
+            // busy machine.
             "--exit-after",
-            "1",
+            "3",
         ],
     );
     let uri = d3.wait_event("listening")["uri"]

@@ -2,3 +2,4 @@
 //! and vmm's end-to-end tests.
 
 pub mod harness;
+pub mod proxy;

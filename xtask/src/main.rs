@@ -11,6 +11,7 @@
 //!   of untrusted input (libFuzzer, stable toolchain).
 
 mod bench;
+mod faults;
 mod fuzz;
 mod migrate_test;
 mod plot;
@@ -43,6 +44,9 @@ enum Cmd {
         /// A few representative cases (what CI runs).
         #[arg(long)]
         quick: bool,
+        /// Only the cases whose name contains one of these (e.g. "fault", "tcp dirty").
+        #[arg(long)]
+        only: Vec<String>,
     },
     /// Our migration beside QEMU's on the same guest: a table, JSON and plots.
     Bench {
@@ -81,7 +85,7 @@ fn main() -> Result<()> {
         Cmd::Ci => ci(),
         Cmd::Guest { check } => guest(check),
         Cmd::Fuzz { seconds, targets } => fuzz::run_fuzz(seconds.max(1), &targets),
-        Cmd::MigrateTest { quick } => migrate_test::run(build_vmm()?, quick),
+        Cmd::MigrateTest { quick, only } => migrate_test::run(build_vmm()?, quick, &only),
         Cmd::Bench {
             rounds,
             out,
@@ -205,7 +209,7 @@ fn ci() -> Result<()> {
         .env("INSTA_UPDATE", "no");
     run("cargo test --workspace", test)?;
     eprintln!("==> cargo xtask migrate-test --quick");
-    migrate_test::run(build_vmm()?, true)?;
+    migrate_test::run(build_vmm()?, true, &[])?;
     eprintln!("==> ci passed in {:.0?}", t.elapsed());
     Ok(())
 }

@@ -2,11 +2,13 @@
 //! every case verified, and a table.
 //!
 //! Transports (unix, tcp, exec, fd, file) × workloads (idle, fill, dirty) × with and
-//! without a migrated disk, then a cancel followed by a retry, and two destinations that
-//! must refuse (less memory, an unknown disk). Each migration is checked: RAM (and disk)
-//! hashes equal at the switchover, the guest going on at the destination, no stale page or
-//! failed disk write, the source gone; a refusal leaves the source running and its guest
-//! progressing.
+//! without a migrated disk, then a cancel followed by a retry, three destinations that
+//! must refuse (less memory, an unknown disk, more vCPUs: the last one only at the
+//! completion), and the fault cases of [`crate::faults`] (every phase × cut, destination
+//! killed, cancel, source killed). Each migration is checked: RAM (and disk) hashes equal
+//! at the switchover, the guest going on at the destination, no stale page or disk block,
+//! the source gone; a failure leaves the source running, its guest progressing and
+//! finding nothing stale, and a new migration of it then succeeds.
 
 use std::os::fd::IntoRawFd;
 use std::path::{Path, PathBuf};
@@ -15,6 +17,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Result, bail};
 use serde_json::{Value, json};
 use xtask::harness::{Qmp, Vmm, scratch};
+
+use crate::faults::{Action, Phase, migrate_again};
 
 /// How a case moves its stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,6 +63,8 @@ enum Case {
     CancelThenRetry,
     RefuseMemory,
     RefuseDisk,
+    RefuseVcpus,
+    Fault(Phase, Action),
 }
 
 impl Case {
@@ -76,19 +82,21 @@ impl Case {
             Case::CancelThenRetry => "cancel, then retry".into(),
             Case::RefuseMemory => "refused: less memory".into(),
             Case::RefuseDisk => "refused: unknown disk".into(),
+            Case::RefuseVcpus => "refused at completion: more vCPUs".into(),
+            Case::Fault(p, a) => format!("fault in {}: {}", p.name(), a.name()),
         }
     }
 }
 
 /// What a case measured.
 #[derive(Debug, Default)]
-struct Measured {
-    total_ms: Option<f64>,
-    downtime_ms: Option<f64>,
-    bytes: Option<u64>,
+pub struct Measured {
+    pub total_ms: Option<f64>,
+    pub downtime_ms: Option<f64>,
+    pub bytes: Option<u64>,
 }
 
-const MEMORY: &str = "256M";
+pub const MEMORY: &str = "256M";
 const DISK_SIZE: u64 = 64 << 20;
 
 fn cases(quick: bool) -> Vec<Case> {
@@ -121,16 +129,50 @@ fn cases(quick: bool) -> Vec<Case> {
             }
         }
     }
-    v.extend([Case::CancelThenRetry, Case::RefuseMemory, Case::RefuseDisk]);
+    v.extend([
+        Case::CancelThenRetry,
+        Case::RefuseMemory,
+        Case::RefuseDisk,
+        Case::RefuseVcpus,
+    ]);
+    if quick {
+        v.extend([
+            Case::Fault(Phase::Setup, Action::KillSource),
+            Case::Fault(Phase::Iterate, Action::Cut),
+            Case::Fault(Phase::Complete, Action::KillDestination),
+            Case::Fault(Phase::DiskBulk, Action::Cancel),
+        ]);
+    } else {
+        for phase in [
+            Phase::Setup,
+            Phase::Iterate,
+            Phase::Complete,
+            Phase::DiskBulk,
+        ] {
+            for action in [
+                Action::Cut,
+                Action::KillDestination,
+                Action::Cancel,
+                Action::KillSource,
+            ] {
+                v.push(Case::Fault(phase, action));
+            }
+        }
+    }
     v
 }
 
 /// A 64 MiB image with data in three chunks of four (the rest zero, as real disks).
 fn disk_image(path: &Path) -> Result<()> {
+    disk_image_of(path, DISK_SIZE)
+}
+
+/// An image of `size` bytes (whole MiB) with data in three chunks of four.
+pub fn disk_image_of(path: &Path, size: u64) -> Result<()> {
     use std::io::Write;
     let mut f = std::fs::File::create(path)?;
     let mut buf = vec![0u8; 1 << 20];
-    for chunk in 0..DISK_SIZE >> 20 {
+    for chunk in 0..size >> 20 {
         let fill = if chunk % 4 == 3 { 0 } else { (chunk as u8) | 1 };
         buf.fill(fill);
         f.write_all(&buf)?;
@@ -161,7 +203,7 @@ fn refs(v: &[String]) -> Vec<&str> {
     v.iter().map(String::as_str).collect()
 }
 
-fn event(v: &Vmm, name: &str, side: Option<&str>) -> Option<Value> {
+pub fn event(v: &Vmm, name: &str, side: Option<&str>) -> Option<Value> {
     v.events()
         .into_iter()
         .find(|e| e["event"] == name && side.is_none_or(|s| e["side"] == s))
@@ -320,15 +362,16 @@ fn migrate(
     })
 }
 
-fn last_lines(s: &str) -> String {
+pub fn last_lines(s: &str) -> String {
     let lines: Vec<&str> = s.lines().collect();
     lines[lines.len().saturating_sub(3)..].join(" / ")
 }
 
-fn qmp_source(dir: &Path, extra: &[&str]) -> (Vmm, Qmp) {
+/// A source driven over QMP, its guest past its first pass.
+pub fn qmp_source(dir: &Path, workload: &str, extra: &[&str]) -> (Vmm, Qmp) {
     let qmp = dir.join("qmp.sock");
     let arg = format!("unix:{}", qmp.display());
-    let g = guest_args("dirty");
+    let g = guest_args(workload);
     let mut args = refs(&g);
     args.extend(["--qmp", &arg, "--verify"]);
     args.extend_from_slice(extra);
@@ -338,7 +381,8 @@ fn qmp_source(dir: &Path, extra: &[&str]) -> (Vmm, Qmp) {
     (src, q)
 }
 
-fn destination(dir: &Path, name: &str, memory: &str, extra: &[&str]) -> (Vmm, String) {
+/// A destination listening on TCP, and its URI.
+pub fn destination(dir: &Path, name: &str, memory: &str, extra: &[&str]) -> (Vmm, String) {
     // The destination's own parameters do not matter (its guest comes from the stream),
     // but a range that fits its memory keeps them valid.
     let g = guest_args_with("idle", memory);
@@ -355,7 +399,7 @@ fn destination(dir: &Path, name: &str, memory: &str, extra: &[&str]) -> (Vmm, St
 
 fn cancel_then_retry() -> Result<Measured> {
     let dir = scratch("cancel-retry");
-    let (mut src, mut q) = qmp_source(&dir, &["--max-bandwidth", "20M"]);
+    let (mut src, mut q) = qmp_source(&dir, "dirty", &["--max-bandwidth", "20M"]);
     let (mut d1, uri) = destination(&dir, "dest1", MEMORY, &[]);
     q.cmd("migrate", json!({"uri": uri}));
     q.wait_status("active");
@@ -372,24 +416,7 @@ fn cancel_then_retry() -> Result<Measured> {
     if d1.wait().success() || d1.event("incoming-resumed").is_some() {
         bail!("the cancelled destination ran the guest");
     }
-    let (mut d2, uri) = destination(
-        &dir,
-        "destination",
-        MEMORY,
-        &["--verify", "--exit-after", "1"],
-    );
-    q.cmd("migrate-set-parameters", json!({"max-bandwidth": 0}));
-    q.cmd("migrate", json!({"uri": uri}));
-    let m = q.wait_status("completed");
-    let _ = q.try_cmd("quit", json!({}));
-    if !src.wait().success() || !d2.wait().success() {
-        bail!("a process failed: {}", last_lines(&d2.stderr()));
-    }
-    let sh = event(&src, "ram-hash", Some("source"));
-    let dh = event(&d2, "ram-hash", Some("destination"));
-    if sh.as_ref().map(|h| &h["hash"]) != dh.as_ref().map(|h| &h["hash"]) {
-        bail!("RAM differs after the retry");
-    }
+    let m = migrate_again(&dir, &mut src, &mut q, &[], false)?;
     let _ = std::fs::remove_dir_all(&dir);
     Ok(Measured {
         total_ms: m["total-time"].as_f64(),
@@ -403,16 +430,22 @@ fn refuse(what: &str) -> Result<Measured> {
     let img = dir.join("src.img");
     disk_image(&img)?;
     let spec = format!("file={},id=disk0", img.display());
-    let (mut src, mut q) = qmp_source(&dir, &["--drive", &spec]);
+    let (mut src, mut q) = qmp_source(&dir, "dirty", &["--drive", &spec]);
     let dimg = dir.join("dst.img");
     let (memory, id, expect) = match what {
         "memory" => ("128M", "disk0", "same memory size"),
+        "vcpus" => (MEMORY, "disk0", "\"cpu\" instance 1"),
         _ => (MEMORY, "data", "does not have"),
     };
-    let extra = [
+    let mut extra = vec![
         "--drive".to_string(),
         format!("file={},id={id},create=on", dimg.display()),
     ];
+    if what == "vcpus" {
+        // Only the completion's device sections show the difference: the destination
+        // has loaded RAM and disk by then.
+        extra.extend(["--vcpus".into(), "2".into()]);
+    }
     let (mut d, uri) = destination(&dir, "destination", memory, &refs(&extra));
     q.cmd("migrate", json!({"uri": uri}));
     q.wait_status("failed");
@@ -425,7 +458,8 @@ fn refuse(what: &str) -> Result<Measured> {
             last_lines(&d.stderr())
         );
     }
-    if std::fs::metadata(&dimg).map(|m| m.len()).unwrap_or(0) > 0
+    if what != "vcpus"
+        && std::fs::metadata(&dimg).map(|m| m.len()).unwrap_or(0) > 0
         && std::fs::read(&dimg)?.iter().any(|b| *b != 0)
     {
         bail!("the refusing destination wrote its disk");
@@ -437,10 +471,12 @@ fn refuse(what: &str) -> Result<Measured> {
         .as_u64()
         .unwrap_or(0);
     q.wait_guest_pass(pass + 2);
-    let _ = q.try_cmd("quit", json!({}));
-    if !src.wait().success() {
-        bail!("the source failed to quit");
-    }
+    let _ = std::fs::remove_file(&dimg);
+    let again = [
+        "--drive".to_string(),
+        format!("file={},id=disk0,create=on", dimg.display()),
+    ];
+    migrate_again(&dir, &mut src, &mut q, &again, true)?;
     let _ = std::fs::remove_dir_all(&dir);
     Ok(Measured::default())
 }
@@ -455,6 +491,8 @@ fn run_case(case: &Case) -> Result<Measured> {
         Case::CancelThenRetry => cancel_then_retry(),
         Case::RefuseMemory => refuse("memory"),
         Case::RefuseDisk => refuse("disk"),
+        Case::RefuseVcpus => refuse("vcpus"),
+        Case::Fault(p, a) => crate::faults::run(*p, *a),
     }
 }
 
@@ -462,9 +500,15 @@ fn run_case(case: &Case) -> Result<Measured> {
 ///
 /// # Errors
 /// A failed case.
-pub fn run(vmm: PathBuf, quick: bool) -> Result<()> {
+pub fn run(vmm: PathBuf, quick: bool, only: &[String]) -> Result<()> {
     xtask::harness::set_vmm(vmm);
-    let cases = cases(quick);
+    let mut cases = cases(quick);
+    if !only.is_empty() {
+        cases.retain(|c| only.iter().any(|o| c.name().contains(o.as_str())));
+        if cases.is_empty() {
+            bail!("no case matches {only:?}");
+        }
+    }
     println!(
         "migrate-test: {} cases, guest memory {MEMORY}, accelerator {}\n",
         cases.len(),
@@ -484,6 +528,8 @@ pub fn run(vmm: PathBuf, quick: bool) -> Result<()> {
         match r {
             Ok(m) => {
                 let mbps = match (m.bytes, m.total_ms) {
+                    // A fault case's time is the recovery, its bytes where the stream stalled.
+                    _ if matches!(case, Case::Fault(..)) => "-".into(),
                     (Some(b), Some(t)) if t > 0.0 => format!("{:.0}", b as f64 / t / 1e3),
                     _ => "-".into(),
                 };

@@ -1,0 +1,208 @@
+//! A fault-injecting proxy between a migration source and its destination: it forwards
+//! the stream (and the destination's answers) until a set number of stream bytes, then
+//! cuts the connection or stalls it, so a test can fail a migration at a chosen point of
+//! the stream and then act (kill a process, cancel) while the source is blocked there.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+/// What happens once `at` stream bytes were forwarded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// Both connections are shut down: the source's write and the destination's read fail.
+    Cut,
+    /// Nothing more is forwarded in either direction; the source blocks once the socket
+    /// buffers are full, the destination waits.
+    Stall,
+}
+
+/// The proxy: a unix socket the source connects to, a TCP connection to the destination.
+#[derive(Debug)]
+pub struct FaultProxy {
+    path: PathBuf,
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug, Default)]
+struct Shared {
+    /// Stream bytes forwarded to the destination.
+    forwarded: AtomicU64,
+    /// Set when the fault happened; `fired_cond` is notified.
+    fired: Mutex<bool>,
+    fired_cond: Condvar,
+    /// Set once either side closed or failed.
+    closed: AtomicBool,
+    /// Both connections, once accepted (to shut them down).
+    conns: Mutex<Vec<Conn>>,
+}
+
+#[derive(Debug)]
+enum Conn {
+    Unix(UnixStream),
+    Tcp(TcpStream),
+}
+
+impl Conn {
+    fn shutdown(&self) {
+        let _ = match self {
+            Conn::Unix(s) => s.shutdown(Shutdown::Both),
+            Conn::Tcp(s) => s.shutdown(Shutdown::Both),
+        };
+    }
+}
+
+impl Shared {
+    fn fire(&self) {
+        *self.fired.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        self.fired_cond.notify_all();
+    }
+
+    fn cut(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        for c in self.conns.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            c.shutdown();
+        }
+    }
+}
+
+impl FaultProxy {
+    /// Listens on the unix socket `path` and, once the source connects, connects to the
+    /// destination at `dest` (`HOST:PORT`); applies `fault` after `at` stream bytes.
+    pub fn start(path: &Path, dest: &str, at: u64, fault: Fault) -> std::io::Result<Self> {
+        let _ = std::fs::remove_file(path);
+        let listener = UnixListener::bind(path)?;
+        let shared = Arc::new(Shared::default());
+        let sh = shared.clone();
+        let dest = dest.to_string();
+        std::thread::spawn(move || {
+            // One connection: the proxy is a migration's, not a server.
+            let Ok((src, _)) = listener.accept() else {
+                return;
+            };
+            drop(listener);
+            let Ok(dst) = TcpStream::connect(&dest) else {
+                let _ = src.shutdown(Shutdown::Both);
+                return;
+            };
+            let (Ok(src2), Ok(dst2), Ok(src3), Ok(dst3)) = (
+                src.try_clone(),
+                dst.try_clone(),
+                src.try_clone(),
+                dst.try_clone(),
+            ) else {
+                return;
+            };
+            sh.conns
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .extend([Conn::Unix(src3), Conn::Tcp(dst3)]);
+            let back = sh.clone();
+            // The destination's answers (the return path), until the fault.
+            std::thread::spawn(move || {
+                let (mut from, mut to) = (dst2, src2);
+                let mut buf = [0u8; 4096];
+                loop {
+                    match from.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            if *back.fired.lock().unwrap_or_else(|p| p.into_inner()) {
+                                // Stalled: hold the answer back (and keep reading, so
+                                // an EOF still shows).
+                                continue;
+                            }
+                            if to.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                        }
+                    }
+                }
+                // The destination went away (its kernel closes the connection, whatever
+                // the link): so does the source's connection.
+                back.cut();
+            });
+            forward(src, dst, &sh, at, fault);
+        });
+        Ok(FaultProxy {
+            path: path.to_path_buf(),
+            shared,
+        })
+    }
+
+    /// `unix:PATH`, for the source's `migrate`.
+    pub fn uri(&self) -> String {
+        format!("unix:{}", self.path.display())
+    }
+
+    /// Waits until the fault happened; false on timeout.
+    pub fn wait_fired(&self, timeout: Duration) -> bool {
+        let t = Instant::now();
+        let mut fired = self.shared.fired.lock().unwrap_or_else(|p| p.into_inner());
+        while !*fired {
+            let Some(left) = timeout.checked_sub(t.elapsed()) else {
+                return false;
+            };
+            fired = self
+                .shared
+                .fired_cond
+                .wait_timeout(fired, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        true
+    }
+
+    /// Stream bytes forwarded so far.
+    pub fn forwarded(&self) -> u64 {
+        self.shared.forwarded.load(Ordering::SeqCst)
+    }
+
+    /// Shuts both connections down (a cut after a stall).
+    pub fn cut(&self) {
+        self.shared.cut();
+    }
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        self.shared.cut();
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Source to destination: exactly `at` bytes, then the fault.
+fn forward(mut src: UnixStream, mut dst: TcpStream, sh: &Shared, at: u64, fault: Fault) {
+    let mut buf = vec![0u8; 256 << 10];
+    loop {
+        let done = sh.forwarded.load(Ordering::SeqCst);
+        let room = at.saturating_sub(done).min(buf.len() as u64) as usize;
+        if room == 0 {
+            sh.fire();
+            match fault {
+                Fault::Cut => sh.cut(),
+                // Stop reading: the source's writes block once the buffers are full.
+                Fault::Stall => {}
+            }
+            return;
+        }
+        let n = match src.read(&mut buf[..room]) {
+            Ok(0) | Err(_) => {
+                // The source closed or failed: the destination sees the end of the stream.
+                if let Some(c) = sh.conns.lock().unwrap_or_else(|p| p.into_inner()).get(1) {
+                    c.shutdown();
+                }
+                return;
+            }
+            Ok(n) => n,
+        };
+        if dst.write_all(&buf[..n]).is_err() {
+            sh.cut();
+            return;
+        }
+        sh.forwarded.fetch_add(n as u64, Ordering::SeqCst);
+    }
+}
