@@ -27,6 +27,7 @@
  *            previous pass's qword, so a block lost or left stale by a migration shows up
  *            within one pass; a wrong block, or a request the device does not complete,
  *            counts as a mismatch. A letter per pass as above.
+ *   4 mixed: each pass does a dirty pass over the range, then a disk pass.
  *
  * Memory used: 0x500 TSS, 0x600 IDT, 0x1000 PML4, 0x2000 PDPT, 0x3000-0x6fff page
  * directories, 0x7000-0x7bff kernel stack, 0x7c00-0x83ff this image, 0x8400-0x87ff user
@@ -140,7 +141,7 @@ idtr:
         .org    0x180
 params:
         .ascii  "MIGT"                          /* magic */
-p_mode: .byte   2                               /* 0 idle, 1 fill, 2 dirty, 3 disk */
+p_mode: .byte   2                               /* 0 idle, 1 fill, 2 dirty, 3 disk, 4 mixed */
         .byte   2                               /* parameter block version */
 p_disk_port:
         .word   0x510                           /* port of disk 0 */
@@ -205,9 +206,7 @@ user_entry:
         cmp     bl, 1
         je      fill
         cmp     bl, 2
-        je      dirty
-        cmp     bl, 3
-        je      disk
+        jae     passes
 idle:
         hlt                                     /* faults: the handler halts for good */
 
@@ -218,15 +217,26 @@ fill:
         call    putc
         jmp     idle
 
-dirty:
-        mov     r12, rdi                        /* range start */
-        lea     r13, [rdi + rcx]                /* range end */
-dirty_pass:
-        inc     r14
-        mov     rdi, r12
-        xor     r15d, r15d                      /* a mismatch this pass */
-dirty_page:
-        lea     rax, [r14 - 1]                  /* memory starts zeroed: pass 1 expects 0 */
+/* dirty (2), disk (3), mixed (4): pass after pass over the range, the disk, or both. */
+passes:
+        mov     r10, rdi                        /* range start */
+        lea     r11, [rdi + rcx]                /* range end */
+1:      inc     r14
+        xor     r15d, r15d                      /* mismatches this pass */
+        cmp     bl, 3
+        je      2f
+        call    dirty_range
+2:      cmp     bl, 2
+        je      3f
+        call    disk_all
+3:      call    end_pass
+        jmp     1b
+
+/* Rewrites every page of the range with the pass number r14, checking first that it holds
+   the previous one. */
+dirty_range:
+        mov     rdi, r10
+4:      lea     rax, [r14 - 1]                  /* memory starts zeroed: pass 1 expects 0 */
         cmp     [rdi], rax
         je      7f
         inc     qword ptr [rip + s_mismatch]
@@ -234,17 +244,15 @@ dirty_page:
 7:      mov     [rdi], r14
         add     rdi, 4096
         call    pace
-        cmp     rdi, r13
-        jb      dirty_page
-        call    end_pass
-        jmp     dirty_pass
+        cmp     rdi, r11
+        jb      4b
+        ret
 
-disk:
+/* Rewrites every 4 KiB block of disk 0 with (block << 32 | pass r14), from pass 2 on
+   reading it back first and checking it holds the previous pass's qword. */
+disk_all:
         mov     r13, [rip + p_disk_blocks]
-disk_pass:
-        inc     r14
         xor     r12d, r12d                      /* block */
-        xor     r15d, r15d
 disk_block:
         cmp     r14, 1
         je      5f                              /* pass 1: the image holds anything */
@@ -271,8 +279,7 @@ disk_block:
         call    pace
         cmp     r12, r13
         jb      disk_block
-        call    end_pass
-        jmp     disk_pass
+        ret
 
 /* Sends the request block (command set) for 4 KiB block r12 of disk 0 through BUF; a
    request the device does not complete counts as a mismatch. */

@@ -38,8 +38,11 @@ pub enum Workload {
     Fill,
     /// Rewrite the range pass after pass, checking every page's pass count.
     Dirty,
-    /// Rewrite every 4 KiB block of disk 0 pass after pass, with a pattern of block and pass.
+    /// Rewrite every 4 KiB block of disk 0 pass after pass, with a pattern of block and
+    /// pass, reading each back first to check the previous pass's.
     Disk,
+    /// Each pass a dirty pass over the range, then a disk pass.
+    Mixed,
 }
 
 /// The parameter block (layout in `guest/guest.S`).
@@ -66,11 +69,14 @@ impl GuestParams {
     /// A range that is unaligned, too low, empty, or not inside the guest's memory.
     pub fn validate(&self, memory: u64) -> Result<()> {
         ensure!(
-            self.workload != Workload::Disk || self.disk_blocks > 0,
+            !matches!(self.workload, Workload::Disk | Workload::Mixed) || self.disk_blocks > 0,
             "the disk workload needs a disk: add --drive file=PATH,id=NAME"
         );
-        if !matches!(self.workload, Workload::Fill | Workload::Dirty) {
-            // Only fill and dirty use the memory range.
+        if !matches!(
+            self.workload,
+            Workload::Fill | Workload::Dirty | Workload::Mixed
+        ) {
+            // Only fill, dirty and mixed use the memory range.
             return Ok(());
         }
         ensure!(
@@ -116,6 +122,7 @@ impl GuestParams {
             Workload::Fill => 1,
             Workload::Dirty => 2,
             Workload::Disk => 3,
+            Workload::Mixed => 4,
         };
         p[6..8].copy_from_slice(&DISK_PORT.to_le_bytes());
         p[8..16].copy_from_slice(&self.range_start.to_le_bytes());
@@ -140,6 +147,7 @@ impl GuestParams {
                 0 => Workload::Idle,
                 1 => Workload::Fill,
                 3 => Workload::Disk,
+                4 => Workload::Mixed,
                 _ => Workload::Dirty,
             },
             range_start: u64_at(8),

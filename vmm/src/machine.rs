@@ -2,6 +2,7 @@
 //! run state, and the `VmControl` the migration thread drives.
 
 use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use anyhow::{Context, Result, bail};
@@ -205,6 +206,9 @@ pub struct Machine {
     // (the migration thread only).
     handed_over: Mutex<Vec<Arc<Disk>>>,
     verify: bool,
+    /// Whether guest RAM still holds only the zeros it was allocated with (a destination
+    /// that never ran a guest nor loaded a stream): zero pages then need no writing.
+    fresh_memory: AtomicBool,
     // Lock: with `verify`, the hashes of the shared disks taken at the switchover (the
     // migration thread writes, the verify report reads).
     shared_hashes: Mutex<Vec<(String, u64)>>,
@@ -284,10 +288,18 @@ impl Machine {
             console,
             events,
             params,
-            state: Mutex::new((RunState::Paused, false)),
+            state: Mutex::new((
+                if cfg.incoming {
+                    RunState::InMigrate
+                } else {
+                    RunState::Paused
+                },
+                false,
+            )),
             state_cond: Condvar::new(),
             handed_over: Mutex::new(Vec::new()),
             verify: cfg.verify,
+            fresh_memory: AtomicBool::new(cfg.incoming),
             shared_hashes: Mutex::new(Vec::new()),
         }))
     }
@@ -309,9 +321,37 @@ impl Machine {
         self.state_cond.notify_all();
     }
 
-    /// Marks a destination as waiting for its stream.
-    pub fn set_incoming(&self) {
-        self.set_state(RunState::InMigrate);
+    /// Marks a destination as waiting for its stream: a VM started as a destination, or
+    /// one whose guest was migrated away (it may receive it back). Returns the state to
+    /// go back to should the load fail.
+    ///
+    /// # Errors
+    /// The guest runs (or could run) here: loading over it would lose it.
+    pub fn set_incoming(&self) -> Result<RunState> {
+        let mut st = self.state();
+        let was = st.0;
+        match was {
+            RunState::InMigrate | RunState::PostMigrate => st.0 = RunState::InMigrate,
+            other => bail!(
+                "the guest is {} here; only a VM started with --incoming or whose guest was migrated away \
+                 can receive one",
+                other.as_str()
+            ),
+        }
+        drop(st);
+        self.state_cond.notify_all();
+        Ok(was)
+    }
+
+    /// Puts back the state [`Machine::set_incoming`] left, after a failed load.
+    pub fn incoming_failed(&self, previous: RunState) {
+        self.set_state(previous);
+    }
+
+    /// Whether RAM still holds only zeros, and from now on not: the caller is about to
+    /// load into it.
+    pub fn take_fresh_memory(&self) -> bool {
+        self.fresh_memory.swap(false, Ordering::SeqCst)
     }
 
     /// Marks a source whose guest now runs elsewhere.

@@ -138,9 +138,10 @@ pub struct RunArgs {
     #[arg(long)]
     pub qmp: Option<String>,
     /// Be a destination: wait for a migration stream on this URI (tcp:HOST:PORT,
-    /// unix:PATH, fd:N, exec:CMD, file:PATH) and run the guest only after a complete load.
-    #[arg(long, value_parser = parse_uri)]
-    pub incoming: Option<MigrationUri>,
+    /// unix:PATH, fd:N, exec:CMD, file:PATH) and run the guest only after a complete load;
+    /// `defer`: wait for QMP's migrate-incoming to say where.
+    #[arg(long, value_parser = parse_incoming)]
+    pub incoming: Option<Incoming>,
     /// A destination allocates all guest RAM while it waits, so the stream loads at memory
     /// speed; this turns that off (RAM is then allocated as pages arrive).
     #[arg(long)]
@@ -178,6 +179,23 @@ pub enum Progress {
     Always,
     /// Never.
     Never,
+}
+
+/// `--incoming`: a URI, or `defer` (QEMU's: the address comes later over QMP).
+#[derive(Debug, Clone)]
+pub enum Incoming {
+    /// Listen on this URI now.
+    Uri(MigrationUri),
+    /// Wait for `migrate-incoming`.
+    Defer,
+}
+
+fn parse_incoming(s: &str) -> Result<Incoming, String> {
+    if s == "defer" {
+        Ok(Incoming::Defer)
+    } else {
+        parse_uri(s).map(Incoming::Uri)
+    }
 }
 
 fn parse_uri(s: &str) -> Result<MigrationUri, String> {
@@ -320,20 +338,27 @@ fn run(a: &RunArgs) -> Result<i32> {
     }
     install_signal_handlers();
 
-    if let Some(uri) = &a.incoming {
-        match migration::incoming(&machine, uri, a.verify) {
-            Ok(r) => eprintln!(
-                "vmm: loaded {} from {uri} in {:.1} ms; the guest runs here now",
-                progress::bytes(r.bytes),
-                r.load_time.as_secs_f64() * 1e3
-            ),
-            Err(e) => {
-                eprintln!("vmm: {e:#}");
-                return Ok(1);
+    match &a.incoming {
+        Some(Incoming::Uri(uri)) => {
+            let loaded = migration::IncomingListener::bind(&machine, uri)
+                .and_then(|l| l.load(&machine, a.verify));
+            match loaded {
+                Ok(r) => eprintln!(
+                    "vmm: loaded {} from {uri} in {:.1} ms; the guest runs here now",
+                    progress::bytes(r.bytes),
+                    r.load_time.as_secs_f64() * 1e3
+                ),
+                Err(e) => {
+                    eprintln!("vmm: {e:#}");
+                    return Ok(1);
+                }
             }
         }
-    } else {
-        machine.start()?;
+        Some(Incoming::Defer) if a.qmp.is_none() => {
+            bail!("--incoming defer waits for QMP's migrate-incoming: give --qmp too")
+        }
+        Some(Incoming::Defer) => eprintln!("vmm: waiting for migrate-incoming over QMP"),
+        None => machine.start()?,
     }
     let running_since = Instant::now();
 

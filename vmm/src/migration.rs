@@ -15,7 +15,7 @@ use savevm::{
 use serde_json::json;
 
 use crate::events::unix_us;
-use crate::machine::Machine;
+use crate::machine::{Machine, RunState};
 use crate::serial::SerialSection;
 
 /// The machine type in the stream: both sides must run the same accelerator.
@@ -32,6 +32,7 @@ pub fn sections(
     m: &Machine,
     ram_stats: Arc<RamStats>,
     disk_stats: Arc<BlockStats>,
+    fresh_memory: bool,
 ) -> Result<SaveVm> {
     let mut s = SaveVm::new(machine_type(m));
     let mut block = BlockMigration::new(m.disks.clone(), disk_stats);
@@ -42,7 +43,7 @@ pub fn sections(
         s.register_live(BlockMigration::info(), Box::new(block))?;
     }
     let mut ram = RamSection::new(m.ram.list.clone(), ram_stats);
-    if m.run_state() == crate::machine::RunState::InMigrate {
+    if fresh_memory {
         // A destination's memory is untouched: zero pages it never wrote need no work.
         ram = ram.with_fresh_memory();
     }
@@ -140,7 +141,7 @@ fn migrate(
     verify: bool,
 ) -> Result<MigrationInfo> {
     let events = machine.events.clone();
-    let mut savevm = sections(&machine, ram, disk)?;
+    let mut savevm = sections(&machine, ram, disk, false)?;
     let mut f = QemuFile::new(connect(&uri)?);
     let info = run_migration(&mut savevm, &mut f, &*machine, ctl)?;
     // The guest now runs at the destination (or lives in the file): never again here.
@@ -224,28 +225,78 @@ pub struct IncomingReport {
     pub load_time: std::time::Duration,
 }
 
-/// Waits for a stream on `uri`, loads it into `machine` (which must not have run), and
-/// resumes the guest only after a complete load. With a return path the source learns the
-/// outcome first; if it cannot be told, the guest does not run here.
-///
-/// # Errors
-/// Any load error; the guest has not run.
-pub fn incoming(
+/// A destination's listening socket (or file, or command), bound and announced.
+pub struct IncomingListener {
+    listener: Listener,
+    uri: MigrationUri,
+    previous: RunState,
+}
+
+impl IncomingListener {
+    /// Marks `machine` as a destination and listens on `uri`; the `listening` event gives
+    /// the bound address (a TCP port 0 is chosen by the system).
+    ///
+    /// # Errors
+    /// The guest runs here, or the address cannot be bound.
+    pub fn bind(machine: &Machine, uri: &MigrationUri) -> Result<Self> {
+        let previous = machine.set_incoming()?;
+        let listener = match Listener::bind(uri) {
+            Ok(l) => l,
+            Err(e) => {
+                machine.incoming_failed(previous);
+                return Err(e.into());
+            }
+        };
+        let local = listener.local_uri();
+        machine
+            .events
+            .emit("listening", json!({"uri": local.to_string()}));
+        Ok(IncomingListener {
+            listener,
+            uri: uri.clone(),
+            previous,
+        })
+    }
+
+    /// The bound address.
+    pub fn local_uri(&self) -> MigrationUri {
+        self.listener.local_uri()
+    }
+
+    /// Waits for the stream, loads it into `machine`, and resumes the guest only after a
+    /// complete load. With a return path the source learns the outcome first; if it
+    /// cannot be told, the guest does not run here. On failure the machine goes back to
+    /// the state it had before [`IncomingListener::bind`].
+    ///
+    /// # Errors
+    /// Any load error; the guest has not run.
+    pub fn load(self, machine: &Arc<Machine>, verify: bool) -> Result<IncomingReport> {
+        let previous = self.previous;
+        let r = load_incoming(machine, self, verify);
+        if r.is_err() {
+            machine.incoming_failed(previous);
+        }
+        r
+    }
+}
+
+fn load_incoming(
     machine: &Arc<Machine>,
-    uri: &MigrationUri,
+    incoming: IncomingListener,
     verify: bool,
 ) -> Result<IncomingReport> {
     let events = &machine.events;
-    machine.set_incoming();
-    let listener = Listener::bind(uri)?;
-    let local = listener.local_uri();
-    events.emit("listening", json!({"uri": local.to_string()}));
-    eprintln!("vmm: waiting for a migration stream on {local}");
-    let transport = listener.accept()?;
+    let uri = &incoming.uri;
+    eprintln!(
+        "vmm: waiting for a migration stream on {}",
+        incoming.local_uri()
+    );
+    let transport = incoming.listener.accept()?;
     let t0 = Instant::now();
     events.emit("incoming-connected", json!({}));
     let mut f = QemuFile::new(transport);
-    let mut savevm = sections(machine, Arc::default(), Arc::default())?;
+    let fresh = machine.take_fresh_memory();
+    let mut savevm = sections(machine, Arc::default(), Arc::default(), fresh)?;
     let answer = has_return_path(uri);
     let loaded = savevm
         .load(&mut f)

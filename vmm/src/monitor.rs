@@ -2,6 +2,7 @@
 //! clients can drive vmm: greeting, `qmp_capabilities`, commands, events.
 //!
 //! Commands: `qmp_capabilities`, `query-status`, `stop`, `cont`, `quit`, `migrate`,
+//! `migrate-incoming`,
 //! `migrate_cancel`, `query-migrate`, `migrate-set-parameters`,
 //! `query-migrate-parameters`, `migrate-set-capabilities`, `query-migrate-capabilities`,
 //! `x-query-guest` (the built-in guest's pass and stale-page counters). Events:
@@ -218,6 +219,11 @@ fn execute(session: &Arc<Session>, request: Request) -> Result<Value, QmpError> 
         Request::Migrate(uri) => {
             session.migrate(uri).map_err(generic)?;
             Ok(json!({}))
+        }
+        // QEMU answers {}; the bound address is added (a tcp port 0 is chosen here).
+        Request::MigrateIncoming(uri) => {
+            let local = session.migrate_incoming(uri).map_err(generic)?;
+            Ok(json!({"uri": local.to_string()}))
         }
         Request::MigrateCancel => {
             session.cancel();

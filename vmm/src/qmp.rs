@@ -39,6 +39,9 @@ pub enum Request {
     Quit,
     /// `migrate`, with its parsed URI.
     Migrate(MigrationUri),
+    /// `migrate-incoming`: receive the guest on this URI (a VM started with
+    /// `--incoming defer`, or whose guest was migrated away).
+    MigrateIncoming(MigrationUri),
     /// `migrate_cancel`.
     MigrateCancel,
     /// `query-migrate`.
@@ -146,13 +149,8 @@ fn request(name: &str, args: &Value) -> Result<Request, QmpError> {
         "stop" => Request::Stop,
         "cont" => Request::Cont,
         "quit" => Request::Quit,
-        "migrate" => {
-            let uri = args
-                .get("uri")
-                .and_then(Value::as_str)
-                .ok_or_else(|| QmpError::generic("Parameter 'uri' is missing"))?;
-            Request::Migrate(MigrationUri::parse(uri).map_err(QmpError::generic)?)
-        }
+        "migrate" => Request::Migrate(uri(args)?),
+        "migrate-incoming" => Request::MigrateIncoming(uri(args)?),
         "migrate_cancel" => Request::MigrateCancel,
         "query-migrate" => Request::QueryMigrate,
         "migrate-set-parameters" => Request::SetParameters(parameters(args)?),
@@ -167,6 +165,14 @@ fn request(name: &str, args: &Value) -> Result<Request, QmpError> {
             });
         }
     })
+}
+
+fn uri(args: &Value) -> Result<MigrationUri, QmpError> {
+    let uri = args
+        .get("uri")
+        .and_then(Value::as_str)
+        .ok_or_else(|| QmpError::generic("Parameter 'uri' is missing"))?;
+    MigrationUri::parse(uri).map_err(QmpError::generic)
 }
 
 fn parameters(args: &Value) -> Result<Vec<Parameter>, QmpError> {

@@ -11,7 +11,7 @@ use savevm::{MigrationInfo, MigrationParams, MigrationStatus};
 use serde_json::{Value, json};
 
 use crate::machine::Machine;
-use crate::migration::{Outgoing, ms};
+use crate::migration::{IncomingListener, Outgoing, ms};
 
 type Listener = Box<dyn Fn(&str, Value) + Send + Sync>;
 
@@ -28,6 +28,9 @@ pub struct Session {
     return_path: std::sync::atomic::AtomicBool,
     // Lock: the current or last outgoing migration; set by `migrate`, read by queries.
     outgoing: Mutex<Option<Arc<Outgoing>>>,
+    // Lock: whether an incoming migration (`migrate-incoming`) waits or loads; held while
+    // one is being set up.
+    incoming: Mutex<bool>,
     // Lock: set once to the process's exit code; `quit_cond` wakes the main thread.
     quit: Mutex<Option<i32>>,
     quit_cond: Condvar,
@@ -48,6 +51,7 @@ impl Session {
             params: Mutex::new(params),
             return_path: std::sync::atomic::AtomicBool::new(true),
             outgoing: Mutex::new(None),
+            incoming: Mutex::new(false),
             quit: Mutex::new(None),
             quit_cond: Condvar::new(),
             listeners: Mutex::new(Vec::new()),
@@ -135,6 +139,45 @@ impl Session {
             .emit("migrate", json!({"uri": uri.to_string()}));
         *out = Some(Arc::new(o));
         Ok(())
+    }
+
+    /// Receives the guest from a stream on `uri` (`migrate-incoming`), in the background:
+    /// the VM must have been started with `--incoming defer`, or its guest migrated away
+    /// (a VM can so take back a guest it gave). Returns the bound address. The guest runs
+    /// here once the stream loaded whole; a failed load leaves the VM as it was.
+    ///
+    /// # Errors
+    /// Another incoming migration waits, the guest runs here, or `uri` cannot be bound.
+    pub fn migrate_incoming(self: &Arc<Self>, uri: MigrationUri) -> Result<MigrationUri> {
+        let mut busy = lock(&self.incoming);
+        if *busy {
+            bail!("an incoming migration is already waiting or loading");
+        }
+        let listener = IncomingListener::bind(&self.machine, &uri)?;
+        let local = listener.local_uri();
+        let me = self.clone();
+        std::thread::Builder::new()
+            .name("incoming".into())
+            .spawn(move || {
+                me.broadcast("MIGRATION", json!({"status": "active"}));
+                let r = listener.load(&me.machine, me.verify);
+                match &r {
+                    Ok(rep) => eprintln!(
+                        "vmm: loaded {} in {:.1} ms; the guest runs here now",
+                        crate::progress::bytes(rep.bytes),
+                        rep.load_time.as_secs_f64() * 1e3
+                    ),
+                    Err(e) => eprintln!("vmm: {e:#}"),
+                }
+                let status = if r.is_ok() { "completed" } else { "failed" };
+                me.broadcast("MIGRATION", json!({"status": status}));
+                if r.is_ok() {
+                    me.broadcast("RESUME", Value::Null);
+                }
+                *lock(&me.incoming) = false;
+            })?;
+        *busy = true;
+        Ok(local)
     }
 
     /// Cancels the running migration, if any.

@@ -315,6 +315,7 @@ impl Worker {
     fn units(&self, p: &GuestParams) -> Option<u64> {
         let units = match p.workload {
             Workload::Disk => p.disk_blocks,
+            Workload::Mixed => (p.range_size / PAGE).saturating_add(p.disk_blocks),
             _ => p.range_size / PAGE,
         };
         let range_ok = p.workload == Workload::Disk
@@ -365,38 +366,79 @@ impl Worker {
                 }
             }
             Workload::Dirty => {
-                let addr = GuestAddress(p.range_start + self.st.next_page * PAGE);
-                let old = self.mem.read_obj::<u64>(addr).unwrap_or(0);
-                if old != self.st.pass - 1 {
-                    self.mismatch();
-                }
-                let _ = self.mem.write_obj(self.st.pass, addr);
+                self.dirty_page(&p, self.st.next_page);
                 self.advance(&p, units);
             }
             Workload::Disk => {
-                // As the guest does: fill the buffer, write the request block, ring.
-                let block = self.st.next_page;
-                let word = (block << 32 | (self.st.pass & 0xffff_ffff)).to_le_bytes();
-                let buf: Vec<u8> = word.iter().copied().cycle().take(PAGE as usize).collect();
-                let _ = self.mem.write_slice(&buf, GuestAddress(DISK_BUF));
-                let mut req = [0u8; 32];
-                req[0..4].copy_from_slice(&crate::disk::CMD_WRITE.to_le_bytes());
-                req[8..16].copy_from_slice(&(block * 8).to_le_bytes());
-                req[16..20].copy_from_slice(&8u32.to_le_bytes());
-                req[24..32].copy_from_slice(&DISK_BUF.to_le_bytes());
-                let _ = self.mem.write_slice(&req, GuestAddress(DISK_REQ));
-                self.bus
-                    .io_out(guest::DISK_PORT, &(DISK_REQ as u32).to_le_bytes());
-                let status = self
-                    .mem
-                    .read_obj::<u32>(GuestAddress(DISK_REQ + 4))
-                    .unwrap_or(0);
-                if status != crate::disk::STATUS_DONE {
-                    self.mismatch();
+                self.disk_block(self.st.next_page);
+                self.advance(&p, units);
+            }
+            Workload::Mixed => {
+                // The range's pages, then the disk's blocks, in one pass.
+                let pages = p.range_size / PAGE;
+                match self.st.next_page.checked_sub(pages) {
+                    None => self.dirty_page(&p, self.st.next_page),
+                    Some(block) => self.disk_block(block),
                 }
                 self.advance(&p, units);
             }
         }
+    }
+
+    /// As the guest does: checks that page `i` of the range holds the previous pass, then
+    /// writes this one.
+    fn dirty_page(&mut self, p: &GuestParams, i: u64) {
+        let addr = GuestAddress(p.range_start + i * PAGE);
+        let old = self.mem.read_obj::<u64>(addr).unwrap_or(0);
+        if old != self.st.pass - 1 {
+            self.mismatch();
+        }
+        let _ = self.mem.write_obj(self.st.pass, addr);
+    }
+
+    /// As the guest does: from pass 2 on reads disk block `block` back and checks it holds
+    /// the previous pass's pattern, then writes this pass's.
+    fn disk_block(&mut self, block: u64) {
+        let pattern = |pass: u64| (block << 32 | (pass & 0xffff_ffff)).to_le_bytes();
+        if self.st.pass > 1 {
+            let ok = self.disk_request(crate::disk::CMD_READ, block);
+            let mut first = [0u8; 8];
+            let mut last = [0u8; 8];
+            let _ = self.mem.read_slice(&mut first, GuestAddress(DISK_BUF));
+            let _ = self
+                .mem
+                .read_slice(&mut last, GuestAddress(DISK_BUF + PAGE - 8));
+            let want = pattern(self.st.pass - 1);
+            if ok && (first != want || last != want) {
+                self.mismatch();
+            }
+        }
+        let word = pattern(self.st.pass);
+        let buf: Vec<u8> = word.iter().copied().cycle().take(PAGE as usize).collect();
+        let _ = self.mem.write_slice(&buf, GuestAddress(DISK_BUF));
+        self.disk_request(crate::disk::CMD_WRITE, block);
+    }
+
+    /// Writes the request block for 4 KiB block `block` through the buffer and rings the
+    /// doorbell; a request not done counts as a mismatch (false).
+    fn disk_request(&mut self, cmd: u32, block: u64) -> bool {
+        let mut req = [0u8; 32];
+        req[0..4].copy_from_slice(&cmd.to_le_bytes());
+        req[8..16].copy_from_slice(&(block * 8).to_le_bytes());
+        req[16..20].copy_from_slice(&8u32.to_le_bytes());
+        req[24..32].copy_from_slice(&DISK_BUF.to_le_bytes());
+        let _ = self.mem.write_slice(&req, GuestAddress(DISK_REQ));
+        self.bus
+            .io_out(guest::DISK_PORT, &(DISK_REQ as u32).to_le_bytes());
+        let status = self
+            .mem
+            .read_obj::<u32>(GuestAddress(DISK_REQ + 4))
+            .unwrap_or(0);
+        if status != crate::disk::STATUS_DONE {
+            self.mismatch();
+            return false;
+        }
+        true
     }
 
     fn mismatch(&mut self) {

@@ -340,8 +340,72 @@ fn qmp_speaks_the_protocol() {
         .try_cmd("migrate-set-parameters", json!({"downtime-limit": -1}))
         .unwrap_err();
     assert_eq!(e["class"], "GenericError");
+    // A running guest cannot be overwritten by an incoming one.
+    let e = q
+        .try_cmd("migrate-incoming", json!({"uri": "tcp:127.0.0.1:0"}))
+        .unwrap_err();
+    assert!(e["desc"].as_str().unwrap().contains("running"), "{e}");
+    assert_eq!(q.cmd("query-status", json!({}))["status"], "running");
+    // A malformed line gets an error reply, and the connection goes on.
+    let e = q.try_cmd("stop", json!([1])).unwrap_err();
+    assert!(e["desc"].as_str().unwrap().contains("object"), "{e}");
+    assert_eq!(q.cmd("query-status", json!({}))["status"], "running");
     let _ = q.try_cmd("quit", json!({}));
     assert!(vm.wait().success());
+}
+
+#[test]
+fn incoming_defer_waits_for_migrate_incoming() {
+    common::init();
+    let dir = scratch("defer");
+    // Without a monitor nothing could say where: refused at once.
+    let mut lone = Vmm::start(
+        &dir,
+        "lone",
+        &[&["--incoming", "defer"][..], GUEST].concat(),
+    );
+    assert!(!lone.wait().success());
+    assert!(lone.stderr().contains("--qmp"), "{}", lone.stderr());
+
+    let qmp = dir.join("dst.qmp");
+    let qmp_arg = format!("unix:{}", qmp.display());
+    let mut dst = Vmm::start(
+        &dir,
+        "destination",
+        &[
+            &["--incoming", "defer", "--qmp", qmp_arg.as_str(), "--verify"][..],
+            GUEST,
+        ]
+        .concat(),
+    );
+    let mut q = Qmp::connect(&qmp);
+    assert_eq!(q.cmd("query-status", json!({}))["status"], "inmigrate");
+    let e = q.try_cmd("cont", json!({})).unwrap_err();
+    assert!(e["desc"].as_str().unwrap().contains("loaded"), "{e}");
+    let uri = q.cmd("migrate-incoming", json!({"uri": "tcp:127.0.0.1:0"}))["uri"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let e = q
+        .try_cmd("migrate-incoming", json!({"uri": "tcp:127.0.0.1:0"}))
+        .unwrap_err();
+    assert!(e["desc"].as_str().unwrap().contains("already"), "{e}");
+    let mut src = Vmm::start(
+        &dir,
+        "source",
+        &[&["--migrate-to", uri.as_str(), "--verify"][..], GUEST].concat(),
+    );
+    assert!(src.wait().success(), "{}", src.stderr());
+    let t = std::time::Instant::now();
+    while q.cmd("query-status", json!({}))["status"] != "running" {
+        assert!(t.elapsed() < std::time::Duration::from_secs(30));
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let pass = q.cmd("x-query-guest", json!({}))["pass"].as_u64().unwrap();
+    q.wait_guest_pass(pass + 1);
+    let _ = q.try_cmd("quit", json!({}));
+    assert!(dst.wait().success());
+    common::check_migrated(&src, &dst);
 }
 
 #[test]

@@ -14,6 +14,7 @@ mod bench;
 mod faults;
 mod fuzz;
 mod migrate_test;
+mod ping_pong;
 mod plot;
 
 use std::path::{Path, PathBuf};

@@ -65,6 +65,7 @@ enum Case {
     RefuseDisk,
     RefuseVcpus,
     Fault(Phase, Action),
+    PingPong(usize),
 }
 
 impl Case {
@@ -84,6 +85,7 @@ impl Case {
             Case::RefuseDisk => "refused: unknown disk".into(),
             Case::RefuseVcpus => "refused at completion: more vCPUs".into(),
             Case::Fault(p, a) => format!("fault in {}: {}", p.name(), a.name()),
+            Case::PingPong(n) => format!("ping-pong x{n} +disk"),
         }
     }
 }
@@ -141,6 +143,7 @@ fn cases(quick: bool) -> Vec<Case> {
             Case::Fault(Phase::Iterate, Action::Cut),
             Case::Fault(Phase::Complete, Action::KillDestination),
             Case::Fault(Phase::DiskBulk, Action::Cancel),
+            Case::PingPong(4),
         ]);
     } else {
         for phase in [
@@ -158,6 +161,7 @@ fn cases(quick: bool) -> Vec<Case> {
                 v.push(Case::Fault(phase, action));
             }
         }
+        v.push(Case::PingPong(50));
     }
     v
 }
@@ -493,6 +497,7 @@ fn run_case(case: &Case) -> Result<Measured> {
         Case::RefuseDisk => refuse("disk"),
         Case::RefuseVcpus => refuse("vcpus"),
         Case::Fault(p, a) => crate::faults::run(*p, *a),
+        Case::PingPong(n) => crate::ping_pong::run(*n),
     }
 }
 
