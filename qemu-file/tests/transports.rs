@@ -46,6 +46,21 @@ fn tcp_ipv4() {
 }
 
 #[test]
+fn a_destination_accepts_one_connection_then_stops_listening() {
+    let listener = Listener::bind(&MigrationUri::parse("tcp:127.0.0.1:0").unwrap()).unwrap();
+    let uri = listener.local_uri();
+    let rx = thread::spawn(move || {
+        let mut f = QemuFile::new(listener.accept().unwrap());
+        receive(&mut f);
+    });
+    let mut out = QemuFile::new(connect(&uri).unwrap());
+    send(&mut out);
+    rx.join().unwrap();
+    // The listening socket is gone with the accept: a second source is refused.
+    assert!(matches!(connect(&uri), Err(Error::Open { .. })));
+}
+
+#[test]
 fn tcp_ipv6_when_the_loopback_has_it() {
     if std::net::TcpListener::bind("[::1]:0").is_err() {
         eprintln!("SKIPPED: no IPv6 loopback on this machine");
