@@ -43,6 +43,7 @@ mod migration;
 pub mod return_path;
 mod savevm;
 mod section;
+pub mod switchover;
 mod vmstate;
 
 pub use dump::{DumpSink, SectionWalker, dump_stream};

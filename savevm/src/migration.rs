@@ -4,7 +4,8 @@
 //! which the VM lock is held only to ask how much is pending and to collect the next chunk
 //! (queued by reference on the [`QemuFile`]); the lock is released before the blocking
 //! write. Every 100 ms window the bandwidth is measured and the threshold recomputed as
-//! bandwidth × downtime limit; when the pending bytes, exact after a dirty sync, fit under
+//! bandwidth × what the downtime limit leaves after the completion's other costs
+//! ([`crate::switchover`]); when the pending bytes, exact after a dirty sync, fit under
 //! it, the thread stops the vCPUs and completes, timing each step. Cancel and failure at
 //! any point leave the source running with nothing lost.
 
@@ -15,6 +16,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use qemu_file::{QemuFile, ShutdownHandle};
 
+use crate::switchover::Switchover;
 use crate::{Error, Result, SaveVm, SectionError, return_path};
 
 /// What the migration thread needs from the VM.
@@ -46,6 +48,16 @@ pub trait VmControl: Send + Sync {
     /// # Errors
     /// When a flush fails; the migration fails and the VM is resumed.
     fn flush_disks(&self) -> std::result::Result<(), SectionError> {
+        Ok(())
+    }
+
+    /// Writes the disks' data to stable storage while the guest runs (no VM lock held),
+    /// so the flush of the completion finds little left; called when the switchover is
+    /// near, and timed.
+    ///
+    /// # Errors
+    /// When a sync fails; the migration fails and the VM runs on.
+    fn sync_disks(&self) -> std::result::Result<(), SectionError> {
         Ok(())
     }
 }
@@ -489,9 +501,9 @@ fn migrate<V: VmControl + ?Sized>(
 
     let mut window_start = Instant::now();
     let mut window_bytes = f.bytes_written();
+    let (iter_start, iter_bytes) = (window_start, window_bytes);
+    let mut prediction = Switchover::default();
     let mut threshold: u64 = 0;
-    let mut bandwidth: f64 = 0.0;
-    let mut measured = false;
     let mut iterations = 0u64;
     let mut syncs = 0u64;
     loop {
@@ -500,31 +512,41 @@ fn migrate<V: VmControl + ?Sized>(
         let elapsed = now - window_start;
         if elapsed >= WINDOW {
             let sent = f.bytes_written() - window_bytes;
-            bandwidth = sent as f64 / elapsed.as_secs_f64();
+            let overall = (f.bytes_written() - iter_bytes) as f64
+                / iter_start.elapsed().as_secs_f64().max(1e-6);
+            prediction.window(sent as f64 / elapsed.as_secs_f64(), overall);
             params = ctl.params();
             f.rate_limiter().set_max_bytes_per_sec(params.max_bandwidth);
-            threshold = (bandwidth * params.downtime_limit.as_secs_f64()) as u64;
+            threshold = prediction.threshold(params.downtime_limit);
             let remaining = savevm.pending_estimate();
             ctl.update(|i| {
                 i.total_time = t0.elapsed();
                 i.transferred = f.bytes_written();
                 i.remaining = remaining;
-                i.bandwidth = bandwidth;
+                i.bandwidth = prediction.bandwidth();
                 i.threshold = threshold;
-                i.expected_downtime = expected(remaining, bandwidth);
+                i.expected_downtime = prediction.expected(remaining);
                 i.iterations = iterations;
                 i.dirty_syncs = syncs;
             });
             window_start = now;
             window_bytes = f.bytes_written();
-            measured = true;
-        } else if !measured && elapsed >= PROVISIONAL {
+        } else if !prediction.measured() && elapsed >= PROVISIONAL {
             // Until the first window closes, the rate so far stands in for the bandwidth:
             // with a threshold of 0, a guest that writes at all would make the thread sync
             // and resend in a tight loop for the whole first window.
             let sent = f.bytes_written() - window_bytes;
-            bandwidth = sent as f64 / elapsed.as_secs_f64();
-            threshold = (bandwidth * params.downtime_limit.as_secs_f64()) as u64;
+            prediction.provisional(sent as f64 / elapsed.as_secs_f64());
+            threshold = prediction.threshold(params.downtime_limit);
+        }
+
+        // Near the switchover, the disks are synced while the guest runs: the flush in
+        // the downtime is then short, and this one's duration predicts it.
+        if prediction.wants_sync(savevm.pending_estimate(), threshold) {
+            let t = Instant::now();
+            vm.sync_disks().map_err(vm_error("sync its disks"))?;
+            prediction.synced(t.elapsed());
+            threshold = prediction.threshold(params.downtime_limit);
         }
 
         // Slow reads (disk chunks) happen here, outside the VM lock.
@@ -540,9 +562,9 @@ fn migrate<V: VmControl + ?Sized>(
                     i.remaining = pending;
                     i.dirty_syncs = syncs;
                     i.iterations = iterations;
-                    i.bandwidth = bandwidth;
+                    i.bandwidth = prediction.bandwidth();
                     i.threshold = threshold;
-                    i.expected_downtime = expected(pending, bandwidth);
+                    i.expected_downtime = prediction.expected(pending);
                 });
                 break;
             }
@@ -607,15 +629,6 @@ fn migrate<V: VmControl + ?Sized>(
         i.completion = Some(times);
         i.dirty_syncs = syncs + 1;
         i.iterations = iterations;
-        i.bandwidth = bandwidth;
     });
     Ok(())
-}
-
-fn expected(pending: u64, bandwidth: f64) -> Duration {
-    if bandwidth > 0.0 {
-        Duration::from_secs_f64(pending as f64 / bandwidth)
-    } else {
-        Duration::ZERO
-    }
 }

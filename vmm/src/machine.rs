@@ -489,6 +489,13 @@ impl VmControl for Machine {
         Ok(())
     }
 
+    fn sync_disks(&self) -> Result<(), SectionError> {
+        for d in &self.disks {
+            d.flush().map_err(|e| format!("{e:#}"))?;
+        }
+        Ok(())
+    }
+
     fn resume_vcpus(&self) -> Result<(), SectionError> {
         // Take back the shared disks handed over for a switchover that failed.
         let handed =

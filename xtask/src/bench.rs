@@ -604,6 +604,39 @@ pub fn run(vmm: PathBuf, opts: &Options) -> Result<()> {
             );
         }
     }
+    md += "\nReal downtime against the limit (completed runs within it, and the worst):\n\n";
+    md += "| scenario | limit ms | ours within | ours max ms | QEMU within | QEMU max ms |\n";
+    md += "|---|---:|---:|---:|---:|---:|\n";
+    for s in &scenarios {
+        for &limit in LIMITS {
+            let side = |side: &str| {
+                let d: Vec<f64> = runs
+                    .iter()
+                    .filter(|r| r.side == side && r.scenario == s.slug && r.limit == limit)
+                    .map(|r| {
+                        if r.completed {
+                            r.downtime_ms
+                        } else {
+                            f64::INFINITY
+                        }
+                    })
+                    .collect();
+                let within = d.iter().filter(|&&x| x <= limit as f64).count();
+                let max = d
+                    .iter()
+                    .copied()
+                    .fold(None, |m: Option<f64>, x| Some(m.map_or(x, |m| m.max(x))));
+                if d.is_empty() {
+                    ("-".to_string(), "-".to_string())
+                } else {
+                    (format!("{within}/{}", d.len()), fmt(max, 1))
+                }
+            };
+            let (ow, om) = side("ours");
+            let (qw, qm) = side("qemu");
+            md += &format!("| {} | {limit} | {ow} | {om} | {qw} | {qm} |\n", s.name);
+        }
+    }
     md += &format!(
         "\nPhysical references in the same run: memcpy {:.2} GB/s, loopback TCP {:.2} GB/s.",
         mc / 1e9,
