@@ -176,6 +176,10 @@ pub enum Error {
     /// The migration was cancelled.
     #[error("the migration was cancelled")]
     Cancelled,
+    /// The guest dirties memory faster than it can be sent, and nothing more helps: why,
+    /// with the rates.
+    #[error("{0}")]
+    CannotConverge(String),
     /// The destination reported that it could not load the stream.
     #[error(
         "the destination could not load the stream (it reported status {status}); the source VM keeps running"

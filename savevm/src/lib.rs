@@ -35,6 +35,7 @@
 //! # Ok::<(), savevm::Error>(())
 //! ```
 
+pub mod convergence;
 mod dump;
 mod error;
 pub mod format;

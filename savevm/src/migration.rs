@@ -16,6 +16,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use qemu_file::{QemuFile, ShutdownHandle};
 
+use crate::convergence::{Convergence, Verdict};
 use crate::switchover::Switchover;
 use crate::{Error, Result, SaveVm, SectionError, return_path};
 
@@ -60,6 +61,19 @@ pub trait VmControl: Send + Sync {
     fn sync_disks(&self) -> std::result::Result<(), SectionError> {
         Ok(())
     }
+
+    /// Throttles every vCPU to run only `100 - percent` percent of the time (0 ends the
+    /// throttle), for `auto-converge`. Called without the VM lock held.
+    ///
+    /// # Errors
+    /// When the VM cannot throttle its vCPUs (the default): the migration fails, the VM
+    /// runs on.
+    fn set_throttle(&self, percent: u8) -> std::result::Result<(), SectionError> {
+        match percent {
+            0 => Ok(()),
+            _ => Err("this VM cannot throttle its vCPUs (auto-converge)".into()),
+        }
+    }
 }
 
 /// Migration parameters, with QEMU's names.
@@ -74,6 +88,21 @@ pub struct MigrationParams {
     /// Whether the destination answers on the reverse direction of the stream, and the
     /// source keeps its VM until it says it loaded everything (sockets; not exec or file).
     pub return_path: bool,
+    /// The `auto-converge` capability: throttle vCPUs that dirty memory faster than it
+    /// can be sent (see [`crate::convergence`]).
+    pub auto_converge: bool,
+    /// `cpu-throttle-initial`: the first throttle, percent (default 20).
+    pub cpu_throttle_initial: u8,
+    /// `cpu-throttle-increment`: added at each further step, percent (default 10).
+    pub cpu_throttle_increment: u8,
+    /// `max-cpu-throttle`: the most the vCPUs are throttled, percent (default 99).
+    pub max_cpu_throttle: u8,
+    /// `throttle-trigger-threshold`: the dirtied bytes of a period, as a percentage of
+    /// those sent, above which the guest counts as dirtying too fast (default 50).
+    pub throttle_trigger_threshold: u8,
+    /// `x-stall-timeout`: how long the pending bytes may stay without dropping (and no
+    /// throttle rise) before the migration fails as unable to converge (default 30 s).
+    pub stall_timeout: Duration,
 }
 
 impl Default for MigrationParams {
@@ -83,6 +112,12 @@ impl Default for MigrationParams {
             max_bandwidth: 0,
             chunk_bytes: 2 << 20,
             return_path: false,
+            auto_converge: false,
+            cpu_throttle_initial: 20,
+            cpu_throttle_increment: 10,
+            max_cpu_throttle: 99,
+            throttle_trigger_threshold: 50,
+            stall_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -188,6 +223,10 @@ pub struct MigrationInfo {
     pub stopped_at: Option<SystemTime>,
     /// The completion breakdown, once the completion phase ran.
     pub completion: Option<CompletionTimes>,
+    /// How much the vCPUs are throttled (auto-converge), percent.
+    pub cpu_throttle_percentage: u8,
+    /// The most they were throttled in this migration, percent.
+    pub cpu_throttle_peak: u8,
     /// What went wrong, for `failed` and `cancelled`.
     pub error: Option<String>,
 }
@@ -401,6 +440,20 @@ pub fn run_migration<V: VmControl + ?Sized>(
     };
     guard.armed = false;
     drop(guard);
+    // The source runs unthrottled again whatever happened (a completed migration's VM
+    // stays stopped, and runs at full speed should it be resumed).
+    let unthrottle = match ctl.info().cpu_throttle_percentage {
+        0 => Ok(()),
+        _ => vm.set_throttle(0),
+    };
+    ctl.update(|i| i.cpu_throttle_percentage = 0);
+    let result = match (result, unthrottle) {
+        (Ok(()), Err(e)) => Err(Error::Vm {
+            op: "stop throttling its vCPUs",
+            source: e,
+        }),
+        (r, _) => r,
+    };
     savevm.save_cleanup();
     *lock(&ctl.shutdown) = None;
     match result {
@@ -452,6 +505,9 @@ impl<V: VmControl + ?Sized> Drop for PanicGuard<'_, V> {
             if *self.stopped {
                 let _ = self.vm.resume_vcpus();
             }
+            if self.ctl.info().cpu_throttle_percentage > 0 {
+                let _ = self.vm.set_throttle(0);
+            }
             self.ctl.set_status(MigrationStatus::Failed, |i| {
                 i.error = Some("the migration thread panicked; the VM was resumed".into());
             });
@@ -479,7 +535,9 @@ fn migrate<V: VmControl + ?Sized>(
     t0: Instant,
     stopped: &mut bool,
 ) -> Result<()> {
-    let mut params = ctl.params();
+    // The parameters as asked for, and as applied.
+    let mut asked = ctl.params();
+    let mut params = asked.clone();
     // A chunk smaller than a page would never let a section send anything.
     params.chunk_bytes = params.chunk_bytes.max(64 << 10);
     f.set_chunk_budget(params.chunk_bytes);
@@ -503,6 +561,7 @@ fn migrate<V: VmControl + ?Sized>(
     let mut window_bytes = f.bytes_written();
     let (iter_start, iter_bytes) = (window_start, window_bytes);
     let mut prediction = Switchover::default();
+    let mut convergence = Convergence::new(iter_start, iter_bytes);
     let mut threshold: u64 = 0;
     let mut iterations = 0u64;
     let mut syncs = 0u64;
@@ -515,7 +574,13 @@ fn migrate<V: VmControl + ?Sized>(
             let overall = (f.bytes_written() - iter_bytes) as f64
                 / iter_start.elapsed().as_secs_f64().max(1e-6);
             prediction.window(sent as f64 / elapsed.as_secs_f64(), overall);
-            params = ctl.params();
+            let new_params = ctl.params();
+            if new_params != asked {
+                convergence.new_chance(now);
+                asked = new_params.clone();
+                params = new_params;
+                params.chunk_bytes = params.chunk_bytes.max(64 << 10);
+            }
             f.rate_limiter().set_max_bytes_per_sec(params.max_bandwidth);
             threshold = prediction.threshold(params.downtime_limit);
             let remaining = savevm.pending_estimate();
@@ -553,9 +618,22 @@ fn migrate<V: VmControl + ?Sized>(
         savevm.prepare_iterate(params.chunk_bytes)?;
         let guard = vm.lock();
         let mut pending = savevm.pending_estimate();
-        if pending <= threshold && !savevm.completion_blocked() {
+        let mut verdict = Verdict::Continue;
+        // Also once a period, so the convergence watch sees the guest's dirty rate while
+        // a long round is still being sent.
+        if (pending <= threshold || convergence.due(Instant::now())) && !savevm.completion_blocked()
+        {
+            let before = pending;
             pending = savevm.pending_exact()?;
             syncs += 1;
+            verdict = convergence.synced(
+                Instant::now(),
+                f.bytes_written(),
+                pending.saturating_sub(before),
+                pending,
+                threshold,
+                &params,
+            );
             if pending <= threshold {
                 drop(guard);
                 ctl.update(|i| {
@@ -572,6 +650,18 @@ fn migrate<V: VmControl + ?Sized>(
         savevm.save_iterate(f)?;
         drop(guard);
         iterations += 1;
+        match verdict {
+            Verdict::Continue => {}
+            Verdict::Throttle(percent) => {
+                vm.set_throttle(percent)
+                    .map_err(vm_error("throttle its vCPUs"))?;
+                ctl.update(|i| {
+                    i.cpu_throttle_percentage = percent;
+                    i.cpu_throttle_peak = i.cpu_throttle_peak.max(percent);
+                });
+            }
+            Verdict::CannotConverge(why) => return Err(Error::CannotConverge(why)),
+        }
         // The blocking write, with the VM lock released.
         f.flush()?;
         if f.rate_limiter().exceeded() {

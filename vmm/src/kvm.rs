@@ -18,6 +18,7 @@ use zerocopy::IntoBytes;
 use crate::guest::LOAD_ADDR;
 use crate::machine::{Bus, Cpus};
 use crate::memory::GuestRam;
+use crate::throttle::Throttle;
 use crate::vcpu::Vcpu;
 use vmm::cpu_state::{VcpuState, read_struct, supported_msrs};
 
@@ -107,7 +108,15 @@ impl KvmVm {
             }
             vcpus.push(Vcpu::spawn(i, fd, bus.clone(), msrs.clone())?);
         }
+        let naps: Vec<_> = vcpus.iter().map(Vcpu::shared).collect();
+        let throttle = Throttle::new(move |d| {
+            for v in &naps {
+                v.nap(d);
+            }
+        })
+        .context("starting the vCPU throttle thread")?;
         Ok(KvmBackend {
+            throttle,
             vm: self.vm,
             vcpus: Arc::new(vcpus),
             tsc_khz,
@@ -127,6 +136,8 @@ struct Pending {
 
 /// The KVM backend of a running machine.
 pub struct KvmBackend {
+    /// Declared first: its thread ends before the vCPUs do.
+    throttle: Throttle,
     vm: Arc<VmFd>,
     vcpus: Arc<Vec<Vcpu>>,
     tsc_khz: u32,
@@ -164,6 +175,14 @@ impl Cpus for KvmBackend {
 
     fn fault(&self) -> Option<String> {
         self.vcpus.iter().find_map(|v| v.fault())
+    }
+
+    fn set_throttle(&self, percent: u8) {
+        self.throttle.set(percent);
+    }
+
+    fn throttle(&self) -> u8 {
+        self.throttle.percent()
     }
 
     fn register_sections(&self, savevm: &mut SaveVm) -> Result<()> {

@@ -99,6 +99,10 @@ pub trait Cpus: Send + Sync {
     fn pause(&self) -> Result<()>;
     /// Why the guest cannot run any more, if so.
     fn fault(&self) -> Option<String>;
+    /// Throttles the vCPUs to run `100 - percent` percent of the time; 0 ends it.
+    fn set_throttle(&self, percent: u8);
+    /// The throttle in effect, percent.
+    fn throttle(&self) -> u8;
     /// Registers the vCPU (and in-kernel device) sections.
     ///
     /// # Errors
@@ -493,6 +497,11 @@ impl VmControl for Machine {
         for d in &self.disks {
             d.flush().map_err(|e| format!("{e:#}"))?;
         }
+        Ok(())
+    }
+
+    fn set_throttle(&self, percent: u8) -> Result<(), SectionError> {
+        self.cpus.set_throttle(percent);
         Ok(())
     }
 

@@ -16,6 +16,7 @@ mod progress;
 mod serial;
 mod session;
 mod soft;
+mod throttle;
 mod vcpu;
 
 use std::io::{IsTerminal, Write};
@@ -155,6 +156,10 @@ pub struct RunArgs {
     /// max-bandwidth in bytes per second (K, M, G suffixes); 0 is unlimited.
     #[arg(long, default_value = "0", value_parser = parse_size)]
     pub max_bandwidth: u64,
+    /// auto-converge: throttle the vCPUs while the guest dirties memory faster than it
+    /// can be sent (QEMU's capability, with its defaults: 20%, +10%, up to 99%).
+    #[arg(long)]
+    pub auto_converge: bool,
     /// Hash guest RAM at the switchover on both sides (source after the final sync,
     /// destination after the load) and log it.
     #[arg(long)]
@@ -326,6 +331,7 @@ fn run(a: &RunArgs) -> Result<i32> {
         MigrationParams {
             downtime_limit: Duration::from_millis(a.downtime_limit),
             max_bandwidth: a.max_bandwidth,
+            auto_converge: a.auto_converge,
             ..MigrationParams::default()
         },
         a.verify,

@@ -5,7 +5,7 @@
 //! `migrate-incoming`,
 //! `migrate_cancel`, `query-migrate`, `migrate-set-parameters`,
 //! `query-migrate-parameters`, `migrate-set-capabilities`, `query-migrate-capabilities`,
-//! `x-query-guest` (the built-in guest's pass and stale-page counters). Events:
+//! `x-query-guest` (the built-in guest's pass and stale-page counters, the vCPU throttle). Events:
 //! `MIGRATION`, `STOP`, `RESUME`, `SHUTDOWN`.
 
 use std::fs;
@@ -236,6 +236,11 @@ fn execute(session: &Arc<Session>, request: Request) -> Result<Value, QmpError> 
                 match param {
                     Parameter::DowntimeLimit(d) => p.downtime_limit = d,
                     Parameter::MaxBandwidth(n) => p.max_bandwidth = n,
+                    Parameter::CpuThrottleInitial(n) => p.cpu_throttle_initial = n,
+                    Parameter::CpuThrottleIncrement(n) => p.cpu_throttle_increment = n,
+                    Parameter::MaxCpuThrottle(n) => p.max_cpu_throttle = n,
+                    Parameter::ThrottleTriggerThreshold(n) => p.throttle_trigger_threshold = n,
+                    Parameter::StallTimeout(d) => p.stall_timeout = d,
                 }
             }
             session.set_params(p);
@@ -243,11 +248,20 @@ fn execute(session: &Arc<Session>, request: Request) -> Result<Value, QmpError> 
         }
         Request::QueryParameters => {
             let p = session.params();
-            Ok(
-                json!({"downtime-limit": p.downtime_limit.as_millis() as u64, "max-bandwidth": p.max_bandwidth}),
-            )
+            Ok(json!({
+                "downtime-limit": p.downtime_limit.as_millis() as u64,
+                "max-bandwidth": p.max_bandwidth,
+                "cpu-throttle-initial": p.cpu_throttle_initial,
+                "cpu-throttle-increment": p.cpu_throttle_increment,
+                "max-cpu-throttle": p.max_cpu_throttle,
+                "throttle-trigger-threshold": p.throttle_trigger_threshold,
+                "x-stall-timeout": p.stall_timeout.as_millis() as u64,
+            }))
         }
         Request::SetCapabilities(list) => {
+            if session.migration_running() {
+                return Err(generic("There's a migration process in progress"));
+            }
             for (cap, on) in list {
                 match cap {
                     // MIGRATION events are always sent (the parser refuses turning them off).
@@ -255,6 +269,11 @@ fn execute(session: &Arc<Session>, request: Request) -> Result<Value, QmpError> 
                     // Off: the source does not wait for the destination's answer (for a
                     // destination that never sends one).
                     Capability::ReturnPath => session.set_return_path(on),
+                    Capability::AutoConverge => {
+                        let mut p = session.params();
+                        p.auto_converge = on;
+                        session.set_params(p);
+                    }
                 }
             }
             Ok(json!({}))
@@ -262,6 +281,7 @@ fn execute(session: &Arc<Session>, request: Request) -> Result<Value, QmpError> 
         Request::QueryCapabilities => Ok(json!([
             {"capability": "events", "state": true},
             {"capability": "return-path", "state": session.return_path()},
+            {"capability": "auto-converge", "state": session.params().auto_converge},
         ])),
         Request::QueryGuest => {
             if m.run_state() == crate::machine::RunState::InMigrate {
@@ -274,7 +294,7 @@ fn execute(session: &Arc<Session>, request: Request) -> Result<Value, QmpError> 
             let (pass, mismatches) = m.guest_status();
             Ok(
                 json!({"pass": pass, "mismatches": mismatches, "serial-bytes": m.console.bytes(),
-                      "accel": m.cpus.name()}),
+                      "accel": m.cpus.name(), "cpu-throttle": m.cpus.throttle()}),
             )
         }
         // Handled by the connection (negotiation is per client).

@@ -119,6 +119,12 @@ pub fn summary(
         info.iterations,
         rate(ram.dirty_pages_rate)
     );
+    if info.cpu_throttle_peak > 0 {
+        s += &format!(
+            "  auto-converge the vCPUs were throttled up to {}%\n",
+            info.cpu_throttle_peak
+        );
+    }
     if let Some(c) = info.completion {
         s += &format!(
             "  downtime      {:.2} ms at the source (limit {} ms, expected {:.1} ms)\n",

@@ -65,7 +65,21 @@ pub enum Parameter {
     DowntimeLimit(Duration),
     /// `max-bandwidth` in bytes per second, 0 unlimited.
     MaxBandwidth(u64),
+    /// `cpu-throttle-initial`, percent, 1 to 99.
+    CpuThrottleInitial(u8),
+    /// `cpu-throttle-increment`, percent, 1 to 99.
+    CpuThrottleIncrement(u8),
+    /// `max-cpu-throttle`, percent, 1 to 99.
+    MaxCpuThrottle(u8),
+    /// `throttle-trigger-threshold`, percent, 1 to 100.
+    ThrottleTriggerThreshold(u8),
+    /// `x-stall-timeout`: how long a migration may make no progress before it fails as
+    /// unable to converge, at least [`MIN_STALL_TIMEOUT_MS`].
+    StallTimeout(Duration),
 }
+
+/// The shortest `x-stall-timeout` accepted, in milliseconds.
+pub const MIN_STALL_TIMEOUT_MS: u64 = 1000;
 
 /// A migration capability vmm knows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,6 +88,8 @@ pub enum Capability {
     Events,
     /// `return-path`: the destination acknowledges the load.
     ReturnPath,
+    /// `auto-converge`: throttle vCPUs that dirty memory faster than it is sent.
+    AutoConverge,
 }
 
 /// A refused command: QMP's error class and a readable description.
@@ -192,6 +208,18 @@ fn parameters(args: &Value) -> Result<Vec<Parameter>, QmpError> {
             }
             "downtime-limit" => Parameter::DowntimeLimit(Duration::from_millis(n)),
             "max-bandwidth" => Parameter::MaxBandwidth(n),
+            "cpu-throttle-initial" => Parameter::CpuThrottleInitial(percent(k, n, 99)?),
+            "cpu-throttle-increment" => Parameter::CpuThrottleIncrement(percent(k, n, 99)?),
+            "max-cpu-throttle" => Parameter::MaxCpuThrottle(percent(k, n, 99)?),
+            "throttle-trigger-threshold" => {
+                Parameter::ThrottleTriggerThreshold(percent(k, n, 100)?)
+            }
+            "x-stall-timeout" if n < MIN_STALL_TIMEOUT_MS => {
+                return Err(QmpError::generic(format!(
+                    "Parameter 'x-stall-timeout' expects at least {MIN_STALL_TIMEOUT_MS} ms"
+                )));
+            }
+            "x-stall-timeout" => Parameter::StallTimeout(Duration::from_millis(n)),
             other => {
                 return Err(QmpError::generic(format!(
                     "Parameter '{}' is not supported",
@@ -201,6 +229,16 @@ fn parameters(args: &Value) -> Result<Vec<Parameter>, QmpError> {
         });
     }
     Ok(out)
+}
+
+/// A percentage parameter in 1..=`max`, with QEMU's error otherwise.
+fn percent(name: &str, n: u64, max: u8) -> Result<u8, QmpError> {
+    match u8::try_from(n) {
+        Ok(p) if (1..=max).contains(&p) => Ok(p),
+        _ => Err(QmpError::generic(format!(
+            "Parameter '{name}' expects an integer in the range of 1 to {max}"
+        ))),
+    }
 }
 
 fn capabilities(args: &Value) -> Result<Vec<(Capability, bool)>, QmpError> {
@@ -225,6 +263,7 @@ fn capabilities(args: &Value) -> Result<Vec<(Capability, bool)>, QmpError> {
                 ));
             }
             ("return-path", on) => (Capability::ReturnPath, on),
+            ("auto-converge", on) => (Capability::AutoConverge, on),
             (other, _) => {
                 return Err(QmpError::generic(format!(
                     "Capability '{}' is not supported",
@@ -277,6 +316,27 @@ mod tests {
                 false
             )]))
         );
+        assert_eq!(
+            req(
+                r#"{"execute":"migrate-set-parameters","arguments":{"cpu-throttle-initial":30,"cpu-throttle-increment":5,"max-cpu-throttle":99,"throttle-trigger-threshold":100,"x-stall-timeout":1000}}"#
+            ),
+            Ok(Request::SetParameters(vec![
+                Parameter::CpuThrottleIncrement(5),
+                Parameter::CpuThrottleInitial(30),
+                Parameter::MaxCpuThrottle(99),
+                Parameter::ThrottleTriggerThreshold(100),
+                Parameter::StallTimeout(Duration::from_secs(1)),
+            ]))
+        );
+        assert_eq!(
+            req(
+                r#"{"execute":"migrate-set-capabilities","arguments":{"capabilities":[{"capability":"auto-converge","state":true}]}}"#
+            ),
+            Ok(Request::SetCapabilities(vec![(
+                Capability::AutoConverge,
+                true
+            )]))
+        );
         let c = parse(br#"{"execute":"query-migrate","id":{"a":[1]}}"#);
         assert_eq!(c.id, Some(json!({"a": [1]})));
     }
@@ -307,6 +367,26 @@ mod tests {
                 r#"{"execute":"migrate-set-parameters","arguments":{"downtime-limit":2000001}}"#,
                 "GenericError",
                 "range",
+            ),
+            (
+                r#"{"execute":"migrate-set-parameters","arguments":{"cpu-throttle-initial":0}}"#,
+                "GenericError",
+                "'cpu-throttle-initial' expects an integer in the range of 1 to 99",
+            ),
+            (
+                r#"{"execute":"migrate-set-parameters","arguments":{"max-cpu-throttle":100}}"#,
+                "GenericError",
+                "range of 1 to 99",
+            ),
+            (
+                r#"{"execute":"migrate-set-parameters","arguments":{"throttle-trigger-threshold":300}}"#,
+                "GenericError",
+                "range of 1 to 100",
+            ),
+            (
+                r#"{"execute":"migrate-set-parameters","arguments":{"x-stall-timeout":999}}"#,
+                "GenericError",
+                "at least 1000 ms",
             ),
             (
                 r#"{"execute":"migrate-set-parameters","arguments":{"x-foo":1}}"#,

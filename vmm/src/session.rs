@@ -88,6 +88,11 @@ impl Session {
         }
     }
 
+    /// Whether an outgoing migration is running.
+    pub fn migration_running(&self) -> bool {
+        lock(&self.outgoing).as_ref().is_some_and(|o| !o.finished())
+    }
+
     /// The `return-path` capability.
     pub fn return_path(&self) -> bool {
         self.return_path.load(std::sync::atomic::Ordering::SeqCst)
@@ -274,6 +279,12 @@ pub fn query_migrate_json(
         },
     });
     let o = v.as_object_mut().expect("an object");
+    if info.cpu_throttle_percentage > 0 {
+        o.insert(
+            "cpu-throttle-percentage".into(),
+            json!(info.cpu_throttle_percentage),
+        );
+    }
     if disk.total > 0 {
         o.insert(
             "disk".into(),

@@ -3,7 +3,7 @@
 //! bitmap is the block's dirty log, so every migration path runs as with KVM. Its
 //! "vCPU state" is the workload's progress, migrated as the `"soft-cpu"` section.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -18,6 +18,7 @@ use crate::guest::{self, GuestParams, LOAD_ADDR, Workload};
 use crate::machine::{Bus, Cpus};
 use crate::memory::GuestRam;
 use crate::serial::COM1;
+use crate::throttle::Throttle;
 
 const PAGE: u64 = 4096;
 /// Where the built-in guest keeps its disk request block and buffer (guest.S).
@@ -70,6 +71,8 @@ struct Shared {
     cond: Condvar,
     /// Fast check, per page, of whether the thread may go on.
     run: AtomicBool,
+    /// A throttle's sleep in nanoseconds (0: none), taken before the next page.
+    nap_ns: AtomicU64,
 }
 
 impl Shared {
@@ -80,6 +83,8 @@ impl Shared {
 
 /// The software "vCPU".
 pub struct SoftBackend {
+    /// Declared first: its thread ends before the worker does.
+    throttle: Throttle,
     shared: Arc<Shared>,
     thread: Option<JoinHandle<()>>,
     pending: Arc<Mutex<Option<SoftState>>>,
@@ -98,6 +103,7 @@ impl SoftBackend {
             }),
             cond: Condvar::new(),
             run: AtomicBool::new(false),
+            nap_ns: AtomicU64::new(0),
         });
         let s = shared.clone();
         let mem = ram.mem.clone();
@@ -106,7 +112,14 @@ impl SoftBackend {
             .name("soft-cpu".into())
             .spawn(move || Worker::new(mem, mem_size, bus, s).run())
             .expect("spawning the software vCPU thread");
+        let naps = shared.clone();
+        let throttle = Throttle::new(move |d| {
+            let ns = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX).max(1);
+            naps.nap_ns.store(ns, Ordering::Release);
+        })
+        .expect("spawning the throttle thread");
         SoftBackend {
+            throttle,
             shared,
             thread: Some(thread),
             pending: Arc::new(Mutex::new(None)),
@@ -155,6 +168,14 @@ impl Cpus for SoftBackend {
 
     fn fault(&self) -> Option<String> {
         None
+    }
+
+    fn set_throttle(&self, percent: u8) {
+        self.throttle.set(percent);
+    }
+
+    fn throttle(&self) -> u8 {
+        self.throttle.percent()
     }
 
     fn register_sections(&self, savevm: &mut SaveVm) -> Result<()> {
@@ -292,6 +313,25 @@ impl Worker {
         }
     }
 
+    /// The throttle's sleep, cut short by a pause or quit.
+    fn nap(&self) {
+        let ns = self.shared.nap_ns.swap(0, Ordering::Acquire);
+        let deadline = Instant::now() + Duration::from_nanos(ns);
+        let mut c = self.shared.lock();
+        while c.want == Want::Run {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            c = self
+                .shared
+                .cond
+                .wait_timeout(c, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
     fn run(mut self) {
         // However the worker ends, a thread waiting for it to park must not wait forever.
         struct Exited(Arc<Shared>);
@@ -305,6 +345,9 @@ impl Worker {
         loop {
             if (!self.shared.run.load(Ordering::Acquire) || self.st.phase == 2) && !self.park() {
                 return;
+            }
+            if self.shared.nap_ns.load(Ordering::Relaxed) != 0 {
+                self.nap();
             }
             self.step();
         }

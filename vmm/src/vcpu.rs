@@ -1,4 +1,5 @@
-//! KVM vCPU threads: running, stopping (immediate_exit plus a signal), state requests.
+//! KVM vCPU threads: running, stopping (immediate_exit plus a signal), throttle naps,
+//! state requests.
 //!
 //! Stopping follows the KVM API's rule for consistent state: a vCPU that exited for I/O
 //! re-enters KVM_RUN with `immediate_exit` set, which completes the I/O without running
@@ -8,6 +9,7 @@
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use anyhow::{Result, anyhow};
 use kvm_ioctls::{VcpuExit, VcpuFd};
@@ -44,6 +46,8 @@ struct Ctl {
     reply: Option<Result<Reply, String>>,
     /// Why the guest cannot run any more (triple fault, entry failure).
     fault: Option<String>,
+    /// A throttle's sleep, taken before the vCPU next runs guest code.
+    nap: Option<Duration>,
 }
 
 /// The `immediate_exit` byte of a vCPU's `kvm_run` page and its thread, for kicks.
@@ -93,6 +97,17 @@ impl VcpuShared {
         }
     }
 
+    /// Makes a running vCPU sleep `d` before it next runs guest code (the throttle).
+    pub fn nap(&self, d: Duration) {
+        let mut c = self.lock();
+        if c.want != Want::Run {
+            return;
+        }
+        c.nap = Some(d);
+        drop(c);
+        self.kick();
+    }
+
     fn set_immediate_exit(&self, v: u8) {
         let k = self.kick.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(k) = k.as_ref() {
@@ -139,6 +154,7 @@ impl Vcpu {
                 command: None,
                 reply: None,
                 fault: None,
+                nap: None,
             }),
             cond: Condvar::new(),
             kick: Mutex::new(None),
@@ -181,6 +197,11 @@ impl Vcpu {
         }
         drop(c);
         self.shared.cond.notify_all();
+    }
+
+    /// The handle the throttle naps this vCPU through.
+    pub fn shared(&self) -> Arc<VcpuShared> {
+        self.shared.clone()
     }
 
     /// Why the guest stopped for good, if it did.
@@ -307,6 +328,21 @@ fn fail(s: &VcpuShared, why: String) {
 /// Runs the control protocol before each KVM_RUN: returns false when the thread must end.
 fn control(fd: &mut VcpuFd, s: &VcpuShared, msrs: &[u32]) -> bool {
     let mut c = s.lock();
+    if let Some(d) = c.nap.take() {
+        // Throttled: sleep, unless something else is wanted meanwhile.
+        let deadline = Instant::now() + d;
+        while c.want == Want::Run {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            c = s
+                .cond
+                .wait_timeout(c, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
     if c.want == Want::Run && c.fault.is_none() {
         return true;
     }

@@ -330,7 +330,16 @@ fn qmp_speaks_the_protocol() {
     );
     assert_eq!(
         q.cmd("query-migrate-parameters", json!({})),
-        json!({"downtime-limit": 30, "max-bandwidth": 1000000000})
+        json!({"downtime-limit": 30, "max-bandwidth": 1000000000,
+               "cpu-throttle-initial": 20, "cpu-throttle-increment": 10,
+               "max-cpu-throttle": 99, "throttle-trigger-threshold": 50,
+               "x-stall-timeout": 30000})
+    );
+    assert_eq!(
+        q.cmd("query-migrate-capabilities", json!({})),
+        json!([{"capability": "events", "state": true},
+               {"capability": "return-path", "state": true},
+               {"capability": "auto-converge", "state": false}])
     );
     let e = q.try_cmd("no-such-command", json!({})).unwrap_err();
     assert_eq!(e["class"], "CommandNotFound");

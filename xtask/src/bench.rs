@@ -32,6 +32,14 @@ pub struct Scenario {
     workload: &'static str,
     range: &'static str,
     rate: u32,
+    /// max-bandwidth for both sides, bytes/s (0: unlimited).
+    bandwidth: u64,
+    /// The auto-converge capability on both sides.
+    auto_converge: bool,
+    /// The downtime limits it runs at.
+    limits: &'static [u64],
+    /// How long a migration may take before it counts as not converging.
+    timeout: Duration,
 }
 
 const SCENARIOS: &[Scenario] = &[
@@ -41,6 +49,10 @@ const SCENARIOS: &[Scenario] = &[
         workload: "idle",
         range: "64M",
         rate: 0,
+        bandwidth: 0,
+        auto_converge: false,
+        limits: LIMITS,
+        timeout: TIMEOUT,
     },
     Scenario {
         name: "fill 1 GiB",
@@ -48,6 +60,10 @@ const SCENARIOS: &[Scenario] = &[
         workload: "fill",
         range: "1020M",
         rate: 0,
+        bandwidth: 0,
+        auto_converge: false,
+        limits: LIMITS,
+        timeout: TIMEOUT,
     },
     Scenario {
         name: "dirty 128 MiB, full speed",
@@ -55,6 +71,10 @@ const SCENARIOS: &[Scenario] = &[
         workload: "dirty",
         range: "128M",
         rate: 0,
+        bandwidth: 0,
+        auto_converge: false,
+        limits: LIMITS,
+        timeout: TIMEOUT,
     },
     Scenario {
         name: "dirty 256 MiB, 50k pages/s",
@@ -62,6 +82,23 @@ const SCENARIOS: &[Scenario] = &[
         workload: "dirty",
         range: "256M",
         rate: 50_000,
+        bandwidth: 0,
+        auto_converge: false,
+        limits: LIMITS,
+        timeout: TIMEOUT,
+    },
+    // Dirtying faster than a 50 MB/s link carries: neither side converges without
+    // throttling the guest.
+    Scenario {
+        name: "dirty 128 MiB, 50 MB/s, auto-converge",
+        slug: "converge",
+        workload: "dirty",
+        range: "128M",
+        rate: 0,
+        bandwidth: 50_000_000,
+        auto_converge: true,
+        limits: &[300],
+        timeout: Duration::from_secs(240),
     },
 ];
 
@@ -92,6 +129,8 @@ pub struct Run {
     pub error: Option<String>,
     /// (ms since migrate, remaining bytes, dirty pages/s).
     pub series: Vec<(f64, u64, u64)>,
+    /// The highest cpu-throttle-percentage seen.
+    pub throttle: u64,
 }
 
 impl Run {
@@ -107,13 +146,14 @@ impl Run {
             bytes: 0,
             error: None,
             series: Vec::new(),
+            throttle: 0,
         }
     }
 
     fn json(&self) -> Value {
         json!({"side": self.side, "scenario": self.scenario, "limit_ms": self.limit, "round": self.round,
                "completed": self.completed, "total_ms": self.total_ms, "downtime_ms": self.downtime_ms,
-               "bytes": self.bytes, "error": self.error})
+               "bytes": self.bytes, "throttle_max": self.throttle, "error": self.error})
     }
 }
 
@@ -131,7 +171,7 @@ pub struct Options {
 }
 
 /// Polls query-migrate every 50 ms until it ends; fills the run's series and result.
-fn follow(q: &mut Qmp, run: &mut Run) -> Value {
+fn follow(q: &mut Qmp, run: &mut Run, timeout: Duration) -> Value {
     let t0 = Instant::now();
     loop {
         let m = q.cmd("query-migrate", json!({}));
@@ -152,9 +192,12 @@ fn follow(q: &mut Qmp, run: &mut Run) -> Value {
             }
             _ => {}
         }
-        if t0.elapsed() > TIMEOUT {
+        if let Some(p) = m["cpu-throttle-percentage"].as_u64() {
+            run.throttle = run.throttle.max(p);
+        }
+        if t0.elapsed() > timeout {
             let _ = q.try_cmd("migrate_cancel", json!({}));
-            run.error = Some(format!("did not converge in {} s", TIMEOUT.as_secs()));
+            run.error = Some(format!("did not converge in {} s", timeout.as_secs()));
             return m;
         }
         std::thread::sleep(Duration::from_millis(50));
@@ -215,10 +258,14 @@ fn ours(s: &Scenario, limit: u64, round: usize, dir: &Path) -> Run {
     }
     q.cmd(
         "migrate-set-parameters",
-        json!({"downtime-limit": limit, "max-bandwidth": 0}),
+        json!({"downtime-limit": limit, "max-bandwidth": s.bandwidth}),
+    );
+    q.cmd(
+        "migrate-set-capabilities",
+        json!({"capabilities": [{"capability": "auto-converge", "state": s.auto_converge}]}),
     );
     q.cmd("migrate", json!({"uri": uri}));
-    follow(&mut q, &mut run);
+    follow(&mut q, &mut run, s.timeout);
     let _ = q.try_cmd("quit", json!({}));
     let _ = src.wait();
     let _ = dst.wait();
@@ -341,13 +388,21 @@ fn qemu_inner(bin: &Path, s: &Scenario, dir: &Path, tsc_khz: u64, run: &mut Run)
         }
         std::thread::sleep(Duration::from_millis(10));
     }
-    // QEMU's default max-bandwidth is 128 MiB/s: raise it, as ours is unlimited.
+    // QEMU's default max-bandwidth is 128 MiB/s: raise it where ours is unlimited.
+    let bandwidth = match s.bandwidth {
+        0 => 10_000_000_000u64,
+        b => b,
+    };
     sq.cmd(
         "migrate-set-parameters",
-        json!({"downtime-limit": limit_of(run), "max-bandwidth": 10_000_000_000u64}),
+        json!({"downtime-limit": limit_of(run), "max-bandwidth": bandwidth}),
+    );
+    sq.cmd(
+        "migrate-set-capabilities",
+        json!({"capabilities": [{"capability": "auto-converge", "state": s.auto_converge}]}),
     );
     sq.cmd("migrate", json!({"uri": format!("tcp:127.0.0.1:{port}")}));
-    follow(&mut sq, run);
+    follow(&mut sq, run, s.timeout);
     if run.completed {
         // The destination's RESUME event; poll so its events are read.
         let t = Instant::now();
@@ -497,7 +552,7 @@ pub fn run(vmm: PathBuf, opts: &Options) -> Result<()> {
         .collect();
     let mut runs: Vec<Run> = Vec::new();
     for s in &scenarios {
-        for &limit in LIMITS {
+        for &limit in s.limits {
             for round in 0..opts.rounds {
                 let dir = work.join(format!("{}-{limit}-{round}", s.slug));
                 std::fs::create_dir_all(&dir)?;
@@ -533,7 +588,8 @@ pub fn run(vmm: PathBuf, opts: &Options) -> Result<()> {
     let mut md = String::new();
     md += &format!(
         "Guest: the built-in guest, 1 GiB, KVM (kvm-pvm) on {}; {} rounds per row, medians; \
-         tcp 127.0.0.1, bandwidth unlimited (QEMU's raised to 10 GB/s). {}\n\n",
+         tcp 127.0.0.1, bandwidth unlimited (QEMU's raised to 10 GB/s) unless the \
+         scenario names a cap. {}\n\n",
         host(),
         opts.rounds,
         qemu_version
@@ -546,7 +602,7 @@ pub fn run(vmm: PathBuf, opts: &Options) -> Result<()> {
     md += "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n";
     let mut best_fill_tput = None;
     for s in &scenarios {
-        for &limit in LIMITS {
+        for &limit in s.limits {
             let pick = |side: &str, f: &dyn Fn(&Run) -> f64| {
                 median(
                     runs.iter()
@@ -608,7 +664,7 @@ pub fn run(vmm: PathBuf, opts: &Options) -> Result<()> {
     md += "| scenario | limit ms | ours within | ours max ms | QEMU within | QEMU max ms |\n";
     md += "|---|---:|---:|---:|---:|---:|\n";
     for s in &scenarios {
-        for &limit in LIMITS {
+        for &limit in s.limits {
             let side = |side: &str| {
                 let d: Vec<f64> = runs
                     .iter()
@@ -678,10 +734,14 @@ pub fn run(vmm: PathBuf, opts: &Options) -> Result<()> {
 }
 
 fn describe(r: &Run) -> String {
+    let throttle = match r.throttle {
+        0 => String::new(),
+        t => format!(", throttled up to {t}%"),
+    };
     match &r.error {
-        Some(e) => format!("FAILED {e}"),
+        Some(e) => format!("FAILED {e}{throttle}"),
         None => format!(
-            "total {:.0} ms, real downtime {:.1} ms, {:.0} MB",
+            "total {:.0} ms, real downtime {:.1} ms, {:.0} MB{throttle}",
             r.total_ms,
             r.downtime_ms,
             r.bytes as f64 / 1e6

@@ -66,7 +66,7 @@ enum Cmd {
         /// Run ours only.
         #[arg(long)]
         no_qemu: bool,
-        /// Only these scenarios: idle, fill, dirty128, dirty256.
+        /// Only these scenarios: idle, fill, dirty128, dirty256, converge.
         #[arg(long)]
         only: Vec<String>,
     },
