@@ -20,6 +20,7 @@ use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 use xtask::harness::{Qmp, Vmm};
 
+use crate::memwatch::MemWatch;
 use crate::plot;
 
 /// A workload to migrate.
@@ -131,6 +132,9 @@ pub struct Run {
     pub series: Vec<(f64, u64, u64)>,
     /// The highest cpu-throttle-percentage seen.
     pub throttle: u64,
+    /// Peak memory beyond guest RAM of the source and the destination, bytes (memory
+    /// runs only).
+    pub mem: Option<(u64, u64)>,
 }
 
 impl Run {
@@ -147,13 +151,16 @@ impl Run {
             error: None,
             series: Vec::new(),
             throttle: 0,
+            mem: None,
         }
     }
 
     fn json(&self) -> Value {
         json!({"side": self.side, "scenario": self.scenario, "limit_ms": self.limit, "round": self.round,
                "completed": self.completed, "total_ms": self.total_ms, "downtime_ms": self.downtime_ms,
-               "bytes": self.bytes, "throttle_max": self.throttle, "error": self.error})
+               "bytes": self.bytes, "throttle_max": self.throttle,
+               "mem_overhead": self.mem.map(|(s, d)| json!({"source": s, "destination": d})),
+               "error": self.error})
     }
 }
 
@@ -209,7 +216,7 @@ fn ready_bytes(s: &Scenario) -> u64 {
 }
 
 /// Our migration: vmm source and destination, driven over QMP like QEMU.
-fn ours(s: &Scenario, limit: u64, round: usize, dir: &Path) -> Run {
+fn ours(s: &Scenario, limit: u64, round: usize, dir: &Path, watch: bool) -> Run {
     let mut run = Run::new("ours", s, limit, round);
     let mem = format!("{MEMORY_MIB}M");
     let rate = s.rate.to_string();
@@ -264,8 +271,11 @@ fn ours(s: &Scenario, limit: u64, round: usize, dir: &Path) -> Run {
         "migrate-set-capabilities",
         json!({"capabilities": [{"capability": "auto-converge", "state": s.auto_converge}]}),
     );
+    let w =
+        watch.then(|| MemWatch::start(vec![src.child.id(), dst.child.id()], GUEST_BYTES, SAMPLE));
     q.cmd("migrate", json!({"uri": uri}));
     follow(&mut q, &mut run, s.timeout);
+    run.mem = w.map(|w| peaks(&w.stop()));
     let _ = q.try_cmd("quit", json!({}));
     let _ = src.wait();
     let _ = dst.wait();
@@ -345,16 +355,31 @@ fn event_us(e: &Value) -> u64 {
 }
 
 /// QEMU's migration of the same guest image with the same parameters.
-fn qemu(bin: &Path, s: &Scenario, limit: u64, round: usize, dir: &Path, tsc_khz: u64) -> Run {
+fn qemu(
+    bin: &Path,
+    s: &Scenario,
+    limit: u64,
+    round: usize,
+    dir: &Path,
+    tsc_khz: u64,
+    watch: bool,
+) -> Run {
     let mut run = Run::new("qemu", s, limit, round);
-    if let Err(e) = qemu_inner(bin, s, dir, tsc_khz, &mut run) {
+    if let Err(e) = qemu_inner(bin, s, dir, tsc_khz, watch, &mut run) {
         run.error = Some(format!("{e:#}"));
         run.completed = false;
     }
     run
 }
 
-fn qemu_inner(bin: &Path, s: &Scenario, dir: &Path, tsc_khz: u64, run: &mut Run) -> Result<()> {
+fn qemu_inner(
+    bin: &Path,
+    s: &Scenario,
+    dir: &Path,
+    tsc_khz: u64,
+    watch: bool,
+    run: &mut Run,
+) -> Result<()> {
     let image = dir.join("guest.img");
     let st = Command::new(xtask::harness::vmm())
         .args(["image", "--workload", s.workload, "--range-size", s.range])
@@ -372,14 +397,14 @@ fn qemu_inner(bin: &Path, s: &Scenario, dir: &Path, tsc_khz: u64, run: &mut Run)
         bail!("vmm image failed");
     }
     let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-    let (_dst, mut dq) = qemu_start(
+    let (dst, mut dq) = qemu_start(
         bin,
         dir,
         "qemu-dst",
         &image,
         &["-incoming".into(), format!("tcp:127.0.0.1:{port}")],
     )?;
-    let (_src, mut sq) = qemu_start(bin, dir, "qemu-src", &image, &[])?;
+    let (src, mut sq) = qemu_start(bin, dir, "qemu-src", &image, &[])?;
     let serial = dir.join("qemu-src-serial.txt");
     let t = Instant::now();
     while std::fs::metadata(&serial).map(|m| m.len()).unwrap_or(0) < ready_bytes(s) {
@@ -401,8 +426,10 @@ fn qemu_inner(bin: &Path, s: &Scenario, dir: &Path, tsc_khz: u64, run: &mut Run)
         "migrate-set-capabilities",
         json!({"capabilities": [{"capability": "auto-converge", "state": s.auto_converge}]}),
     );
+    let w = watch.then(|| MemWatch::start(vec![src.0.id(), dst.0.id()], GUEST_BYTES, SAMPLE));
     sq.cmd("migrate", json!({"uri": format!("tcp:127.0.0.1:{port}")}));
     follow(&mut sq, run, s.timeout);
+    run.mem = w.map(|w| peaks(&w.stop()));
     if run.completed {
         // The destination's RESUME event; poll so its events are read.
         let t = Instant::now();
@@ -427,6 +454,19 @@ fn qemu_inner(bin: &Path, s: &Scenario, dir: &Path, tsc_khz: u64, run: &mut Run)
     let _ = sq.try_cmd("quit", json!({}));
     let _ = dq.try_cmd("quit", json!({}));
     Ok(())
+}
+
+/// Guest RAM of every scenario, bytes.
+const GUEST_BYTES: u64 = MEMORY_MIB << 20;
+const MIB: f64 = (1u64 << 20) as f64;
+/// How often a memory run samples the processes.
+const SAMPLE: Duration = Duration::from_millis(20);
+
+fn peaks(p: &[u64]) -> (u64, u64) {
+    (
+        p.first().copied().unwrap_or(0),
+        p.get(1).copied().unwrap_or(0),
+    )
 }
 
 fn limit_of(run: &Run) -> u64 {
@@ -551,36 +591,48 @@ pub fn run(vmm: PathBuf, opts: &Options) -> Result<()> {
         .filter(|s| opts.only.is_empty() || opts.only.iter().any(|o| o == s.slug))
         .collect();
     let mut runs: Vec<Run> = Vec::new();
+    // The timed rounds, then one memory round per scenario (sampling /proc/PID/smaps
+    // costs CPU, so those runs' times are not reported).
+    let mut plan: Vec<(&Scenario, u64, usize, bool)> = Vec::new();
     for s in &scenarios {
         for &limit in s.limits {
-            for round in 0..opts.rounds {
-                let dir = work.join(format!("{}-{limit}-{round}", s.slug));
-                std::fs::create_dir_all(&dir)?;
-                // A run that breaks (a process gone, a QMP error) is a failed run; the
-                // bench goes on.
-                let guarded = |side: &'static str, f: &dyn Fn() -> Run| {
-                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|p| {
-                        let mut r = Run::new(side, s, limit, round);
-                        r.error = Some(
-                            p.downcast_ref::<String>()
-                                .cloned()
-                                .or_else(|| p.downcast_ref::<&str>().map(|m| m.to_string()))
-                                .unwrap_or_else(|| "panicked".into()),
-                        );
-                        r
-                    })
-                };
-                let r = guarded("ours", &|| ours(s, limit, round, &dir));
-                eprintln!("  ours {:<28} limit {limit:>3}: {}", s.name, describe(&r));
-                runs.push(r);
-                if let Some(q) = &opts.qemu {
-                    let r = guarded("qemu", &|| qemu(q, s, limit, round, &dir, tsc_khz));
-                    eprintln!("  qemu {:<28} limit {limit:>3}: {}", s.name, describe(&r));
-                    runs.push(r);
-                }
-                let _ = std::fs::remove_dir_all(&dir);
-            }
+            plan.extend((0..opts.rounds).map(|round| (*s, limit, round, false)));
         }
+    }
+    plan.extend(
+        scenarios
+            .iter()
+            .map(|s| (*s, s.limits[0], opts.rounds, true)),
+    );
+    let mut mem_runs: Vec<Run> = Vec::new();
+    for (s, limit, round, watch) in plan {
+        let dir = work.join(format!("{}-{limit}-{round}", s.slug));
+        std::fs::create_dir_all(&dir)?;
+        // A run that breaks (a process gone, a QMP error) is a failed run; the bench
+        // goes on.
+        let guarded = |side: &'static str, f: &dyn Fn() -> Run| {
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|p| {
+                let mut r = Run::new(side, s, limit, round);
+                r.error = Some(
+                    p.downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| p.downcast_ref::<&str>().map(|m| m.to_string()))
+                        .unwrap_or_else(|| "panicked".into()),
+                );
+                r
+            })
+        };
+        let into = if watch { &mut mem_runs } else { &mut runs };
+        let what = if watch { "memory" } else { "limit" };
+        let r = guarded("ours", &|| ours(s, limit, round, &dir, watch));
+        eprintln!("  ours {:<28} {what} {limit:>3}: {}", s.name, describe(&r));
+        into.push(r);
+        if let Some(q) = &opts.qemu {
+            let r = guarded("qemu", &|| qemu(q, s, limit, round, &dir, tsc_khz, watch));
+            eprintln!("  qemu {:<28} {what} {limit:>3}: {}", s.name, describe(&r));
+            into.push(r);
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
     let _ = std::fs::remove_dir_all(&work);
 
@@ -694,6 +746,35 @@ pub fn run(vmm: PathBuf, opts: &Options) -> Result<()> {
         }
     }
     md += &format!(
+        "\nMemory beyond guest RAM, peak while migrating (MiB; resident outside the 1 GiB \
+         guest mapping, sampled every {} ms; the target is the dirty bitmaps, {} KiB \
+         each, + 64 MiB):\n\n",
+        SAMPLE.as_millis(),
+        GUEST_BYTES / 4096 / 8 / 1024
+    );
+    md += "| scenario | ours source | ours destination | QEMU source | QEMU destination |\n";
+    md += "|---|---:|---:|---:|---:|\n";
+    for s in &scenarios {
+        let mem = |side: &str| {
+            mem_runs
+                .iter()
+                .find(|r| r.side == side && r.scenario == s.slug)
+                .and_then(|r| r.mem)
+                .map(|(a, b)| (Some(a as f64 / MIB), Some(b as f64 / MIB)))
+                .unwrap_or((None, None))
+        };
+        let (os, od) = mem("ours");
+        let (qs, qd) = mem("qemu");
+        md += &format!(
+            "| {} | {} | {} | {} | {} |\n",
+            s.name,
+            fmt(os, 1),
+            fmt(od, 1),
+            fmt(qs, 1),
+            fmt(qd, 1)
+        );
+    }
+    md += &format!(
         "\nPhysical references in the same run: memcpy {:.2} GB/s, loopback TCP {:.2} GB/s.",
         mc / 1e9,
         tcp / 1e9
@@ -711,6 +792,7 @@ pub fn run(vmm: PathBuf, opts: &Options) -> Result<()> {
     let results = json!({
         "host": host(), "qemu": qemu_version, "memcpy_bps": mc, "loopback_tcp_bps": tcp,
         "runs": runs.iter().map(Run::json).collect::<Vec<_>>(),
+        "memory_runs": mem_runs.iter().map(Run::json).collect::<Vec<_>>(),
     });
     std::fs::write(
         opts.out.join("results.json"),

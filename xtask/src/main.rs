@@ -13,6 +13,7 @@
 mod bench;
 mod faults;
 mod fuzz;
+mod memwatch;
 mod migrate_test;
 mod ping_pong;
 mod plot;
