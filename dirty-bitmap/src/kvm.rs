@@ -1,10 +1,17 @@
-//! KVM's dirty log of guest writes (`KVM_GET_DIRTY_LOG` per memory slot).
+//! KVM's dirty log of guest writes (`KVM_GET_DIRTY_LOG` per memory slot), optionally
+//! with manual protect (`KVM_CLEAR_DIRTY_LOG`).
 
 use std::fmt;
 use std::io;
 use std::sync::Arc;
 
-use kvm_bindings::{KVM_MEM_LOG_DIRTY_PAGES, kvm_userspace_memory_region};
+use std::os::fd::AsRawFd;
+
+use kvm_bindings::{
+    KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, KVM_DIRTY_LOG_INITIALLY_SET,
+    KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE, KVM_MEM_LOG_DIRTY_PAGES, kvm_clear_dirty_log,
+    kvm_enable_cap, kvm_userspace_memory_region,
+};
 use kvm_ioctls::VmFd;
 
 use crate::{DirtyBitmap, DirtyLogSource, Error, Result};
@@ -15,15 +22,73 @@ use crate::{DirtyBitmap, DirtyLogSource, Error, Result};
 /// makes KVM write-protect it and record the first write to each page; each sync fetches
 /// and resets that record. [`DirtyLogSource::stop`] turns logging off again, so a guest
 /// that is not migrating runs without the write faults.
+///
+/// With manual protect ([`KvmDirtyLog::manual_protect`]) a sync only reads the log: the
+/// pages it reports stay writable, without faults, until [`DirtyLogSource::clear`]
+/// re-protects them just before the migration reads them, chunk by chunk. Logging then
+/// starts with every page reported and none write-protected
+/// (`KVM_DIRTY_LOG_INITIALLY_SET`), so the first pass over RAM costs the guest no faults
+/// on pages not yet sent.
 pub struct KvmDirtyLog {
     vm: Arc<VmFd>,
     region: kvm_userspace_memory_region,
+    /// Manual protect: the pages syncs reported and no clear re-protected yet.
+    reported: Option<Vec<u64>>,
 }
+
+/// Pages per [`DirtyLogSource::clear`] with manual protect: 64 MiB of 4 KiB pages.
+pub const CLEAR_CHUNK_PAGES: usize = 1 << 14;
+
+/// `KVM_CLEAR_DIRTY_LOG`: `_IOWR(KVMIO, 0xc0, struct kvm_clear_dirty_log)`.
+const KVM_CLEAR_DIRTY_LOG: libc::c_ulong = (3 << 30)
+    | ((std::mem::size_of::<kvm_clear_dirty_log>() as libc::c_ulong) << 16)
+    | (0xae << 8)
+    | 0xc0;
+
+/// What `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2` is enabled with.
+const MANUAL_PROTECT_FLAGS: u64 =
+    (KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE | KVM_DIRTY_LOG_INITIALLY_SET) as u64;
 
 impl KvmDirtyLog {
     /// The log of the slot `region` (as registered with `KVM_SET_USER_MEMORY_REGION`).
     pub fn new(vm: Arc<VmFd>, region: kvm_userspace_memory_region) -> Self {
-        KvmDirtyLog { vm, region }
+        KvmDirtyLog {
+            vm,
+            region,
+            reported: None,
+        }
+    }
+
+    /// Whether this KVM offers manual dirty log protect with initially-set bitmaps.
+    pub fn manual_protect_supported(vm: &VmFd) -> bool {
+        let flags = vm.check_extension_raw(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2.into());
+        flags > 0 && (flags as u64 & MANUAL_PROTECT_FLAGS) == MANUAL_PROTECT_FLAGS
+    }
+
+    /// Enables manual protect on the VM (every slot: call it before any slot logs, and
+    /// make every slot's log with [`KvmDirtyLog::manual_protect`]).
+    ///
+    /// # Errors
+    /// KVM refuses (e.g. it does not offer it: see
+    /// [`KvmDirtyLog::manual_protect_supported`]).
+    pub fn enable_manual_protect(vm: &VmFd) -> Result<()> {
+        let mut cap = kvm_enable_cap {
+            cap: KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
+            ..Default::default()
+        };
+        cap.args[0] = MANUAL_PROTECT_FLAGS;
+        vm.enable_cap(&cap).map_err(|e| Error::Kvm {
+            op: "enable manual dirty log protect",
+            slot: 0,
+            source: io::Error::from_raw_os_error(e.errno()),
+        })
+    }
+
+    /// This log, for a VM with manual protect enabled.
+    pub fn manual_protect(mut self) -> Self {
+        let pages = (self.region.memory_size as usize).div_ceil(4096);
+        self.reported = Some(vec![0; pages.div_ceil(64)]);
+        self
     }
 
     fn set_flags(&mut self, flags: u32, op: &'static str) -> Result<()> {
@@ -51,6 +116,7 @@ impl fmt::Debug for KvmDirtyLog {
                 "logging",
                 &(self.region.flags & KVM_MEM_LOG_DIRTY_PAGES != 0),
             )
+            .field("manual_protect", &self.reported.is_some())
             .finish()
     }
 }
@@ -58,7 +124,12 @@ impl fmt::Debug for KvmDirtyLog {
 impl DirtyLogSource for KvmDirtyLog {
     fn start(&mut self) -> Result<()> {
         let flags = self.region.flags | KVM_MEM_LOG_DIRTY_PAGES;
-        self.set_flags(flags, "enable dirty logging")
+        self.set_flags(flags, "enable dirty logging")?;
+        if let Some(r) = &mut self.reported {
+            // A fresh log starts all set, nothing protected: it is all "reported".
+            r.fill(!0);
+        }
+        Ok(())
     }
 
     fn stop(&mut self) -> Result<()> {
@@ -78,6 +149,60 @@ impl DirtyLogSource for KvmDirtyLog {
                 slot: self.region.slot,
                 source: io::Error::from_raw_os_error(e.errno()),
             })?;
-        bitmap.merge_raw(0, &words)
+        let newly = bitmap.merge_raw(0, &words)?;
+        if let Some(r) = &mut self.reported {
+            for (r, w) in r.iter_mut().zip(&words) {
+                *r |= w;
+            }
+        }
+        Ok(newly)
+    }
+
+    fn clear_granularity(&self) -> Option<usize> {
+        self.reported.as_ref().map(|_| CLEAR_CHUNK_PAGES)
+    }
+
+    fn clear(&mut self, first_page: usize, pages: usize) -> Result<()> {
+        let Some(reported) = &mut self.reported else {
+            return Ok(());
+        };
+        if self.region.flags & KVM_MEM_LOG_DIRTY_PAGES == 0 {
+            return Ok(());
+        }
+        let total = reported.len() * 64;
+        if first_page % 64 != 0 || first_page >= total {
+            return Err(Error::OutOfRange {
+                first_page,
+                words: pages.div_ceil(64),
+                pages: total,
+            });
+        }
+        let words = &mut reported[first_page / 64..(first_page + pages).min(total).div_ceil(64)];
+        if words.iter().all(|&w| w == 0) {
+            return Ok(());
+        }
+        // KVM wants a multiple of 64 pages, or the range up to the slot's end.
+        let slot_pages = (self.region.memory_size as usize).div_ceil(4096);
+        let num_pages = (words.len() * 64).min(slot_pages - first_page);
+        let mut arg = kvm_clear_dirty_log {
+            slot: self.region.slot,
+            num_pages: num_pages as u32,
+            first_page: first_page as u64,
+            ..Default::default()
+        };
+        arg.__bindgen_anon_1.dirty_bitmap = words.as_mut_ptr().cast();
+        // SAFETY: the VM fd is valid; `arg` names this log's slot and a range inside it,
+        // with a bitmap of at least `num_pages` bits that lives across the call (KVM only
+        // reads it).
+        let ret = unsafe { libc::ioctl(self.vm.as_raw_fd(), KVM_CLEAR_DIRTY_LOG, &arg) };
+        if ret != 0 {
+            return Err(Error::Kvm {
+                op: "clear dirty log",
+                slot: self.region.slot,
+                source: io::Error::last_os_error(),
+            });
+        }
+        words.fill(0);
+        Ok(())
     }
 }

@@ -30,6 +30,25 @@ pub trait DirtyLogSource: Send + std::fmt::Debug {
     /// # Errors
     /// When the log cannot be read; `bitmap` is then unchanged.
     fn sync(&mut self, bitmap: &DirtyBitmap) -> Result<usize>;
+
+    /// For a source whose sync does not re-arm the pages it reports (KVM's manual dirty
+    /// log protect): how many pages one [`DirtyLogSource::clear`] covers. None (the
+    /// default): sync re-arms everything itself.
+    fn clear_granularity(&self) -> Option<usize> {
+        None
+    }
+
+    /// Re-arms logging of the pages that syncs reported in `[first_page, first_page +
+    /// pages)`, so writes from now on are reported again. The migration calls it before
+    /// it reads any of those pages to send them: a write before the clear is in what it
+    /// sends, one after is reported by the next sync. `first_page` is a multiple of the
+    /// granularity.
+    ///
+    /// # Errors
+    /// When the hypervisor refuses; the pages must then not be sent as clean.
+    fn clear(&mut self, _first_page: usize, _pages: usize) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// No writes are ever reported: memory that only changes while the VM is stopped.
@@ -74,6 +93,20 @@ impl DirtyLogSource for MergedLog {
             newly += s.sync(bitmap)?;
         }
         Ok(newly)
+    }
+
+    /// The finest granularity any part needs (each part clears whole chunks of its own).
+    fn clear_granularity(&self) -> Option<usize> {
+        self.0.iter().filter_map(|s| s.clear_granularity()).min()
+    }
+
+    fn clear(&mut self, first_page: usize, pages: usize) -> Result<()> {
+        for s in &mut self.0 {
+            if s.clear_granularity().is_some() {
+                s.clear(first_page, pages)?;
+            }
+        }
+        Ok(())
     }
 }
 

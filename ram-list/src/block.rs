@@ -27,8 +27,13 @@ pub struct RamBlock {
     /// Pages still to send: set by dirty syncs and setup, cleared by the sender. Atomic
     /// words; in practice only the migration thread touches it.
     pub(crate) bitmap: DirtyBitmap,
-    // Lock: its own mutex; held by the migration thread across start, sync and stop.
+    // Lock: its own mutex; held by the migration thread across start, sync, clear and
+    // stop.
     log: Mutex<Box<dyn DirtyLogSource>>,
+    /// With a log that re-arms pages only when told ([`DirtyLogSource::clear`]): pages per
+    /// chunk, and one bit per chunk that a sync reported pages in and no clear re-armed
+    /// yet (QEMU's `clear_bmap`). Only the migration thread touches it.
+    clear: Option<(usize, DirtyBitmap)>,
 }
 
 impl fmt::Debug for RamBlock {
@@ -69,13 +74,19 @@ impl RamBlock {
                 reason: format!("{size} bytes is not a positive multiple of {TARGET_PAGE_SIZE}"),
             });
         }
+        let pages = (size / TARGET_PAGE_SIZE) as usize;
+        let clear = log
+            .clear_granularity()
+            .filter(|&g| g > 0)
+            .map(|g| (g, DirtyBitmap::new(pages.div_ceil(g))));
         Ok(RamBlock {
+            clear,
             idstr,
             max_length: size,
             page_size: TARGET_PAGE_SIZE as usize,
             offset: AtomicU64::new(0),
             used_length: AtomicU64::new(size),
-            bitmap: DirtyBitmap::new((size / TARGET_PAGE_SIZE) as usize),
+            bitmap: DirtyBitmap::new(pages),
             log: Mutex::new(log),
             host,
         })
@@ -165,12 +176,55 @@ impl RamBlock {
     /// # Errors
     /// [`Error::DirtyLog`] when the source fails.
     pub fn sync_dirty_log(&self) -> Result<usize> {
-        self.log()
+        let newly = self
+            .log()
             .sync(&self.bitmap)
             .map_err(|source| Error::DirtyLog {
                 idstr: self.idstr.clone(),
                 source,
-            })
+            })?;
+        if let Some((_, chunks)) = &self.clear {
+            // Every chunk may hold reported pages; a clear of one without any is free.
+            chunks.set_all();
+        }
+        Ok(newly)
+    }
+
+    /// Starts the dirty log. With a manual-protect log every chunk counts as reported
+    /// (logging starts with nothing write-protected), so each is re-armed before the
+    /// first pass reads it.
+    ///
+    /// # Errors
+    /// The source's.
+    pub fn start_logging(&self) -> dirty_bitmap::Result<()> {
+        self.log().start()?;
+        if let Some((_, chunks)) = &self.clear {
+            chunks.set_all();
+        }
+        Ok(())
+    }
+
+    /// Makes sure writes to `page` from now on are logged, before the page is read to be
+    /// sent: with a manual-protect log, the first page of each chunk since a sync
+    /// re-arms the whole chunk.
+    ///
+    /// # Errors
+    /// [`Error::DirtyLog`] when the source fails; the page must not be sent.
+    pub fn arm_before_send(&self, page: usize) -> Result<()> {
+        let Some((chunk, pending)) = &self.clear else {
+            return Ok(());
+        };
+        let c = page / chunk;
+        if pending.test_and_clear(c) {
+            if let Err(source) = self.log().clear(c * chunk, *chunk) {
+                pending.set(c);
+                return Err(Error::DirtyLog {
+                    idstr: self.idstr.clone(),
+                    source,
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Copies `data` into the block at byte `offset` (the destination's load path, and

@@ -137,10 +137,15 @@ impl RamSection {
 
     /// Sends dirty pages until none is left or (`limited`) the budget is used. Returns
     /// whether none is left.
-    fn send_pages(&mut self, f: &mut QemuFile, limited: bool) -> bool {
+    ///
+    /// # Errors
+    /// A dirty log that cannot re-arm a chunk before its pages are read (the EOS record
+    /// is still written, so the stream stays well-formed up to the failure).
+    fn send_pages(&mut self, f: &mut QemuFile, limited: bool) -> Result<bool> {
         if self.blocks.is_empty() {
-            return true;
+            return Ok(true);
         }
+        let mut failed = None;
         let (mut zero, mut normal) = (0u64, 0u64);
         let started = Instant::now();
         let done = loop {
@@ -152,6 +157,12 @@ impl RamSection {
             let (block, owner) = &self.blocks[bi];
             if !block.bitmap.test_and_clear(page) {
                 continue;
+            }
+            // Writes from here on are logged again, before the page is looked at.
+            if let Err(e) = block.arm_before_send(page) {
+                block.bitmap.set(page);
+                failed = Some(e);
+                break false;
             }
             let idstr = (self.last_sent_block != Some(bi)).then(|| block.idstr());
             let offset = page as u64 * TARGET_PAGE_SIZE;
@@ -182,7 +193,10 @@ impl RamSection {
         self.stats.add_pages(zero, normal);
         self.stats
             .set_remaining(self.dirty_pages() * TARGET_PAGE_SIZE);
-        done
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(done),
+        }
     }
 
     fn sync(&mut self) -> Result<u64> {
@@ -358,7 +372,7 @@ impl SectionHandler for RamSection {
         }
         for i in 0..self.blocks.len() {
             let (b, _) = &self.blocks[i];
-            if let Err(source) = b.log().start() {
+            if let Err(source) = b.start_logging() {
                 for (b, _) in &self.blocks[..i] {
                     let _ = b.log().stop();
                 }
@@ -381,7 +395,7 @@ impl SectionHandler for RamSection {
 
     fn iterate(&mut self, f: &mut QemuFile) -> std::result::Result<bool, SectionError> {
         self.check_version()?;
-        Ok(self.send_pages(f, true))
+        Ok(self.send_pages(f, true)?)
     }
 
     fn pending_estimate(&self) -> u64 {
@@ -394,7 +408,7 @@ impl SectionHandler for RamSection {
 
     fn complete(&mut self, f: &mut QemuFile) -> std::result::Result<(), SectionError> {
         self.check_version()?;
-        self.send_pages(f, false);
+        self.send_pages(f, false)?;
         Ok(())
     }
 

@@ -29,6 +29,21 @@ const TSS_ADDR: usize = 0xfffb_d000;
 pub struct KvmVm {
     kvm: Kvm,
     vm: Arc<VmFd>,
+    /// Whether the dirty log uses manual protect (`KVM_CLEAR_DIRTY_LOG`).
+    manual_protect: bool,
+}
+
+/// How KVM's dirty log re-protects pages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum DirtyProtect {
+    /// Manual protect where KVM offers it, else classic.
+    #[default]
+    Auto,
+    /// `KVM_CLEAR_DIRTY_LOG` in 64 MiB chunks just before pages are sent; logging starts
+    /// with nothing write-protected (refused where KVM lacks it).
+    Manual,
+    /// Every `KVM_GET_DIRTY_LOG` write-protects all the pages it reports.
+    Classic,
 }
 
 impl KvmVm {
@@ -36,9 +51,21 @@ impl KvmVm {
     ///
     /// # Errors
     /// No /dev/kvm, or a failing ioctl.
-    pub fn new() -> Result<Self> {
+    pub fn new(protect: DirtyProtect) -> Result<Self> {
         let kvm = Kvm::new().context("opening /dev/kvm")?;
         let vm = kvm.create_vm().context("KVM_CREATE_VM")?;
+        let supported = KvmDirtyLog::manual_protect_supported(&vm);
+        let manual_protect = match protect {
+            DirtyProtect::Classic => false,
+            DirtyProtect::Auto => supported,
+            DirtyProtect::Manual if !supported => anyhow::bail!(
+                "--dirty-log-protect manual: this KVM does not offer KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 with initially-set bitmaps"
+            ),
+            DirtyProtect::Manual => true,
+        };
+        if manual_protect {
+            KvmDirtyLog::enable_manual_protect(&vm)?;
+        }
         vm.set_tss_address(TSS_ADDR).context("KVM_SET_TSS_ADDR")?;
         vm.create_irq_chip().context("KVM_CREATE_IRQCHIP")?;
         vm.create_pit2(kvm_pit_config::default())
@@ -46,6 +73,7 @@ impl KvmVm {
         Ok(KvmVm {
             kvm,
             vm: Arc::new(vm),
+            manual_protect,
         })
     }
 
@@ -69,8 +97,14 @@ impl KvmVm {
         // SAFETY: the region is a live mapping of `memory_size` bytes, kept alive by the
         // machine (its `GuestRam`) for as long as the VM exists.
         unsafe { self.vm.set_user_memory_region(slot) }.context("KVM_SET_USER_MEMORY_REGION")?;
+        let log = KvmDirtyLog::new(self.vm.clone(), slot);
+        let log = if self.manual_protect {
+            log.manual_protect()
+        } else {
+            log
+        };
         Ok(Box::new(MergedLog(vec![
-            Box::new(KvmDirtyLog::new(self.vm.clone(), slot)),
+            Box::new(log),
             Box::new(VmmWriteLog::new(region.clone())),
         ])))
     }

@@ -181,6 +181,8 @@ pub struct MachineConfig {
     pub verify: bool,
     /// A destination allocates all guest RAM before the stream arrives.
     pub prealloc: bool,
+    /// How KVM's dirty log re-protects pages.
+    pub dirty_protect: kvm::DirtyProtect,
 }
 
 /// A virtual machine.
@@ -241,7 +243,7 @@ impl Machine {
             }
         };
         let vm = if use_kvm {
-            Some(kvm::KvmVm::new()?)
+            Some(kvm::KvmVm::new(cfg.dirty_protect)?)
         } else {
             None
         };

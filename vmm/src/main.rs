@@ -147,6 +147,11 @@ pub struct RunArgs {
     /// speed; this turns that off (RAM is then allocated as pages arrive).
     #[arg(long)]
     pub no_prealloc: bool,
+    /// How KVM's dirty log re-protects written pages: auto (manual where KVM offers it),
+    /// manual (KVM_CLEAR_DIRTY_LOG per 64 MiB chunk just before its pages are sent),
+    /// classic (each KVM_GET_DIRTY_LOG re-protects everything it reports).
+    #[arg(long, value_enum, default_value_t = kvm::DirtyProtect::Auto)]
+    pub dirty_log_protect: kvm::DirtyProtect,
     /// Migrate to this URI as soon as the guest runs; exit once it completed.
     #[arg(long, value_parser = parse_uri)]
     pub migrate_to: Option<MigrationUri>,
@@ -317,6 +322,7 @@ fn run(a: &RunArgs) -> Result<i32> {
             drives: a.drives.clone(),
             verify: a.verify,
             prealloc: !a.no_prealloc,
+            dirty_protect: a.dirty_log_protect,
         },
         events.clone(),
     )?;

@@ -31,6 +31,17 @@ fn over_tcp_on_loopback() {
     check_migrated(&src, &dst);
 }
 
+/// KVM's classic dirty log (each sync re-protects everything), where the default is
+/// manual protect wherever KVM offers it.
+#[test]
+fn over_tcp_with_the_classic_dirty_log() {
+    common::init();
+    let dir = scratch("classic");
+    let guest = [GUEST, &["--dirty-log-protect", "classic"]].concat();
+    let (src, dst) = migrate(&dir, "tcp:127.0.0.1:0", None, &guest);
+    check_migrated(&src, &dst);
+}
+
 #[test]
 fn through_exec_commands() {
     common::init();

@@ -175,6 +175,8 @@ pub struct Options {
     pub qemu: Option<PathBuf>,
     /// Only these scenarios (slugs); all if empty.
     pub only: Vec<String>,
+    /// Extra arguments for our vmm processes.
+    pub vmm_args: Vec<String>,
 }
 
 /// Polls query-migrate every 50 ms until it ends; fills the run's series and result.
@@ -216,11 +218,11 @@ fn ready_bytes(s: &Scenario) -> u64 {
 }
 
 /// Our migration: vmm source and destination, driven over QMP like QEMU.
-fn ours(s: &Scenario, limit: u64, round: usize, dir: &Path, watch: bool) -> Run {
+fn ours(s: &Scenario, limit: u64, round: usize, dir: &Path, watch: bool, extra: &[String]) -> Run {
     let mut run = Run::new("ours", s, limit, round);
     let mem = format!("{MEMORY_MIB}M");
     let rate = s.rate.to_string();
-    let guest = [
+    let mut guest = vec![
         "--memory",
         mem.as_str(),
         "--workload",
@@ -230,6 +232,7 @@ fn ours(s: &Scenario, limit: u64, round: usize, dir: &Path, watch: bool) -> Run 
         "--rate",
         rate.as_str(),
     ];
+    guest.extend(extra.iter().map(String::as_str));
     let mut dst = Vmm::start(
         dir,
         "ours-dst",
@@ -624,7 +627,9 @@ pub fn run(vmm: PathBuf, opts: &Options) -> Result<()> {
         };
         let into = if watch { &mut mem_runs } else { &mut runs };
         let what = if watch { "memory" } else { "limit" };
-        let r = guarded("ours", &|| ours(s, limit, round, &dir, watch));
+        let r = guarded("ours", &|| {
+            ours(s, limit, round, &dir, watch, &opts.vmm_args)
+        });
         eprintln!("  ours {:<28} {what} {limit:>3}: {}", s.name, describe(&r));
         into.push(r);
         if let Some(q) = &opts.qemu {

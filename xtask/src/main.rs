@@ -70,6 +70,10 @@ enum Cmd {
         /// Only these scenarios: idle, fill, dirty128, dirty256, converge.
         #[arg(long)]
         only: Vec<String>,
+        /// An extra argument for both of our vmm processes, for A/B runs (e.g.
+        /// --vmm-arg=--dirty-log-protect=classic); repeatable.
+        #[arg(long, allow_hyphen_values = true)]
+        vmm_arg: Vec<String>,
     },
     /// Coverage-guided fuzzing (libFuzzer) of every parser of untrusted input.
     Fuzz {
@@ -95,6 +99,7 @@ fn main() -> Result<()> {
             install_qemu,
             no_qemu,
             only,
+            vmm_arg,
         } => {
             let qemu = if no_qemu {
                 None
@@ -113,6 +118,7 @@ fn main() -> Result<()> {
                     out,
                     qemu,
                     only,
+                    vmm_args: vmm_arg,
                 },
             )
         }
