@@ -4,13 +4,13 @@ use std::fs::{self, OpenOptions};
 use std::io;
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use crate::transport::{ExecTransport, FdTransport, ShutdownHandle, TcpTransport, UnixTransport};
-use crate::{Error, MigrationUri, Result, Transport};
+use crate::{Error, MigrationUri, Result, Transport, bind_private};
 
 /// Opens the outgoing side of a migration: connects, spawns `sh -c`, opens the descriptor or
 /// creates the file.
@@ -143,10 +143,8 @@ impl Listener {
             }
             MigrationUri::Unix(path) => {
                 remove_stale_socket(path).map_err(|e| Error::open("listen on", &text, e))?;
-                let l = UnixListener::bind(path).map_err(|e| Error::open("listen on", &text, e))?;
+                let l = bind_private(path).map_err(|e| Error::open("listen on", &text, e))?;
                 let file = UnixSocketFile(path.clone());
-                fs::set_permissions(path, fs::Permissions::from_mode(0o600))
-                    .map_err(|e| Error::open("listen on", &text, e))?;
                 ListenerKind::Unix(l, file)
             }
             MigrationUri::Fd(fd) => ListenerKind::Ready(Box::new(FdTransport::new(

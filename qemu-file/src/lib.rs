@@ -26,6 +26,7 @@
 mod channel;
 mod error;
 mod memory;
+mod private_socket;
 mod qemu_file;
 mod rate_limit;
 mod shown;
@@ -35,6 +36,7 @@ mod uri;
 pub use channel::{Listener, connect};
 pub use error::{Error, Result};
 pub use memory::{MemBuffer, MemTransport, mem_channel};
+pub use private_socket::bind_private;
 pub use qemu_file::{KeepAlive, QemuFile};
 pub use rate_limit::RateLimiter;
 pub use shown::{SHOWN_CHARS, shown};

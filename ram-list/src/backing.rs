@@ -16,6 +16,18 @@ pub unsafe trait RamBacking: Send + Sync + fmt::Debug {
     fn as_ptr(&self) -> *mut u8;
     /// Its size in bytes.
     fn size(&self) -> usize;
+    /// Whether a page the kernel never populated reads as zero (private anonymous
+    /// memory), so the sender may skip reading it. False (the default) for anything a
+    /// file or another process could have filled.
+    fn unpopulated_is_zero(&self) -> bool {
+        false
+    }
+}
+
+fn private_anonymous<B: Bitmap>(m: &MmapRegion<B>) -> bool {
+    m.file_offset().is_none()
+        && m.flags() & libc::MAP_ANONYMOUS != 0
+        && m.flags() & libc::MAP_PRIVATE != 0
 }
 
 // SAFETY: an `MmapRegion` owns its mapping until it is dropped; pointer and size are fixed
@@ -27,6 +39,9 @@ unsafe impl<B: Bitmap + Send + Sync + fmt::Debug> RamBacking for MmapRegion<B> {
     fn size(&self) -> usize {
         MmapRegion::size(self)
     }
+    fn unpopulated_is_zero(&self) -> bool {
+        private_anonymous(self)
+    }
 }
 
 // SAFETY: a guest region owns (an `Arc` of) its mapping until it is dropped.
@@ -37,5 +52,8 @@ unsafe impl<B: Bitmap + Send + Sync + fmt::Debug> RamBacking for GuestRegionMmap
     }
     fn size(&self) -> usize {
         self.len() as usize
+    }
+    fn unpopulated_is_zero(&self) -> bool {
+        private_anonymous(self)
     }
 }

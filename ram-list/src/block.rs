@@ -208,23 +208,35 @@ impl RamBlock {
     /// sent: with a manual-protect log, the first page of each chunk since a sync
     /// re-arms the whole chunk.
     ///
+    /// Returns whether it re-armed anything.
+    ///
     /// # Errors
     /// [`Error::DirtyLog`] when the source fails; the page must not be sent.
-    pub fn arm_before_send(&self, page: usize) -> Result<()> {
+    pub fn arm_before_send(&self, page: usize) -> Result<bool> {
         let Some((chunk, pending)) = &self.clear else {
-            return Ok(());
+            return Ok(false);
         };
         let c = page / chunk;
-        if pending.test_and_clear(c) {
-            if let Err(source) = self.log().clear(c * chunk, *chunk) {
-                pending.set(c);
-                return Err(Error::DirtyLog {
-                    idstr: self.idstr.clone(),
-                    source,
-                });
-            }
+        if !pending.test_and_clear(c) {
+            return Ok(false);
         }
-        Ok(())
+        if let Err(source) = self.log().clear(c * chunk, *chunk) {
+            pending.set(c);
+            return Err(Error::DirtyLog {
+                idstr: self.idstr.clone(),
+                source,
+            });
+        }
+        Ok(true)
+    }
+
+    /// The end of the span around `page` that one arm covers (its chunk, or the block).
+    pub fn armed_span_end(&self, page: usize) -> usize {
+        let end = match &self.clear {
+            Some((chunk, _)) => (page / chunk + 1) * chunk,
+            None => usize::MAX,
+        };
+        end.min(self.used_pages())
     }
 
     /// Copies `data` into the block at byte `offset` (the destination's load path, and

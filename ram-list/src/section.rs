@@ -12,6 +12,7 @@ use crate::format::{
     RAM_SAVE_FLAG_PAGE, RAM_SAVE_FLAG_ZERO, RecordHeader, TARGET_PAGE_SIZE, read_block_list,
     write_block_list,
 };
+use crate::populated::Populated;
 use crate::{Error, RamBlock, RamList, RamStats, Result};
 
 /// The version of QEMU's RAM format this section writes and reads.
@@ -48,6 +49,8 @@ pub struct RamSection {
     last_sent_block: Option<usize>,
     last_sync: Option<(Instant, u64)>,
     logging: bool,
+    /// Which pages were never populated (their zero check needs no read).
+    populated: Populated,
     // Load side.
     load_listed: bool,
     load_block: Option<Arc<RamBlock>>,
@@ -80,6 +83,7 @@ impl RamSection {
             last_sent_block: None,
             last_sync: None,
             logging: false,
+            populated: Populated::new(),
             load_listed: false,
             fresh: false,
             load_block: None,
@@ -159,14 +163,23 @@ impl RamSection {
                 continue;
             }
             // Writes from here on are logged again, before the page is looked at.
-            if let Err(e) = block.arm_before_send(page) {
-                block.bitmap.set(page);
-                failed = Some(e);
-                break false;
+            match block.arm_before_send(page) {
+                Ok(true) => self.populated.invalidate(),
+                Ok(false) => {}
+                Err(e) => {
+                    block.bitmap.set(page);
+                    failed = Some(e);
+                    break false;
+                }
             }
             let idstr = (self.last_sent_block != Some(bi)).then(|| block.idstr());
             let offset = page as u64 * TARGET_PAGE_SIZE;
-            if block.is_zero_page(page) {
+            let never_populated = block.host().unpopulated_is_zero()
+                && self.populated.never_populated(
+                    block.page_ptr(page) as usize,
+                    block.armed_span_end(page) - page,
+                );
+            if never_populated || block.is_zero_page(page) {
                 RecordHeader::write_page(f, offset, RAM_SAVE_FLAG_ZERO, idstr);
                 f.put_u8(0);
                 zero += 1;

@@ -15,9 +15,9 @@
 //! steps two periods apart.
 //!
 //! Unlike QEMU, a migration that cannot converge ends instead of iterating forever: when
-//! the pending bytes have not dropped by a tenth below their lowest for the stall timeout,
-//! with no throttle raised meanwhile, the migration fails with the rates that explain it,
-//! and the source runs on (unthrottled). A parameter change restarts the clock, so raising
+//! for the stall timeout the pending bytes have neither dropped by a tenth nor by a
+//! quarter of what was sent meanwhile, and no throttle was raised, the migration fails
+//! with the rates that explain it, and the source runs on (unthrottled). A parameter change restarts the clock, so raising
 //! the downtime limit or the bandwidth gives a stalled migration a new chance.
 
 use std::time::{Duration, Instant};
@@ -27,8 +27,11 @@ use crate::MigrationParams;
 /// The shortest period between two throttle decisions (QEMU's).
 pub const PERIOD: Duration = Duration::from_secs(1);
 
-/// How much the pending bytes must drop below their lowest to count as progress.
+/// The pending bytes make progress when they drop by a tenth below their lowest...
 const PROGRESS: f64 = 0.9;
+/// ...or by at least this share of what was sent since the last progress (a slow link
+/// emptying a large memory progresses steadily, by less than a tenth at a time).
+const NET_SHARE: f64 = 0.25;
 
 /// What the migration thread does after a dirty sync.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,10 +55,12 @@ pub struct Convergence {
     /// Periods in a row that dirtied more than the trigger threshold.
     high_periods: u32,
     throttle: u8,
-    /// The lowest pending figure since the last progress.
+    /// The pending figure at the last progress.
     best: Option<u64>,
     /// When the migration last made progress (or got a new chance).
     progress_at: Instant,
+    /// Stream bytes written then.
+    progress_sent: u64,
     /// The dirty and send rates of the last full period (bytes/s).
     rates: Option<(f64, f64)>,
 }
@@ -71,6 +76,7 @@ impl Convergence {
             throttle: 0,
             best: None,
             progress_at: now,
+            progress_sent: sent,
             rates: None,
         }
     }
@@ -105,12 +111,21 @@ impl Convergence {
     ) -> Verdict {
         self.period_dirtied = self.period_dirtied.saturating_add(dirtied);
         match self.best {
-            None => self.best = Some(pending),
-            Some(b) if (pending as f64) < b as f64 * PROGRESS => {
+            None => {
                 self.best = Some(pending);
-                self.progress_at = now;
+                self.progress_sent = sent;
             }
-            Some(_) => {}
+            Some(b) => {
+                let net = b.saturating_sub(pending) as f64;
+                let sent_since = sent.saturating_sub(self.progress_sent) as f64;
+                if (pending as f64) < b as f64 * PROGRESS
+                    || (net > 0.0 && net >= sent_since * NET_SHARE)
+                {
+                    self.best = Some(pending);
+                    self.progress_at = now;
+                    self.progress_sent = sent;
+                }
+            }
         }
 
         let elapsed = now.saturating_duration_since(self.period_start);
@@ -340,6 +355,18 @@ mod tests {
         );
         assert_eq!(v, []);
         assert_eq!(c.throttle(), 0);
+    }
+
+    #[test]
+    fn a_slow_link_emptying_a_large_memory_is_progress() {
+        let t0 = Instant::now();
+        let mut c = Convergence::new(t0, 0);
+        let p = params(false);
+        // 1 MB/s against 1 GB pending: a tenth takes 100 s, far beyond the 5 s timeout.
+        let v = drive(&mut c, t0, &p, 60.0, Guest::Stubborn(0), 1_000_000, |t| {
+            (1e9 - 1e6 * t) as u64
+        });
+        assert_eq!(v, []);
     }
 
     #[test]

@@ -5,9 +5,10 @@
 //!
 //! Three things keep the prediction honest. The bandwidth is the lowest of the last two
 //! windows' and of the average since the iterations began (a link that slowed down is
-//! believed at once, one that sped up only once it stays faster). Only 90% of what the
-//! limit leaves is planned for: on a busy machine a 100 ms window's figure is off by
-//! ±15% (measured: completions took 0.79 to 1.12 times their prediction). And the disk
+//! believed at once, one that sped up only once it stays faster). Only 70% of what the
+//! limit leaves is planned for: on a busy machine real downtimes spread around their
+//! median by -28% to +27% (measured: 20 fills at a 30 ms limit, with QEMU running
+//! between them; planning for 90% let 3 of 20 overrun). And the disk
 //! flush, the one cost that can be large, is measured: once the migration gets close to
 //! switching over, the disks are synced while the guest still runs
 //! ([`crate::VmControl::sync_disks`]); that takes the bulk of the flush out of the
@@ -25,7 +26,7 @@ pub const FIXED_OVERHEAD: Duration = Duration::from_millis(1);
 const MIN_BUDGET_SHARE: f64 = 0.1;
 
 /// The share of the remaining budget planned for.
-const SAFETY: f64 = 0.9;
+const SAFETY: f64 = 0.7;
 
 /// How often the disks are synced early, at most.
 const SYNC_INTERVAL: Duration = Duration::from_millis(500);
@@ -78,7 +79,7 @@ impl Switchover {
         FIXED_OVERHEAD + self.flush
     }
 
-    /// The pending bytes that fit the `limit`: the bandwidth times 90% of what the
+    /// The pending bytes that fit the `limit`: the bandwidth times 70% of what the
     /// overheads leave of it (at least a tenth of the limit).
     pub fn threshold(&self, limit: Duration) -> u64 {
         let budget = limit
@@ -124,10 +125,10 @@ mod tests {
     fn the_threshold_leaves_room_for_the_overheads() {
         let mut s = Switchover::default();
         s.window(1e9, 1e9);
-        // 90% of 30 ms less the fixed millisecond, at 1 GB/s.
-        assert_eq!(s.threshold(30 * MS), 26_100_000);
+        // 70% of 30 ms less the fixed millisecond, at 1 GB/s.
+        assert_eq!(s.threshold(30 * MS), 20_300_000);
         s.synced(9 * MS);
-        assert_eq!(s.threshold(30 * MS), 18_000_000);
+        assert_eq!(s.threshold(30 * MS), 14_000_000);
         assert_eq!(s.expected(20_000_000), 30 * MS);
         // Overheads beyond the limit still leave a tenth of it.
         s.synced(100 * MS);

@@ -10,8 +10,8 @@
 
 use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{SyncSender, sync_channel};
 use std::sync::{Arc, Mutex};
@@ -36,8 +36,7 @@ pub fn start(path: &Path, session: Arc<Session>) -> Result<()> {
         }
     }
     let listener =
-        UnixListener::bind(path).with_context(|| format!("QMP socket {}", path.display()))?;
-    fs::set_permissions(path, fs::Permissions::from_mode(0o600))?;
+        qemu_file::bind_private(path).with_context(|| format!("QMP socket {}", path.display()))?;
     let clients: Arc<Mutex<Vec<Client>>> = Arc::new(Mutex::new(Vec::new()));
     let c = clients.clone();
     session.listen(move |name, data| {

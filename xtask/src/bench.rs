@@ -655,8 +655,8 @@ pub fn run(vmm: PathBuf, opts: &Options) -> Result<()> {
                 "QEMU: {v}, -cpu host,-arch-capabilities."
             ))
     );
-    md += "| scenario | limit ms | total ms ours | total ms QEMU | ratio | real downtime ms ours | QEMU | ratio | MB sent ours | QEMU | throughput MB/s ours | QEMU | ratio |\n";
-    md += "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n";
+    md += "| scenario | limit ms | total ms ours | total ms QEMU | ratio | real downtime ms ours | QEMU | ratio | MB sent ours | QEMU | ratio | throughput MB/s ours | QEMU | ratio |\n";
+    md += "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n";
     let mut best_fill_tput = None;
     for s in &scenarios {
         for &limit in s.limits {
@@ -699,7 +699,7 @@ pub fn run(vmm: PathBuf, opts: &Options) -> Result<()> {
                 n => format!(" ({n} not completed)"),
             };
             md += &format!(
-                "| {}{} | {limit} | {} | {}{} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+                "| {}{} | {limit} | {} | {}{} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
                 s.name,
                 note("ours"),
                 fmt(ot, 0),
@@ -711,6 +711,7 @@ pub fn run(vmm: PathBuf, opts: &Options) -> Result<()> {
                 ratio(od, qd),
                 fmt(ob, 0),
                 fmt(qb, 0),
+                ratio(ob, qb),
                 fmt(op, 0),
                 fmt(qp, 0),
                 ratio(op, qp)
