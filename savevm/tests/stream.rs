@@ -91,6 +91,51 @@ fn snapshot_golden_framing() {
     assert_eq!(eof + 5 + len, bytes.len());
 }
 
+/// A live iteration is a PART record (`0x02 | be32 section_id`, payload, footer), and
+/// a device section a FULL record with the START header's layout.
+#[test]
+fn part_and_full_golden_framing() {
+    let mem = Words::new(64);
+    let uart = Arc::new(Mutex::new(Uart::default()));
+    let mut vm = source_vm(&mem, &uart);
+    let buf = MemBuffer::new();
+    let mut f = QemuFile::new(Box::new(buf.clone()));
+    vm.save_header(&mut f);
+    vm.save_setup(&mut f).unwrap();
+    f.flush().unwrap();
+    let setup_len = buf.contents().len();
+    mem.write(7, 1);
+    vm.save_iterate(&mut f).unwrap();
+    f.flush().unwrap();
+    let part = buf.contents()[setup_len..].to_vec();
+    #[rustfmt::skip]
+    let head: &[u8] = &[
+        0x02, 0, 0, 0, 0,                            // PART section 0
+    ];
+    assert_eq!(&part[..head.len()], head, "{part:02x?}");
+    assert_eq!(
+        &part[part.len() - 5..],
+        &[0x7e, 0, 0, 0, 0],
+        "footer of section 0"
+    );
+
+    vm.save_devices(&mut f).unwrap();
+    f.flush().unwrap();
+    let all = buf.contents();
+    let full = all
+        .windows(5)
+        .position(|w| w == [0x04, 0, 0, 0, 1])
+        .expect("a FULL record for section 1");
+    #[rustfmt::skip]
+    let golden: &[u8] = &[
+        0x04, 0, 0, 0, 1,                            // FULL section 1
+        4, b'u', b'a', b'r', b't',                   // "uart"
+        0, 0, 0, 0, 0, 0, 0, 1,                      // instance 0, version 1
+    ];
+    assert_eq!(&all[full..full + golden.len()], golden);
+    vm.save_cleanup();
+}
+
 #[test]
 fn every_truncation_is_refused() {
     let (bytes, _, _) = snapshot_bytes();
