@@ -62,6 +62,14 @@ pub enum Error {
         /// What is wrong.
         reason: String,
     },
+    /// A multifd channel's opening message or packet header that cannot be right.
+    #[error("multifd channel data at byte {at}: {reason}")]
+    BadMultifd {
+        /// Offset in the channel's stream.
+        at: u64,
+        /// What is wrong.
+        reason: String,
+    },
     /// A record with flags this loader does not know.
     #[error(
         "RAM record at stream byte {at} has flags {flags:#x}, which this loader does not support"

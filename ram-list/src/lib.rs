@@ -40,6 +40,7 @@ mod block;
 mod error;
 pub mod format;
 mod list;
+pub mod multifd;
 mod populated;
 mod section;
 mod stats;
