@@ -653,12 +653,14 @@ fn migrate<V: VmControl + ?Sized>(
         match verdict {
             Verdict::Continue => {}
             Verdict::Throttle(percent) => {
-                vm.set_throttle(percent)
-                    .map_err(vm_error("throttle its vCPUs"))?;
+                // Published first, so `query-migrate` never shows less than the vCPUs
+                // are under (and a failed throttle is still lifted at the end).
                 ctl.update(|i| {
                     i.cpu_throttle_percentage = percent;
                     i.cpu_throttle_peak = i.cpu_throttle_peak.max(percent);
                 });
+                vm.set_throttle(percent)
+                    .map_err(vm_error("throttle its vCPUs"))?;
             }
             Verdict::CannotConverge(why) => return Err(Error::CannotConverge(why)),
         }

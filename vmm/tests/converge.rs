@@ -79,11 +79,13 @@ fn follow(q: &mut Qmp) -> (Value, u64) {
     let t = Instant::now();
     let mut throttle = 0;
     loop {
+        // The guest first: while a migration runs its throttle only rises, so the
+        // backend's figure read first is at most what query-migrate reports next.
+        let g = q.cmd("x-query-guest", json!({}));
         let m = q.cmd("query-migrate", json!({}));
         if ["completed", "failed", "cancelled"].contains(&m["status"].as_str().unwrap()) {
             return (m, throttle);
         }
-        let g = q.cmd("x-query-guest", json!({}));
         throttle = throttle.max(g["cpu-throttle"].as_u64().unwrap());
         if let Some(p) = m["cpu-throttle-percentage"].as_u64() {
             assert_eq!(p, g["cpu-throttle"].as_u64().unwrap().max(p), "{m} {g}");
