@@ -97,17 +97,9 @@ fn kvm_slot() {
     println!("KVM dirty log: not measured (run with --features kvm)");
 }
 
+/// `size` bytes of fresh, unbacked memory for a KVM slot (unmap with `libc::munmap`).
 #[cfg(feature = "kvm")]
-fn kvm_slot() {
-    use dirty_bitmap::{DirtyLogSource, KvmDirtyLog};
-    use std::sync::Arc;
-
-    let Ok(kvm) = kvm_ioctls::Kvm::new() else {
-        println!("KVM dirty log: SKIPPED (no /dev/kvm)");
-        return;
-    };
-    let vm = Arc::new(kvm.create_vm().unwrap());
-    let size = PAGES * 4096;
+fn guest_memory(size: usize) -> *mut libc::c_void {
     // SAFETY: an anonymous private mapping; no existing memory is touched.
     let host = unsafe {
         libc::mmap(
@@ -120,6 +112,21 @@ fn kvm_slot() {
         )
     };
     assert_ne!(host, libc::MAP_FAILED);
+    host
+}
+
+#[cfg(feature = "kvm")]
+fn kvm_slot() {
+    use dirty_bitmap::{DirtyLogSource, KvmDirtyLog};
+    use std::sync::Arc;
+
+    let Ok(kvm) = kvm_ioctls::Kvm::new() else {
+        println!("KVM dirty log: SKIPPED (no /dev/kvm)");
+        return;
+    };
+    let vm = Arc::new(kvm.create_vm().unwrap());
+    let size = PAGES * 4096;
+    let host = guest_memory(size);
     let region = kvm_bindings::kvm_userspace_memory_region {
         slot: 0,
         flags: 0,
@@ -199,18 +206,7 @@ fn kvm_ring_vs_bitmap() {
                 cap.args[0] = RING_BYTES as u64;
                 vm.enable_cap(&cap).unwrap();
             }
-            // SAFETY: an anonymous private mapping; no existing memory is touched.
-            let host = unsafe {
-                libc::mmap(
-                    std::ptr::null_mut(),
-                    size,
-                    libc::PROT_READ | libc::PROT_WRITE,
-                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                    -1,
-                    0,
-                )
-            };
-            assert_ne!(host, libc::MAP_FAILED);
+            let host = guest_memory(size);
             // SAFETY: the code fits the fresh mapping's first pages.
             unsafe {
                 std::ptr::copy_nonoverlapping(

@@ -235,17 +235,18 @@ mod tests {
         Stubborn(u64),
     }
 
-    /// Syncs every 250 ms for `secs`, sending `send` bytes per second, with `pending`
-    /// left after each; returns the verdicts that were not Continue, with their time.
+    /// A watch started at `t0`, synced every 250 ms for `secs`, sending `send` bytes per
+    /// second, with `pending` left after each; returns it with the verdicts that were not
+    /// Continue, with their time.
     fn drive(
-        c: &mut Convergence,
         t0: Instant,
         p: &MigrationParams,
         secs: f64,
         guest: Guest,
         send: u64,
         pending: impl Fn(f64) -> u64,
-    ) -> Vec<(f64, Verdict)> {
+    ) -> (Convergence, Vec<(f64, Verdict)>) {
+        let mut c = Convergence::new(t0, 0);
         let mut out = Vec::new();
         let step = 0.25;
         let mut t = step;
@@ -262,7 +263,12 @@ mod tests {
             }
             t += step;
         }
-        out
+        (c, out)
+    }
+
+    /// Pending bytes falling by a fifth a second from 1 GB.
+    fn shrinking(t: f64) -> u64 {
+        (1e9 * 0.8f64.powf(t)) as u64
     }
 
     fn throttles(v: &[(f64, Verdict)]) -> Vec<(f64, u8)> {
@@ -277,17 +283,15 @@ mod tests {
     #[test]
     fn the_throttle_goes_at_once_to_what_the_rates_need() {
         let t0 = Instant::now();
-        let mut c = Convergence::new(t0, 0);
         let p = params(true);
         // 400 MB/s against 100 MB/s sent, of which 50% is allowed: 1 - 50/400 = 87.5%.
-        let v = drive(
-            &mut c,
+        let (_, v) = drive(
             t0,
             &p,
             20.0,
             Guest::Throttled(400_000_000),
             100_000_000,
-            |t| (1e9 * 0.8f64.powf(t)) as u64,
+            shrinking,
         );
         // After two high periods, and never again: 48 MB/s is under the trigger.
         assert_eq!(throttles(&v), [(2.0, 88)]);
@@ -296,16 +300,14 @@ mod tests {
     #[test]
     fn a_guest_slightly_too_fast_gets_the_initial_step() {
         let t0 = Instant::now();
-        let mut c = Convergence::new(t0, 0);
         let p = params(true);
-        let v = drive(
-            &mut c,
+        let (_, v) = drive(
             t0,
             &p,
             20.0,
             Guest::Throttled(60_000_000),
             100_000_000,
-            |t| (1e9 * 0.8f64.powf(t)) as u64,
+            shrinking,
         );
         assert_eq!(throttles(&v), [(2.0, 20)]);
     }
@@ -313,13 +315,11 @@ mod tests {
     #[test]
     fn a_guest_the_throttle_does_not_slow_is_stepped_up_to_the_max() {
         let t0 = Instant::now();
-        let mut c = Convergence::new(t0, 0);
         let p = MigrationParams {
             stall_timeout: Duration::from_secs(60),
             ..params(true)
         };
-        let v = drive(
-            &mut c,
+        let (c, v) = drive(
             t0,
             &p,
             40.0,
@@ -341,17 +341,15 @@ mod tests {
     #[test]
     fn a_guest_dirtying_little_is_not_throttled_and_converging_is_never_a_stall() {
         let t0 = Instant::now();
-        let mut c = Convergence::new(t0, 0);
         let p = params(true);
         // 40% of what is sent: below the trigger; pending keeps falling.
-        let v = drive(
-            &mut c,
+        let (c, v) = drive(
             t0,
             &p,
             20.0,
             Guest::Throttled(40_000_000),
             100_000_000,
-            |t| (1e9 * 0.8f64.powf(t)) as u64,
+            shrinking,
         );
         assert_eq!(v, []);
         assert_eq!(c.throttle(), 0);
@@ -360,10 +358,9 @@ mod tests {
     #[test]
     fn a_slow_link_emptying_a_large_memory_is_progress() {
         let t0 = Instant::now();
-        let mut c = Convergence::new(t0, 0);
         let p = params(false);
         // 1 MB/s against 1 GB pending: a tenth takes 100 s, far beyond the 5 s timeout.
-        let v = drive(&mut c, t0, &p, 60.0, Guest::Stubborn(0), 1_000_000, |t| {
+        let (_, v) = drive(t0, &p, 60.0, Guest::Stubborn(0), 1_000_000, |t| {
             (1e9 - 1e6 * t) as u64
         });
         assert_eq!(v, []);
@@ -372,10 +369,8 @@ mod tests {
     #[test]
     fn without_auto_converge_a_stall_fails_after_the_timeout_with_the_rates() {
         let t0 = Instant::now();
-        let mut c = Convergence::new(t0, 0);
         let p = params(false);
-        let v = drive(
-            &mut c,
+        let (c, v) = drive(
             t0,
             &p,
             20.0,
@@ -399,13 +394,11 @@ mod tests {
     #[test]
     fn with_auto_converge_the_stall_counts_only_once_the_throttle_is_at_its_max() {
         let t0 = Instant::now();
-        let mut c = Convergence::new(t0, 0);
         let p = MigrationParams {
             max_cpu_throttle: 40,
             ..params(true)
         };
-        let v = drive(
-            &mut c,
+        let (_, v) = drive(
             t0,
             &p,
             30.0,
@@ -428,10 +421,8 @@ mod tests {
     #[test]
     fn a_new_chance_restarts_the_stall_clock() {
         let t0 = Instant::now();
-        let mut c = Convergence::new(t0, 0);
         let p = params(false);
-        let v = drive(
-            &mut c,
+        let (mut c, v) = drive(
             t0,
             &p,
             4.0,

@@ -316,20 +316,13 @@ impl Worker {
     /// The throttle's sleep, cut short by a pause or quit.
     fn nap(&self) {
         let ns = self.shared.nap_ns.swap(0, Ordering::Acquire);
-        let deadline = Instant::now() + Duration::from_nanos(ns);
-        let mut c = self.shared.lock();
-        while c.want == Want::Run {
-            let now = Instant::now();
-            if now >= deadline {
-                break;
-            }
-            c = self
-                .shared
-                .cond
-                .wait_timeout(c, deadline - now)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
-        }
+        let c = self.shared.lock();
+        drop(crate::throttle::nap(
+            &self.shared.cond,
+            c,
+            Duration::from_nanos(ns),
+            |c| c.want == Want::Run,
+        ));
     }
 
     fn run(mut self) {

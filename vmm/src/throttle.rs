@@ -5,13 +5,35 @@
 
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// How long a throttled vCPU runs between two sleeps (QEMU's CPU_THROTTLE_TIMESLICE_NS).
 pub const TIMESLICE: Duration = Duration::from_millis(10);
 
 /// The most a vCPU can be throttled, percent.
 pub const MAX_PERCENT: u8 = 99;
+
+/// Sleeps up to `d` on `cond`, waking early once `keep_sleeping` says no (a pause, a
+/// quit, a new throttle); returns the guard, held again.
+pub fn nap<'a, T>(
+    cond: &Condvar,
+    mut guard: MutexGuard<'a, T>,
+    d: Duration,
+    keep_sleeping: impl Fn(&T) -> bool,
+) -> MutexGuard<'a, T> {
+    let deadline = Instant::now() + d;
+    while keep_sleeping(&guard) {
+        let now = Instant::now();
+        if now >= deadline {
+            break;
+        }
+        guard = cond
+            .wait_timeout(guard, deadline - now)
+            .unwrap_or_else(|p| p.into_inner())
+            .0;
+    }
+    guard
+}
 
 /// How long a vCPU throttled by `percent` sleeps per time slice.
 pub fn sleep_per_slice(percent: u8) -> Duration {
@@ -95,16 +117,9 @@ fn run(s: &Shared, sleep: impl Fn(Duration)) {
         // The next slice starts once this one's run and sleep are over; a change of the
         // throttle takes effect at once.
         let percent = st.percent;
-        let mut left = TIMESLICE + nap;
-        while !st.quit && st.percent == percent && !left.is_zero() {
-            let t = std::time::Instant::now();
-            st = s
-                .cond
-                .wait_timeout(st, left)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
-            left = left.saturating_sub(t.elapsed());
-        }
+        st = self::nap(&s.cond, st, TIMESLICE + nap, |st| {
+            !st.quit && st.percent == percent
+        });
     }
 }
 

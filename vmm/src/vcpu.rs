@@ -9,7 +9,7 @@
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Result, anyhow};
 use kvm_ioctls::{VcpuExit, VcpuFd};
@@ -330,18 +330,7 @@ fn control(fd: &mut VcpuFd, s: &VcpuShared, msrs: &[u32]) -> bool {
     let mut c = s.lock();
     if let Some(d) = c.nap.take() {
         // Throttled: sleep, unless something else is wanted meanwhile.
-        let deadline = Instant::now() + d;
-        while c.want == Want::Run {
-            let now = Instant::now();
-            if now >= deadline {
-                break;
-            }
-            c = s
-                .cond
-                .wait_timeout(c, deadline - now)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
-        }
+        c = crate::throttle::nap(&s.cond, c, d, |c| c.want == Want::Run);
     }
     if c.want == Want::Run && c.fault.is_none() {
         return true;
