@@ -3,7 +3,7 @@
 use std::fs::{self, OpenOptions};
 use std::io;
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
-use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -216,6 +216,102 @@ impl Listener {
                 Ok(Box::new(UnixTransport::new(s, text)))
             }
             ListenerKind::Ready(t) => Ok(t),
+        }
+    }
+
+    /// Waits for a main stream and `channels` multifd channels (`tcp:` and `unix:` only),
+    /// in any order: a connection whose first bytes are "QEVM" is the main stream, any
+    /// other a channel (its opening message is checked by whoever reads it). With 0
+    /// channels this is [`Listener::accept`].
+    ///
+    /// # Errors
+    /// [`Error::Open`]: accepting fails or the listener was shut down, a connection closes
+    /// before its first 4 bytes, two main streams or none, or a URI that cannot carry
+    /// several connections.
+    pub fn accept_with_channels(
+        self,
+        channels: usize,
+    ) -> Result<(Box<dyn Transport>, Vec<Box<dyn Transport>>)> {
+        if channels == 0 {
+            return Ok((self.accept()?, Vec::new()));
+        }
+        let text = self.uri.to_string();
+        let refuse = |why: String| Error::open("accept on", &text, io::Error::other(why));
+        let mut main = None;
+        let mut extra = Vec::new();
+        for _ in 0..=channels {
+            let (magic, t): (_, Box<dyn Transport>) = match &self.kind {
+                ListenerKind::Tcp(l) => {
+                    let (s, peer) = l.accept().map_err(|e| Error::open("accept on", &text, e))?;
+                    let magic =
+                        peek_magic(s.as_fd()).map_err(|e| Error::open("read from", &text, e))?;
+                    let t = TcpTransport::new(s, format!("{text} (from {peer})"));
+                    (magic, Box::new(t))
+                }
+                ListenerKind::Unix(l, _) => {
+                    let (s, _) = l.accept().map_err(|e| Error::open("accept on", &text, e))?;
+                    let magic =
+                        peek_magic(s.as_fd()).map_err(|e| Error::open("read from", &text, e))?;
+                    (magic, Box::new(UnixTransport::new(s, text.clone())))
+                }
+                ListenerKind::Ready(_) => {
+                    return Err(refuse(format!(
+                        "multifd needs a tcp: or unix: URI, where {channels} more connections can be accepted"
+                    )));
+                }
+            };
+            if magic != QEMU_VM_FILE_MAGIC {
+                extra.push(t);
+            } else if main.is_none() {
+                main = Some(t);
+            } else {
+                return Err(refuse(
+                    "two connections both opened a main migration stream".into(),
+                ));
+            }
+        }
+        let main = main.ok_or_else(|| {
+            refuse(format!(
+                "all {} connections were multifd channels; none opened the main stream (is the source set up for {channels} channels?)",
+                channels + 1
+            ))
+        })?;
+        Ok((main, extra))
+    }
+}
+
+/// The first word of a main migration stream ("QEVM"); a multifd channel opens with
+/// another (0x11223344), which is how [`Listener::accept_with_channels`] tells them apart.
+const QEMU_VM_FILE_MAGIC: u32 = 0x5145_564d;
+
+/// Waits for the first four bytes of a connection without consuming them.
+fn peek_magic(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<u32> {
+    let mut b = [0u8; 4];
+    loop {
+        // SAFETY: `b` is a writable buffer of 4 bytes that outlives the call, and `fd` is
+        // an open socket borrowed for the call.
+        let n = unsafe {
+            libc::recv(
+                std::os::fd::AsRawFd::as_raw_fd(&fd),
+                b.as_mut_ptr().cast(),
+                b.len(),
+                libc::MSG_PEEK | libc::MSG_WAITALL,
+            )
+        };
+        match n {
+            4 => return Ok(u32::from_be_bytes(b)),
+            n if n >= 0 => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the peer closed the connection before its first 4 bytes",
+                ));
+            }
+            _ => {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
         }
     }
 }

@@ -182,3 +182,74 @@ fn tempdir() -> std::path::PathBuf {
     std::fs::create_dir_all(&d).unwrap();
     d
 }
+
+/// A destination with multifd takes the main stream and its channels in any order, told
+/// apart by their first bytes.
+#[test]
+fn main_stream_and_channels_are_told_apart_in_any_order() {
+    for listen in ["tcp:127.0.0.1:0", "unix:/tmp/qemu-file-channels-test.sock"] {
+        let listener = Listener::bind(&MigrationUri::parse(listen).unwrap()).unwrap();
+        let uri = listener.local_uri();
+        let rx = thread::spawn(move || listener.accept_with_channels(2));
+        let mut conns = Vec::new();
+        for first in [0x1122_3344u32, 0x5145_564d, 0x1122_3344] {
+            let mut f = QemuFile::new(connect(&uri).unwrap());
+            f.put_be32(first);
+            f.put_be32(conns.len() as u32);
+            f.flush().unwrap();
+            conns.push(f);
+        }
+        let (main, channels) = rx.join().unwrap().unwrap();
+        let mut main = QemuFile::new(main);
+        assert_eq!(main.get_be32().unwrap(), 0x5145_564d, "{listen}");
+        assert_eq!(main.get_be32().unwrap(), 1, "the second connection");
+        let ids: Vec<u32> = channels
+            .into_iter()
+            .map(|c| {
+                let mut c = QemuFile::new(c);
+                assert_eq!(c.get_be32().unwrap(), 0x1122_3344);
+                c.get_be32().unwrap()
+            })
+            .collect();
+        assert_eq!(ids, [0, 2], "{listen}");
+    }
+}
+
+#[test]
+fn two_main_streams_or_none_are_refused() {
+    for (magics, needle) in [
+        ([0x5145_564du32, 0x5145_564d], "two connections"),
+        ([0x1122_3344, 0x1122_3344], "none opened the main stream"),
+    ] {
+        let listener = Listener::bind(&MigrationUri::parse("tcp:127.0.0.1:0").unwrap()).unwrap();
+        let uri = listener.local_uri();
+        let rx = thread::spawn(move || listener.accept_with_channels(1).map(|_| ()));
+        let _conns: Vec<QemuFile> = magics
+            .iter()
+            .map(|m| {
+                let mut f = QemuFile::new(connect(&uri).unwrap());
+                f.put_be32(*m);
+                f.flush().unwrap();
+                f
+            })
+            .collect();
+        let e = chain(&rx.join().unwrap().unwrap_err());
+        assert!(e.contains(needle), "{e}");
+    }
+    let file = std::env::temp_dir().join("qemu-file-multifd-refused");
+    std::fs::write(&file, b"QEVM").unwrap();
+    let l = Listener::bind(&MigrationUri::File(file.clone())).unwrap();
+    let e = chain(&l.accept_with_channels(2).map(|_| ()).unwrap_err());
+    assert!(e.contains("needs a tcp: or unix: URI"), "{e}");
+    std::fs::remove_file(file).unwrap();
+}
+
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s += &format!(": {c}");
+        cur = c.source();
+    }
+    s
+}

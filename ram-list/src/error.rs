@@ -70,6 +70,31 @@ pub enum Error {
         /// What is wrong.
         reason: String,
     },
+    /// zstd failed on a multifd packet, or its data does not fit the packet's pages.
+    #[error("multifd compression: {reason}")]
+    Compression {
+        /// What is wrong.
+        reason: String,
+    },
+    /// Multifd channels that cannot be set up as asked.
+    #[error("multifd: {reason}")]
+    MultifdSetup {
+        /// What is wrong.
+        reason: String,
+    },
+    /// A multifd channel failed; the migration (or load) fails with it.
+    #[error("multifd channel {channel}")]
+    Channel {
+        /// The channel's number (its position among the connections where it has not
+        /// said its number yet).
+        channel: u8,
+        /// Why.
+        #[source]
+        source: Box<Error>,
+    },
+    /// An error reported once more (a multifd channel's, to each who asks), as text.
+    #[error("{0}")]
+    Again(String),
     /// A record with flags this loader does not know.
     #[error(
         "RAM record at stream byte {at} has flags {flags:#x}, which this loader does not support"

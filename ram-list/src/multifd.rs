@@ -10,11 +10,12 @@
 //! delivered its sync packet.
 //!
 //! This module is the framing alone: golden bytes and the checks a hostile channel must
-//! pass. (The channels themselves are not wired into the migration yet.)
+//! pass. The channels are `multifd_send` (source) and `multifd_recv` (destination).
 
 use qemu_file::QemuFile;
 
 use crate::format::TARGET_PAGE_SIZE;
+use crate::multifd_zstd::{MULTIFD_FLAG_COMPRESSION_MASK, MULTIFD_FLAG_ZLIB, MULTIFD_FLAG_ZSTD};
 use crate::{Error, Result};
 
 /// First word of every multifd message.
@@ -82,9 +83,10 @@ impl ChannelInit {
 /// A packet header (`MultiFDPacket_t`); its pages' data follows it on the wire.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PacketHeader {
-    /// [`MULTIFD_FLAG_SYNC`] or 0.
+    /// [`MULTIFD_FLAG_SYNC`], and how the pages are compressed (`MULTIFD_FLAG_ZSTD`).
     pub flags: u32,
-    /// Size of the next packet with pages (informational; QEMU sends 0).
+    /// Bytes of page data after the header: pages × page size, or the compressed size.
+    /// (QEMU leaves the previous packet's value in a packet without pages.)
     pub next_packet_size: u32,
     /// Global packet number across channels.
     pub packet_num: u64,
@@ -154,8 +156,18 @@ impl PacketHeader {
                 format!("{normal} pages in a packet with room for {pages_alloc}"),
             ));
         }
-        if flags & !MULTIFD_FLAG_SYNC != 0 {
+        if flags & !(MULTIFD_FLAG_SYNC | MULTIFD_FLAG_COMPRESSION_MASK) != 0 {
             return Err(bad(at, format!("unknown flags {flags:#x}")));
+        }
+        match flags & MULTIFD_FLAG_COMPRESSION_MASK {
+            0 | MULTIFD_FLAG_ZSTD => {}
+            MULTIFD_FLAG_ZLIB => {
+                return Err(bad(
+                    at,
+                    "zlib-compressed pages; only none and zstd are supported".into(),
+                ));
+            }
+            c => return Err(bad(at, format!("unknown compression {c:#x}"))),
         }
         let len = name
             .iter()
@@ -310,9 +322,11 @@ mod tests {
     fn hostile_headers_are_refused_with_the_reason() {
         let good = bytes(|f| packet().write_to(f));
         type Corrupt = fn(&mut Vec<u8>);
-        let cases: [(Corrupt, &str); 8] = [
+        let cases: [(Corrupt, &str); 10] = [
             (|b| b[7] = 2, "version 2"),
-            (|b| b[11] = 2, "unknown flags 0x2"),
+            (|b| b[11] = 0x20, "unknown flags 0x20"),
+            (|b| b[11] = 2, "zlib-compressed"),
+            (|b| b[11] = 6, "unknown compression 0x6"),
             (|b| b[15] = 0x81, "room for 129 pages"),
             (|b| b[19] = 0x81, "129 pages in a packet"),
             (|b| b[64..320].fill(b'x'), "not NUL-terminated"),

@@ -12,6 +12,8 @@ use crate::format::{
     RAM_SAVE_FLAG_PAGE, RAM_SAVE_FLAG_ZERO, RecordHeader, TARGET_PAGE_SIZE, read_block_list,
     write_block_list,
 };
+use crate::multifd_recv::MultifdReceiver;
+use crate::multifd_send::MultifdSender;
 use crate::populated::Populated;
 use crate::{Error, RamBlock, RamList, RamStats, Result};
 
@@ -51,7 +53,11 @@ pub struct RamSection {
     logging: bool,
     /// Which pages were never populated (their zero check needs no read).
     populated: Populated,
+    /// With multifd: the channels that carry normal pages (zero pages stay here).
+    multifd: Option<MultifdSender>,
     // Load side.
+    /// With multifd: the channels that load normal pages; each EOS waits for them.
+    multifd_recv: Option<Arc<MultifdReceiver>>,
     load_listed: bool,
     load_block: Option<Arc<RamBlock>>,
     /// The destination's memory is all zero when the load starts (a new VM): pages no
@@ -84,6 +90,8 @@ impl RamSection {
             last_sync: None,
             logging: false,
             populated: Populated::new(),
+            multifd: None,
+            multifd_recv: None,
             load_listed: false,
             fresh: false,
             load_block: None,
@@ -94,6 +102,21 @@ impl RamSection {
     /// records for pages the load has not written then cost nothing, not even a read.
     pub fn with_fresh_memory(mut self) -> Self {
         self.fresh = true;
+        self
+    }
+
+    /// Sends normal pages over multifd channels (QEMU 7.2's layout: zero pages and the
+    /// records' order stay on the main stream; every EOS record follows a SYNC packet on
+    /// each channel).
+    pub fn with_multifd(mut self, channels: MultifdSender) -> Self {
+        self.multifd = Some(channels);
+        self
+    }
+
+    /// Loads normal pages from multifd channels: each EOS record waits until every
+    /// channel applied that round's pages.
+    pub fn with_multifd_receiver(mut self, channels: Arc<MultifdReceiver>) -> Self {
+        self.multifd_recv = Some(channels);
         self
     }
 
@@ -156,9 +179,21 @@ impl RamSection {
             let Some((bi, page)) = self.find_dirty() else {
                 break true;
             };
+            let (block, owner) = &self.blocks[bi];
+            if let Some(m) = &self.multifd {
+                if !m.can_take(block) {
+                    if limited {
+                        // The channels are full: the rest waits for the next iteration.
+                        break false;
+                    }
+                    if let Err(e) = m.wait_one() {
+                        failed = Some(e);
+                        break false;
+                    }
+                }
+            }
             self.last_seen_block = bi;
             self.last_page = page + 1;
-            let (block, owner) = &self.blocks[bi];
             if !block.bitmap.test_and_clear(page) {
                 continue;
             }
@@ -183,6 +218,14 @@ impl RamSection {
                 RecordHeader::write_page(f, offset, RAM_SAVE_FLAG_ZERO, idstr);
                 f.put_u8(0);
                 zero += 1;
+                self.last_sent_block = Some(bi);
+            } else if let Some(m) = &mut self.multifd {
+                if let Err(e) = m.push(block, page) {
+                    failed = Some(e);
+                    break false;
+                }
+                f.account_elsewhere(m.take_written());
+                normal += 1;
             } else {
                 RecordHeader::write_page(f, offset, RAM_SAVE_FLAG_PAGE, idstr);
                 // SAFETY: the page lies inside the block's backing (`page < used_pages`),
@@ -191,8 +234,8 @@ impl RamSection {
                     f.put_buffer_external(block.page_ptr(page), TARGET_PAGE_SIZE as usize, owner)
                 };
                 normal += 1;
+                self.last_sent_block = Some(bi);
             }
-            self.last_sent_block = Some(bi);
             let examined = zero + normal;
             if limited
                 && (f.budget_exhausted()
@@ -202,6 +245,12 @@ impl RamSection {
                 break self.dirty_pages() == 0;
             }
         };
+        if let Some(m) = &mut self.multifd {
+            if let Err(e) = m.end_round() {
+                failed.get_or_insert(e);
+            }
+            f.account_elsewhere(m.take_written());
+        }
         f.put_be64(RAM_SAVE_FLAG_EOS);
         self.stats.add_pages(zero, normal);
         self.stats
@@ -261,6 +310,9 @@ impl RamSection {
             }
             flags &= !RAM_SAVE_FLAG_MULTIFD_FLUSH;
             if flags == RAM_SAVE_FLAG_EOS {
+                if let Some(m) = &self.multifd_recv {
+                    m.sync()?;
+                }
                 return Ok(());
             }
             if flags != 0 {
@@ -402,7 +454,19 @@ impl SectionHandler for RamSection {
                 .iter()
                 .map(|(b, _)| (b.idstr(), b.used_length())),
         );
+        if let Some(m) = &mut self.multifd {
+            m.end_round()?;
+        }
         f.put_be64(RAM_SAVE_FLAG_EOS);
+        Ok(())
+    }
+
+    fn prepare(&mut self, _budget: usize) -> std::result::Result<(), SectionError> {
+        if let Some(m) = &self.multifd {
+            // Without the VM lock: the channels drain to half full, so the iteration
+            // that follows has room.
+            m.wait_room()?;
+        }
         Ok(())
     }
 
@@ -422,12 +486,19 @@ impl SectionHandler for RamSection {
     fn complete(&mut self, f: &mut QemuFile) -> std::result::Result<(), SectionError> {
         self.check_version()?;
         self.send_pages(f, false)?;
+        if let Some(mut m) = self.multifd.take() {
+            // Everything is queued: the channels write it out and end their connections.
+            m.finish()?;
+            f.account_elsewhere(m.take_written());
+        }
         Ok(())
     }
 
     fn cleanup(&mut self) {
         self.stop_logging();
         self.blocks.clear();
+        // A failed or cancelled migration's channels stop (their connections are shut).
+        self.multifd = None;
     }
 
     fn load_setup(&mut self) -> std::result::Result<(), SectionError> {

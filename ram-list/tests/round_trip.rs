@@ -5,9 +5,11 @@ use std::sync::Arc;
 use std::sync::Mutex;
 
 use dirty_bitmap::{DirtyBitmap, DirtyLogSource, ManualLog};
-use qemu_file::{MemBuffer, QemuFile};
-use ram_list::{Error, RamBlock, RamList, RamSection, RamStats};
-use savevm::SaveVm;
+use qemu_file::{MemBuffer, MemTransport, QemuFile, Transport, mem_channel};
+use ram_list::{
+    Error, MultifdReceiver, MultifdSender, RamBlock, RamList, RamSection, RamStats, RecvTarget,
+};
+use savevm::{MultifdCompression, SaveVm};
 use vm_memory::MmapRegion;
 
 const PAGE: usize = 4096;
@@ -131,6 +133,15 @@ fn vm(blocks: &[(&str, usize)]) -> Vm {
 }
 
 fn vm_with(blocks: &[(&str, usize)], protect: bool) -> Vm {
+    vm_custom(blocks, protect, RamSection::new)
+}
+
+/// A VM whose RAM section `section` makes from the list and the counters.
+fn vm_custom(
+    blocks: &[(&str, usize)],
+    protect: bool,
+    section: impl FnOnce(Arc<RamList>, Arc<RamStats>) -> RamSection,
+) -> Vm {
     let list = Arc::new(RamList::new());
     let mut logs = Vec::new();
     for (name, pages) in blocks {
@@ -153,7 +164,7 @@ fn vm_with(blocks: &[(&str, usize)], protect: bool) -> Vm {
     savevm
         .register_live(
             RamSection::info(),
-            Box::new(RamSection::new(list.clone(), stats.clone())),
+            Box::new(section(list.clone(), stats.clone())),
         )
         .unwrap();
     Vm {
@@ -206,16 +217,31 @@ fn live_round_trip(seed: u64, fresh: bool) {
 }
 
 fn live_round_trip_with(seed: u64, fresh: bool, protect: bool) {
-    let shape = [("pc.ram", 300), ("vga.vram", 70)];
-    let mut src = vm_with(&shape, protect);
+    let src = vm_with(&SHAPE, protect);
+    let buf = MemBuffer::new();
+    let f = QemuFile::new(Box::new(buf.clone()));
+    let src = migrate_live(src, f, seed);
+    let mut dst = if fresh { vm_fresh(&SHAPE) } else { vm(&SHAPE) };
+    dst.savevm
+        .load(&mut QemuFile::new(Box::new(MemBuffer::from_bytes(
+            buf.contents(),
+        ))))
+        .unwrap();
+    assert_eq!(memory(&dst), memory(&src), "seed {seed}");
+}
+
+const SHAPE: [(&str, usize); 2] = [("pc.ram", 300), ("vga.vram", 70)];
+
+/// A live migration of `src` (of [`SHAPE`]) by hand into `f`: setup, iterations with guest
+/// writes between them, final sync and completion. Returns the source to compare with.
+fn migrate_live(mut src: Vm, mut f: QemuFile, seed: u64) -> Vm {
+    let shape = SHAPE;
     let mut rng = Rng(seed);
     for (b, (_, pages)) in shape.iter().enumerate() {
         for p in 0..*pages {
             guest_write(&src, &mut rng, b, p);
         }
     }
-    let buf = MemBuffer::new();
-    let mut f = QemuFile::new(Box::new(buf.clone()));
     f.set_chunk_budget(64 * 1024);
     src.savevm.save_header(&mut f);
     src.savevm.save_setup(&mut f).unwrap();
@@ -246,14 +272,70 @@ fn live_round_trip_with(seed: u64, fresh: bool, protect: bool) {
     let s = src.stats.snapshot();
     assert!(s.duplicate > 0 && s.normal > 0, "{s:?}");
     assert!(s.dirty_sync_count >= 1);
+    src
+}
 
-    let mut dst = if fresh { vm_fresh(&shape) } else { vm(&shape) };
-    dst.savevm
-        .load(&mut QemuFile::new(Box::new(MemBuffer::from_bytes(
-            buf.contents(),
-        ))))
-        .unwrap();
+/// The same live migration with multifd: normal pages over `channels` connections
+/// (zstd-compressed or not), loaded in parallel by a destination running meanwhile.
+fn multifd_round_trip(seed: u64, channels: usize, zstd: bool, fresh: bool) {
+    let (main_tx, main_rx) = mem_channel(256 * 1024);
+    let (tx, rx): (Vec<_>, Vec<_>) = (0..channels).map(|_| mem_channel(64 * 1024)).unzip();
+    let compression = if zstd {
+        MultifdCompression::Zstd
+    } else {
+        MultifdCompression::None
+    };
+    let boxed = |v: Vec<MemTransport>| -> Vec<Box<dyn Transport>> {
+        v.into_iter()
+            .map(|t| Box::new(t) as Box<dyn Transport>)
+            .collect()
+    };
+    let sender = MultifdSender::start(boxed(tx), [0; 16], compression, 1).unwrap();
+    let src = vm_custom(&SHAPE, false, |l, s| {
+        RamSection::new(l, s).with_multifd(sender)
+    });
+    let on_error = main_rx.shutdown_handle();
+    let mut receiver = None;
+    let dst = vm_custom(&SHAPE, false, |list, stats| {
+        let target = RecvTarget {
+            list: list.clone(),
+            stats: stats.clone(),
+            fresh,
+            uuid: [0; 16],
+        };
+        let r = Arc::new(MultifdReceiver::start(boxed(rx), target, on_error).unwrap());
+        receiver = Some(r.clone());
+        let s = RamSection::new(list, stats).with_multifd_receiver(r);
+        if fresh { s.with_fresh_memory() } else { s }
+    });
+    let loader = std::thread::spawn(move || {
+        let mut dst = dst;
+        let r = dst.savevm.load(&mut QemuFile::new(Box::new(main_rx)));
+        (dst, r)
+    });
+    let f = QemuFile::new(Box::new(main_tx));
+    let src = migrate_live(src, f, seed);
+    let (dst, r) = loader.join().unwrap();
+    let receiver = receiver.unwrap();
+    r.unwrap_or_else(|e| panic!("{e}; channels: {:?}", receiver.error()));
+    receiver.finish();
     assert_eq!(memory(&dst), memory(&src), "seed {seed}");
+    let (s, d) = (src.stats.snapshot(), dst.stats.snapshot());
+    assert_eq!((s.normal, s.duplicate), (d.normal, d.duplicate));
+}
+
+#[test]
+fn multifd_live_round_trips_reproduce_memory() {
+    for seed in 1..=4 {
+        multifd_round_trip(seed, 1 + seed as usize % 3, false, seed % 2 == 0);
+    }
+}
+
+#[test]
+fn multifd_with_zstd_live_round_trips_reproduce_memory() {
+    for seed in 5..=7 {
+        multifd_round_trip(seed, 2, true, seed % 2 == 0);
+    }
 }
 
 #[test]

@@ -51,8 +51,8 @@ pub use dump::{DumpSink, SectionWalker, dump_stream};
 pub use error::{Error, Result, error_chain};
 pub use load::LoadReport;
 pub use migration::{
-    CompletionTimes, MigrationControl, MigrationInfo, MigrationParams, MigrationStatus, VmControl,
-    WINDOW, run_migration,
+    CompletionTimes, MigrationControl, MigrationInfo, MigrationParams, MigrationStatus,
+    MultifdCompression, VmControl, WINDOW, run_migration,
 };
 pub use savevm::{SaveVm, TARGET_PAGE_SIZE};
 pub use section::{DeviceHandler, SectionError, SectionHandler, SectionInfo};

@@ -103,6 +103,35 @@ pub struct MigrationParams {
     /// `x-stall-timeout`: how long the pending bytes may stay without dropping (and no
     /// throttle rise) before the migration fails as unable to converge (default 30 s).
     pub stall_timeout: Duration,
+    /// The `multifd` capability: RAM pages travel over `multifd_channels` extra
+    /// connections besides the main stream (tcp and unix only).
+    pub multifd: bool,
+    /// `multifd-channels`: how many (default 2, as QEMU).
+    pub multifd_channels: u8,
+    /// `multifd-compression`: how each batch of pages is compressed (default none).
+    pub multifd_compression: MultifdCompression,
+    /// `multifd-zstd-level`: zstd's level, 0 to 20 (default 1).
+    pub multifd_zstd_level: u8,
+}
+
+/// `multifd-compression`: QEMU's names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MultifdCompression {
+    /// `none`: pages as they are.
+    #[default]
+    None,
+    /// `zstd`: each channel one zstd stream, flushed at the end of every packet.
+    Zstd,
+}
+
+impl MultifdCompression {
+    /// QEMU's name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MultifdCompression::None => "none",
+            MultifdCompression::Zstd => "zstd",
+        }
+    }
 }
 
 impl Default for MigrationParams {
@@ -118,6 +147,10 @@ impl Default for MigrationParams {
             max_cpu_throttle: 99,
             throttle_trigger_threshold: 50,
             stall_timeout: Duration::from_secs(30),
+            multifd: false,
+            multifd_channels: 2,
+            multifd_compression: MultifdCompression::None,
+            multifd_zstd_level: 1,
         }
     }
 }
@@ -248,9 +281,10 @@ pub struct MigrationControl {
     /// Set once the whole stream is written: from then on the destination may run the
     /// guest, so a cancel must not make the source run it too.
     committed: AtomicBool,
-    // Lock: set by the migration thread while it owns a stream; taken by `cancel` to
-    // interrupt a blocked write.
-    shutdown: Mutex<Option<ShutdownHandle>>,
+    // Lock: the streams' interrupters: the main stream's, set by the migration thread
+    // while it owns it, and any other connection's (multifd channels), added by whoever
+    // opened it; all taken by `cancel` to interrupt blocked writes, cleared at the end.
+    shutdown: Mutex<Vec<ShutdownHandle>>,
     // Lock: set before the migration starts; called (without other locks held) on every
     // status change.
     observer: Mutex<Option<Observer>>,
@@ -278,7 +312,7 @@ impl MigrationControl {
             params: Mutex::new(params),
             cancel: AtomicBool::new(false),
             committed: AtomicBool::new(false),
-            shutdown: Mutex::new(None),
+            shutdown: Mutex::new(Vec::new()),
             observer: Mutex::new(None),
         }
     }
@@ -323,11 +357,21 @@ impl MigrationControl {
                 info.status = MigrationStatus::Cancelling;
             }
         }
-        if let Some(h) = lock(&self.shutdown).as_ref() {
+        for h in lock(&self.shutdown).iter() {
             h.shutdown();
         }
         self.wake.notify_all();
         true
+    }
+
+    /// Registers another connection of this migration (a multifd channel), so that a
+    /// cancel interrupts its blocked writes too; forgotten when the migration ends. A
+    /// cancel that already happened shuts it down at once.
+    pub fn add_shutdown_handle(&self, h: ShutdownHandle) {
+        if self.cancelled() {
+            h.shutdown();
+        }
+        lock(&self.shutdown).push(h);
     }
 
     /// Passes the point of no return; false if a cancel came first.
@@ -417,7 +461,9 @@ pub fn run_migration<V: VmControl + ?Sized>(
     ctl: &MigrationControl,
 ) -> Result<MigrationInfo> {
     let t0 = Instant::now();
-    *lock(&ctl.shutdown) = f.shutdown_handle();
+    if let Some(h) = f.shutdown_handle() {
+        lock(&ctl.shutdown).push(h);
+    }
     ctl.set_status(MigrationStatus::Setup, |i| {
         *i = MigrationInfo {
             status: i.status,
@@ -455,7 +501,7 @@ pub fn run_migration<V: VmControl + ?Sized>(
         (r, _) => r,
     };
     savevm.save_cleanup();
-    *lock(&ctl.shutdown) = None;
+    lock(&ctl.shutdown).clear();
     match result {
         Ok(()) => {
             ctl.set_status(MigrationStatus::Completed, |i| {
