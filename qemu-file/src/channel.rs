@@ -228,10 +228,7 @@ impl Listener {
     /// [`Error::Open`]: accepting fails or the listener was shut down, a connection closes
     /// before its first 4 bytes, two main streams or none, or a URI that cannot carry
     /// several connections.
-    pub fn accept_with_channels(
-        self,
-        channels: usize,
-    ) -> Result<(Box<dyn Transport>, Vec<Box<dyn Transport>>)> {
+    pub fn accept_with_channels(self, channels: usize) -> Result<(Box<dyn Transport>, Channels)> {
         if channels == 0 {
             return Ok((self.accept()?, Vec::new()));
         }
@@ -279,6 +276,9 @@ impl Listener {
         Ok((main, extra))
     }
 }
+
+/// A migration's extra connections (multifd channels).
+pub type Channels = Vec<Box<dyn Transport>>;
 
 /// The first word of a main migration stream ("QEVM"); a multifd channel opens with
 /// another (0x11223344), which is how [`Listener::accept_with_channels`] tells them apart.

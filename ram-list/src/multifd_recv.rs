@@ -8,6 +8,7 @@
 //! every page the source sent before it is in memory, and no page of the next round is
 //! written before the main stream's records of this one.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
@@ -24,6 +25,8 @@ struct Shared {
     // Lock: the rounds' state; `cond` wakes the main loader and the channels.
     state: Mutex<State>,
     cond: Condvar,
+    /// Bytes the channels read.
+    read: AtomicU64,
 }
 
 #[derive(Default)]
@@ -36,6 +39,11 @@ struct State {
     ended: usize,
     /// Channel numbers seen in opening messages.
     ids: Vec<bool>,
+    /// Packets read by all channels, and the highest packet number among them: the
+    /// source numbers packets 0, 1, 2... across channels, so at a round's end (where
+    /// every channel delivered all it was given) the count must be that number + 1.
+    packets: u64,
+    max_packet: Option<u64>,
     /// The first channel error, kept for whoever asks.
     error: Option<Arc<Error>>,
     /// The load is over: channels stop, and their errors no longer matter.
@@ -110,6 +118,7 @@ impl MultifdReceiver {
                 ..State::default()
             }),
             cond: Condvar::new(),
+            read: AtomicU64::new(0),
         });
         let shutdowns = channels
             .iter()
@@ -174,21 +183,42 @@ impl MultifdReceiver {
             if st.synced == self.channels {
                 break;
             }
-            if st.ended > 0 {
+            // Channels that ended cannot sync; once every other one synced (or ended),
+            // the round can never complete. (Until then, one still running may yet
+            // report the error that explains it.)
+            if st.ended > 0 && st.synced + st.ended >= self.channels {
                 return Err(Error::MultifdSetup {
                     reason: format!(
-                        "{} of {} channels closed before the end of the stream's round",
+                        "the source closed {} of {} channels before the end of the stream's round (its migration failed, or it has more channels than this side's multifd-channels)",
                         st.ended, self.channels
                     ),
                 });
             }
             st = self.shared.cond.wait(st).unwrap_or_else(|p| p.into_inner());
         }
+        let expected = st.max_packet.map_or(0, |m| m + 1);
+        if st.packets != expected {
+            let e = Error::MultifdSetup {
+                reason: format!(
+                    "packets 0 to {} were sent but {} arrived: the source has more channels than the {} set here (multifd-channels)?",
+                    expected.saturating_sub(1),
+                    st.packets,
+                    self.channels
+                ),
+            };
+            st.error = Some(Arc::new(Error::Again(e.to_string())));
+            return Err(e);
+        }
         st.synced = 0;
         st.released += 1;
         drop(st);
         self.shared.cond.notify_all();
         Ok(())
+    }
+
+    /// Bytes the channels read so far.
+    pub fn bytes_read(&self) -> u64 {
+        self.shared.read.load(Ordering::Relaxed)
     }
 
     /// The first channel error, if one failed.
@@ -269,6 +299,14 @@ fn run_channel(
         }
         let at = f.bytes_read();
         let h = PacketHeader::read_from(&mut f)?;
+        shared
+            .read
+            .fetch_add(f.bytes_read() - at, Ordering::Relaxed);
+        {
+            let mut st = shared.lock();
+            st.packets += 1;
+            st.max_packet = Some(st.max_packet.map_or(h.packet_num, |m| m.max(h.packet_num)));
+        }
         if !h.offsets.is_empty() {
             let b = match &block {
                 Some(b) if b.idstr() == h.ramblock => b.clone(),
@@ -283,7 +321,11 @@ fn run_channel(
                     b
                 }
             };
+            let data = f.bytes_read();
             load_pages(&mut f, &h, &b, &mut zstd, at)?;
+            shared
+                .read
+                .fetch_add(f.bytes_read() - data, Ordering::Relaxed);
             if target.fresh {
                 for &o in &h.offsets {
                     b.bitmap.set((o / TARGET_PAGE_SIZE) as usize);
@@ -320,13 +362,16 @@ fn load_pages(
             ),
         });
     }
-    // SAFETY (for both slices below): every offset is page aligned (checked by
-    // `read_from`) and below `used_length` (checked above), so each page lies inside the
-    // block's mapped backing, which `block` keeps alive; the destination VM does not run
-    // during a load, and within a round the source sends a page at most once, so nothing
-    // else writes these bytes meanwhile.
-    let page = |o: u64| unsafe {
-        std::slice::from_raw_parts_mut(block.page_ptr((o / TARGET_PAGE_SIZE) as usize), PAGE)
+    let page = |o: u64| {
+        // SAFETY: every offset is page aligned (checked by `read_from`) and below
+        // `used_length` (checked above), so each page lies inside the block's mapped
+        // backing, which `block` keeps alive. The destination VM does not run during a
+        // load and guest memory is never borrowed elsewhere; only a source that sends one
+        // page twice in a round makes two channels write it at once, which garbles that
+        // guest page (the source's to give) and nothing of ours.
+        unsafe {
+            std::slice::from_raw_parts_mut(block.page_ptr((o / TARGET_PAGE_SIZE) as usize), PAGE)
+        }
     };
     match h.flags & MULTIFD_FLAG_COMPRESSION_MASK {
         0 => {

@@ -31,11 +31,11 @@ fn init(id: u8, uuid: [u8; 16]) -> impl Fn(&mut QemuFile) {
     move |q| ChannelInit { uuid, id }.write_to(q)
 }
 
-fn pages(q: &mut QemuFile, offsets: &[u64], fill: u8) {
+fn pages(q: &mut QemuFile, num: u64, offsets: &[u64], fill: u8) {
     PacketHeader {
         flags: 0,
         next_packet_size: (offsets.len() * PAGE) as u32,
-        packet_num: 0,
+        packet_num: num,
         ramblock: "pc.ram".into(),
         offsets: offsets.to_vec(),
     }
@@ -45,11 +45,11 @@ fn pages(q: &mut QemuFile, offsets: &[u64], fill: u8) {
     }
 }
 
-fn sync(q: &mut QemuFile) {
+fn sync(q: &mut QemuFile, num: u64) {
     PacketHeader {
         flags: MULTIFD_FLAG_SYNC,
         next_packet_size: 0,
-        packet_num: 1,
+        packet_num: num,
         ramblock: String::new(),
         offsets: vec![],
     }
@@ -78,13 +78,13 @@ fn pages_of_a_round_are_in_memory_when_its_sync_returns() {
     let l = list();
     let c0 = channel(|q| {
         init(0, [0; 16])(q);
-        pages(q, &[0x3000, 0x5000], 0xab);
-        sync(q);
+        pages(q, 0, &[0x3000, 0x5000], 0xab);
+        sync(q, 2);
     });
     let c1 = channel(|q| {
         init(1, [0; 16])(q);
-        pages(q, &[0xf000], 0xcd);
-        sync(q);
+        pages(q, 1, &[0xf000], 0xcd);
+        sync(q, 3);
     });
     receive(&l, vec![c1, c0]).unwrap();
     let b = l.find("pc.ram").unwrap();
@@ -101,6 +101,15 @@ fn broken_channels_fail_the_round_with_the_reason() {
     let cases: Vec<(Vec<Build>, &str)> = vec![
         (vec![Box::new(init(0, [7; 16]))], "UUID 0707"),
         (
+            // Packet 1 went to a channel this destination never accepted.
+            vec![Box::new(|q: &mut QemuFile| {
+                init(0, [0; 16])(q);
+                pages(q, 0, &[0x1000], 1);
+                sync(q, 2);
+            })],
+            "packets 0 to 2 were sent but 2 arrived",
+        ),
+        (
             vec![Box::new(init(0, [0; 16])), Box::new(init(0, [0; 16]))],
             "channel 0 opened twice",
         ),
@@ -112,8 +121,8 @@ fn broken_channels_fail_the_round_with_the_reason() {
         (
             vec![Box::new(|q: &mut QemuFile| {
                 init(0, [0; 16])(q);
-                pages(q, &[0x10000], 1);
-                sync(q);
+                pages(q, 0, &[0x10000], 1);
+                sync(q, 1);
             })],
             "past the end of block",
         ),
@@ -148,14 +157,14 @@ fn broken_channels_fail_the_round_with_the_reason() {
         (
             vec![Box::new(|q: &mut QemuFile| {
                 init(0, [0; 16])(q);
-                pages(q, &[0x1000], 1);
+                pages(q, 0, &[0x1000], 1);
             })],
-            "closed before the end of the stream's round",
+            "channels before the end of the stream's round",
         ),
         (
             vec![Box::new(|q: &mut QemuFile| {
                 init(0, [0; 16])(q);
-                pages(q, &[0x1000, 0x2000], 1);
+                pages(q, 0, &[0x1000, 0x2000], 1);
                 q.put_buffer(&[0; 100]);
             })],
             "channel 0: multifd channel data at byte 9600: magic 0x00000000",
@@ -177,8 +186,8 @@ fn truncated_channels_never_hang_or_panic() {
         let buf = MemBuffer::new();
         let mut q = QemuFile::new(Box::new(buf.clone()));
         init(0, [0; 16])(&mut q);
-        pages(&mut q, &[0x1000, 0x2000], 9);
-        sync(&mut q);
+        pages(&mut q, 0, &[0x1000, 0x2000], 9);
+        sync(&mut q, 1);
         q.flush().unwrap();
         buf.contents()
     };

@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use qemu_file::MigrationUri;
-use savevm::MigrationParams;
+use savevm::{MigrationParams, MultifdCompression};
 use serde_json::json;
 
 use crate::events::EventLog;
@@ -165,6 +165,16 @@ pub struct RunArgs {
     /// can be sent (QEMU's capability, with its defaults: 20%, +10%, up to 99%).
     #[arg(long)]
     pub auto_converge: bool,
+    /// multifd: RAM pages travel over this many extra connections besides the main
+    /// stream (tcp: and unix: only); a destination must be given the same number.
+    #[arg(long, value_parser = clap::value_parser!(u8).range(1..))]
+    pub multifd_channels: Option<u8>,
+    /// multifd-compression: how each packet of pages is compressed.
+    #[arg(long, value_enum, default_value_t = Compression::None, requires = "multifd_channels")]
+    pub multifd_compression: Compression,
+    /// multifd-zstd-level, 0 to 20.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=20))]
+    pub multifd_zstd_level: u8,
     /// Hash guest RAM at the switchover on both sides (source after the final sync,
     /// destination after the load) and log it.
     #[arg(long)]
@@ -178,6 +188,15 @@ pub struct RunArgs {
     /// The live progress line: auto (on a terminal), always, never.
     #[arg(long, value_enum, default_value_t = Progress::Auto)]
     pub progress: Progress,
+}
+
+/// `--multifd-compression`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Compression {
+    /// Pages as they are.
+    None,
+    /// zstd, one stream per channel.
+    Zstd,
 }
 
 /// When to draw the progress line.
@@ -332,16 +351,22 @@ fn run(a: &RunArgs) -> Result<i32> {
                "tsc_khz": machine.params.map(|p| p.tsc_khz),
                "workload": params.map(|p| p.workload), "range_size": a.range_size, "rate": a.rate}),
     );
-    let session = Session::new(
-        machine.clone(),
-        MigrationParams {
-            downtime_limit: Duration::from_millis(a.downtime_limit),
-            max_bandwidth: a.max_bandwidth,
-            auto_converge: a.auto_converge,
-            ..MigrationParams::default()
+    let migration_params = MigrationParams {
+        downtime_limit: Duration::from_millis(a.downtime_limit),
+        max_bandwidth: a.max_bandwidth,
+        auto_converge: a.auto_converge,
+        multifd: a.multifd_channels.is_some(),
+        multifd_channels: a
+            .multifd_channels
+            .unwrap_or(MigrationParams::default().multifd_channels),
+        multifd_compression: match a.multifd_compression {
+            Compression::None => MultifdCompression::None,
+            Compression::Zstd => MultifdCompression::Zstd,
         },
-        a.verify,
-    );
+        multifd_zstd_level: a.multifd_zstd_level,
+        ..MigrationParams::default()
+    };
+    let session = Session::new(machine.clone(), migration_params.clone(), a.verify);
     if let Some(q) = &a.qmp {
         let path = q
             .strip_prefix("unix:")
@@ -353,7 +378,7 @@ fn run(a: &RunArgs) -> Result<i32> {
     match &a.incoming {
         Some(Incoming::Uri(uri)) => {
             let loaded = migration::IncomingListener::bind(&machine, uri)
-                .and_then(|l| l.load(&machine, a.verify));
+                .and_then(|l| l.load(&machine, a.verify, &migration_params));
             match loaded {
                 Ok(r) => eprintln!(
                     "vmm: loaded {} from {uri} in {:.1} ms; the guest runs here now",

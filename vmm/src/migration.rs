@@ -8,7 +8,7 @@ use std::time::{Instant, SystemTime};
 use anyhow::{Context, Result, anyhow, bail};
 use block_migration::{BlockMigration, BlockStats};
 use qemu_file::{Listener, MigrationUri, QemuFile, connect};
-use ram_list::{RamSection, RamStats};
+use ram_list::{MultifdReceiver, MultifdSender, RamSection, RamStats, RecvTarget};
 use savevm::{
     MigrationControl, MigrationInfo, MigrationParams, SaveVm, return_path, run_migration,
 };
@@ -33,6 +33,7 @@ pub fn sections(
     ram_stats: Arc<RamStats>,
     disk_stats: Arc<BlockStats>,
     fresh_memory: bool,
+    multifd: Multifd,
 ) -> Result<SaveVm> {
     let mut s = SaveVm::new(machine_type(m));
     let mut block = BlockMigration::new(m.disks.clone(), disk_stats);
@@ -47,6 +48,11 @@ pub fn sections(
         // A destination's memory is untouched: zero pages it never wrote need no work.
         ram = ram.with_fresh_memory();
     }
+    ram = match multifd {
+        Multifd::Off => ram,
+        Multifd::Send(channels) => ram.with_multifd(channels),
+        Multifd::Receive(channels) => ram.with_multifd_receiver(channels),
+    };
     s.register_live(RamSection::info(), Box::new(ram))?;
     m.cpus.register_sections(&mut s)?;
     s.register_device(
@@ -54,6 +60,58 @@ pub fn sections(
         Box::new(SerialSection::new(m.bus.clone())),
     )?;
     Ok(s)
+}
+
+/// The RAM section's multifd channels, if the migration has them.
+#[derive(Debug)]
+pub enum Multifd {
+    /// Everything on the main stream.
+    Off,
+    /// A source's channels.
+    Send(MultifdSender),
+    /// A destination's channels.
+    Receive(Arc<MultifdReceiver>),
+}
+
+/// This VM's UUID in multifd's opening messages: QEMU's default (no `-uuid`), all zero.
+const VM_UUID: [u8; 16] = [0; 16];
+
+/// Refuses multifd on a URI that cannot carry several connections (as QEMU does).
+fn check_multifd_uri(uri: &MigrationUri) -> Result<()> {
+    if !matches!(uri, MigrationUri::Tcp { .. } | MigrationUri::Unix(_)) {
+        bail!(
+            "multifd needs a tcp: or unix: URI (it opens several connections), not {}: turn the multifd capability off",
+            uri.scheme()
+        );
+    }
+    Ok(())
+}
+
+/// Connects a source's `params.multifd_channels` channels after its main stream.
+fn connect_channels(
+    uri: &MigrationUri,
+    params: &MigrationParams,
+    ctl: &MigrationControl,
+) -> Result<Multifd> {
+    if !params.multifd {
+        return Ok(Multifd::Off);
+    }
+    check_multifd_uri(uri)?;
+    let mut channels = Vec::new();
+    for i in 0..params.multifd_channels {
+        let t = connect(uri).with_context(|| format!("opening multifd channel {i}"))?;
+        if let Some(h) = t.shutdown_handle() {
+            ctl.add_shutdown_handle(h);
+        }
+        channels.push(t);
+    }
+    let sender = MultifdSender::start(
+        channels,
+        VM_UUID,
+        params.multifd_compression,
+        params.multifd_zstd_level,
+    )?;
+    Ok(Multifd::Send(sender))
 }
 
 /// Whether the transport has a reverse direction for the destination's answer.
@@ -141,8 +199,14 @@ fn migrate(
     verify: bool,
 ) -> Result<MigrationInfo> {
     let events = machine.events.clone();
-    let mut savevm = sections(&machine, ram, disk, false)?;
+    let params = ctl.params();
+    if params.multifd {
+        check_multifd_uri(&uri)?;
+    }
+    // The main stream first (QEMU 7.2's destination takes the first connection as it).
     let mut f = QemuFile::new(connect(&uri)?);
+    let multifd = connect_channels(&uri, &params, ctl)?;
+    let mut savevm = sections(&machine, ram, disk, false, multifd)?;
     let info = run_migration(&mut savevm, &mut f, &*machine, ctl)?;
     // The guest now runs at the destination (or lives in the file): never again here.
     machine.set_migrated();
@@ -270,9 +334,14 @@ impl IncomingListener {
     ///
     /// # Errors
     /// Any load error; the guest has not run.
-    pub fn load(self, machine: &Arc<Machine>, verify: bool) -> Result<IncomingReport> {
+    pub fn load(
+        self,
+        machine: &Arc<Machine>,
+        verify: bool,
+        params: &MigrationParams,
+    ) -> Result<IncomingReport> {
         let previous = self.previous;
-        let r = load_incoming(machine, self, verify);
+        let r = load_incoming(machine, self, verify, params);
         if r.is_err() {
             machine.incoming_failed(previous);
         }
@@ -284,6 +353,7 @@ fn load_incoming(
     machine: &Arc<Machine>,
     incoming: IncomingListener,
     verify: bool,
+    params: &MigrationParams,
 ) -> Result<IncomingReport> {
     let events = &machine.events;
     let uri = &incoming.uri;
@@ -291,23 +361,58 @@ fn load_incoming(
         "vmm: waiting for a migration stream on {}",
         incoming.local_uri()
     );
-    let transport = incoming.listener.accept()?;
+    let channels = if params.multifd {
+        check_multifd_uri(uri)?;
+        usize::from(params.multifd_channels)
+    } else {
+        0
+    };
+    let (transport, channels) = incoming.listener.accept_with_channels(channels)?;
     let t0 = Instant::now();
-    events.emit("incoming-connected", json!({}));
+    events.emit("incoming-connected", json!({"channels": channels.len()}));
     let mut f = QemuFile::new(transport);
     let fresh = machine.take_fresh_memory();
-    let mut savevm = sections(machine, Arc::default(), Arc::default(), fresh)?;
+    let stats = Arc::new(RamStats::default());
+    let receiver = match channels.is_empty() {
+        true => None,
+        false => {
+            let target = RecvTarget {
+                list: machine.ram.list.clone(),
+                stats: stats.clone(),
+                fresh,
+                uuid: VM_UUID,
+            };
+            Some(Arc::new(MultifdReceiver::start(
+                channels,
+                target,
+                f.shutdown_handle(),
+            )?))
+        }
+    };
+    let multifd = match &receiver {
+        Some(r) => Multifd::Receive(r.clone()),
+        None => Multifd::Off,
+    };
+    let mut savevm = sections(machine, stats, Arc::default(), fresh, multifd)?;
     let answer = has_return_path(uri);
-    let loaded = savevm
-        .load(&mut f)
-        .map_err(anyhow::Error::from)
-        .and_then(|r| {
-            machine
-                .cpus
-                .apply_loaded()
-                .map(|_| r)
-                .context("applying the vCPU state")
-        });
+    let loaded = savevm.load(&mut f);
+    // A channel's failure stops the main stream too: its error is the one to report.
+    let channel_error = receiver.as_ref().and_then(|r| {
+        r.finish();
+        r.error()
+    });
+    let channel_bytes = receiver.as_ref().map_or(0, |r| r.bytes_read());
+    let loaded = match (loaded, channel_error) {
+        (Err(_), Some(e)) => Err(anyhow::Error::from(e)),
+        (r, _) => r.map_err(anyhow::Error::from),
+    };
+    let loaded = loaded.and_then(|r| {
+        machine
+            .cpus
+            .apply_loaded()
+            .map(|_| r)
+            .context("applying the vCPU state")
+    });
     let report = match loaded {
         Ok(r) => r,
         Err(e) => {
@@ -323,7 +428,7 @@ fn load_incoming(
     events.emit_at(
         "loaded",
         loaded_at,
-        json!({"bytes": report.bytes, "load_ms": ms(load_time)}),
+        json!({"bytes": report.bytes + channel_bytes, "load_ms": ms(load_time)}),
     );
     if answer {
         if let Err(e) = return_path::send_load_result(&mut f, true) {
@@ -346,7 +451,7 @@ fn load_incoming(
         json!({"resumed_at_us": unix_us(resumed_at), "ready_at_us": unix_us(ready_at)}),
     );
     Ok(IncomingReport {
-        bytes: report.bytes,
+        bytes: report.bytes + channel_bytes,
         load_time,
     })
 }

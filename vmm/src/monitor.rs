@@ -240,6 +240,9 @@ fn execute(session: &Arc<Session>, request: Request) -> Result<Value, QmpError> 
                     Parameter::MaxCpuThrottle(n) => p.max_cpu_throttle = n,
                     Parameter::ThrottleTriggerThreshold(n) => p.throttle_trigger_threshold = n,
                     Parameter::StallTimeout(d) => p.stall_timeout = d,
+                    Parameter::MultifdChannels(n) => p.multifd_channels = n,
+                    Parameter::MultifdCompression(c) => p.multifd_compression = c,
+                    Parameter::MultifdZstdLevel(n) => p.multifd_zstd_level = n,
                 }
             }
             session.set_params(p);
@@ -255,6 +258,9 @@ fn execute(session: &Arc<Session>, request: Request) -> Result<Value, QmpError> 
                 "max-cpu-throttle": p.max_cpu_throttle,
                 "throttle-trigger-threshold": p.throttle_trigger_threshold,
                 "x-stall-timeout": p.stall_timeout.as_millis() as u64,
+                "multifd-channels": p.multifd_channels,
+                "multifd-compression": p.multifd_compression.as_str(),
+                "multifd-zstd-level": p.multifd_zstd_level,
             }))
         }
         Request::SetCapabilities(list) => {
@@ -273,6 +279,11 @@ fn execute(session: &Arc<Session>, request: Request) -> Result<Value, QmpError> 
                         p.auto_converge = on;
                         session.set_params(p);
                     }
+                    Capability::Multifd => {
+                        let mut p = session.params();
+                        p.multifd = on;
+                        session.set_params(p);
+                    }
                 }
             }
             Ok(json!({}))
@@ -281,6 +292,7 @@ fn execute(session: &Arc<Session>, request: Request) -> Result<Value, QmpError> 
             {"capability": "events", "state": true},
             {"capability": "return-path", "state": session.return_path()},
             {"capability": "auto-converge", "state": session.params().auto_converge},
+            {"capability": "multifd", "state": session.params().multifd},
         ])),
         Request::QueryGuest => {
             if m.run_state() == crate::machine::RunState::InMigrate {

@@ -16,6 +16,7 @@
 use std::time::Duration;
 
 use qemu_file::MigrationUri;
+use savevm::MultifdCompression;
 use serde_json::{Value, json};
 
 /// Largest command accepted, in bytes (a QMP command is small; this bounds a hostile one).
@@ -76,6 +77,12 @@ pub enum Parameter {
     /// `x-stall-timeout`: how long a migration may make no progress before it fails as
     /// unable to converge, at least [`MIN_STALL_TIMEOUT_MS`].
     StallTimeout(Duration),
+    /// `multifd-channels`, 1 to 255.
+    MultifdChannels(u8),
+    /// `multifd-compression`: `none` or `zstd`.
+    MultifdCompression(MultifdCompression),
+    /// `multifd-zstd-level`, 0 to 20.
+    MultifdZstdLevel(u8),
 }
 
 /// The shortest `x-stall-timeout` accepted, in milliseconds.
@@ -90,6 +97,8 @@ pub enum Capability {
     ReturnPath,
     /// `auto-converge`: throttle vCPUs that dirty memory faster than it is sent.
     AutoConverge,
+    /// `multifd`: RAM pages over `multifd-channels` extra connections.
+    Multifd,
 }
 
 /// A refused command: QMP's error class and a readable description.
@@ -194,6 +203,25 @@ fn uri(args: &Value) -> Result<MigrationUri, QmpError> {
 fn parameters(args: &Value) -> Result<Vec<Parameter>, QmpError> {
     let mut out = Vec::new();
     for (k, v) in args.as_object().into_iter().flatten() {
+        if k == "multifd-compression" {
+            out.push(Parameter::MultifdCompression(
+                match v.as_str() {
+                    Some("none") => MultifdCompression::None,
+                    Some("zstd") => MultifdCompression::Zstd,
+                    Some("zlib") => {
+                        return Err(QmpError::generic(
+                            "Parameter 'multifd-compression': zlib is not supported here; use none or zstd",
+                        ));
+                    }
+                    _ => {
+                        return Err(QmpError::generic(
+                            "Parameter 'multifd-compression' expects none or zstd",
+                        ));
+                    }
+                },
+            ));
+            continue;
+        }
         let n = v.as_u64().ok_or_else(|| {
             QmpError::generic(format!(
                 "Parameter '{}' expects a non-negative number",
@@ -208,11 +236,11 @@ fn parameters(args: &Value) -> Result<Vec<Parameter>, QmpError> {
             }
             "downtime-limit" => Parameter::DowntimeLimit(Duration::from_millis(n)),
             "max-bandwidth" => Parameter::MaxBandwidth(n),
-            "cpu-throttle-initial" => Parameter::CpuThrottleInitial(percent(k, n, 99)?),
-            "cpu-throttle-increment" => Parameter::CpuThrottleIncrement(percent(k, n, 99)?),
-            "max-cpu-throttle" => Parameter::MaxCpuThrottle(percent(k, n, 99)?),
+            "cpu-throttle-initial" => Parameter::CpuThrottleInitial(in_range(k, n, 99)?),
+            "cpu-throttle-increment" => Parameter::CpuThrottleIncrement(in_range(k, n, 99)?),
+            "max-cpu-throttle" => Parameter::MaxCpuThrottle(in_range(k, n, 99)?),
             "throttle-trigger-threshold" => {
-                Parameter::ThrottleTriggerThreshold(percent(k, n, 100)?)
+                Parameter::ThrottleTriggerThreshold(in_range(k, n, 100)?)
             }
             "x-stall-timeout" if n < MIN_STALL_TIMEOUT_MS => {
                 return Err(QmpError::generic(format!(
@@ -220,6 +248,13 @@ fn parameters(args: &Value) -> Result<Vec<Parameter>, QmpError> {
                 )));
             }
             "x-stall-timeout" => Parameter::StallTimeout(Duration::from_millis(n)),
+            "multifd-channels" => Parameter::MultifdChannels(in_range(k, n, 255)?),
+            "multifd-zstd-level" if n > 20 => {
+                return Err(QmpError::generic(
+                    "Parameter 'multifd-zstd-level' expects an integer in the range of 0 to 20",
+                ));
+            }
+            "multifd-zstd-level" => Parameter::MultifdZstdLevel(n as u8),
             other => {
                 return Err(QmpError::generic(format!(
                     "Parameter '{}' is not supported",
@@ -231,8 +266,9 @@ fn parameters(args: &Value) -> Result<Vec<Parameter>, QmpError> {
     Ok(out)
 }
 
-/// A percentage parameter in 1..=`max`, with QEMU's error otherwise.
-fn percent(name: &str, n: u64, max: u8) -> Result<u8, QmpError> {
+/// An integer parameter in 1..=`max` (a percentage, a channel count), with QEMU's error
+/// otherwise.
+fn in_range(name: &str, n: u64, max: u8) -> Result<u8, QmpError> {
     match u8::try_from(n) {
         Ok(p) if (1..=max).contains(&p) => Ok(p),
         _ => Err(QmpError::generic(format!(
@@ -264,6 +300,7 @@ fn capabilities(args: &Value) -> Result<Vec<(Capability, bool)>, QmpError> {
             }
             ("return-path", on) => (Capability::ReturnPath, on),
             ("auto-converge", on) => (Capability::AutoConverge, on),
+            ("multifd", on) => (Capability::Multifd, on),
             (other, _) => {
                 return Err(QmpError::generic(format!(
                     "Capability '{}' is not supported",
@@ -290,6 +327,37 @@ mod tests {
 
     fn req(s: &str) -> Result<Request, QmpError> {
         parse(s.as_bytes()).request
+    }
+
+    #[test]
+    fn multifd_capability_and_parameters_parse_with_qemu_names() {
+        assert_eq!(
+            req(
+                r#"{"execute":"migrate-set-parameters","arguments":{"multifd-channels":4,"multifd-compression":"zstd","multifd-zstd-level":3}}"#
+            ),
+            Ok(Request::SetParameters(vec![
+                Parameter::MultifdChannels(4),
+                Parameter::MultifdCompression(MultifdCompression::Zstd),
+                Parameter::MultifdZstdLevel(3)
+            ]))
+        );
+        assert_eq!(
+            req(
+                r#"{"execute":"migrate-set-capabilities","arguments":{"capabilities":[{"capability":"multifd","state":true}]}}"#
+            ),
+            Ok(Request::SetCapabilities(vec![(Capability::Multifd, true)]))
+        );
+        for (args, needle) in [
+            (r#"{"multifd-channels":0}"#, "range of 1 to 255"),
+            (r#"{"multifd-channels":256}"#, "range of 1 to 255"),
+            (r#"{"multifd-zstd-level":21}"#, "0 to 20"),
+            (r#"{"multifd-compression":"zlib"}"#, "zlib is not supported"),
+            (r#"{"multifd-compression":7}"#, "expects none or zstd"),
+        ] {
+            let line = format!(r#"{{"execute":"migrate-set-parameters","arguments":{args}}}"#);
+            let e = req(&line).unwrap_err();
+            assert!(e.desc.contains(needle), "{args}: {}", e.desc);
+        }
     }
 
     #[test]

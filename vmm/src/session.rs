@@ -165,7 +165,7 @@ impl Session {
             .name("incoming".into())
             .spawn(move || {
                 me.broadcast("MIGRATION", json!({"status": "active"}));
-                let r = listener.load(&me.machine, me.verify);
+                let r = listener.load(&me.machine, me.verify, &me.params());
                 match &r {
                     Ok(rep) => eprintln!(
                         "vmm: loaded {} in {:.1} ms; the guest runs here now",

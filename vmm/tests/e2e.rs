@@ -42,6 +42,82 @@ fn over_tcp_with_the_classic_dirty_log() {
     check_migrated(&src, &dst);
 }
 
+/// Multifd: RAM pages over extra connections, loaded in parallel at the destination.
+#[test]
+fn with_multifd_channels_over_tcp_and_unix_with_zstd() {
+    common::init();
+    let dir = scratch("multifd");
+    let guest = [GUEST, &["--multifd-channels", "2"]].concat();
+    let (src, dst) = migrate(&dir, "tcp:127.0.0.1:0", None, &guest);
+    check_migrated(&src, &dst);
+    assert_eq!(dst.event("incoming-connected").unwrap()["channels"], 2);
+
+    let dir = scratch("multifd-zstd");
+    let sock = format!("unix:{}", dir.join("m.sock").display());
+    let guest = [
+        GUEST,
+        &["--multifd-channels", "3", "--multifd-compression", "zstd"],
+    ]
+    .concat();
+    let (src, dst) = migrate(&dir, &sock, Some(&sock), &guest);
+    check_migrated(&src, &dst);
+    assert_eq!(dst.event("incoming-connected").unwrap()["channels"], 3);
+}
+
+/// A source with more channels than its destination expects: the destination notices
+/// the packets it never got, refuses the stream, and the source runs on.
+#[test]
+fn a_multifd_channel_count_mismatch_is_refused_and_the_source_runs_on() {
+    common::init();
+    let dir = scratch("multifd-mismatch");
+    let mut dst = Vmm::start(
+        &dir,
+        "destination",
+        &[
+            &["--incoming", "tcp:127.0.0.1:0", "--multifd-channels", "2"][..],
+            GUEST,
+        ]
+        .concat(),
+    );
+    let uri = dst.wait_event("listening")["uri"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut src = Vmm::start(
+        &dir,
+        "source",
+        &[
+            &[
+                "--migrate-to",
+                uri.as_str(),
+                "--multifd-channels",
+                "3",
+                "--exit-after",
+                "3",
+            ][..],
+            GUEST,
+        ]
+        .concat(),
+    );
+    assert!(!dst.wait().success());
+    assert!(dst.event("incoming-resumed").is_none());
+    let err = dst.stderr();
+    assert!(err.contains("more channels than"), "{err}");
+    // The source's migration failed; its guest ran on until --exit-after.
+    assert!(src.wait().success(), "{}", src.stderr());
+    assert_eq!(src.event("exit").unwrap()["reason"], "quit");
+    assert!(
+        src.stderr().contains("the guest keeps running here"),
+        "{}",
+        src.stderr()
+    );
+    assert!(
+        src.stderr().contains("multifd channel 2"),
+        "{}",
+        src.stderr()
+    );
+}
+
 #[test]
 fn through_exec_commands() {
     common::init();
@@ -344,13 +420,51 @@ fn qmp_speaks_the_protocol() {
         json!({"downtime-limit": 30, "max-bandwidth": 1000000000,
                "cpu-throttle-initial": 20, "cpu-throttle-increment": 10,
                "max-cpu-throttle": 99, "throttle-trigger-threshold": 50,
-               "x-stall-timeout": 30000})
+               "x-stall-timeout": 30000, "multifd-channels": 2,
+               "multifd-compression": "none", "multifd-zstd-level": 1})
     );
     assert_eq!(
         q.cmd("query-migrate-capabilities", json!({})),
         json!([{"capability": "events", "state": true},
                {"capability": "return-path", "state": true},
-               {"capability": "auto-converge", "state": false}])
+               {"capability": "auto-converge", "state": false},
+               {"capability": "multifd", "state": false}])
+    );
+    q.cmd(
+        "migrate-set-capabilities",
+        json!({"capabilities": [{"capability": "multifd", "state": true}]}),
+    );
+    q.cmd(
+        "migrate-set-parameters",
+        json!({"multifd-channels": 4, "multifd-compression": "zstd"}),
+    );
+    let p = q.cmd("query-migrate-parameters", json!({}));
+    assert_eq!(
+        (&p["multifd-channels"], &p["multifd-compression"]),
+        (&json!(4), &json!("zstd"))
+    );
+    assert_eq!(
+        q.cmd("query-migrate-capabilities", json!({}))[3]["state"],
+        true
+    );
+    // multifd needs several connections: a file cannot carry them.
+    let e = q
+        .try_cmd(
+            "migrate",
+            json!({"uri": format!("file:{}", dir.join("snap").display())}),
+        )
+        .map(|_| q.wait_status("failed"))
+        .unwrap();
+    assert!(
+        e["error-desc"]
+            .as_str()
+            .unwrap()
+            .contains("multifd needs a tcp: or unix: URI"),
+        "{e}"
+    );
+    q.cmd(
+        "migrate-set-capabilities",
+        json!({"capabilities": [{"capability": "multifd", "state": false}]}),
     );
     let e = q.try_cmd("no-such-command", json!({})).unwrap_err();
     assert_eq!(e["class"], "CommandNotFound");
