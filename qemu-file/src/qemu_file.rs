@@ -58,9 +58,6 @@ pub struct QemuFile {
     flushed: u64,
     auto_flush: usize,
     chunk_budget: usize,
-    /// Bytes other connections of this migration carried since the last flush
-    /// ([`QemuFile::account_elsewhere`]); they count against the chunk budget.
-    elsewhere: usize,
     rate: RateLimiter,
     error: Option<Error>,
     // Read side.
@@ -97,7 +94,6 @@ impl QemuFile {
             flushed: 0,
             auto_flush: DEFAULT_AUTO_FLUSH,
             chunk_budget: usize::MAX,
-            elsewhere: 0,
             rate: RateLimiter::new(0),
             error: None,
             rbuf: vec![0; READ_BUF].into_boxed_slice(),
@@ -242,8 +238,6 @@ impl QemuFile {
     /// The sticky error, or [`Error::Write`] (which becomes sticky).
     pub fn flush(&mut self) -> Result<()> {
         self.check()?;
-        // A new chunk begins: what other connections carried was counted against this one.
-        self.elsewhere = 0;
         if self.segments.is_empty() {
             return Ok(());
         }
@@ -286,12 +280,12 @@ impl QemuFile {
     }
 
     /// Counts `n` bytes that another connection of the same migration carried (a
-    /// multifd channel) as if they had been put here: in [`QemuFile::bytes_written`], the
-    /// rate limiter and the chunk budget (QEMU's `qemu_file_acct_rate_limit`).
+    /// multifd channel) in [`QemuFile::bytes_written`] and the rate limiter (QEMU's
+    /// `qemu_file_acct_rate_limit`). Not in the chunk budget, which bounds what this
+    /// stream queues by reference: the other connections have their own bound.
     pub fn account_elsewhere(&mut self, n: u64) {
         self.total_put += n;
         self.rate.consume(n);
-        self.elsewhere = self.elsewhere.saturating_add(n as usize);
     }
 
     /// Bytes handed to the transport so far.
@@ -318,9 +312,7 @@ impl QemuFile {
     /// Whether a section producing data should stop now: the chunk budget is used or the
     /// rate limiter's window is exhausted.
     pub fn budget_exhausted(&mut self) -> bool {
-        self.error.is_some()
-            || self.queued.saturating_add(self.elsewhere) >= self.chunk_budget
-            || self.rate.exceeded()
+        self.error.is_some() || self.queued >= self.chunk_budget || self.rate.exceeded()
     }
 
     /// The bandwidth limiter.
@@ -748,25 +740,22 @@ mod tests {
     }
 
     #[test]
-    fn bytes_carried_elsewhere_count_against_budget_and_rate() {
+    fn bytes_carried_elsewhere_count_in_the_total_and_the_rate() {
         let mut q = QemuFile::new(Box::new(MemBuffer::new()));
         q.set_chunk_budget(100);
         q.put_be64(0);
-        q.account_elsewhere(91);
-        assert!(!q.budget_exhausted());
-        q.account_elsewhere(1);
-        assert!(q.budget_exhausted());
-        assert_eq!(q.bytes_written(), 100);
+        q.account_elsewhere(1000);
+        assert!(!q.budget_exhausted(), "the chunk budget is this stream's");
+        assert_eq!(q.bytes_written(), 1008);
         q.flush().unwrap();
-        assert!(!q.budget_exhausted());
         assert_eq!(
             q.bytes_flushed(),
             8,
-            "only the main stream's bytes were written here"
+            "only this stream's bytes were written here"
         );
         q.rate_limiter().set_max_bytes_per_sec(1000);
         q.account_elsewhere(100);
-        assert!(q.budget_exhausted(), "the rate limiter saw them too");
+        assert!(q.budget_exhausted(), "the rate limiter saw them");
     }
 
     #[test]

@@ -23,7 +23,7 @@ use crate::multifd_zstd::{MULTIFD_FLAG_ZSTD, ZstdSend};
 use crate::{Error, RamBlock, Result};
 
 /// Batches each channel may have queued or in writing.
-pub const QUEUE_PER_CHANNEL: usize = 4;
+pub const QUEUE_PER_CHANNEL: usize = 16;
 
 const PAGE: usize = TARGET_PAGE_SIZE as usize;
 

@@ -41,6 +41,33 @@ pub struct Scenario {
     limits: &'static [u64],
     /// How long a migration may take before it counts as not converging.
     timeout: Duration,
+    /// multifd channels on both sides (0: one stream).
+    multifd: u8,
+    /// zstd per multifd packet on both sides.
+    zstd: bool,
+}
+
+/// A fill of 1 GiB with multifd, at `bandwidth` (0: unlimited).
+const fn multifd_fill(
+    name: &'static str,
+    slug: &'static str,
+    bandwidth: u64,
+    channels: u8,
+    zstd: bool,
+) -> Scenario {
+    Scenario {
+        name,
+        slug,
+        workload: "fill",
+        range: "1020M",
+        rate: 0,
+        bandwidth,
+        auto_converge: false,
+        limits: &[300],
+        timeout: TIMEOUT,
+        multifd: channels,
+        zstd,
+    }
 }
 
 const SCENARIOS: &[Scenario] = &[
@@ -54,6 +81,8 @@ const SCENARIOS: &[Scenario] = &[
         auto_converge: false,
         limits: LIMITS,
         timeout: TIMEOUT,
+        multifd: 0,
+        zstd: false,
     },
     Scenario {
         name: "fill 1 GiB",
@@ -65,6 +94,8 @@ const SCENARIOS: &[Scenario] = &[
         auto_converge: false,
         limits: LIMITS,
         timeout: TIMEOUT,
+        multifd: 0,
+        zstd: false,
     },
     Scenario {
         name: "dirty 128 MiB, full speed",
@@ -76,6 +107,8 @@ const SCENARIOS: &[Scenario] = &[
         auto_converge: false,
         limits: LIMITS,
         timeout: TIMEOUT,
+        multifd: 0,
+        zstd: false,
     },
     Scenario {
         name: "dirty 256 MiB, 50k pages/s",
@@ -87,6 +120,8 @@ const SCENARIOS: &[Scenario] = &[
         auto_converge: false,
         limits: LIMITS,
         timeout: TIMEOUT,
+        multifd: 0,
+        zstd: false,
     },
     // Dirtying faster than a 50 MB/s link carries: neither side converges without
     // throttling the guest.
@@ -100,8 +135,41 @@ const SCENARIOS: &[Scenario] = &[
         auto_converge: true,
         limits: &[300],
         timeout: Duration::from_secs(240),
+        multifd: 0,
+        zstd: false,
     },
+    multifd_fill("fill 1 GiB, multifd 2", "fill-mfd2", 0, 2, false),
+    multifd_fill("fill 1 GiB, multifd 4", "fill-mfd4", 0, 4, false),
+    multifd_fill("fill 1 GiB, multifd 2 + zstd", "fill-zstd", 0, 2, true),
+    // A 1 Gbit/s link (max-bandwidth 125 MB/s), without and with compression.
+    multifd_fill("fill 1 GiB, 1 Gbit/s, multifd 2", "fill-1g", GBIT, 2, false),
+    multifd_fill(
+        "fill 1 GiB, 1 Gbit/s, multifd 2 + zstd",
+        "fill-1g-zstd",
+        GBIT,
+        2,
+        true,
+    ),
 ];
+
+/// 1 Gbit/s in bytes per second.
+const GBIT: u64 = 125_000_000;
+
+/// The multifd capability and parameters of `s`, for a source or a destination.
+fn multifd_setup(q: &mut Qmp, s: &Scenario) {
+    if s.multifd == 0 {
+        return;
+    }
+    q.cmd(
+        "migrate-set-capabilities",
+        json!({"capabilities": [{"capability": "multifd", "state": true}]}),
+    );
+    let compression = if s.zstd { "zstd" } else { "none" };
+    q.cmd(
+        "migrate-set-parameters",
+        json!({"multifd-channels": s.multifd, "multifd-compression": compression}),
+    );
+}
 
 const LIMITS: &[u64] = &[300, 30];
 const MEMORY_MIB: u64 = 1024;
@@ -233,11 +301,20 @@ fn ours(s: &Scenario, limit: u64, round: usize, dir: &Path, watch: bool, extra: 
         rate.as_str(),
     ];
     guest.extend(extra.iter().map(String::as_str));
+    let channels = s.multifd.to_string();
+    let mut multifd = vec![];
+    if s.multifd > 0 {
+        multifd.extend(["--multifd-channels", channels.as_str()]);
+        if s.zstd {
+            multifd.extend(["--multifd-compression", "zstd"]);
+        }
+    }
     let mut dst = Vmm::start(
         dir,
         "ours-dst",
         &[
             &guest[..],
+            &multifd[..],
             &["--incoming", "tcp:127.0.0.1:0", "--exit-after", "0.5"],
         ]
         .concat(),
@@ -274,6 +351,7 @@ fn ours(s: &Scenario, limit: u64, round: usize, dir: &Path, watch: bool, extra: 
         "migrate-set-capabilities",
         json!({"capabilities": [{"capability": "auto-converge", "state": s.auto_converge}]}),
     );
+    multifd_setup(&mut q, s);
     let w =
         watch.then(|| MemWatch::start(vec![src.child.id(), dst.child.id()], GUEST_BYTES, SAMPLE));
     q.cmd("migrate", json!({"uri": uri}));
@@ -405,8 +483,14 @@ fn qemu_inner(
         dir,
         "qemu-dst",
         &image,
-        &["-incoming".into(), format!("tcp:127.0.0.1:{port}")],
+        &["-incoming".into(), "defer".into()],
     )?;
+    // Capabilities are set before the destination listens.
+    multifd_setup(&mut dq, s);
+    dq.cmd(
+        "migrate-incoming",
+        json!({"uri": format!("tcp:127.0.0.1:{port}")}),
+    );
     let (src, mut sq) = qemu_start(bin, dir, "qemu-src", &image, &[])?;
     let serial = dir.join("qemu-src-serial.txt");
     let t = Instant::now();
@@ -429,6 +513,7 @@ fn qemu_inner(
         "migrate-set-capabilities",
         json!({"capabilities": [{"capability": "auto-converge", "state": s.auto_converge}]}),
     );
+    multifd_setup(&mut sq, s);
     let w = watch.then(|| MemWatch::start(vec![src.0.id(), dst.0.id()], GUEST_BYTES, SAMPLE));
     sq.cmd("migrate", json!({"uri": format!("tcp:127.0.0.1:{port}")}));
     follow(&mut sq, run, s.timeout);
