@@ -390,17 +390,64 @@ impl QemuFile {
         Ok(())
     }
 
-    /// Whether the stream ended here (a clean end between records): waits for the next
-    /// byte without consuming it.
+    /// Reads exactly `bufs`' lengths into them in order: what is buffered is copied, the
+    /// rest read straight into them with vectored reads (a multifd packet's pages: no
+    /// copy through the read buffer, one `readv` for many pages).
     ///
     /// # Errors
-    /// [`Error::Read`] on I/O failure.
-    pub fn at_end(&mut self) -> Result<bool> {
+    /// [`Error::UnexpectedEof`] if the stream ends first, [`Error::Read`] on I/O failure.
+    pub fn get_buffers(&mut self, bufs: &mut [&mut [u8]]) -> Result<()> {
         self.check()?;
-        if self.rpos < self.rend {
-            return Ok(false);
+        // (buffer index, offset in it) of the next byte to fill.
+        let (mut i, mut off) = (0, 0);
+        while i < bufs.len() && self.rpos < self.rend {
+            let n = (self.rend - self.rpos).min(bufs[i].len() - off);
+            bufs[i][off..off + n].copy_from_slice(&self.rbuf[self.rpos..self.rpos + n]);
+            self.rpos += n;
+            self.consumed += n as u64;
+            off += n;
+            if off == bufs[i].len() {
+                i += 1;
+                off = 0;
+            }
         }
-        Ok(self.fill()? == 0)
+        while i < bufs.len() {
+            const MAX_IOV: usize = 1024;
+            if off == bufs[i].len() {
+                i += 1;
+                off = 0;
+                continue;
+            }
+            let got = {
+                let (first, rest) = bufs[i..].split_at_mut(1);
+                let mut iov = Vec::with_capacity(rest.len().min(MAX_IOV - 1) + 1);
+                iov.push(io::IoSliceMut::new(&mut first[0][off..]));
+                iov.extend(
+                    rest.iter_mut()
+                        .take(MAX_IOV - 1)
+                        .map(|b| io::IoSliceMut::new(b)),
+                );
+                self.transport.read_vectored(&mut iov)
+            };
+            match got {
+                Ok(0) => return Err(self.eof()),
+                Ok(mut n) => {
+                    self.consumed += n as u64;
+                    while n > 0 {
+                        let take = n.min(bufs[i].len() - off);
+                        n -= take;
+                        off += take;
+                        if off == bufs[i].len() {
+                            i += 1;
+                            off = 0;
+                        }
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(self.read_error(e)),
+            }
+        }
+        Ok(())
     }
 
     /// Reads one byte, or `None` at a clean end of the stream.
@@ -756,6 +803,39 @@ mod tests {
         q.rate_limiter().set_max_bytes_per_sec(1000);
         q.account_elsewhere(100);
         assert!(q.budget_exhausted(), "the rate limiter saw them");
+    }
+
+    #[test]
+    fn get_buffers_fills_every_buffer_in_order_across_reads() {
+        let data: Vec<u8> = (0..20_000u32).map(|i| (i % 253) as u8).collect();
+        let (a, b) = mem_channel(777);
+        let writer = {
+            let data = data.clone();
+            std::thread::spawn(move || {
+                let mut q = QemuFile::new(Box::new(a));
+                q.put_buffer(&data);
+                q.finish().unwrap();
+            })
+        };
+        let mut q = QemuFile::new(Box::new(b));
+        assert_eq!(q.get_u8().unwrap(), 0, "some bytes are buffered first");
+        let mut bufs = [
+            vec![0u8; 4096],
+            vec![0u8; 0],
+            vec![0u8; 9000],
+            vec![0u8; 6903],
+            vec![],
+        ];
+        let mut slices: Vec<&mut [u8]> = bufs.iter_mut().map(|b| &mut b[..]).collect();
+        q.get_buffers(&mut slices).unwrap();
+        assert_eq!(bufs.concat(), data[1..]);
+        assert_eq!(q.bytes_read(), 20_000);
+        let mut more = [0u8; 1];
+        assert!(matches!(
+            q.get_buffers(&mut [&mut more[..]]),
+            Err(Error::UnexpectedEof { .. })
+        ));
+        writer.join().unwrap();
     }
 
     #[test]

@@ -45,10 +45,17 @@ impl RateLimiter {
         (self.max_bytes_per_sec / 10).max(1)
     }
 
+    /// Starts a new window when due. Bytes beyond the windows' shares carry over, so a
+    /// burst (a whole chunk, or bytes counted only once other connections wrote them)
+    /// does not lift the average above the limit.
     fn roll(&mut self, now: Instant) {
-        if now.duration_since(self.window_start) >= Self::WINDOW {
+        let elapsed = now.duration_since(self.window_start);
+        if elapsed >= Self::WINDOW {
+            let windows = (elapsed.as_nanos() / Self::WINDOW.as_nanos()) as u64;
             self.window_start = now;
-            self.window_bytes = 0;
+            self.window_bytes = self
+                .window_bytes
+                .saturating_sub(self.window_limit().saturating_mul(windows));
         }
     }
 
@@ -102,9 +109,24 @@ mod tests {
     #[test]
     fn a_new_window_resets_the_count() {
         let mut r = RateLimiter::new(1000);
-        r.consume(500);
+        r.consume(150);
         assert!(r.exceeded());
         std::thread::sleep(r.window_end().saturating_duration_since(Instant::now()));
+        assert!(!r.exceeded());
+        assert_eq!(
+            r.remaining(),
+            50,
+            "the 50 bytes over the last share carried over"
+        );
+    }
+
+    #[test]
+    fn a_burst_is_paid_for_by_the_windows_after_it() {
+        let mut r = RateLimiter::new(1000);
+        r.consume(350);
+        std::thread::sleep(RateLimiter::WINDOW);
+        assert!(r.exceeded(), "250 left after one window's share");
+        std::thread::sleep(RateLimiter::WINDOW * 3);
         assert!(!r.exceeded());
     }
 }

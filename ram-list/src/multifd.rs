@@ -122,6 +122,23 @@ impl PacketHeader {
         }
     }
 
+    /// Parses a header already read from a channel at stream offset `at` (a receiver reads
+    /// exactly the header's bytes, so the pages after it can be read straight into guest
+    /// memory); checked as [`PacketHeader::read_from`].
+    ///
+    /// # Errors
+    /// [`Error::BadMultifd`] with the channel's offsets.
+    pub fn parse(bytes: &[u8; PACKET_HEADER_LEN], at: u64) -> Result<Self> {
+        let mut f = QemuFile::new(Box::new(qemu_file::MemBuffer::from_bytes(bytes.to_vec())));
+        PacketHeader::read_from(&mut f).map_err(|e| match e {
+            Error::BadMultifd { at: rel, reason } => Error::BadMultifd {
+                at: at + rel,
+                reason,
+            },
+            other => other,
+        })
+    }
+
     /// Reads a header and checks it: magic, version, the page counts, the block name
     /// (NUL-terminated UTF-8, present when there are pages) and every offset (page
     /// aligned). Whether the block exists and holds the offsets is the caller's check.

@@ -15,7 +15,7 @@ use std::thread::JoinHandle;
 use qemu_file::{QemuFile, ShutdownHandle, Transport};
 
 use crate::format::TARGET_PAGE_SIZE;
-use crate::multifd::{ChannelInit, MULTIFD_FLAG_SYNC, PacketHeader};
+use crate::multifd::{ChannelInit, MULTIFD_FLAG_SYNC, PACKET_HEADER_LEN, PacketHeader};
 use crate::multifd_zstd::{MULTIFD_FLAG_COMPRESSION_MASK, MULTIFD_FLAG_ZSTD, ZstdRecv};
 use crate::{Error, RamBlock, RamList, RamStats, Result};
 
@@ -294,11 +294,22 @@ fn run_channel(
     let mut block: Option<Arc<RamBlock>> = None;
     let mut round = 0u64;
     loop {
-        if shared.lock().finishing || f.at_end()? {
+        if shared.lock().finishing {
             return Ok(());
         }
+        // Exactly the header, so that the pages after it are read straight into guest
+        // memory, not through the stream's buffer.
         let at = f.bytes_read();
-        let h = PacketHeader::read_from(&mut f)?;
+        let mut raw = [0u8; PACKET_HEADER_LEN];
+        match f.get_buffers(&mut [&mut raw[..]]) {
+            Ok(()) => {}
+            // The source closed the channel between packets.
+            Err(qemu_file::Error::UnexpectedEof { .. }) if f.bytes_read() == at => {
+                return Ok(());
+            }
+            Err(e) => return Err(e.into()),
+        }
+        let h = PacketHeader::parse(&raw, at)?;
         shared
             .read
             .fetch_add(f.bytes_read() - at, Ordering::Relaxed);
@@ -386,9 +397,8 @@ fn load_pages(
                     ),
                 });
             }
-            for &o in &h.offsets {
-                f.get_buffer(page(o))?;
-            }
+            let mut pages: Vec<&mut [u8]> = h.offsets.iter().map(|&o| page(o)).collect();
+            f.get_buffers(&mut pages)?;
         }
         MULTIFD_FLAG_ZSTD => {
             if zstd.is_none() {

@@ -18,7 +18,9 @@ use qemu_file::{KeepAlive, QemuFile, ShutdownHandle, Transport};
 use savevm::MultifdCompression;
 
 use crate::format::TARGET_PAGE_SIZE;
-use crate::multifd::{ChannelInit, MULTIFD_FLAG_SYNC, PAGES_PER_PACKET, PacketHeader};
+use crate::multifd::{
+    ChannelInit, MULTIFD_FLAG_SYNC, MULTIFD_PACKET_SIZE, PAGES_PER_PACKET, PacketHeader,
+};
 use crate::multifd_zstd::{MULTIFD_FLAG_ZSTD, ZstdSend};
 use crate::{Error, RamBlock, Result};
 
@@ -39,10 +41,10 @@ enum Job {
 }
 
 struct Shared {
-    // Lock: the channels' queues, the first error and whether to stop; `work` wakes the
+    // Lock: the channels' queues, the first error and whether to stop; `work[i]` wakes
     // channel threads, `room` the sender.
     state: Mutex<State>,
-    work: Condvar,
+    work: Vec<Condvar>,
     room: Condvar,
     /// Page batches queued or being written (the sender reads it without the lock).
     page_jobs: AtomicUsize,
@@ -65,6 +67,12 @@ struct State {
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn wake_all(&self) {
+        for c in &self.work {
+            c.notify_all();
+        }
     }
 }
 
@@ -111,7 +119,7 @@ impl MultifdSender {
                 queues: channels.iter().map(|_| VecDeque::new()).collect(),
                 ..State::default()
             }),
-            work: Condvar::new(),
+            work: channels.iter().map(|_| Condvar::new()).collect(),
             room: Condvar::new(),
             page_jobs: AtomicUsize::new(0),
             written: AtomicU64::new(0),
@@ -152,7 +160,7 @@ impl MultifdSender {
                             });
                         }
                         st.abort = true;
-                        shared.work.notify_all();
+                        shared.wake_all();
                     }
                     drop(st);
                     shared.room.notify_all();
@@ -231,7 +239,7 @@ impl MultifdSender {
         st.queues[shortest].push_back(Job::Pages { num, block, pages });
         self.shared.page_jobs.fetch_add(1, Ordering::AcqRel);
         drop(st);
-        self.shared.work.notify_all();
+        self.shared.work[shortest].notify_one();
         Ok(())
     }
 
@@ -255,7 +263,7 @@ impl MultifdSender {
             q.push_back(Job::Sync { num });
         }
         drop(st);
-        self.shared.work.notify_all();
+        self.shared.wake_all();
         Ok(())
     }
 
@@ -292,6 +300,13 @@ impl MultifdSender {
         }
     }
 
+    /// Page bytes handed over or batched and not yet written (at most a packet's worth
+    /// per queued batch): still to send, as far as the switchover is concerned.
+    pub fn in_flight(&self) -> u64 {
+        let batches = self.shared.page_jobs.load(Ordering::Acquire) as u64;
+        batches * MULTIFD_PACKET_SIZE as u64 + (self.batch.len() * PAGE) as u64
+    }
+
     /// Bytes the channels wrote since the last call (for the main stream's accounting).
     pub fn take_written(&mut self) -> u64 {
         let now = self.shared.written.load(Ordering::Acquire);
@@ -307,7 +322,7 @@ impl MultifdSender {
     pub fn finish(&mut self) -> Result<()> {
         self.hand_off()?;
         self.shared.lock().closing = true;
-        self.shared.work.notify_all();
+        self.shared.wake_all();
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
@@ -330,7 +345,7 @@ impl Drop for MultifdSender {
             return;
         }
         self.shared.lock().abort = true;
-        self.shared.work.notify_all();
+        self.shared.wake_all();
         // Channels blocked in a write to a peer that stopped reading give up.
         for h in &self.shutdowns {
             h.shutdown();
@@ -369,7 +384,9 @@ fn run_channel(
                     f.finish()?;
                     return Ok(());
                 }
-                st = shared.work.wait(st).unwrap_or_else(|p| p.into_inner());
+                st = shared.work[id as usize]
+                    .wait(st)
+                    .unwrap_or_else(|p| p.into_inner());
             }
         };
         let before = f.bytes_written();

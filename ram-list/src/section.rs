@@ -136,6 +136,12 @@ impl RamSection {
         Ok(())
     }
 
+    /// What is still to send: dirty pages, and pages handed to multifd channels that
+    /// they have not written yet.
+    fn pending_bytes(&self) -> u64 {
+        self.dirty_pages() * TARGET_PAGE_SIZE + self.multifd.as_ref().map_or(0, |m| m.in_flight())
+    }
+
     fn dirty_pages(&self) -> u64 {
         self.blocks
             .iter()
@@ -253,8 +259,7 @@ impl RamSection {
         }
         f.put_be64(RAM_SAVE_FLAG_EOS);
         self.stats.add_pages(zero, normal);
-        self.stats
-            .set_remaining(self.dirty_pages() * TARGET_PAGE_SIZE);
+        self.stats.set_remaining(self.pending_bytes());
         match failed {
             Some(e) => Err(e),
             None => Ok(done),
@@ -281,7 +286,7 @@ impl RamSection {
         };
         self.last_sync = Some((now, sent));
         self.stats.synced(dirty_rate, send_rate);
-        let pending = self.dirty_pages() * TARGET_PAGE_SIZE;
+        let pending = self.pending_bytes();
         self.stats.set_remaining(pending);
         Ok(pending)
     }
@@ -476,7 +481,7 @@ impl SectionHandler for RamSection {
     }
 
     fn pending_estimate(&self) -> u64 {
-        self.dirty_pages() * TARGET_PAGE_SIZE
+        self.pending_bytes()
     }
 
     fn pending_exact(&mut self) -> std::result::Result<u64, SectionError> {

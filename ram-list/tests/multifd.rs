@@ -165,7 +165,7 @@ fn broken_channels_fail_the_round_with_the_reason() {
             vec![Box::new(|q: &mut QemuFile| {
                 init(0, [0; 16])(q);
                 pages(q, 0, &[0x1000, 0x2000], 1);
-                q.put_buffer(&[0; 100]);
+                q.put_buffer(&[0; 1400]);
             })],
             "channel 0: multifd channel data at byte 9600: magic 0x00000000",
         ),

@@ -64,8 +64,8 @@ fn with_multifd_channels_over_tcp_and_unix_with_zstd() {
     assert_eq!(dst.event("incoming-connected").unwrap()["channels"], 3);
 }
 
-/// A source with more channels than its destination expects: the destination notices
-/// the packets it never got, refuses the stream, and the source runs on.
+/// A source with more channels than its destination expects: the stream is refused
+/// (never loaded with pages missing), and the source runs on.
 #[test]
 fn a_multifd_channel_count_mismatch_is_refused_and_the_source_runs_on() {
     common::init();
@@ -101,8 +101,14 @@ fn a_multifd_channel_count_mismatch_is_refused_and_the_source_runs_on() {
     );
     assert!(!dst.wait().success());
     assert!(dst.event("incoming-resumed").is_none());
+    // Which side notices first varies: the destination's check of the packet numbers,
+    // or the source, whose third connection the destination never accepts (and resets),
+    // giving up and closing the others.
     let err = dst.stderr();
-    assert!(err.contains("more channels than"), "{err}");
+    assert!(
+        err.contains("more channels than") || err.contains("the source stopped sending"),
+        "{err}"
+    );
     // The source's migration failed; its guest ran on until --exit-after.
     assert!(src.wait().success(), "{}", src.stderr());
     assert_eq!(src.event("exit").unwrap()["reason"], "quit");
