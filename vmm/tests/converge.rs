@@ -171,7 +171,11 @@ fn a_migration_that_cannot_converge_fails_with_why_and_the_source_runs_on_unthro
     assert_eq!(q.cmd("x-query-guest", json!({}))["mismatches"], 0);
 
     // With the throttle allowed to go further, the same source migrates.
-    q.cmd("migrate-set-parameters", json!({"max-cpu-throttle": 99}));
+    // (and the default stall timeout: 2 s can pass without progress on a loaded machine)
+    q.cmd(
+        "migrate-set-parameters",
+        json!({"max-cpu-throttle": 99, "x-stall-timeout": 30000}),
+    );
     let (mut dst, uri) = destination(&dir, "destination");
     q.cmd("migrate", json!({"uri": uri}));
     let (m, _) = follow(&mut q);
