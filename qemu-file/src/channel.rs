@@ -222,15 +222,21 @@ impl Listener {
     /// Waits for a main stream and `channels` multifd channels (`tcp:` and `unix:` only),
     /// in any order: a connection whose first bytes are "QEVM" is the main stream, any
     /// other a channel (its opening message is checked by whoever reads it). With 0
-    /// channels this is [`Listener::accept`].
+    /// channels this is [`Listener::accept`]; with channels, the listener is given back,
+    /// still listening, so that a connection too many (a source with more channels) can
+    /// be noticed.
     ///
     /// # Errors
     /// [`Error::Open`]: accepting fails or the listener was shut down, a connection closes
     /// before its first 4 bytes, two main streams or none, or a URI that cannot carry
     /// several connections.
-    pub fn accept_with_channels(self, channels: usize) -> Result<(Box<dyn Transport>, Channels)> {
+    pub fn accept_with_channels(self, channels: usize) -> Result<Accepted> {
         if channels == 0 {
-            return Ok((self.accept()?, Vec::new()));
+            return Ok(Accepted {
+                main: self.accept()?,
+                channels: Vec::new(),
+                listener: None,
+            });
         }
         let text = self.uri.to_string();
         let refuse = |why: String| Error::open("accept on", &text, io::Error::other(why));
@@ -273,12 +279,27 @@ impl Listener {
                 channels + 1
             ))
         })?;
-        Ok((main, extra))
+        Ok(Accepted {
+            main,
+            channels: extra,
+            listener: Some(self),
+        })
     }
 }
 
 /// A migration's extra connections (multifd channels).
 pub type Channels = Vec<Box<dyn Transport>>;
+
+/// What [`Listener::accept_with_channels`] accepted.
+#[derive(Debug)]
+pub struct Accepted {
+    /// The main stream.
+    pub main: Box<dyn Transport>,
+    /// The channels, in the order they connected.
+    pub channels: Channels,
+    /// The listener, still bound, when channels were accepted.
+    pub listener: Option<Listener>,
+}
 
 /// The first word of a main migration stream ("QEVM"); a multifd channel opens with
 /// another (0x11223344), which is how [`Listener::accept_with_channels`] tells them apart.

@@ -33,7 +33,7 @@ mod shown;
 mod transport;
 mod uri;
 
-pub use channel::{Listener, connect};
+pub use channel::{Accepted, Channels, Listener, connect};
 pub use error::{Error, Result};
 pub use memory::{MemBuffer, MemTransport, mem_channel};
 pub use private_socket::bind_private;

@@ -199,7 +199,9 @@ fn main_stream_and_channels_are_told_apart_in_any_order() {
             f.flush().unwrap();
             conns.push(f);
         }
-        let (main, channels) = rx.join().unwrap().unwrap();
+        let accepted = rx.join().unwrap().unwrap();
+        assert!(accepted.listener.is_some(), "given back to watch for more");
+        let (main, channels) = (accepted.main, accepted.channels);
         let mut main = QemuFile::new(main);
         assert_eq!(main.get_be32().unwrap(), 0x5145_564d, "{listen}");
         assert_eq!(main.get_be32().unwrap(), 1, "the second connection");

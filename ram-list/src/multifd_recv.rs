@@ -39,11 +39,6 @@ struct State {
     ended: usize,
     /// Channel numbers seen in opening messages.
     ids: Vec<bool>,
-    /// Packets read by all channels, and the highest packet number among them: the
-    /// source numbers packets 0, 1, 2... across channels, so at a round's end (where
-    /// every channel delivered all it was given) the count must be that number + 1.
-    packets: u64,
-    max_packet: Option<u64>,
     /// The first channel error, kept for whoever asks.
     error: Option<Arc<Error>>,
     /// The load is over: channels stop, and their errors no longer matter.
@@ -196,19 +191,6 @@ impl MultifdReceiver {
             }
             st = self.shared.cond.wait(st).unwrap_or_else(|p| p.into_inner());
         }
-        let expected = st.max_packet.map_or(0, |m| m + 1);
-        if st.packets != expected {
-            let e = Error::MultifdSetup {
-                reason: format!(
-                    "packets 0 to {} were sent but {} arrived: the source has more channels than the {} set here (multifd-channels)?",
-                    expected.saturating_sub(1),
-                    st.packets,
-                    self.channels
-                ),
-            };
-            st.error = Some(Arc::new(Error::Again(e.to_string())));
-            return Err(e);
-        }
         st.synced = 0;
         st.released += 1;
         drop(st);
@@ -219,6 +201,17 @@ impl MultifdReceiver {
     /// Bytes the channels read so far.
     pub fn bytes_read(&self) -> u64 {
         self.shared.read.load(Ordering::Relaxed)
+    }
+
+    /// Fails the load from outside (e.g. the source opened a connection too many): the
+    /// next sync returns `e`, and the main stream is interrupted by the caller.
+    pub fn fail(&self, e: Error) {
+        let mut st = self.shared.lock();
+        if st.error.is_none() {
+            st.error = Some(Arc::new(e));
+        }
+        drop(st);
+        self.shared.cond.notify_all();
     }
 
     /// The first channel error, if one failed.
@@ -313,11 +306,6 @@ fn run_channel(
         shared
             .read
             .fetch_add(f.bytes_read() - at, Ordering::Relaxed);
-        {
-            let mut st = shared.lock();
-            st.packets += 1;
-            st.max_packet = Some(st.max_packet.map_or(h.packet_num, |m| m.max(h.packet_num)));
-        }
         if !h.offsets.is_empty() {
             let b = match &block {
                 Some(b) if b.idstr() == h.ramblock => b.clone(),

@@ -280,6 +280,29 @@ fn emit_hash(machine: &Machine, side: &str) {
     }
 }
 
+/// Watches `listener` during a multifd load: a further connection fails the load (and
+/// interrupts the main stream). Returns the handle that ends the watch, and its thread.
+fn watch_extra(
+    listener: Listener,
+    receiver: Arc<MultifdReceiver>,
+    main: Option<qemu_file::ShutdownHandle>,
+) -> (qemu_file::ShutdownHandle, JoinHandle<()>) {
+    let stop = listener
+        .shutdown_handle()
+        .unwrap_or_else(|| qemu_file::ShutdownHandle::new(|| {}));
+    let t = std::thread::spawn(move || {
+        if listener.accept().is_ok() {
+            receiver.fail(ram_list::Error::MultifdSetup {
+                reason: "the source opened more connections than the main stream and this side's multifd-channels: its multifd-channels is higher".into(),
+            });
+            if let Some(h) = main {
+                h.shutdown();
+            }
+        }
+    });
+    (stop, t)
+}
+
 /// What an incoming migration did.
 #[derive(Debug)]
 pub struct IncomingReport {
@@ -367,7 +390,8 @@ fn load_incoming(
     } else {
         0
     };
-    let (transport, channels) = incoming.listener.accept_with_channels(channels)?;
+    let accepted = incoming.listener.accept_with_channels(channels)?;
+    let (transport, channels) = (accepted.main, accepted.channels);
     let t0 = Instant::now();
     events.emit("incoming-connected", json!({"channels": channels.len()}));
     let mut f = QemuFile::new(transport);
@@ -393,10 +417,20 @@ fn load_incoming(
         Some(r) => Multifd::Receive(r.clone()),
         None => Multifd::Off,
     };
+    // A connection beyond the channels: the source has more than this side expects, and
+    // pages sent over the one never read would be missing.
+    let watch = match (&receiver, accepted.listener) {
+        (Some(r), Some(l)) => Some(watch_extra(l, r.clone(), f.shutdown_handle())),
+        _ => None,
+    };
     let mut savevm = sections(machine, stats, Arc::default(), fresh, multifd)?;
     let answer = has_return_path(uri);
     let loaded = savevm.load(&mut f);
     // A channel's failure stops the main stream too: its error is the one to report.
+    if let Some((stop, t)) = watch {
+        stop.shutdown();
+        let _ = t.join();
+    }
     let channel_error = receiver.as_ref().and_then(|r| {
         r.finish();
         r.error()

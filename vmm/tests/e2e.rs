@@ -101,24 +101,14 @@ fn a_multifd_channel_count_mismatch_is_refused_and_the_source_runs_on() {
     );
     assert!(!dst.wait().success());
     assert!(dst.event("incoming-resumed").is_none());
-    // Which side notices first varies: the destination's check of the packet numbers,
-    // or the source, whose third connection the destination never accepts (and resets),
-    // giving up and closing the others.
+    // The destination keeps listening while it loads: the connection too many fails it.
     let err = dst.stderr();
-    assert!(
-        err.contains("more channels than") || err.contains("the source stopped sending"),
-        "{err}"
-    );
+    assert!(err.contains("its multifd-channels is higher"), "{err}");
     // The source's migration failed; its guest ran on until --exit-after.
     assert!(src.wait().success(), "{}", src.stderr());
     assert_eq!(src.event("exit").unwrap()["reason"], "quit");
     assert!(
         src.stderr().contains("the guest keeps running here"),
-        "{}",
-        src.stderr()
-    );
-    assert!(
-        src.stderr().contains("multifd channel 2"),
         "{}",
         src.stderr()
     );

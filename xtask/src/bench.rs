@@ -376,7 +376,7 @@ fn ours(s: &Scenario, limit: u64, round: usize, dir: &Path, watch: bool, extra: 
 }
 
 /// A QEMU process killed on drop.
-struct Qemu(Child);
+pub(crate) struct Qemu(Child);
 
 impl Drop for Qemu {
     fn drop(&mut self) {
@@ -385,7 +385,30 @@ impl Drop for Qemu {
     }
 }
 
-fn qemu_start(
+/// Writes the built-in guest with its parameters as a disk image QEMU boots
+/// (`vmm image`); `tsc_khz` None asks KVM.
+pub(crate) fn guest_image(
+    dir: &Path,
+    workload: &str,
+    range: &str,
+    rate: u32,
+    tsc_khz: Option<u64>,
+) -> Result<PathBuf> {
+    let image = dir.join("guest.img");
+    let tsc = tsc_khz.map_or("auto".to_string(), |t| t.to_string());
+    let st = Command::new(xtask::harness::vmm())
+        .args(["image", "--workload", workload, "--range-size", range])
+        .args(["--rate", &rate.to_string(), "--tsc-khz", &tsc, "-o"])
+        .arg(&image)
+        .stdout(Stdio::null())
+        .status()?;
+    if !st.success() {
+        bail!("vmm image failed");
+    }
+    Ok(image)
+}
+
+pub(crate) fn qemu_start(
     bin: &Path,
     dir: &Path,
     name: &str,
@@ -461,22 +484,7 @@ fn qemu_inner(
     watch: bool,
     run: &mut Run,
 ) -> Result<()> {
-    let image = dir.join("guest.img");
-    let st = Command::new(xtask::harness::vmm())
-        .args(["image", "--workload", s.workload, "--range-size", s.range])
-        .args([
-            "--rate",
-            &s.rate.to_string(),
-            "--tsc-khz",
-            &tsc_khz.to_string(),
-            "-o",
-        ])
-        .arg(&image)
-        .stdout(Stdio::null())
-        .status()?;
-    if !st.success() {
-        bail!("vmm image failed");
-    }
+    let image = guest_image(dir, s.workload, s.range, s.rate, Some(tsc_khz))?;
     let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     let (dst, mut dq) = qemu_start(
         bin,

@@ -7,12 +7,15 @@
 //! - `cargo xtask migrate-test [--quick]`: migrations between real vmm processes over every
 //!   transport and workload, with and without a disk, verified, in a table.
 //! - `cargo xtask bench`: ours beside QEMU on the same guest, with plots.
+//! - `cargo xtask interop`: QEMU's multifd migration loaded by our multifd receiver,
+//!   checked against QEMU's memory.
 //! - `cargo xtask fuzz [--seconds N] [TARGET...]`: coverage-guided fuzzing of every parser
 //!   of untrusted input (libFuzzer, stable toolchain).
 
 mod bench;
 mod faults;
 mod fuzz;
+mod interop;
 mod memwatch;
 mod migrate_test;
 mod ping_pong;
@@ -76,6 +79,16 @@ enum Cmd {
         #[arg(long, allow_hyphen_values = true)]
         vmm_arg: Vec<String>,
     },
+    /// QEMU's multifd migration (plain and zstd) loaded by our multifd receiver, checked
+    /// page by page against QEMU's memory. Needs qemu-system-x86_64.
+    Interop {
+        /// The QEMU binary (default: qemu-system-x86_64 from the PATH).
+        #[arg(long)]
+        qemu: Option<PathBuf>,
+        /// Install QEMU with apt-get if it is missing.
+        #[arg(long)]
+        install_qemu: bool,
+    },
     /// Coverage-guided fuzzing (libFuzzer) of every parser of untrusted input.
     Fuzz {
         /// Seconds per target.
@@ -93,6 +106,18 @@ fn main() -> Result<()> {
         Cmd::Guest { check } => guest(check),
         Cmd::Fuzz { seconds, targets } => fuzz::run_fuzz(seconds.max(1), &targets),
         Cmd::MigrateTest { quick, only } => migrate_test::run(build_vmm()?, quick, &only),
+        Cmd::Interop { qemu, install_qemu } => {
+            let Some(qemu) = find_qemu(qemu, install_qemu)? else {
+                bail!("interop needs qemu-system-x86_64 (--install-qemu installs it)");
+            };
+            xtask::harness::set_vmm(&build_release_vmm()?);
+            let work = std::env::temp_dir().join(format!("vmm-interop-{}", std::process::id()));
+            for (channels, zstd) in [(2, false), (3, true)] {
+                interop::run(&qemu, &work, channels, zstd)?;
+            }
+            let _ = std::fs::remove_dir_all(&work);
+            Ok(())
+        }
         Cmd::Bench {
             rounds,
             out,

@@ -1,0 +1,204 @@
+//! Our multifd destination against QEMU's multifd source (`cargo xtask interop`).
+//!
+//! QEMU runs the built-in guest (fill) and migrates it with multifd to a listener of ours,
+//! which loads only the RAM section, with our `MultifdReceiver`, into RAM blocks shaped
+//! as QEMU's (names and sizes from `info ramblock`); when the RAM section has ended the
+//! rest of the stream (device state ours cannot load) is read and dropped. Then pc.ram
+//! is compared page by page with the source's memory (`pmemsave`, the guest stopped).
+//! This checks our reading of QEMU 7.2's channels byte for byte: opening messages,
+//! packet headers, page data (plain or zstd), rounds and their SYNC packets.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use qemu_file::{Listener, MigrationUri, QemuFile};
+use ram_list::{MultifdReceiver, RamBlock, RamList, RamSection, RamStats, RecvTarget};
+use savevm::SectionHandler;
+use savevm::format::{
+    Configuration, FileHeader, Footer, FullHeader, QEMU_VM_CONFIGURATION, QEMU_VM_SECTION_END,
+    QEMU_VM_SECTION_PART, QEMU_VM_SECTION_START,
+};
+use serde_json::json;
+use vm_memory::MmapRegion;
+use xtask::harness::Qmp;
+
+use crate::bench::{guest_image, qemu_start};
+
+const PAGE: usize = 4096;
+/// The legacy VGA and BIOS area, which `pmemsave` reads as ROM and MMIO, not pc.ram.
+const LEGACY_HOLE: std::ops::Range<usize> = 0xa0000..0x100000;
+
+/// Migrates QEMU's guest into our receiver with `channels` channels, plain or zstd.
+///
+/// # Errors
+/// QEMU fails, the load fails, or memory differs.
+pub fn run(qemu: &Path, work: &Path, channels: u8, zstd: bool) -> Result<()> {
+    std::fs::create_dir_all(work)?;
+    let image = guest_image(work, "fill", "256M", 0, None)?;
+    let (_src, mut sq) = qemu_start(qemu, work, "interop-src", &image, &[])?;
+    let serial = work.join("interop-src-serial.txt");
+    let t = Instant::now();
+    while std::fs::metadata(&serial).map(|m| m.len()).unwrap_or(0) < 2 {
+        if t.elapsed() > Duration::from_secs(60) {
+            bail!("the guest did not finish its fill under QEMU");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let list = ram_like(&mut sq)?;
+    let listener = Listener::bind(&MigrationUri::parse("tcp:127.0.0.1:0")?)?;
+    let uri = listener.local_uri().to_string();
+    let stats = Arc::new(RamStats::default());
+    let loader = {
+        let (list, stats) = (list.clone(), stats.clone());
+        std::thread::spawn(move || load_ram(listener, channels, list, stats))
+    };
+    sq.cmd(
+        "migrate-set-capabilities",
+        json!({"capabilities": [{"capability": "multifd", "state": true}]}),
+    );
+    sq.cmd(
+        "migrate-set-parameters",
+        json!({"multifd-channels": channels, "max-bandwidth": 10_000_000_000u64,
+               "multifd-compression": if zstd { "zstd" } else { "none" }}),
+    );
+    sq.cmd("migrate", json!({"uri": uri}));
+    let t = Instant::now();
+    loop {
+        let m = sq.cmd("query-migrate", json!({}));
+        match m["status"].as_str() {
+            Some("completed") => break,
+            Some("failed" | "cancelled") => {
+                let ours = loader
+                    .join()
+                    .map_err(|_| anyhow::anyhow!("the loader panicked"))?;
+                bail!("QEMU's migration ended: {m}; our side: {ours:?}");
+            }
+            _ if t.elapsed() > Duration::from_secs(60) => bail!("QEMU's migration hangs: {m}"),
+            _ => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+    let channel_bytes = loader
+        .join()
+        .map_err(|_| anyhow::anyhow!("the loader panicked"))??;
+    let dump = work.join("interop-src-ram.bin");
+    let ram = list.find("pc.ram").context("QEMU has no pc.ram")?;
+    sq.cmd(
+        "pmemsave",
+        json!({"val": 0, "size": ram.used_length(), "filename": dump.display().to_string()}),
+    );
+    let theirs = std::fs::read(&dump)?;
+    let mut ours = vec![0u8; ram.used_length() as usize];
+    ram.read_bytes(0, &mut ours);
+    let differ = theirs
+        .chunks(PAGE)
+        .zip(ours.chunks(PAGE))
+        .enumerate()
+        .filter(|(i, (a, b))| !LEGACY_HOLE.contains(&(i * PAGE)) && a != b)
+        .count();
+    let s = stats.snapshot();
+    println!(
+        "interop: QEMU -> ours, multifd {channels} channels{}: {} normal pages through the channels ({:.1} MiB on them), {} zero pages on the main stream; pc.ram pages differing from QEMU's memory: {differ}",
+        if zstd { " + zstd" } else { "" },
+        s.normal,
+        channel_bytes as f64 / (1u64 << 20) as f64,
+        s.duplicate
+    );
+    let _ = sq.try_cmd("quit", json!({}));
+    if differ > 0 || s.normal == 0 {
+        bail!("our load of QEMU's multifd migration differs from QEMU's memory");
+    }
+    Ok(())
+}
+
+/// RAM blocks named and sized as QEMU's (`info ramblock`).
+fn ram_like(q: &mut Qmp) -> Result<Arc<RamList>> {
+    let text = q.cmd(
+        "human-monitor-command",
+        json!({"command-line": "info ramblock"}),
+    );
+    let text = text.as_str().unwrap_or_default().to_string();
+    let list = Arc::new(RamList::new());
+    // Rows: name, page size value and unit, offset, used, total.
+    for line in text.lines().skip(1) {
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        let [name, _, _, _, used, ..] = cols[..] else {
+            continue;
+        };
+        let used = u64::from_str_radix(used.trim_start_matches("0x"), 16)
+            .with_context(|| format!("info ramblock: {line:?}"))?;
+        let host = Arc::new(MmapRegion::<()>::new(used as usize)?);
+        list.add(RamBlock::new(name, host, Box::new(()))?)?;
+    }
+    if list.find("pc.ram").is_none() {
+        bail!("info ramblock lists no pc.ram: {text}");
+    }
+    Ok(list)
+}
+
+/// Accepts QEMU's main stream and channels, loads the RAM section and drops the rest.
+/// Returns the bytes the channels carried.
+fn load_ram(
+    listener: Listener,
+    channels: u8,
+    list: Arc<RamList>,
+    stats: Arc<RamStats>,
+) -> Result<u64> {
+    let accepted = listener.accept_with_channels(channels.into())?;
+    let (main, extra) = (accepted.main, accepted.channels);
+    let mut f = QemuFile::new(main);
+    let target = RecvTarget {
+        list: list.clone(),
+        stats: stats.clone(),
+        fresh: false,
+        uuid: [0; 16],
+    };
+    let receiver = Arc::new(MultifdReceiver::start(extra, target, f.shutdown_handle())?);
+    let mut ram = RamSection::new(list, stats).with_multifd_receiver(receiver.clone());
+    ram.load_setup().map_err(|e| anyhow::anyhow!("{e}"))?;
+    let r = read_ram_sections(&mut f, &mut ram);
+    receiver.finish();
+    match (r, receiver.error()) {
+        (Err(e), Some(c)) => Err(anyhow::Error::from(c).context(e)),
+        (r, _) => r.map(|()| receiver.bytes_read()),
+    }
+}
+
+fn read_ram_sections(f: &mut QemuFile, ram: &mut RamSection) -> Result<()> {
+    FileHeader::read_from(f)?;
+    let mut ram_id = None;
+    loop {
+        let ty = f.get_u8()?;
+        match ty {
+            QEMU_VM_CONFIGURATION => {
+                Configuration::read_from(f)?;
+            }
+            QEMU_VM_SECTION_START => {
+                let h = FullHeader::read_from(f)?;
+                if h.idstr != "ram" {
+                    bail!("a live section ours does not know: {:?}", h.idstr);
+                }
+                ram_id = Some(h.section_id);
+                ram.load(f, h.version_id)
+                    .map_err(|e| anyhow::anyhow!("{}", savevm::error_chain(&*e)))?;
+                Footer::read_from(f, h.section_id, "ram")?;
+            }
+            QEMU_VM_SECTION_PART | QEMU_VM_SECTION_END => {
+                let id = f.get_be32()?;
+                if Some(id) != ram_id {
+                    bail!("a PART or END of section {id}, not RAM's");
+                }
+                ram.load(f, ram_list::RAM_SECTION_VERSION)
+                    .map_err(|e| anyhow::anyhow!("{}", savevm::error_chain(&*e)))?;
+                Footer::read_from(f, id, "ram")?;
+                if ty == QEMU_VM_SECTION_END {
+                    // RAM is whole: the device state that follows is not ours to load.
+                    while f.try_get_u8()?.is_some() {}
+                    return Ok(());
+                }
+            }
+            other => bail!("record type {other:#04x} before the RAM section ended"),
+        }
+    }
+}
