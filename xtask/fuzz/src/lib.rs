@@ -13,6 +13,7 @@
 //! ```
 
 mod memfd;
+mod multifd;
 mod streams;
 mod text;
 
@@ -54,6 +55,12 @@ pub const TARGETS: &[Target] = &[
         about: "`vmm analyze`: a stream file with its VM description trailer, dumped as text",
         run: streams::analyze,
         seeds: streams::full_seeds,
+    },
+    Target {
+        name: "multifd",
+        about: "one multifd channel (opening message, packets plain or zstd, SYNCs) into the destination's receiver",
+        run: multifd::channel,
+        seeds: multifd::seeds,
     },
     Target {
         name: "qmp",
