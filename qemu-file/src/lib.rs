@@ -41,6 +41,6 @@ pub use qemu_file::{KeepAlive, QemuFile};
 pub use rate_limit::RateLimiter;
 pub use shown::{SHOWN_CHARS, shown};
 pub use transport::{
-    ExecTransport, FdTransport, ShutdownHandle, TcpTransport, Transport, UnixTransport,
+    ExecTransport, FdTransport, ShutdownHandle, TcpTransport, Transport, UnixTransport, UnsentProbe,
 };
 pub use uri::MigrationUri;

@@ -43,6 +43,66 @@ pub trait Transport: Send + fmt::Debug {
 
     /// A short description for messages, e.g. `tcp:127.0.0.1:4444`.
     fn describe(&self) -> String;
+
+    /// A probe, callable from any thread, of the bytes written to a socket that its peer
+    /// has not acknowledged yet (`TIOCOUTQ`); `None` where there is no such queue.
+    fn unsent_probe(&self) -> Option<UnsentProbe> {
+        None
+    }
+
+    /// Bounds the kernel's receive buffer of a socket to about `bytes` (no-op elsewhere):
+    /// for compressed data, where a full buffer holds far more work for the reader than
+    /// its size says.
+    fn limit_receive_buffer(&self, bytes: usize) -> io::Result<()> {
+        let _ = bytes;
+        Ok(())
+    }
+}
+
+/// Sets SO_RCVBUF of the socket `fd`.
+fn set_receive_buffer(fd: impl AsFd, bytes: usize) -> io::Result<()> {
+    let v = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    // SAFETY: `v` is a c_int that outlives the call, its size is passed, and the
+    // descriptor is an open socket borrowed for the call.
+    let r = unsafe {
+        libc::setsockopt(
+            fd.as_fd().as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            (&v as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Reads how many bytes a socket's send queue holds that the peer has not acknowledged.
+#[derive(Clone)]
+pub struct UnsentProbe(Arc<OwnedFd>);
+
+impl UnsentProbe {
+    /// A probe of the socket behind `fd` (a duplicate is kept).
+    pub fn for_socket(fd: impl AsFd) -> Option<Self> {
+        Some(UnsentProbe(Arc::new(fd.as_fd().try_clone_to_owned().ok()?)))
+    }
+
+    /// The bytes not yet acknowledged (0 if the socket cannot say).
+    pub fn unsent(&self) -> usize {
+        let mut n: libc::c_int = 0;
+        // SAFETY: TIOCOUTQ writes one c_int through the pointer, which points to `n`;
+        // the descriptor is open (owned by the probe).
+        let r = unsafe { libc::ioctl(self.0.as_raw_fd(), libc::TIOCOUTQ, &mut n) };
+        if r == 0 { n.max(0) as usize } else { 0 }
+    }
+}
+
+impl fmt::Debug for UnsentProbe {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("UnsentProbe")
+    }
 }
 
 /// Interrupts a transport from another thread (QEMU's `qemu_file_shutdown`).
@@ -110,6 +170,12 @@ impl Transport for TcpTransport {
     fn finish(&mut self) -> io::Result<()> {
         half_close(self.stream.shutdown(Shutdown::Write))
     }
+    fn limit_receive_buffer(&self, bytes: usize) -> io::Result<()> {
+        set_receive_buffer(&self.stream, bytes)
+    }
+    fn unsent_probe(&self) -> Option<UnsentProbe> {
+        UnsentProbe::for_socket(&self.stream)
+    }
     fn describe(&self) -> String {
         self.uri.clone()
     }
@@ -144,6 +210,12 @@ impl Transport for UnixTransport {
     }
     fn finish(&mut self) -> io::Result<()> {
         half_close(self.stream.shutdown(Shutdown::Write))
+    }
+    fn limit_receive_buffer(&self, bytes: usize) -> io::Result<()> {
+        set_receive_buffer(&self.stream, bytes)
+    }
+    fn unsent_probe(&self) -> Option<UnsentProbe> {
+        UnsentProbe::for_socket(&self.stream)
     }
     fn describe(&self) -> String {
         self.uri.clone()

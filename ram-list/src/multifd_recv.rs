@@ -16,7 +16,9 @@ use qemu_file::{QemuFile, ShutdownHandle, Transport};
 
 use crate::format::TARGET_PAGE_SIZE;
 use crate::multifd::{ChannelInit, MULTIFD_FLAG_SYNC, PACKET_HEADER_LEN, PacketHeader};
-use crate::multifd_zstd::{MULTIFD_FLAG_COMPRESSION_MASK, MULTIFD_FLAG_ZSTD, ZstdRecv};
+use crate::multifd_zstd::{
+    COMPRESSED_SOCKET_BUFFER, MULTIFD_FLAG_COMPRESSION_MASK, MULTIFD_FLAG_ZSTD, ZstdRecv,
+};
 use crate::{Error, RamBlock, RamList, RamStats, Result};
 
 const PAGE: usize = TARGET_PAGE_SIZE as usize;
@@ -62,6 +64,10 @@ pub struct RecvTarget {
     pub fresh: bool,
     /// This VM's UUID: a channel must present it.
     pub uuid: [u8; 16],
+    /// Pages are expected compressed (this side's `multifd-compression` is not none):
+    /// the channels' socket buffers are kept small, so that the source cannot think
+    /// sent what this side still has to decompress.
+    pub compressed: bool,
 }
 
 impl std::fmt::Debug for RecvTarget {
@@ -115,6 +121,14 @@ impl MultifdReceiver {
             cond: Condvar::new(),
             read: AtomicU64::new(0),
         });
+        if target.compressed {
+            for t in &channels {
+                t.limit_receive_buffer(COMPRESSED_SOCKET_BUFFER)
+                    .map_err(|e| Error::MultifdSetup {
+                        reason: format!("cannot size a channel's receive buffer: {e}"),
+                    })?;
+            }
+        }
         let shutdowns = channels
             .iter()
             .filter_map(|t| t.shutdown_handle())

@@ -13,13 +13,15 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
-use qemu_file::{KeepAlive, QemuFile, ShutdownHandle, Transport};
+use qemu_file::{KeepAlive, QemuFile, ShutdownHandle, Transport, UnsentProbe};
 use savevm::MultifdCompression;
 
 use crate::format::TARGET_PAGE_SIZE;
 use crate::multifd::{
-    ChannelInit, MULTIFD_FLAG_SYNC, MULTIFD_PACKET_SIZE, PAGES_PER_PACKET, PacketHeader,
+    ChannelInit, MULTIFD_FLAG_SYNC, MULTIFD_PACKET_SIZE, PACKET_HEADER_LEN, PAGES_PER_PACKET,
+    PacketHeader,
 };
 use crate::multifd_zstd::{MULTIFD_FLAG_ZSTD, ZstdSend};
 use crate::{Error, RamBlock, Result};
@@ -50,6 +52,9 @@ struct Shared {
     page_jobs: AtomicUsize,
     /// Bytes the channels wrote: opening messages, headers, page data.
     written: AtomicU64,
+    /// Per channel, page bytes per byte of its last packet's data, × 1000 (1000 when
+    /// not compressed): what a byte still in its socket's send queue stands for.
+    ratio_milli: Vec<AtomicU64>,
 }
 
 #[derive(Default)]
@@ -81,6 +86,8 @@ pub struct MultifdSender {
     shared: Arc<Shared>,
     threads: Vec<JoinHandle<()>>,
     shutdowns: Vec<ShutdownHandle>,
+    /// The channels' send queues in the kernel (written, not yet acknowledged).
+    unsent: Vec<UnsentProbe>,
     packet_num: u64,
     batch_block: Option<Arc<RamBlock>>,
     batch: Vec<usize>,
@@ -123,6 +130,7 @@ impl MultifdSender {
             room: Condvar::new(),
             page_jobs: AtomicUsize::new(0),
             written: AtomicU64::new(0),
+            ratio_milli: channels.iter().map(|_| AtomicU64::new(1000)).collect(),
         });
         let mut codecs = Vec::new();
         for _ in &channels {
@@ -138,6 +146,7 @@ impl MultifdSender {
                 .iter()
                 .filter_map(|t| t.shutdown_handle())
                 .collect(),
+            unsent: channels.iter().filter_map(|t| t.unsent_probe()).collect(),
             packet_num: 0,
             batch_block: None,
             batch: Vec::with_capacity(PAGES_PER_PACKET),
@@ -178,11 +187,6 @@ impl MultifdSender {
             }
         }
         Ok(sender)
-    }
-
-    /// Interrupters of the channels' connections (for a cancel).
-    pub fn shutdown_handles(&self) -> Vec<ShutdownHandle> {
-        self.shutdowns.clone()
     }
 
     fn capacity(&self) -> usize {
@@ -284,6 +288,39 @@ impl MultifdSender {
         }
     }
 
+    /// Waits, up to `limit`, until the channels have written everything and their
+    /// kernel send queues are empty: called when there is nothing to send but what is in
+    /// flight, so that the migration thread does not spin out empty rounds (each one a
+    /// SYNC packet per channel) while the destination catches up.
+    ///
+    /// # Errors
+    /// A channel failed.
+    pub fn wait_drained(&self, limit: Duration) -> Result<()> {
+        let end = Instant::now() + limit;
+        let mut st = self.shared.lock();
+        loop {
+            check(&mut st)?;
+            let now = Instant::now();
+            if now >= end {
+                return Ok(());
+            }
+            if self.shared.page_jobs.load(Ordering::Acquire) == 0 {
+                break;
+            }
+            st = self
+                .shared
+                .room
+                .wait_timeout(st, end - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        drop(st);
+        while Instant::now() < end && self.unsent.iter().any(|p| p.unsent() > 0) {
+            std::thread::sleep(Duration::from_micros(500));
+        }
+        Ok(())
+    }
+
     /// Waits until a queue has room for one more batch (completion: the guest is stopped
     /// and everything must go).
     ///
@@ -301,10 +338,19 @@ impl MultifdSender {
     }
 
     /// Page bytes handed over or batched and not yet written (at most a packet's worth
-    /// per queued batch): still to send, as far as the switchover is concerned.
+    /// per queued batch), plus what the channels' kernel send queues still hold, in page
+    /// bytes (a compressed byte stands for the ratio of the channel's last packet): still
+    /// to send, as far as the switchover is concerned.
     pub fn in_flight(&self) -> u64 {
         let batches = self.shared.page_jobs.load(Ordering::Acquire) as u64;
-        batches * MULTIFD_PACKET_SIZE as u64 + (self.batch.len() * PAGE) as u64
+        let queued = batches * MULTIFD_PACKET_SIZE as u64 + (self.batch.len() * PAGE) as u64;
+        let unsent: u64 = self
+            .unsent
+            .iter()
+            .zip(&self.shared.ratio_milli)
+            .map(|(p, r)| p.unsent() as u64 * r.load(Ordering::Relaxed) / 1000)
+            .sum();
+        queued + unsent
     }
 
     /// Bytes the channels wrote since the last call (for the main stream's accounting).
@@ -393,6 +439,10 @@ fn run_channel(
         match job {
             Job::Pages { num, block, pages } => {
                 let r = write_pages(&mut f, num, &block, &pages, codec.as_mut());
+                let data = (f.bytes_written() - before).saturating_sub(PACKET_HEADER_LEN as u64);
+                if let Some(ratio) = ((pages.len() * PAGE) as u64 * 1000).checked_div(data) {
+                    shared.ratio_milli[id as usize].store(ratio.max(1), Ordering::Relaxed);
+                }
                 shared.page_jobs.fetch_sub(1, Ordering::AcqRel);
                 shared.room.notify_all();
                 r?;

@@ -17,6 +17,12 @@ pub const MULTIFD_FLAG_ZLIB: u32 = 1 << 1;
 pub const MULTIFD_FLAG_ZSTD: u32 = 2 << 1;
 /// Most compressed bytes a packet may carry (QEMU's `zbuff_len`: twice the packet).
 pub const MAX_COMPRESSED: usize = 2 * MULTIFD_PACKET_SIZE;
+/// The kernel receive buffer of a destination's channel carrying compressed pages: a
+/// buffer full of zstd output can stand for hundreds of times its size in pages, which
+/// the destination must still decompress after the source thinks them sent, while the
+/// guest is paused at the switchover. (The source counts its own send queues: what they
+/// hold, times the last packet's ratio, is still pending there.)
+pub const COMPRESSED_SOCKET_BUFFER: usize = 64 << 10;
 /// Highest `multifd-zstd-level`.
 pub const MAX_ZSTD_LEVEL: u8 = 20;
 

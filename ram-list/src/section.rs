@@ -469,8 +469,12 @@ impl SectionHandler for RamSection {
     fn prepare(&mut self, _budget: usize) -> std::result::Result<(), SectionError> {
         if let Some(m) = &self.multifd {
             // Without the VM lock: the channels drain to half full, so the iteration
-            // that follows has room.
+            // that follows has room; with nothing dirty, what is in flight is all that
+            // is pending: give it a moment rather than send an empty round.
             m.wait_room()?;
+            if self.dirty_pages() == 0 && m.in_flight() > 0 {
+                m.wait_drained(std::time::Duration::from_millis(5))?;
+            }
         }
         Ok(())
     }

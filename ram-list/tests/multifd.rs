@@ -62,6 +62,7 @@ fn receive(list: &Arc<RamList>, channels: Vec<Box<dyn Transport>>) -> ram_list::
         stats: Arc::new(RamStats::default()),
         fresh: false,
         uuid: [0; 16],
+        compressed: false,
     };
     let r = MultifdReceiver::start(channels, target, None)?;
     let out = r.sync();

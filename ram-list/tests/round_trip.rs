@@ -302,6 +302,7 @@ fn multifd_round_trip(seed: u64, channels: usize, zstd: bool, fresh: bool) {
             stats: stats.clone(),
             fresh,
             uuid: [0; 16],
+            compressed: zstd,
         };
         let r = Arc::new(MultifdReceiver::start(boxed(rx), target, on_error).unwrap());
         receiver = Some(r.clone());

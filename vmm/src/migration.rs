@@ -405,6 +405,7 @@ fn load_incoming(
                 stats: stats.clone(),
                 fresh,
                 uuid: VM_UUID,
+                compressed: params.multifd_compression != savevm::MultifdCompression::None,
             };
             Some(Arc::new(MultifdReceiver::start(
                 channels,

@@ -52,7 +52,7 @@ pub fn run(qemu: &Path, work: &Path, channels: u8, zstd: bool) -> Result<()> {
     let stats = Arc::new(RamStats::default());
     let loader = {
         let (list, stats) = (list.clone(), stats.clone());
-        std::thread::spawn(move || load_ram(listener, channels, list, stats))
+        std::thread::spawn(move || load_ram(listener, channels, zstd, list, stats))
     };
     sq.cmd(
         "migrate-set-capabilities",
@@ -142,6 +142,7 @@ fn ram_like(q: &mut Qmp) -> Result<Arc<RamList>> {
 fn load_ram(
     listener: Listener,
     channels: u8,
+    zstd: bool,
     list: Arc<RamList>,
     stats: Arc<RamStats>,
 ) -> Result<u64> {
@@ -153,6 +154,7 @@ fn load_ram(
         stats: stats.clone(),
         fresh: false,
         uuid: [0; 16],
+        compressed: zstd,
     };
     let receiver = Arc::new(MultifdReceiver::start(extra, target, f.shutdown_handle())?);
     let mut ram = RamSection::new(list, stats).with_multifd_receiver(receiver.clone());

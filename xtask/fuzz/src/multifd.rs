@@ -26,6 +26,7 @@ pub fn channel(data: &[u8]) {
         stats: Arc::new(RamStats::default()),
         fresh: true,
         uuid: [0; 16],
+        compressed: false,
     };
     let t: Box<dyn Transport> = Box::new(MemBuffer::from_bytes(data.to_vec()));
     let r = MultifdReceiver::start(vec![t], target, None).expect("start");
