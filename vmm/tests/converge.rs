@@ -66,10 +66,7 @@ fn destination(dir: &std::path::Path, name: &str) -> (Vmm, String) {
         ]
         .concat(),
     );
-    let uri = dst.wait_event("listening")["uri"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let uri = dst.listening_uri();
     (dst, uri)
 }
 

@@ -199,10 +199,7 @@ fn throttled(dir: &Path, q: &mut Qmp, name: &str) -> Vmm {
             "tcp:127.0.0.1:0",
         ],
     );
-    let uri = dst.wait_event("listening")["uri"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let uri = dst.listening_uri();
     q.cmd("migrate", json!({"uri": uri}));
     dst
 }
@@ -310,10 +307,7 @@ fn cancel_in_the_bulk_and_in_the_dirty_phase_then_a_migration_that_succeeds() {
             "3",
         ],
     );
-    let uri = d3.wait_event("listening")["uri"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let uri = d3.listening_uri();
     q.cmd(
         "migrate-set-parameters",
         json!({"max-bandwidth": 0, "downtime-limit": 300}),
@@ -371,10 +365,7 @@ fn a_wrong_size_or_name_is_refused_before_any_write_and_the_source_runs_on() {
                 "tcp:127.0.0.1:0",
             ],
         );
-        let uri = dst.wait_event("listening")["uri"]
-            .as_str()
-            .unwrap()
-            .to_string();
+        let uri = dst.listening_uri();
         q.cmd("migrate", json!({"uri": uri}));
         q.wait_status("failed");
         assert!(!dst.wait().success());

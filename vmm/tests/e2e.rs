@@ -79,10 +79,7 @@ fn a_multifd_channel_count_mismatch_is_refused_and_the_source_runs_on() {
         ]
         .concat(),
     );
-    let uri = dst.wait_event("listening")["uri"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let uri = dst.listening_uri();
     let mut src = Vmm::start(
         &dir,
         "source",
@@ -270,10 +267,7 @@ fn cancel_during_iteration_keeps_the_source_running_and_a_retry_succeeds() {
         "dest1",
         &[&["--incoming", "tcp:127.0.0.1:0"][..], GUEST].concat(),
     );
-    let uri = dst1.wait_event("listening")["uri"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let uri = dst1.listening_uri();
     q.cmd("migrate", json!({"uri": uri}));
     q.wait_status("active");
     std::thread::sleep(std::time::Duration::from_millis(300));
@@ -308,10 +302,7 @@ fn cancel_during_iteration_keeps_the_source_running_and_a_retry_succeeds() {
         ]
         .concat(),
     );
-    let uri = dst2.wait_event("listening")["uri"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let uri = dst2.listening_uri();
     q.cmd("migrate-set-parameters", json!({"max-bandwidth": 0}));
     q.cmd("migrate", json!({"uri": uri}));
     let m = q.wait_status("completed");
@@ -363,10 +354,7 @@ fn a_destination_with_less_memory_refuses_and_the_source_runs_on() {
             "32M",
         ],
     );
-    let uri = dst.wait_event("listening")["uri"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let uri = dst.listening_uri();
     q.cmd("migrate", json!({"uri": uri}));
     let m = q.wait_status("failed");
     assert!(m["error-desc"].is_string(), "{m}");

@@ -319,10 +319,7 @@ fn ours(s: &Scenario, limit: u64, round: usize, dir: &Path, watch: bool, extra: 
         ]
         .concat(),
     );
-    let uri = dst.wait_event("listening")["uri"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
+    let uri = dst.listening_uri();
     let qmp = dir.join("ours.qmp");
     let qarg = format!("unix:{}", qmp.display());
     let mut src = Vmm::start(

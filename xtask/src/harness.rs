@@ -114,6 +114,14 @@ impl Vmm {
     }
 
     /// Waits for an event (panics after 60 s or if the process exits first).
+    /// Waits for a destination's `listening` event and returns the URI it gives.
+    pub fn listening_uri(&mut self) -> String {
+        self.wait_event("listening")["uri"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    }
+
     pub fn wait_event(&mut self, name: &str) -> Value {
         let t = Instant::now();
         loop {

@@ -243,10 +243,7 @@ fn migrate(
             };
             dst_args.extend(["--incoming".into(), listen]);
             let mut dst = Vmm::start(&dir, "destination", &refs(&dst_args));
-            let uri = dst.wait_event("listening")["uri"]
-                .as_str()
-                .unwrap_or_default()
-                .to_string();
+            let uri = dst.listening_uri();
             src_args.extend(["--migrate-to".into(), uri]);
             (Vmm::start(&dir, "source", &refs(&src_args)), dst)
         }
@@ -394,10 +391,7 @@ pub fn destination(dir: &Path, name: &str, memory: &str, extra: &[&str]) -> (Vmm
     args.extend(["--incoming", "tcp:127.0.0.1:0"]);
     args.extend_from_slice(extra);
     let mut d = Vmm::start(dir, name, &args);
-    let uri = d.wait_event("listening")["uri"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
+    let uri = d.listening_uri();
     (d, uri)
 }
 
