@@ -62,6 +62,11 @@ pub trait VmControl: Send + Sync {
         Ok(())
     }
 
+    /// The migration completed: the guest now belongs to the destination. Called before
+    /// the status turns `completed`, so that whoever sees that status also sees the VM
+    /// in its after-migration state (QEMU's `postmigrate`).
+    fn handed_over(&self) {}
+
     /// Throttles every vCPU to run only `100 - percent` percent of the time (0 ends the
     /// throttle), for `auto-converge`. Called without the VM lock held.
     ///
@@ -504,6 +509,7 @@ pub fn run_migration<V: VmControl + ?Sized>(
     lock(&ctl.shutdown).clear();
     match result {
         Ok(()) => {
+            vm.handed_over();
             ctl.set_status(MigrationStatus::Completed, |i| {
                 i.total_time = t0.elapsed();
                 i.transferred = f.bytes_written();

@@ -458,6 +458,10 @@ impl Machine {
 impl VmControl for Machine {
     type Guard<'a> = MutexGuard<'a, ()>;
 
+    fn handed_over(&self) {
+        self.set_migrated();
+    }
+
     fn lock(&self) -> MutexGuard<'_, ()> {
         self.bus.vm_lock.lock().unwrap_or_else(|p| p.into_inner())
     }

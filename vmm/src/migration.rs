@@ -207,9 +207,9 @@ fn migrate(
     let mut f = QemuFile::new(connect(&uri)?);
     let multifd = connect_channels(&uri, &params, ctl)?;
     let mut savevm = sections(&machine, ram, disk, false, multifd)?;
+    // On success the guest runs at the destination (or lives in the file), never again
+    // here: run_migration marks the machine post-migrate before it reports completion.
     let info = run_migration(&mut savevm, &mut f, &*machine, ctl)?;
-    // The guest now runs at the destination (or lives in the file): never again here.
-    machine.set_migrated();
     if let Some(at) = info.stopped_at {
         let c = info.completion.unwrap_or_default();
         events.emit_at(

@@ -242,8 +242,23 @@ fn over_inherited_descriptors() {
 
 #[test]
 fn cancel_during_iteration_keeps_the_source_running_and_a_retry_succeeds() {
+    cancel_and_retry("cancel", &[]);
+}
+
+/// The same with multifd: the cancel must also interrupt the channels' writes.
+#[test]
+fn with_multifd_a_cancel_keeps_the_source_running_and_a_retry_succeeds() {
+    cancel_and_retry("cancel-multifd", &["--multifd-channels", "2"]);
+}
+
+/// Migrates a source at 20 MB/s, cancels during the iteration, checks that the source
+/// runs on and the destination refused, then migrates again unthrottled. `extra` goes to
+/// both sides.
+fn cancel_and_retry(name: &str, extra: &[&str]) {
     common::init();
-    let dir = scratch("cancel");
+    let dir = scratch(name);
+    let guest = [GUEST, extra].concat();
+    let guest = &guest[..];
     let qmp = dir.join("qmp.sock");
     let qmp_arg = format!("unix:{}", qmp.display());
     // 20 MB/s makes the first pass over 64 MiB of written memory last seconds.
@@ -255,7 +270,7 @@ fn cancel_during_iteration_keeps_the_source_running_and_a_retry_succeeds() {
             "20M",
             "--verify",
         ][..],
-        GUEST,
+        guest,
     ]
     .concat();
     let mut src = Vmm::start(&dir, "source", &src_args);
@@ -265,7 +280,7 @@ fn cancel_during_iteration_keeps_the_source_running_and_a_retry_succeeds() {
     let mut dst1 = Vmm::start(
         &dir,
         "dest1",
-        &[&["--incoming", "tcp:127.0.0.1:0"][..], GUEST].concat(),
+        &[&["--incoming", "tcp:127.0.0.1:0"][..], guest].concat(),
     );
     let uri = dst1.listening_uri();
     q.cmd("migrate", json!({"uri": uri}));
@@ -298,7 +313,7 @@ fn cancel_during_iteration_keeps_the_source_running_and_a_retry_succeeds() {
                 "--exit-after",
                 "1",
             ][..],
-            GUEST,
+            guest,
         ]
         .concat(),
     );
