@@ -614,6 +614,56 @@ fn loopback_tcp() -> Result<f64> {
     Ok(best)
 }
 
+/// 1 GiB copied over `streams` loopback TCP connections at once, from one 1 GiB buffer
+/// into another (touched beforehand), 512 KiB at a time: what several connections can
+/// carry between buffers the size of a guest on this machine. Best of three, bytes/s.
+fn loopback_tcp_streams(streams: usize) -> Result<f64> {
+    const TOTAL: usize = 1 << 30;
+    const PIECE: usize = 512 << 10;
+    let per = TOTAL / streams;
+    let mut best: f64 = 0.0;
+    let mut src = vec![0xa5u8; TOTAL];
+    let mut dst = vec![0x5au8; TOTAL];
+    for _ in 0..3 {
+        let l = TcpListener::bind("127.0.0.1:0")?;
+        let addr = l.local_addr()?;
+        let conns: Vec<(TcpStream, TcpStream)> = (0..streams)
+            .map(|_| -> Result<_> {
+                let c = TcpStream::connect(addr)?;
+                Ok((c, l.accept()?.0))
+            })
+            .collect::<Result<_>>()?;
+        let t = Instant::now();
+        std::thread::scope(|scope| -> Result<()> {
+            let mut hs = Vec::new();
+            for ((mut w, mut r), (from, to)) in conns
+                .into_iter()
+                .zip(src.chunks_mut(per).zip(dst.chunks_mut(per)))
+            {
+                let from: &[u8] = from;
+                hs.push(scope.spawn(move || -> std::io::Result<()> {
+                    for p in from.chunks(PIECE) {
+                        w.write_all(p)?;
+                    }
+                    Ok(())
+                }));
+                hs.push(scope.spawn(move || -> std::io::Result<()> {
+                    for p in to.chunks_mut(PIECE) {
+                        r.read_exact(p)?;
+                    }
+                    Ok(())
+                }));
+            }
+            for h in hs {
+                h.join().map_err(|_| anyhow::anyhow!("a copy thread panicked"))??;
+            }
+            Ok(())
+        })?;
+        best = best.max(TOTAL as f64 / t.elapsed().as_secs_f64());
+    }
+    Ok(best)
+}
+
 fn median(mut v: Vec<f64>) -> Option<f64> {
     if v.is_empty() {
         return None;
@@ -678,6 +728,16 @@ pub fn run(vmm: PathBuf, opts: &Options) -> Result<()> {
         mc / 1e9,
         tcp / 1e9
     );
+    let streams: Vec<(usize, f64)> = [1, 2, 4]
+        .into_iter()
+        .map(|n| loopback_tcp_streams(n).map(|b| (n, b)))
+        .collect::<Result<_>>()?;
+    let streams_text = streams
+        .iter()
+        .map(|(n, b)| format!("{n}: {:.2} GB/s", b / 1e9))
+        .collect::<Vec<_>>()
+        .join(", ");
+    eprintln!("bench: loopback TCP between 1 GiB buffers, by connections: {streams_text}");
 
     let scenarios: Vec<&Scenario> = SCENARIOS
         .iter()
@@ -883,10 +943,13 @@ pub fn run(vmm: PathBuf, opts: &Options) -> Result<()> {
             p * 1e6 / mc * 100.0
         );
     }
-    md += "\n";
+    md += &format!(
+        " Loopback TCP between two 1 GiB buffers, by number of connections at once: {streams_text}.\n"
+    );
     std::fs::write(opts.out.join("report.md"), &md)?;
     let results = json!({
         "host": host(), "qemu": qemu_version, "memcpy_bps": mc, "loopback_tcp_bps": tcp,
+        "loopback_tcp_streams_bps": streams.iter().map(|(n, b)| json!({"streams": n, "bps": b})).collect::<Vec<_>>(),
         "runs": runs.iter().map(Run::json).collect::<Vec<_>>(),
         "memory_runs": mem_runs.iter().map(Run::json).collect::<Vec<_>>(),
     });
