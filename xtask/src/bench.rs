@@ -655,7 +655,8 @@ fn loopback_tcp_streams(streams: usize) -> Result<f64> {
                 }));
             }
             for h in hs {
-                h.join().map_err(|_| anyhow::anyhow!("a copy thread panicked"))??;
+                h.join()
+                    .map_err(|_| anyhow::anyhow!("a copy thread panicked"))??;
             }
             Ok(())
         })?;
