@@ -122,45 +122,28 @@ impl PacketHeader {
         }
     }
 
-    /// Parses a header already read from a channel at stream offset `at` (a receiver reads
-    /// exactly the header's bytes, so the pages after it can be read straight into guest
-    /// memory); checked as [`PacketHeader::read_from`].
-    ///
-    /// # Errors
-    /// [`Error::BadMultifd`] with the channel's offsets.
-    pub fn parse(bytes: &[u8; PACKET_HEADER_LEN], at: u64) -> Result<Self> {
-        let mut f = QemuFile::new(Box::new(qemu_file::MemBuffer::from_bytes(bytes.to_vec())));
-        PacketHeader::read_from(&mut f).map_err(|e| match e {
-            Error::BadMultifd { at: rel, reason } => Error::BadMultifd {
-                at: at + rel,
-                reason,
-            },
-            other => other,
-        })
-    }
-
-    /// Reads a header and checks it: magic, version, the page counts, the block name
+    /// Parses and checks a header already read from a channel at stream offset `at` (a
+    /// receiver reads exactly the header's bytes, so the pages after it can be read
+    /// straight into guest memory): magic, version, the page counts, the block name
     /// (NUL-terminated UTF-8, present when there are pages) and every offset (page
     /// aligned). Whether the block exists and holds the offsets is the caller's check.
     ///
     /// # Errors
-    /// [`Error::BadMultifd`], or a stream error (truncation).
-    pub fn read_from(f: &mut QemuFile) -> Result<Self> {
-        let at = f.bytes_read();
-        check_magic_version(f, at)?;
-        let flags = f.get_be32()?;
-        let pages_alloc = f.get_be32()?;
-        let normal = f.get_be32()?;
-        let next_packet_size = f.get_be32()?;
-        let packet_num = f.get_be64()?;
-        let mut reserved = [0; 32];
-        f.get_buffer(&mut reserved)?;
-        let mut name = [0u8; RAMBLOCK_LEN];
-        f.get_buffer(&mut name)?;
-        let mut offsets = Vec::with_capacity(PAGES_PER_PACKET);
-        for _ in 0..PAGES_PER_PACKET {
-            offsets.push(f.get_be64()?);
-        }
+    /// [`Error::BadMultifd`] with the channel's offsets.
+    pub fn parse(bytes: &[u8; PACKET_HEADER_LEN], at: u64) -> Result<Self> {
+        let be32 = |o: usize| u32::from_be_bytes(bytes[o..o + 4].try_into().expect("4 bytes"));
+        let be64 = |o: usize| u64::from_be_bytes(bytes[o..o + 8].try_into().expect("8 bytes"));
+        check_words(be32(0), be32(4), at)?;
+        let flags = be32(8);
+        let pages_alloc = be32(12);
+        let normal = be32(16);
+        let next_packet_size = be32(20);
+        let packet_num = be64(24);
+        // 32 reserved bytes, then the name, then the offsets.
+        let name = &bytes[64..64 + RAMBLOCK_LEN];
+        let mut offsets: Vec<u64> = (0..PAGES_PER_PACKET)
+            .map(|i| be64(FIXED_LEN + 8 * i))
+            .collect();
         if pages_alloc as usize != PAGES_PER_PACKET {
             return Err(bad(
                 at,
@@ -208,17 +191,41 @@ impl PacketHeader {
             offsets,
         })
     }
+
+    /// Reads a header and checks it as [`PacketHeader::parse`] does.
+    ///
+    /// # Errors
+    /// [`Error::BadMultifd`], or a stream error (truncation).
+    pub fn read_from(f: &mut QemuFile) -> Result<Self> {
+        let at = f.bytes_read();
+        let mut raw = [0u8; PACKET_HEADER_LEN];
+        f.get_buffer(&mut raw)?;
+        PacketHeader::parse(&raw, at)
+    }
 }
 
 fn check_magic_version(f: &mut QemuFile, at: u64) -> Result<()> {
-    let magic = f.get_be32()?;
+    // The magic first: a main stream sent to a channel is told as such, however short.
+    check_magic(f.get_be32()?, at)?;
+    check_version(f.get_be32()?, at)
+}
+
+fn check_words(magic: u32, version: u32, at: u64) -> Result<()> {
+    check_magic(magic, at)?;
+    check_version(version, at)
+}
+
+fn check_magic(magic: u32, at: u64) -> Result<()> {
     if magic != MULTIFD_MAGIC {
         return Err(bad(
             at,
             format!("magic {magic:#010x}, expected {MULTIFD_MAGIC:#010x}"),
         ));
     }
-    let version = f.get_be32()?;
+    Ok(())
+}
+
+fn check_version(version: u32, at: u64) -> Result<()> {
     if version != MULTIFD_VERSION {
         return Err(bad(
             at,
