@@ -33,6 +33,10 @@ pub enum Transport {
     Fd,
     /// Save to a file, then restore from it.
     File,
+    /// TCP with 2 multifd channels.
+    TcpMultifd,
+    /// A unix socket with 3 multifd channels, zstd-compressed.
+    UnixMultifdZstd,
 }
 
 impl Transport {
@@ -43,12 +47,32 @@ impl Transport {
             Transport::Exec => "exec",
             Transport::Fd => "fd",
             Transport::File => "file",
+            Transport::TcpMultifd => "tcp multifd 2",
+            Transport::UnixMultifdZstd => "unix multifd 3 zstd",
+        }
+    }
+
+    /// Arguments both sides need.
+    fn args(self) -> &'static [&'static str] {
+        match self {
+            Transport::TcpMultifd => &["--multifd-channels", "2"],
+            Transport::UnixMultifdZstd => {
+                &["--multifd-channels", "3", "--multifd-compression", "zstd"]
+            }
+            _ => &[],
         }
     }
 
     /// Whether both sides run at once (the real downtime is then measurable).
     fn live(self) -> bool {
-        matches!(self, Transport::Unix | Transport::Tcp | Transport::Fd)
+        matches!(
+            self,
+            Transport::Unix
+                | Transport::Tcp
+                | Transport::Fd
+                | Transport::TcpMultifd
+                | Transport::UnixMultifdZstd
+        )
     }
 }
 
@@ -111,6 +135,7 @@ fn cases(quick: bool) -> Vec<Case> {
             (Exec, "idle", false),
             (Fd, "fill", false),
             (File, "dirty", true),
+            (TcpMultifd, "dirty", false),
         ] {
             v.push(Case::Migrate {
                 transport,
@@ -119,7 +144,7 @@ fn cases(quick: bool) -> Vec<Case> {
             });
         }
     } else {
-        for transport in [Unix, Tcp, Exec, Fd, File] {
+        for transport in [Unix, Tcp, Exec, Fd, File, TcpMultifd, UnixMultifdZstd] {
             for workload in ["idle", "fill", "dirty"] {
                 for disk in [false, true] {
                     v.push(Case::Migrate {
@@ -223,6 +248,10 @@ fn migrate(
     let dir = scratch(&name.replace([' ', '+', ','], "-"));
     let mut src_args = guest_args(workload);
     let mut dst_args = guest_args(workload);
+    for a in transport.args() {
+        src_args.push(a.to_string());
+        dst_args.push(a.to_string());
+    }
     if disk {
         let (s, d) = (dir.join("src.img"), dir.join("dst.img"));
         disk_image(&s)?;
@@ -236,9 +265,11 @@ fn migrate(
     dst_args.extend(["--verify".into(), "--exit-after".into(), "1".into()]);
     let stream = dir.join("stream");
     let (mut src, mut dst) = match transport {
-        Transport::Unix | Transport::Tcp => {
+        Transport::Unix | Transport::Tcp | Transport::TcpMultifd | Transport::UnixMultifdZstd => {
             let listen = match transport {
-                Transport::Unix => format!("unix:{}", dir.join("m.sock").display()),
+                Transport::Unix | Transport::UnixMultifdZstd => {
+                    format!("unix:{}", dir.join("m.sock").display())
+                }
                 _ => "tcp:127.0.0.1:0".into(),
             };
             dst_args.extend(["--incoming".into(), listen]);
