@@ -47,26 +47,38 @@ pub struct Scenario {
     zstd: bool,
 }
 
+/// What scenarios share unless they say otherwise: the fill of 1 GiB, no cap, one
+/// stream, both limits.
+const BASE: Scenario = Scenario {
+    name: "",
+    slug: "",
+    workload: "fill",
+    range: "1020M",
+    rate: 0,
+    bandwidth: 0,
+    auto_converge: false,
+    limits: LIMITS,
+    timeout: TIMEOUT,
+    multifd: 0,
+    zstd: false,
+};
+
 /// A fill of 1 GiB with multifd, at `bandwidth` (0: unlimited).
 const fn multifd_fill(
     name: &'static str,
     slug: &'static str,
     bandwidth: u64,
-    channels: u8,
+    multifd: u8,
     zstd: bool,
 ) -> Scenario {
     Scenario {
         name,
         slug,
-        workload: "fill",
-        range: "1020M",
-        rate: 0,
         bandwidth,
-        auto_converge: false,
         limits: &[300],
-        timeout: TIMEOUT,
-        multifd: channels,
+        multifd,
         zstd,
+        ..BASE
     }
 }
 
@@ -76,39 +88,19 @@ const SCENARIOS: &[Scenario] = &[
         slug: "idle",
         workload: "idle",
         range: "64M",
-        rate: 0,
-        bandwidth: 0,
-        auto_converge: false,
-        limits: LIMITS,
-        timeout: TIMEOUT,
-        multifd: 0,
-        zstd: false,
+        ..BASE
     },
     Scenario {
         name: "fill 1 GiB",
         slug: "fill",
-        workload: "fill",
-        range: "1020M",
-        rate: 0,
-        bandwidth: 0,
-        auto_converge: false,
-        limits: LIMITS,
-        timeout: TIMEOUT,
-        multifd: 0,
-        zstd: false,
+        ..BASE
     },
     Scenario {
         name: "dirty 128 MiB, full speed",
         slug: "dirty128",
         workload: "dirty",
         range: "128M",
-        rate: 0,
-        bandwidth: 0,
-        auto_converge: false,
-        limits: LIMITS,
-        timeout: TIMEOUT,
-        multifd: 0,
-        zstd: false,
+        ..BASE
     },
     Scenario {
         name: "dirty 256 MiB, 50k pages/s",
@@ -116,12 +108,7 @@ const SCENARIOS: &[Scenario] = &[
         workload: "dirty",
         range: "256M",
         rate: 50_000,
-        bandwidth: 0,
-        auto_converge: false,
-        limits: LIMITS,
-        timeout: TIMEOUT,
-        multifd: 0,
-        zstd: false,
+        ..BASE
     },
     // Dirtying faster than a 50 MB/s link carries: neither side converges without
     // throttling the guest.
@@ -130,13 +117,11 @@ const SCENARIOS: &[Scenario] = &[
         slug: "converge",
         workload: "dirty",
         range: "128M",
-        rate: 0,
         bandwidth: 50_000_000,
         auto_converge: true,
         limits: &[300],
         timeout: Duration::from_secs(240),
-        multifd: 0,
-        zstd: false,
+        ..BASE
     },
     multifd_fill("fill 1 GiB, multifd 2", "fill-mfd2", 0, 2, false),
     multifd_fill("fill 1 GiB, multifd 4", "fill-mfd4", 0, 4, false),
