@@ -86,8 +86,8 @@ pub struct MultifdSender {
     shared: Arc<Shared>,
     threads: Vec<JoinHandle<()>>,
     shutdowns: Vec<ShutdownHandle>,
-    /// The channels' send queues in the kernel (written, not yet acknowledged).
-    unsent: Vec<UnsentProbe>,
+    /// Per channel, its send queue in the kernel (written, not yet acknowledged).
+    unsent: Vec<Option<UnsentProbe>>,
     packet_num: u64,
     batch_block: Option<Arc<RamBlock>>,
     batch: Vec<usize>,
@@ -146,7 +146,7 @@ impl MultifdSender {
                 .iter()
                 .filter_map(|t| t.shutdown_handle())
                 .collect(),
-            unsent: channels.iter().filter_map(|t| t.unsent_probe()).collect(),
+            unsent: channels.iter().map(|t| t.unsent_probe()).collect(),
             packet_num: 0,
             batch_block: None,
             batch: Vec::with_capacity(PAGES_PER_PACKET),
@@ -315,7 +315,7 @@ impl MultifdSender {
                 .0;
         }
         drop(st);
-        while Instant::now() < end && self.unsent.iter().any(|p| p.unsent() > 0) {
+        while Instant::now() < end && self.unsent.iter().flatten().any(|p| p.unsent() > 0) {
             std::thread::sleep(Duration::from_micros(500));
         }
         Ok(())
@@ -348,7 +348,9 @@ impl MultifdSender {
             .unsent
             .iter()
             .zip(&self.shared.ratio_milli)
-            .map(|(p, r)| p.unsent() as u64 * r.load(Ordering::Relaxed) / 1000)
+            .filter_map(|(p, r)| {
+                Some(p.as_ref()?.unsent() as u64 * r.load(Ordering::Relaxed) / 1000)
+            })
             .sum();
         queued + unsent
     }
