@@ -375,15 +375,27 @@ fn load_pages(
             ),
         });
     }
-    let page = |o: u64| {
+    // Runs of consecutive pages, each read as one piece: (first offset, pages).
+    let mut runs: Vec<(u64, usize)> = Vec::new();
+    for &o in &h.offsets {
+        match runs.last_mut() {
+            Some((start, n)) if *start + (*n * PAGE) as u64 == o => *n += 1,
+            _ => runs.push((o, 1)),
+        }
+    }
+    let run = |&(o, n): &(u64, usize)| {
         // SAFETY: every offset is page aligned (checked by `read_from`) and below
-        // `used_length` (checked above), so each page lies inside the block's mapped
-        // backing, which `block` keeps alive. The destination VM does not run during a
-        // load and guest memory is never borrowed elsewhere; only a source that sends one
-        // page twice in a round makes two channels write it at once, which garbles that
-        // guest page (the source's to give) and nothing of ours.
+        // `used_length` (checked above), so each page of a run (consecutive offsets)
+        // lies inside the block's mapped backing, which `block` keeps alive. The
+        // destination VM does not run during a load and guest memory is never borrowed
+        // elsewhere; only a source that sends one page twice in a round makes two pieces
+        // (of this channel or two) write it at once, which garbles that guest page (the
+        // source's to give) and nothing of ours.
         unsafe {
-            std::slice::from_raw_parts_mut(block.page_ptr((o / TARGET_PAGE_SIZE) as usize), PAGE)
+            std::slice::from_raw_parts_mut(
+                block.page_ptr((o / TARGET_PAGE_SIZE) as usize),
+                n * PAGE,
+            )
         }
     };
     match h.flags & MULTIFD_FLAG_COMPRESSION_MASK {
@@ -399,8 +411,8 @@ fn load_pages(
                     ),
                 });
             }
-            let mut pages: Vec<&mut [u8]> = h.offsets.iter().map(|&o| page(o)).collect();
-            f.get_buffers(&mut pages)?;
+            let mut pieces: Vec<&mut [u8]> = runs.iter().map(run).collect();
+            f.get_buffers(&mut pieces)?;
         }
         MULTIFD_FLAG_ZSTD => {
             if zstd.is_none() {
@@ -409,8 +421,8 @@ fn load_pages(
             let z = zstd.as_mut().expect("set above");
             let len = h.next_packet_size as usize;
             f.get_buffer(z.input(len)?)?;
-            let mut pages: Vec<&mut [u8]> = h.offsets.iter().map(|&o| page(o)).collect();
-            z.decompress(len, &mut pages)?;
+            let mut pieces: Vec<&mut [u8]> = runs.iter().map(run).collect();
+            z.decompress(len, &mut pieces)?;
         }
         c => unreachable!("read_from refuses compression {c:#x}"),
     }

@@ -134,16 +134,19 @@ impl ZstdRecv {
         Ok(&mut self.input[..len])
     }
 
-    /// Decompresses the `len` bytes given to [`ZstdRecv::input`] into `pages`, each
-    /// exactly one page; every input byte must be used.
+    /// Decompresses the `len` bytes given to [`ZstdRecv::input`] into `pieces` (runs of
+    /// consecutive pages), filling each exactly; every input byte must be used.
     ///
     /// # Errors
     /// [`Error::Compression`]: corrupt data, too little for the pages, or bytes left over.
-    pub fn decompress(&mut self, len: usize, pages: &mut [&mut [u8]]) -> Result<()> {
+    pub fn decompress(&mut self, len: usize, pieces: &mut [&mut [u8]]) -> Result<()> {
         let mut input = InBuffer::around(&self.input[..len]);
-        for (i, page) in pages.iter_mut().enumerate() {
-            let mut out = OutBuffer::around(&mut page[..PAGE]);
-            while out.pos() < PAGE {
+        let pages: usize = pieces.iter().map(|p| p.len() / PAGE).sum();
+        let mut done = 0;
+        for piece in pieces.iter_mut() {
+            let size = piece.len();
+            let mut out = OutBuffer::around(&mut piece[..]);
+            while out.pos() < size {
                 let before = (input.pos(), out.pos());
                 self.dec
                     .run(&mut input, &mut out)
@@ -151,12 +154,13 @@ impl ZstdRecv {
                 if (input.pos(), out.pos()) == before {
                     return Err(Error::Compression {
                         reason: format!(
-                            "the packet's {len} compressed bytes end within page {i} of {}",
-                            pages.len()
+                            "the packet's {len} compressed bytes end within page {} of {pages}",
+                            done + out.pos() / PAGE
                         ),
                     });
                 }
             }
+            done += size / PAGE;
         }
         // The decoder may have taken input it has not yet produced: one more byte of
         // output means the packet holds more than its pages.
@@ -168,8 +172,7 @@ impl ZstdRecv {
         if input.pos() != len || out.pos() != 0 {
             return Err(Error::Compression {
                 reason: format!(
-                    "the packet's {len} compressed bytes hold more than its {} pages",
-                    pages.len()
+                    "the packet's {len} compressed bytes hold more than its {pages} pages"
                 ),
             });
         }
