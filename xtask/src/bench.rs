@@ -674,6 +674,14 @@ fn ratio(a: Option<f64>, b: Option<f64>) -> String {
 /// # Errors
 /// The output cannot be written, or vmm cannot be run.
 pub fn run(vmm: PathBuf, opts: &Options) -> Result<()> {
+    if let Some(o) = opts
+        .only
+        .iter()
+        .find(|o| !SCENARIOS.iter().any(|s| s.slug == o.as_str()))
+    {
+        let known: Vec<&str> = SCENARIOS.iter().map(|s| s.slug).collect();
+        anyhow::bail!("no scenario {o:?}; there are: {}", known.join(", "));
+    }
     xtask::harness::set_vmm(&vmm);
     std::fs::create_dir_all(&opts.out)?;
     let work = std::env::temp_dir().join(format!("vmm-bench-{}", std::process::id()));

@@ -70,9 +70,9 @@ enum Cmd {
         /// Run ours only.
         #[arg(long)]
         no_qemu: bool,
-        /// Only these scenarios: idle, fill, dirty128, dirty256, converge, fill-mfd2, fill-mfd4,
-        /// fill-zstd, fill-1g, fill-1g-zstd.
-        #[arg(long)]
+        /// Only these scenarios (repeat, or separate with commas): idle, fill, dirty128,
+        /// dirty256, converge, fill-mfd2, fill-mfd4, fill-zstd, fill-1g, fill-1g-zstd.
+        #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
         /// An extra argument for both of our vmm processes, for A/B runs (e.g.
         /// --vmm-arg=--dirty-log-protect=classic); repeatable.
