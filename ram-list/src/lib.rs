@@ -55,7 +55,7 @@ pub use block::RamBlock;
 pub use error::{Error, Result};
 pub use list::RamList;
 pub use multifd_recv::{MultifdReceiver, RecvTarget};
-pub use multifd_send::{MultifdSender, QUEUE_PER_CHANNEL};
+pub use multifd_send::{MultifdSender, QUEUED_BATCHES};
 pub use section::{RAM_SECTION_VERSION, RamSection};
 pub use stats::{RamStats, RamStatsSnapshot};
 pub use walker::RamWalker;
