@@ -946,6 +946,18 @@ pub fn run(vmm: PathBuf, opts: &Options) -> Result<()> {
             p * 1e6 / mc * 100.0
         );
     }
+    if let Some((s, limit, p)) = fill_tput
+        .iter()
+        .filter(|(s, ..)| s.multifd > 0)
+        .max_by(|a, b| a.2.total_cmp(&b.2))
+    {
+        md += &format!(
+            " With multifd, at best ({}, limit {limit} ms), {:.0} MB/s: {:.0}% of loopback TCP.",
+            s.name,
+            p,
+            p * 1e6 / tcp * 100.0
+        );
+    }
     md += &format!(
         " Loopback TCP between two 1 GiB buffers, by number of connections at once: {streams_text}.\n"
     );
