@@ -5,9 +5,10 @@
 //! The RAM section fills a batch page by page and hands full batches to the channel with
 //! the shortest queue. The queues together are bounded ([`QUEUED_BATCHES`]): the section
 //! stops an iteration when they are full, and [`MultifdSender::wait_room`], called
-//! without the VM lock, waits until they are half empty. Each round (each RAM EOS) ends with a SYNC packet
-//! queued on every channel behind that round's pages; the destination applies a round's
-//! pages before it reads past the EOS, so nothing here waits for the sync to be written.
+//! without the VM lock, waits until they are half empty. Each round (each RAM EOS) ends
+//! with a SYNC packet queued on every channel behind that round's pages; the destination
+//! applies a round's pages before it reads past the EOS, so nothing here waits for the
+//! sync to be written.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -30,10 +31,9 @@ use crate::{Error, RamBlock, Result};
 /// section's longest iterations (16 Ki pages), so that after [`MultifdSender::wait_room`]
 /// one whole iteration fits while the previous one is written. Each iteration ends a
 /// round, and every round costs the destination a barrier across all channels (QEMU 7.2's
-/// sync at each EOS): with room for only 4 MiB per channel and round, 4 channels moved a
-/// 1 GiB fill 6% slower than one stream; with this, 20% faster. A batch is page numbers,
-/// not data (pages are read from guest memory as they are written), so the bound costs
-/// no memory.
+/// sync at each EOS): a queue of a few MiB per channel made rounds so short that channels
+/// lost to one stream (see the bench). A batch is page numbers, not data (pages are read
+/// from guest memory as they are written), so the bound costs no memory.
 pub const QUEUED_BATCHES: usize = 256;
 
 const PAGE: usize = TARGET_PAGE_SIZE as usize;
