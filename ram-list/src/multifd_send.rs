@@ -100,6 +100,8 @@ pub struct MultifdSender {
     batch: Vec<usize>,
     /// Of `shared.written`, what was already reported by [`MultifdSender::take_written`].
     reported: u64,
+    /// The bandwidth limit the queues are sized for, bytes/s (0: none).
+    bandwidth: u64,
 }
 
 impl std::fmt::Debug for MultifdSender {
@@ -158,6 +160,7 @@ impl MultifdSender {
             batch_block: None,
             batch: Vec::with_capacity(PAGES_PER_PACKET),
             reported: 0,
+            bandwidth: 0,
         };
         for (id, (t, codec)) in channels.into_iter().zip(codecs).enumerate() {
             let shared = shared.clone();
@@ -196,8 +199,25 @@ impl MultifdSender {
         Ok(sender)
     }
 
+    /// Sizes the queues for a bandwidth limit (bytes/s, 0: none). Channel bytes count
+    /// against the limit once written, so what is queued is a burst the limiter only
+    /// sees afterwards: under a limit the queues hold at most what one of its 100 ms
+    /// windows allows (at least a batch per channel), not [`QUEUED_BATCHES`] (64 MiB
+    /// at once on a 20 MB/s link).
+    pub fn set_bandwidth(&mut self, bytes_per_sec: u64) {
+        self.bandwidth = bytes_per_sec;
+        self.shared.room.notify_all();
+    }
+
     fn capacity(&self) -> usize {
-        QUEUED_BATCHES.max(self.threads.len())
+        let limit = match self.bandwidth {
+            0 => QUEUED_BATCHES,
+            b => {
+                let window = b / 10 / MULTIFD_PACKET_SIZE as u64;
+                (window as usize).min(QUEUED_BATCHES)
+            }
+        };
+        limit.max(self.threads.len())
     }
 
     /// Whether a page of `block` can be taken now without waiting: the current batch has
@@ -513,4 +533,48 @@ fn write_pages(
     }
     f.flush()?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use qemu_file::mem_channel;
+    use vm_memory::MmapRegion;
+
+    /// Pages `push` takes before `can_take` says the queues are full, with channels whose
+    /// reader never reads (so nothing queued is ever written).
+    fn pages_taken(bandwidth: u64) -> usize {
+        let (tx, rx): (Vec<_>, Vec<_>) = (0..2).map(|_| mem_channel(PAGE)).unzip();
+        let channels = tx
+            .into_iter()
+            .map(|t| Box::new(t) as Box<dyn Transport>)
+            .collect();
+        let mut m = MultifdSender::start(channels, [0; 16], MultifdCompression::None, 1).unwrap();
+        let pages = 64 * 1024;
+        let host = Arc::new(MmapRegion::<()>::new(pages * PAGE).unwrap());
+        let block = Arc::new(RamBlock::new("pc.ram", host, Box::new(())).unwrap());
+        m.set_bandwidth(bandwidth);
+        let mut taken = 0;
+        while taken < pages && m.can_take(&block) {
+            m.push(&block, taken).unwrap();
+            taken += 1;
+        }
+        // The readers go first: the channels' blocked writes fail and they end.
+        drop(rx);
+        drop(m);
+        taken
+    }
+
+    #[test]
+    fn under_a_bandwidth_limit_the_queues_hold_one_window() {
+        // 10 MB/s: a 100 ms window is 1 MB, less than 2 batches; each of the 2 channels
+        // may still hold one, plus the batch being filled.
+        let limited = pages_taken(10_000_000);
+        assert!(limited <= 3 * PAGES_PER_PACKET, "{limited} pages");
+        let unlimited = pages_taken(0);
+        assert!(
+            unlimited >= QUEUED_BATCHES * PAGES_PER_PACKET,
+            "{unlimited} pages"
+        );
+    }
 }

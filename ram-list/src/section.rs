@@ -181,6 +181,14 @@ impl RamSection {
         let mut failed = None;
         let (mut zero, mut normal) = (0u64, 0u64);
         let started = Instant::now();
+        if let Some(m) = &mut self.multifd {
+            // Stopped (not `limited`), everything goes at once, as QEMU's completion.
+            m.set_bandwidth(if limited {
+                f.rate_limiter().max_bytes_per_sec()
+            } else {
+                0
+            });
+        }
         let done = loop {
             let Some((bi, page)) = self.find_dirty() else {
                 break true;

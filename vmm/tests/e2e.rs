@@ -283,12 +283,22 @@ fn cancel_and_retry(name: &str, extra: &[&str]) {
         &[&["--incoming", "tcp:127.0.0.1:0"][..], guest].concat(),
     );
     let uri = dst1.listening_uri();
+    let started = std::time::Instant::now();
     q.cmd("migrate", json!({"uri": uri}));
     q.wait_status("active");
     std::thread::sleep(std::time::Duration::from_millis(300));
     q.cmd("migrate_cancel", json!({}));
     let m = q.wait_status("cancelled");
-    assert!(m["ram"]["transferred"].as_u64().unwrap() > 0);
+    let sent = m["ram"]["transferred"].as_u64().unwrap();
+    assert!(sent > 0);
+    // The cap holds (with channels too): at most its rate over the time that passed,
+    // with room for one 100 ms window's burst and the setup.
+    let allowed = started.elapsed().as_secs_f64() * 20e6 * 1.5 + 4e6;
+    assert!(
+        (sent as f64) < allowed,
+        "{sent} bytes sent in {:?} at 20 MB/s",
+        started.elapsed()
+    );
     assert_eq!(q.cmd("query-status", json!({}))["status"], "running");
     let before = q.cmd("x-query-guest", json!({}))["pass"].as_u64().unwrap();
     q.wait_guest_pass(before + 2);
