@@ -16,7 +16,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use qemu_file::{KeepAlive, QemuFile, ShutdownHandle, Transport, UnsentProbe};
+use qemu_file::{KeepAlive, QemuFile, RateLimiter, ShutdownHandle, Transport, UnsentProbe};
 use savevm::MultifdCompression;
 
 use crate::format::TARGET_PAGE_SIZE;
@@ -206,15 +206,15 @@ impl MultifdSender {
     /// at once on a 20 MB/s link).
     pub fn set_bandwidth(&mut self, bytes_per_sec: u64) {
         self.bandwidth = bytes_per_sec;
-        self.shared.room.notify_all();
     }
 
     fn capacity(&self) -> usize {
         let limit = match self.bandwidth {
             0 => QUEUED_BATCHES,
             b => {
-                let window = b / 10 / MULTIFD_PACKET_SIZE as u64;
-                (window as usize).min(QUEUED_BATCHES)
+                let window = u128::from(b) * RateLimiter::WINDOW.as_millis() / 1000;
+                let batches = window / MULTIFD_PACKET_SIZE as u128;
+                batches.min(QUEUED_BATCHES as u128) as usize
             }
         };
         limit.max(self.threads.len())
