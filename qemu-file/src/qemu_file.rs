@@ -217,9 +217,10 @@ impl QemuFile {
             self.keep_alive.push(Arc::clone(owner));
         }
         match self.segments.last_mut() {
-            // Memory that continues the previous piece (consecutive guest pages) joins it:
-            // fewer, longer iovecs for the kernel to walk. Both owners stay queued.
-            Some(Segment::External { ptr: p, len: l }) if p.0.wrapping_add(*l) == ptr => {
+            // Memory of the same owner that continues the previous piece (consecutive
+            // guest pages) joins it: fewer, longer iovecs for the kernel to walk. (Not
+            // across owners: two allocations may happen to be adjacent.)
+            Some(Segment::External { ptr: p, len: l }) if known && p.0.wrapping_add(*l) == ptr => {
                 *l += len;
             }
             _ => self.segments.push(Segment::External {

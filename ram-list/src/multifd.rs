@@ -126,7 +126,8 @@ impl PacketHeader {
     /// receiver reads exactly the header's bytes, so the pages after it can be read
     /// straight into guest memory): magic, version, the page counts, the block name
     /// (NUL-terminated UTF-8, present when there are pages) and every offset (page
-    /// aligned). Whether the block exists and holds the offsets is the caller's check.
+    /// aligned, none twice). Whether the block exists and holds the offsets is the
+    /// caller's check.
     ///
     /// # Errors
     /// [`Error::BadMultifd`] with the channel's offsets.
@@ -182,6 +183,16 @@ impl PacketHeader {
         offsets.truncate(normal as usize);
         if let Some(o) = offsets.iter().find(|&&o| o % TARGET_PAGE_SIZE != 0) {
             return Err(bad(at, format!("page offset {o:#x} is not page aligned")));
+        }
+        // A page twice in one packet would be two writable views of one guest page at
+        // once on the receiver; no sender puts a page twice in a packet.
+        let mut sorted = offsets.clone();
+        sorted.sort_unstable();
+        if let Some(w) = sorted.windows(2).find(|w| w[0] == w[1]) {
+            return Err(bad(
+                at,
+                format!("page offset {:#x} is in the packet twice", w[0]),
+            ));
         }
         Ok(PacketHeader {
             flags,
@@ -346,7 +357,7 @@ mod tests {
     fn hostile_headers_are_refused_with_the_reason() {
         let good = bytes(|f| packet().write_to(f));
         type Corrupt = fn(&mut Vec<u8>);
-        let cases: [(Corrupt, &str); 10] = [
+        let cases: [(Corrupt, &str); 11] = [
             (|b| b[7] = 2, "version 2"),
             (|b| b[11] = 0x20, "unknown flags 0x20"),
             (|b| b[11] = 2, "zlib-compressed"),
@@ -357,6 +368,7 @@ mod tests {
             (|b| b[64] = 0xff, "not UTF-8"),
             (|b| b[64] = 0, "no RAM block name"),
             (|b| b[327] = 1, "0x1001 is not page aligned"),
+            (|b| b[334] = 0x10, "0x1000 is in the packet twice"),
         ];
         for (corrupt, needle) in cases {
             let mut b = good.clone();

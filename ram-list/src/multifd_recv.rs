@@ -384,13 +384,13 @@ fn load_pages(
         }
     }
     let run = |&(o, n): &(u64, usize)| {
-        // SAFETY: every offset is page aligned (checked by `read_from`) and below
-        // `used_length` (checked above), so each page of a run (consecutive offsets)
-        // lies inside the block's mapped backing, which `block` keeps alive. The
-        // destination VM does not run during a load and guest memory is never borrowed
-        // elsewhere; only a source that sends one page twice in a round makes two pieces
-        // (of this channel or two) write it at once, which garbles that guest page (the
-        // source's to give) and nothing of ours.
+        // SAFETY: every offset is page aligned and none is in the packet twice (checked
+        // by `PacketHeader::parse`), and each is below `used_length` (checked above), so
+        // the runs are disjoint and each lies inside the block's mapped backing, which
+        // `block` keeps alive. The destination VM does not run during a load and guest
+        // memory is never borrowed elsewhere; only a source that sends one page in two
+        // packets of a round makes two channels write it at once, which garbles that
+        // guest page (the source's to give) and nothing of ours.
         unsafe {
             std::slice::from_raw_parts_mut(
                 block.page_ptr((o / TARGET_PAGE_SIZE) as usize),

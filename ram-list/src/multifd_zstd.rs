@@ -207,6 +207,31 @@ mod tests {
     }
 
     #[test]
+    fn runs_of_pages_are_filled_in_order_and_a_short_run_names_its_page() {
+        let mut tx = ZstdSend::new(1).unwrap();
+        let pages: Vec<Vec<u8>> = (0..4).map(|i| page(40 + i)).collect();
+        let packet = tx.compress(pages.iter().map(|p| &p[..])).unwrap().to_vec();
+        // A run of 3 pages, then one page.
+        let mut run = vec![0u8; 3 * PAGE];
+        let mut last = vec![0u8; PAGE];
+        let mut rx = ZstdRecv::new().unwrap();
+        rx.input(packet.len()).unwrap().copy_from_slice(&packet);
+        rx.decompress(packet.len(), &mut [&mut run[..], &mut last[..]])
+            .unwrap();
+        assert_eq!(run, pages[..3].concat());
+        assert_eq!(last, pages[3]);
+        // The same 4 pages into runs of 3 and 2: the data ends in the second run's
+        // second page, page 4 of 5.
+        let mut two = vec![0u8; 2 * PAGE];
+        let mut rx = ZstdRecv::new().unwrap();
+        rx.input(packet.len()).unwrap().copy_from_slice(&packet);
+        let e = rx
+            .decompress(packet.len(), &mut [&mut run[..], &mut two[..]])
+            .unwrap_err();
+        assert!(e.to_string().contains("within page 4 of 5"), "{e}");
+    }
+
+    #[test]
     fn incompressible_pages_fit_a_full_packet() {
         let mut tx = ZstdSend::new(3).unwrap();
         let mut x = 0x1234_5678u32;
