@@ -55,6 +55,7 @@ pub struct QemuFile {
     keep_alive: Vec<KeepAlive>,
     queued: usize,
     total_put: u64,
+    total_elsewhere: u64,
     flushed: u64,
     auto_flush: usize,
     chunk_budget: usize,
@@ -91,6 +92,7 @@ impl QemuFile {
             keep_alive: Vec::new(),
             queued: 0,
             total_put: 0,
+            total_elsewhere: 0,
             flushed: 0,
             auto_flush: DEFAULT_AUTO_FLUSH,
             chunk_budget: usize::MAX,
@@ -293,7 +295,14 @@ impl QemuFile {
     /// stream queues by reference: the other connections have their own bound.
     pub fn account_elsewhere(&mut self, n: u64) {
         self.total_put += n;
+        self.total_elsewhere += n;
         self.rate.consume(n);
+    }
+
+    /// The part of [`QemuFile::bytes_written`] that other connections carried
+    /// ([`QemuFile::account_elsewhere`]: multifd channels).
+    pub fn bytes_elsewhere(&self) -> u64 {
+        self.total_elsewhere
     }
 
     /// Bytes handed to the transport so far.

@@ -117,6 +117,10 @@ pub struct MigrationParams {
     pub multifd_compression: MultifdCompression,
     /// `multifd-zstd-level`: zstd's level, 0 to 20 (default 1).
     pub multifd_zstd_level: u8,
+    /// The `pause-before-switchover` capability: once the guest is stopped for the
+    /// switchover, wait in `pre-switchover` for [`MigrationControl::continue_switchover`]
+    /// (an orchestrator's moment to move what the VMM does not, e.g. network ports).
+    pub pause_before_switchover: bool,
 }
 
 /// `multifd-compression`: QEMU's names.
@@ -156,6 +160,7 @@ impl Default for MigrationParams {
             multifd_channels: 2,
             multifd_compression: MultifdCompression::None,
             multifd_zstd_level: 1,
+            pause_before_switchover: false,
         }
     }
 }
@@ -180,6 +185,9 @@ pub enum MigrationStatus {
     Cancelling,
     /// The migration was cancelled; the source runs on.
     Cancelled,
+    /// The guest is stopped for the switchover and the migration waits for
+    /// `migrate-continue` (the `pause-before-switchover` capability).
+    PreSwitchover,
 }
 
 impl MigrationStatus {
@@ -194,6 +202,7 @@ impl MigrationStatus {
             MigrationStatus::Failed => "failed",
             MigrationStatus::Cancelling => "cancelling",
             MigrationStatus::Cancelled => "cancelled",
+            MigrationStatus::PreSwitchover => "pre-switchover",
         }
     }
 
@@ -236,16 +245,23 @@ pub struct CompletionTimes {
 pub struct MigrationInfo {
     /// Where it stands.
     pub status: MigrationStatus,
-    /// Since the start (or the whole migration once ended).
+    /// Since the start (or the whole migration once ended); while it runs, as of the
+    /// last chunk written (`started` gives it to the moment).
     pub total_time: Duration,
+    /// When the migration started.
+    pub started: Option<Instant>,
     /// Header and START sections.
     pub setup_time: Duration,
     /// The source's measured downtime, once completed.
     pub downtime: Option<Duration>,
     /// Pending bytes / bandwidth at the last window.
     pub expected_downtime: Duration,
-    /// Stream bytes produced so far.
+    /// Stream bytes produced so far (multifd channels' included).
     pub transferred: u64,
+    /// The part of `transferred` the multifd channels carried.
+    pub multifd_bytes: u64,
+    /// The part of `transferred` sent with the guest stopped, once completed.
+    pub downtime_bytes: u64,
     /// Bytes the live sections still have to send (last estimate).
     pub remaining: u64,
     /// Bandwidth of the last 100 ms window, bytes per second.
@@ -270,6 +286,7 @@ pub struct MigrationInfo {
 }
 
 type Observer = Box<dyn Fn(&MigrationInfo) + Send + Sync>;
+type PassObserver = Box<dyn Fn(u64) + Send + Sync>;
 
 /// The handle through which others see and steer a running migration: the monitor reads
 /// [`MigrationControl::info`], changes parameters and cancels; the migration thread
@@ -293,6 +310,11 @@ pub struct MigrationControl {
     // Lock: set before the migration starts; called (without other locks held) on every
     // status change.
     observer: Mutex<Option<Observer>>,
+    // Lock: set before the migration starts; called (without other locks held) with the
+    // count after every dirty sync (QEMU's MIGRATION_PASS).
+    pass_observer: Mutex<Option<PassObserver>>,
+    /// Set by `continue_switchover`, read by the thread waiting in `pre-switchover`.
+    continued: AtomicBool,
 }
 
 impl fmt::Debug for MigrationControl {
@@ -319,6 +341,8 @@ impl MigrationControl {
             committed: AtomicBool::new(false),
             shutdown: Mutex::new(Vec::new()),
             observer: Mutex::new(None),
+            pass_observer: Mutex::new(None),
+            continued: AtomicBool::new(false),
         }
     }
 
@@ -340,6 +364,49 @@ impl MigrationControl {
     /// Calls `f` with the new info at every status change (MIGRATION events).
     pub fn set_observer(&self, f: impl Fn(&MigrationInfo) + Send + Sync + 'static) {
         *lock(&self.observer) = Some(Box::new(f));
+    }
+
+    /// Calls `f` with the dirty-sync count after every sync of the dirty log (each pass
+    /// over RAM: QEMU's MIGRATION_PASS event).
+    pub fn set_pass_observer(&self, f: impl Fn(u64) + Send + Sync + 'static) {
+        *lock(&self.pass_observer) = Some(Box::new(f));
+    }
+
+    fn passed(&self, syncs: u64) {
+        if let Some(o) = lock(&self.pass_observer).as_ref() {
+            o(syncs);
+        }
+    }
+
+    /// Lets a migration waiting in `pre-switchover` go on (`migrate-continue`); `state`
+    /// is the state the caller believes it is in, as QEMU checks it.
+    ///
+    /// # Errors
+    /// The migration is not in `state`, or `state` is not `pre-switchover`.
+    pub fn continue_switchover(&self, state: &str) -> std::result::Result<(), String> {
+        let info = lock(&self.info);
+        if info.status.as_str() != state || info.status != MigrationStatus::PreSwitchover {
+            return Err(format!(
+                "Migration not in expected state: {}",
+                info.status.as_str()
+            ));
+        }
+        self.continued.store(true, Ordering::SeqCst);
+        drop(info);
+        self.wake.notify_all();
+        Ok(())
+    }
+
+    /// Waits in `pre-switchover` for `continue_switchover`, or a cancel.
+    fn wait_continue(&self) -> Result<()> {
+        let mut info = lock(&self.info);
+        while !self.continued.load(Ordering::SeqCst) {
+            if self.cancelled() {
+                return Err(Error::Cancelled);
+            }
+            info = self.wake.wait(info).unwrap_or_else(|p| p.into_inner());
+        }
+        Ok(())
     }
 
     /// Requests a cancel: the thread stops at once, even inside a blocked write, and the
@@ -472,6 +539,7 @@ pub fn run_migration<V: VmControl + ?Sized>(
     ctl.set_status(MigrationStatus::Setup, |i| {
         *i = MigrationInfo {
             status: i.status,
+            started: Some(t0),
             ..MigrationInfo::default()
         };
     });
@@ -678,6 +746,7 @@ fn migrate<V: VmControl + ?Sized>(
             let before = pending;
             pending = savevm.pending_exact()?;
             syncs += 1;
+            ctl.passed(syncs);
             verdict = convergence.synced(
                 Instant::now(),
                 f.bytes_written(),
@@ -718,6 +787,12 @@ fn migrate<V: VmControl + ?Sized>(
         }
         // The blocking write, with the VM lock released.
         f.flush()?;
+        // Every chunk, so no counter of `query-migrate` lags the RAM section's.
+        ctl.update(|i| {
+            i.total_time = t0.elapsed();
+            i.transferred = f.bytes_written();
+            i.multifd_bytes = f.bytes_elsewhere();
+        });
         if f.rate_limiter().exceeded() {
             let end = f.rate_limiter().window_end();
             ctl.sleep_until(end);
@@ -726,13 +801,23 @@ fn migrate<V: VmControl + ?Sized>(
 
     // Completion: the guest is paused from here to the end.
     let t_stop = Instant::now();
-    ctl.set_status(MigrationStatus::Device, |i| {
-        i.stopped_at = Some(SystemTime::now())
-    });
+    let stopped_at = Some(SystemTime::now());
+    if params.pause_before_switchover {
+        ctl.update(|i| i.stopped_at = stopped_at);
+    } else {
+        ctl.set_status(MigrationStatus::Device, |i| i.stopped_at = stopped_at);
+    }
     let mut times = CompletionTimes::default();
+    let bytes_at_stop = f.bytes_written();
     *stopped = true;
     vm.stop_vcpus().map_err(vm_error("stop its vCPUs"))?;
     times.stop_vcpus = t_stop.elapsed();
+    if params.pause_before_switchover {
+        // As QEMU: the guest is stopped while the orchestrator does its part.
+        ctl.set_status(MigrationStatus::PreSwitchover, |_| {});
+        ctl.wait_continue()?;
+        ctl.set_status(MigrationStatus::Device, |_| {});
+    }
     {
         let _g = vm.lock();
         let t = Instant::now();
@@ -742,6 +827,7 @@ fn migrate<V: VmControl + ?Sized>(
         let t = Instant::now();
         savevm.pending_exact()?;
         times.final_sync = t.elapsed();
+        ctl.passed(syncs + 1);
 
         let t = Instant::now();
         // The last chunks of a completion are not rate limited: the guest is waiting.
@@ -769,6 +855,8 @@ fn migrate<V: VmControl + ?Sized>(
     }
     times.total = t_stop.elapsed();
     ctl.update(|i| {
+        i.downtime_bytes = f.bytes_written() - bytes_at_stop;
+        i.multifd_bytes = f.bytes_elsewhere();
         i.downtime = Some(times.total);
         i.completion = Some(times);
         i.dirty_syncs = syncs + 1;

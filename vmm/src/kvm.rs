@@ -191,6 +191,10 @@ impl Cpus for KvmBackend {
         "kvm"
     }
 
+    fn thread_ids(&self) -> Vec<i32> {
+        self.vcpus.iter().map(|v| v.thread_id()).collect()
+    }
+
     fn resume(&self) {
         for v in self.vcpus.iter() {
             v.resume();

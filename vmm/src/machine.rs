@@ -90,6 +90,8 @@ impl Devices {
 pub trait Cpus: Send + Sync {
     /// `kvm` or `soft`.
     fn name(&self) -> &'static str;
+    /// The host thread id of each vCPU, in vCPU order.
+    fn thread_ids(&self) -> Vec<i32>;
     /// Lets the vCPUs run.
     fn resume(&self);
     /// Stops every vCPU; returns when all are out of KVM_RUN with their I/O completed.
@@ -129,6 +131,8 @@ pub enum Accel {
 /// The VM's run state, with QEMU's names (`query-status`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RunState {
+    /// Started with `--paused` (QEMU's `-S`): never run yet, waiting for `cont`.
+    Prelaunch,
     /// The vCPUs run.
     Running,
     /// Stopped by the user (`stop`).
@@ -147,6 +151,7 @@ impl RunState {
     /// QEMU's name.
     pub fn as_str(self) -> &'static str {
         match self {
+            RunState::Prelaunch => "prelaunch",
             RunState::Running => "running",
             RunState::Paused => "paused",
             RunState::InMigrate => "inmigrate",
@@ -176,6 +181,9 @@ pub struct MachineConfig {
     pub serial: Box<dyn Write + Send>,
     /// The disks.
     pub drives: Vec<DriveSpec>,
+    /// Hold the guest until `cont`: a source starts in `prelaunch`, a destination stays
+    /// `paused` after its load (QEMU's `-S`).
+    pub paused: bool,
     /// Hash shared disks at the switchover (`--verify`): they must be hashed before the
     /// destination may write them.
     pub verify: bool,
@@ -184,6 +192,8 @@ pub struct MachineConfig {
     /// How KVM's dirty log re-protects pages.
     pub dirty_protect: kvm::DirtyProtect,
 }
+
+type RunObserver = Box<dyn Fn(RunState, RunState) + Send + Sync>;
 
 /// A virtual machine.
 pub struct Machine {
@@ -205,9 +215,15 @@ pub struct Machine {
     /// The guest parameters in effect.
     pub params: Option<GuestParams>,
     // Lock: the run state, and whether the guest ran when the migration stopped it;
-    // changed by the main thread, the monitor and the migration thread.
+    // changed by the main thread, the monitor and the migration thread, only through
+    // `transition`.
     state: Mutex<(RunState, bool)>,
     state_cond: Condvar,
+    // Lock: called (without `state` held) with the old and new run state whenever the
+    // guest starts or stops running: the monitor's STOP and RESUME events. Set once.
+    on_run_change: Mutex<Option<RunObserver>>,
+    /// `--paused`: a destination's guest stays paused after its load.
+    hold_after_load: bool,
     // Lock: the shared disks this source unlocked for the destination at the switchover
     // (the migration thread only).
     handed_over: Mutex<Vec<Arc<Disk>>>,
@@ -298,11 +314,13 @@ impl Machine {
                 if cfg.incoming {
                     RunState::InMigrate
                 } else {
-                    RunState::Paused
+                    RunState::Prelaunch
                 },
                 false,
             )),
             state_cond: Condvar::new(),
+            on_run_change: Mutex::new(None),
+            hold_after_load: cfg.paused,
             handed_over: Mutex::new(Vec::new()),
             verify: cfg.verify,
             fresh_memory: AtomicBool::new(cfg.incoming),
@@ -314,6 +332,35 @@ impl Machine {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Changes the run state with `f` (which may refuse), then wakes the waiters and,
+    /// when the guest started or stopped running, tells the observer: every transition
+    /// goes through here, so each emits its event exactly once.
+    fn transition<R>(&self, f: impl FnOnce(&mut (RunState, bool)) -> R) -> R {
+        let (old, new, r) = {
+            let mut st = self.state();
+            let old = st.0;
+            let r = f(&mut st);
+            (old, st.0, r)
+        };
+        self.state_cond.notify_all();
+        if (old == RunState::Running) != (new == RunState::Running) {
+            if let Some(o) = self
+                .on_run_change
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_ref()
+            {
+                o(old, new);
+            }
+        }
+        r
+    }
+
+    /// Calls `f(old, new)` whenever the guest starts or stops running.
+    pub fn on_run_change(&self, f: impl Fn(RunState, RunState) + Send + Sync + 'static) {
+        *self.on_run_change.lock().unwrap_or_else(|p| p.into_inner()) = Some(Box::new(f));
+    }
+
     /// The run state (a crashed guest shows as `guest-panicked`).
     pub fn run_state(&self) -> RunState {
         if self.cpus.fault().is_some() {
@@ -323,8 +370,7 @@ impl Machine {
     }
 
     fn set_state(&self, s: RunState) {
-        self.state().0 = s;
-        self.state_cond.notify_all();
+        self.transition(|st| st.0 = s);
     }
 
     /// Marks a destination as waiting for its stream: a VM started as a destination, or
@@ -334,19 +380,18 @@ impl Machine {
     /// # Errors
     /// The guest runs (or could run) here: loading over it would lose it.
     pub fn set_incoming(&self) -> Result<RunState> {
-        let mut st = self.state();
-        let was = st.0;
-        match was {
-            RunState::InMigrate | RunState::PostMigrate => st.0 = RunState::InMigrate,
-            other => bail!(
-                "the guest is {} here; only a VM started with --incoming or whose guest was migrated away \
-                 can receive one",
-                other.as_str()
-            ),
-        }
-        drop(st);
-        self.state_cond.notify_all();
-        Ok(was)
+        self.transition(|st| {
+            let was = st.0;
+            match was {
+                RunState::InMigrate | RunState::PostMigrate => *st = (RunState::InMigrate, false),
+                other => bail!(
+                    "the guest is {} here; only a VM started with --incoming or whose guest was migrated away \
+                     can receive one",
+                    other.as_str()
+                ),
+            }
+            Ok(was)
+        })
     }
 
     /// Puts back the state [`Machine::set_incoming`] left, after a failed load.
@@ -365,17 +410,37 @@ impl Machine {
         self.set_state(RunState::PostMigrate);
     }
 
-    /// Runs the vCPUs (`cont`).
+    /// Runs the vCPUs (`cont`). On a source whose guest was migrated away (`postmigrate`)
+    /// this is the operator's rollback, as QEMU allows it: the shared disks handed over
+    /// must be locked here again first, so it fails while the destination holds them.
     ///
     /// # Errors
-    /// The guest was migrated away, is being migrated, or is still being loaded.
+    /// The guest is being migrated or still being loaded, or a shared disk is held by
+    /// another process.
     pub fn start(&self) -> Result<()> {
         // Read the state first: a guard in the match would still be held in the arm.
         let state = self.state().0;
         match state {
             RunState::InMigrate => bail!("the guest is still being loaded from a migration stream"),
+            RunState::PostMigrate => {
+                self.take_back_disks().map_err(|e| {
+                    anyhow::anyhow!("{e}: the guest may be running elsewhere; stop it there first")
+                })?;
+                self.resume_from(Some(RunState::PostMigrate))
+            }
             _ => self.resume_from(None),
         }
+    }
+
+    /// Locks again the shared disks this source handed over at a switchover.
+    fn take_back_disks(&self) -> std::result::Result<(), String> {
+        let mut handed = self.handed_over.lock().unwrap_or_else(|p| p.into_inner());
+        for d in handed.iter() {
+            d.lock()
+                .map_err(|e| format!("shared disk {:?} is locked elsewhere ({e})", d.name()))?;
+        }
+        handed.clear();
+        Ok(())
     }
 
     /// Runs the guest of a destination that loaded it completely: takes the locks of the
@@ -395,25 +460,38 @@ impl Machine {
                 std::thread::sleep(std::time::Duration::from_millis(5));
             }
         }
+        // Held (`--paused`, or a `stop` while incoming): loaded, paused until `cont`.
+        let held = self.transition(|st| {
+            let held = st.0 == RunState::InMigrate && (self.hold_after_load || st.1);
+            if held {
+                *st = (RunState::Paused, false);
+            }
+            held
+        });
+        if held {
+            return Ok(());
+        }
         self.resume_from(Some(RunState::InMigrate))
     }
 
     fn resume_from(&self, required: Option<RunState>) -> Result<()> {
-        let mut st = self.state();
-        match st.0 {
-            RunState::PostMigrate => {
-                bail!("the guest was migrated away; this copy must not run again")
+        let resumed = self.transition(|st| {
+            match st.0 {
+                RunState::PostMigrate if required != Some(RunState::PostMigrate) => {
+                    bail!("the guest was migrated away; this copy must not run again")
+                }
+                RunState::FinishMigrate => bail!("a migration is completing"),
+                RunState::Running => return Ok(false),
+                s if required.is_some_and(|r| r != s) => bail!("the guest is {}", s.as_str()),
+                _ => {}
             }
-            RunState::FinishMigrate => bail!("a migration is completing"),
-            RunState::Running => return Ok(()),
-            s if required.is_some_and(|r| r != s) => bail!("the guest is {}", s.as_str()),
-            _ => {}
+            st.0 = RunState::Running;
+            self.cpus.resume();
+            Ok(true)
+        })?;
+        if resumed {
+            self.events.emit("resumed", json!({}));
         }
-        st.0 = RunState::Running;
-        drop(st);
-        self.cpus.resume();
-        self.state_cond.notify_all();
-        self.events.emit("resumed", json!({}));
         Ok(())
     }
 
@@ -423,16 +501,26 @@ impl Machine {
     /// A vCPU that cannot be stopped.
     pub fn stop(&self) -> Result<()> {
         self.cpus.pause()?;
-        let mut st = self.state();
-        match st.0 {
-            RunState::Running => st.0 = RunState::Paused,
+        let stopped = self.transition(|st| match st.0 {
+            RunState::Running => {
+                st.0 = RunState::Paused;
+                true
+            }
             // A stop during a switchover: a migration that fails must not resume it.
-            RunState::FinishMigrate => st.1 = false,
-            _ => {}
+            RunState::FinishMigrate => {
+                st.1 = false;
+                false
+            }
+            // A destination told to hold the guest once loaded.
+            RunState::InMigrate => {
+                st.1 = true;
+                false
+            }
+            _ => false,
+        });
+        if stopped {
+            self.events.emit("stopped", json!({}));
         }
-        drop(st);
-        self.state_cond.notify_all();
-        self.events.emit("stopped", json!({}));
         Ok(())
     }
 
@@ -467,12 +555,11 @@ impl VmControl for Machine {
     }
 
     fn stop_vcpus(&self) -> Result<(), SectionError> {
-        {
-            // The state changes first, so a `cont` from now on is refused.
-            let mut st = self.state();
+        // The state changes first, so a `cont` from now on is refused.
+        self.transition(|st| {
             st.1 = st.0 == RunState::Running;
             st.0 = RunState::FinishMigrate;
-        }
+        });
         self.cpus.pause().map_err(|e| format!("{e:#}"))?;
         Ok(())
     }
@@ -521,21 +608,24 @@ impl VmControl for Machine {
                 lost = Some(e.to_string());
             }
         }
-        let mut st = self.state();
-        if st.0 == RunState::FinishMigrate {
+        let resumed = self.transition(|st| {
+            if st.0 != RunState::FinishMigrate {
+                return false;
+            }
             st.0 = if st.1 {
                 RunState::Running
             } else {
                 RunState::Paused
             };
             if st.1 {
-                drop(st);
                 self.cpus.resume();
-                self.events
-                    .emit("resumed", json!({"after": "failed migration"}));
             }
+            st.1
+        });
+        if resumed {
+            self.events
+                .emit("resumed", json!({"after": "failed migration"}));
         }
-        self.state_cond.notify_all();
         match lost {
             Some(e) => Err(format!("a shared disk was taken meanwhile: {e}").into()),
             None => Ok(()),

@@ -135,9 +135,18 @@ pub struct RunArgs {
     /// first disk. Repeatable.
     #[arg(long = "drive")]
     pub drives: Vec<DriveSpec>,
-    /// QMP monitor socket, unix:PATH (mode 0600).
+    /// QMP monitor socket, unix:PATH (mode 0600; removed at exit).
     #[arg(long)]
     pub qmp: Option<String>,
+    /// Hold the guest until QMP's `cont` (QEMU's -S): a source starts in `prelaunch`, a
+    /// destination stays `paused` once loaded.
+    #[arg(short = 'S', long)]
+    pub paused: bool,
+    /// Turn the `events` migration capability on from the start (MIGRATION and
+    /// MIGRATION_PASS events, as QEMU's -global migration.x-events=on): for a destination
+    /// started with --incoming URI, which has no moment to set it over QMP.
+    #[arg(long)]
+    pub migration_events: bool,
     /// Be a destination: wait for a migration stream on this URI (tcp:HOST:PORT,
     /// unix:PATH, fd:N, exec:CMD, file:PATH) and run the guest only after a complete load;
     /// `defer`: wait for QMP's migrate-incoming to say where.
@@ -238,7 +247,7 @@ extern "C" fn on_signal(_: libc::c_int) {
 }
 
 fn install_signal_handlers() {
-    for sig in [libc::SIGINT, libc::SIGTERM] {
+    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
         // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
         unsafe {
             let mut sa: libc::sigaction = std::mem::zeroed();
@@ -302,6 +311,8 @@ fn image(a: &ImageArgs) -> Result<i32> {
 }
 
 fn run(a: &RunArgs) -> Result<i32> {
+    // First, so no state (building the VM included) ignores Ctrl-C or SIGTERM.
+    install_signal_handlers();
     if a.incoming.is_some() && a.migrate_to.is_some() {
         bail!(
             "--incoming and --migrate-to cannot be combined: start a destination, then migrate to it"
@@ -339,6 +350,7 @@ fn run(a: &RunArgs) -> Result<i32> {
             incoming: a.incoming.is_some(),
             serial,
             drives: a.drives.clone(),
+            paused: a.paused,
             verify: a.verify,
             prealloc: !a.no_prealloc,
             dirty_protect: a.dirty_log_protect,
@@ -367,98 +379,78 @@ fn run(a: &RunArgs) -> Result<i32> {
         ..MigrationParams::default()
     };
     let session = Session::new(machine.clone(), migration_params.clone(), a.verify);
-    if let Some(q) = &a.qmp {
-        let path = q
-            .strip_prefix("unix:")
-            .with_context(|| format!("--qmp takes unix:PATH, not {q:?}"))?;
-        monitor::start(std::path::Path::new(path), session.clone())?;
+    // Dropped last, however run() ends: the last replies and events go out, and the
+    // socket file goes.
+    let _monitor = match &a.qmp {
+        Some(q) => {
+            let path = q
+                .strip_prefix("unix:")
+                .with_context(|| format!("--qmp takes unix:PATH, not {q:?}"))?;
+            Some(MonitorGuard(monitor::Monitor::start(
+                std::path::Path::new(path),
+                session.clone(),
+            )?))
+        }
+        None => None,
+    };
+    if a.migration_events {
+        session.set_capability(vmm::qmp::Capability::Events, true);
     }
-    install_signal_handlers();
 
     match &a.incoming {
         Some(Incoming::Uri(uri)) => {
-            let loaded = migration::IncomingListener::bind(&machine, uri)
-                .and_then(|l| l.load(&machine, a.verify, &migration_params));
-            match loaded {
-                Ok(r) => eprintln!(
-                    "vmm: loaded {} from {uri} in {:.1} ms; the guest runs here now",
-                    progress::bytes(r.bytes),
-                    r.load_time.as_secs_f64() * 1e3
-                ),
-                Err(e) => {
-                    eprintln!("vmm: {e:#}");
-                    return Ok(1);
-                }
+            if let Err(e) = session.migrate_incoming(uri.clone()) {
+                eprintln!("vmm: {e:#}");
+                return Ok(1);
             }
         }
         Some(Incoming::Defer) if a.qmp.is_none() => {
             bail!("--incoming defer waits for QMP's migrate-incoming: give --qmp too")
         }
         Some(Incoming::Defer) => eprintln!("vmm: waiting for migrate-incoming over QMP"),
+        None if a.paused => eprintln!("vmm: the guest is held (prelaunch) until QMP's cont"),
         None => machine.start()?,
     }
-    let running_since = Instant::now();
 
     if let Some(uri) = &a.migrate_to {
-        // Ready: the built-in guest's first progress letter (after "S", the end of its first
-        // pass or its fill); another image's first byte.
-        let ready = match machine.params {
-            Some(p) if p.workload != Workload::Idle => 2,
-            _ => 1,
-        };
-        if !machine
-            .console
-            .wait_for_bytes(ready, Duration::from_secs(60))
-        {
-            eprintln!("vmm: the guest did not report progress in 60 s; migrating anyway");
-        }
-        session.migrate(uri.clone())?;
-        let show = match a.progress {
-            Progress::Always => true,
-            Progress::Never => false,
-            Progress::Auto => std::io::stderr().is_terminal(),
-        };
-        let bar = show.then(|| progress::live(session.clone()));
-        let result = session.wait_migration().expect("a migration was started");
-        if let Some(b) = bar {
-            let _ = b.join();
-        }
-        if let Some((info, ram, disk)) = session.progress() {
-            eprint!(
-                "{}",
-                progress::summary(&uri.to_string(), &info, &ram, &disk, &session.params())
-            );
-        }
-        match result {
-            Ok(_) => {
-                let (pass, mismatches) = machine.guest_status();
-                events.emit(
-                    "exit",
-                    json!({"reason": "migrated", "pass": pass, "mismatches": mismatches}),
-                );
-                return Ok(0);
-            }
-            Err(e) => eprintln!("vmm: the migration failed ({e:#}); the guest keeps running here"),
+        if let Some(code) = migrate_to(a, &session, uri)? {
+            return Ok(code);
         }
     }
 
-    let code = loop {
-        if let Some(code) = session.wait_quit(Duration::from_millis(100)) {
-            break code;
+    let mut running_since = None;
+    let (code, reason) = loop {
+        if let Some(q) = session.wait_quit(Duration::from_millis(100)) {
+            break q;
         }
         if SIGNALLED.load(Ordering::SeqCst) {
-            break 0;
+            break (0, "host-signal");
         }
-        if a.exit_after
-            .is_some_and(|s| running_since.elapsed() >= Duration::from_secs_f64(s))
+        if matches!(a.incoming, Some(Incoming::Uri(_)))
+            && running_since.is_none()
+            && !session.incoming_running()
+            && !session.wait_incoming()
         {
-            break 0;
+            // The stream did not load: nothing runs here (the source keeps its guest).
+            break (1, "host-error");
+        }
+        if running_since.is_none() && machine.run_state() == machine::RunState::Running {
+            running_since = Some(Instant::now());
+        }
+        if let (Some(s), Some(t)) = (a.exit_after, running_since) {
+            if t.elapsed() >= Duration::from_secs_f64(s) {
+                break (0, "host-qmp-quit");
+            }
         }
     };
-    // A migration still running is cancelled; a finished one may still be logging
-    // (the verify hash): wait for its thread either way.
+    // A migration still running is cancelled, an incoming one aborted (its source keeps
+    // the guest); a finished one may still be logging (the verify hash): wait for the
+    // threads either way.
     session.cancel();
+    session.abort_incoming();
+    session.wait_incoming();
     let _ = session.wait_migration();
+    session.broadcast("SHUTDOWN", json!({"guest": false, "reason": reason}));
     if machine.run_state() == machine::RunState::Running {
         machine.stop()?;
     }
@@ -472,6 +464,84 @@ fn run(a: &RunArgs) -> Result<i32> {
                "fault": machine.cpus.fault()}),
     );
     Ok(code)
+}
+
+/// Closes the monitor when `run` ends.
+struct MonitorGuard(Arc<monitor::Monitor>);
+
+impl Drop for MonitorGuard {
+    fn drop(&mut self) {
+        self.0.close(Duration::from_millis(500));
+    }
+}
+
+/// Whether the process was told to end (a signal, or QMP's quit).
+fn ending(session: &Session) -> bool {
+    SIGNALLED.load(Ordering::SeqCst) || session.wait_quit(Duration::ZERO).is_some()
+}
+
+/// `--migrate-to`: migrates once the guest shows progress. Some(exit code) when the
+/// process is done (migrated); None when the guest runs on here (the migration failed or
+/// was cancelled by a signal, which then ends the process in the main loop).
+fn migrate_to(a: &RunArgs, session: &Arc<Session>, uri: &MigrationUri) -> Result<Option<i32>> {
+    let machine = &session.machine;
+    // Ready: the built-in guest's first progress letter (after "S", the end of its first
+    // pass or its fill); another image's first byte.
+    let ready = match machine.params {
+        Some(p) if p.workload != Workload::Idle => 2,
+        _ => 1,
+    };
+    let t = Instant::now();
+    while !machine
+        .console
+        .wait_for_bytes(ready, Duration::from_millis(100))
+    {
+        if ending(session) {
+            return Ok(None);
+        }
+        if t.elapsed() >= Duration::from_secs(60) {
+            eprintln!("vmm: the guest did not report progress in 60 s; migrating anyway");
+            break;
+        }
+    }
+    session.migrate(uri.clone())?;
+    let show = match a.progress {
+        Progress::Always => true,
+        Progress::Never => false,
+        Progress::Auto => std::io::stderr().is_terminal(),
+    };
+    let bar = show.then(|| progress::live(session.clone()));
+    // A signal cancels the migration (the guest runs on here) instead of waiting for it.
+    while session.migration_running() {
+        if ending(session) {
+            session.cancel();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let result = session.wait_migration().expect("a migration was started");
+    if let Some(b) = bar {
+        let _ = b.join();
+    }
+    if let Some((info, ram, disk)) = session.progress() {
+        eprint!(
+            "{}",
+            progress::summary(&uri.to_string(), &info, &ram, &disk, &session.params())
+        );
+    }
+    match result {
+        Ok(_) => {
+            let (pass, mismatches) = machine.guest_status();
+            machine.events.emit(
+                "exit",
+                json!({"reason": "migrated", "pass": pass, "mismatches": mismatches}),
+            );
+            Ok(Some(0))
+        }
+        Err(e) => {
+            eprintln!("vmm: the migration failed ({e:#}); the guest keeps running here");
+            Ok(None)
+        }
+    }
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! Migrating a `Machine`: the sections it is made of, the outgoing migration thread and
 //! the incoming load.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Instant, SystemTime};
@@ -303,6 +304,49 @@ fn watch_extra(
     (stop, t)
 }
 
+/// Aborts an incoming migration from another thread (a signal, `quit`): a blocked
+/// accept or read returns at once, and a load that completed meanwhile is not
+/// acknowledged, so the source keeps its guest.
+#[derive(Default)]
+pub struct Abort {
+    aborted: AtomicBool,
+    // Lock: what interrupts the current wait (the listener's, then the stream's); set by
+    // the incoming thread, used by `abort`.
+    handle: Mutex<Option<qemu_file::ShutdownHandle>>,
+}
+
+impl Abort {
+    /// Aborts: interrupts whatever the incoming thread waits for now or later.
+    pub fn abort(&self) {
+        self.aborted.store(true, Ordering::SeqCst);
+        if let Some(h) = self
+            .handle
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            h.shutdown();
+        }
+    }
+
+    /// Whether it was aborted.
+    pub fn aborted(&self) -> bool {
+        self.aborted.load(Ordering::SeqCst)
+    }
+
+    /// What interrupts the thread's wait from now on; an abort that came first takes
+    /// effect at once.
+    fn set(&self, h: Option<qemu_file::ShutdownHandle>) {
+        let mut slot = self.handle.lock().unwrap_or_else(|p| p.into_inner());
+        *slot = h;
+        if self.aborted() {
+            if let Some(h) = slot.as_ref() {
+                h.shutdown();
+            }
+        }
+    }
+}
+
 /// What an incoming migration did.
 #[derive(Debug)]
 pub struct IncomingReport {
@@ -362,9 +406,11 @@ impl IncomingListener {
         machine: &Arc<Machine>,
         verify: bool,
         params: &MigrationParams,
+        abort: &Abort,
+        on_connect: impl FnOnce(),
     ) -> Result<IncomingReport> {
         let previous = self.previous;
-        let r = load_incoming(machine, self, verify, params);
+        let r = load_incoming(machine, self, verify, params, abort, on_connect);
         if r.is_err() {
             machine.incoming_failed(previous);
         }
@@ -377,6 +423,8 @@ fn load_incoming(
     incoming: IncomingListener,
     verify: bool,
     params: &MigrationParams,
+    abort: &Abort,
+    on_connect: impl FnOnce(),
 ) -> Result<IncomingReport> {
     let events = &machine.events;
     let uri = &incoming.uri;
@@ -390,11 +438,18 @@ fn load_incoming(
     } else {
         0
     };
-    let accepted = incoming.listener.accept_with_channels(channels)?;
+    abort.set(incoming.listener.shutdown_handle());
+    let accepted = incoming.listener.accept_with_channels(channels);
+    if abort.aborted() {
+        bail!("the incoming migration was aborted before the source connected");
+    }
+    let accepted = accepted?;
     let (transport, channels) = (accepted.main, accepted.channels);
     let t0 = Instant::now();
     events.emit("incoming-connected", json!({"channels": channels.len()}));
+    on_connect();
     let mut f = QemuFile::new(transport);
+    abort.set(f.shutdown_handle());
     let fresh = machine.take_fresh_memory();
     let stats = Arc::new(RamStats::default());
     let receiver = match channels.is_empty() {
@@ -447,6 +502,13 @@ fn load_incoming(
             .apply_loaded()
             .map(|_| r)
             .context("applying the vCPU state")
+    });
+    // Told to stop while loading: the source must not hear that it loaded.
+    let loaded = loaded.and_then(|r| match abort.aborted() {
+        true => Err(anyhow!(
+            "the incoming migration was aborted (this process is ending)"
+        )),
+        false => Ok(r),
     });
     let report = match loaded {
         Ok(r) => r,

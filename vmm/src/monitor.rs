@@ -1,86 +1,83 @@
-//! The QMP monitor: QEMU's Machine Protocol (JSON over a unix socket), so existing QMP
-//! clients can drive vmm: greeting, `qmp_capabilities`, commands, events.
+//! The QMP monitor: QEMU's Machine Protocol on a unix socket, as QEMU 7.2 speaks it, so
+//! stock clients (qemu.qmp, qmp-shell, libvirt, the `qapi` crate) drive vmm: the greeting,
+//! `qmp_capabilities`, a JSON stream of commands in, replies and events out, each ended
+//! by `\r\n`. The commands are those of [`vmm::qmp::schema::COMMANDS`]; docs/qmp.md lists
+//! them with every difference from QEMU.
 //!
-//! Commands: `qmp_capabilities`, `query-status`, `stop`, `cont`, `quit`, `migrate`,
-//! `migrate-incoming`,
-//! `migrate_cancel`, `query-migrate`, `migrate-set-parameters`,
-//! `query-migrate-parameters`, `migrate-set-capabilities`, `query-migrate-capabilities`,
-//! `x-query-guest` (the built-in guest's pass and stale-page counters, the vCPU throttle). Events:
-//! `MIGRATION`, `STOP`, `RESUME`, `SHUTDOWN`.
+//! Each client has a reader (this module's `serve`) and a writer thread fed by one
+//! queue, so replies and events keep their order and no sender ever blocks on a slow
+//! client: one whose queue is full is disconnected. A client that goes is forgotten at
+//! once, its threads and descriptors with it.
 
+use std::collections::HashMap;
 use std::fs;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{IoSliceMut, Write};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{SyncSender, sync_channel};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
+use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
+use qemu_file::MigrationUri;
 use serde_json::{Value, json};
 
+use crate::machine::RunState;
 use crate::session::Session;
-use vmm::qmp::{self, Capability, MAX_COMMAND, Parameter, QmpError, Request};
+use vmm::qmp::json::JsonStreamer;
+use vmm::qmp::{self, Capability, MAX_COMMAND, QmpError, Request, Target, hmp, schema};
 
-/// Starts the monitor on the unix socket `path` (mode 0600).
-///
-/// # Errors
-/// The socket cannot be created.
-pub fn start(path: &Path, session: Arc<Session>) -> Result<()> {
-    if let Ok(m) = fs::symlink_metadata(path) {
-        if m.file_type().is_socket() {
-            fs::remove_file(path)?;
-        } else {
-            bail!("{} exists and is not a socket", path.display());
-        }
-    }
-    let listener =
-        qemu_file::bind_private(path).with_context(|| format!("QMP socket {}", path.display()))?;
-    let clients: Arc<Mutex<Vec<Client>>> = Arc::new(Mutex::new(Vec::new()));
-    let c = clients.clone();
-    session.listen(move |name, data| {
-        let ev = event(name, data).to_string();
-        // Never block the thread that sends the event (it may be the migration thread):
-        // a client that does not keep up is disconnected.
-        c.lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .retain(|cl| match cl.tx.try_send(ev.clone()) {
-                Ok(()) => true,
-                Err(_) => {
-                    let _ = cl.sock.shutdown(std::net::Shutdown::Both);
-                    false
-                }
-            });
-    });
-    let path: PathBuf = path.to_path_buf();
-    std::thread::Builder::new()
-        .name("qmp".into())
-        .spawn(move || {
-            for conn in listener.incoming().flatten() {
-                let (s, cl) = (session.clone(), clients.clone());
-                let _ = std::thread::Builder::new()
-                    .name("qmp-client".into())
-                    .spawn(move || serve(conn, s, cl));
-            }
-            let _ = fs::remove_file(path);
-        })?;
-    Ok(())
-}
-
-/// A client that receives events: its outgoing queue and its socket.
-struct Client {
-    tx: SyncSender<String>,
-    sock: UnixStream,
-}
-
-/// Queued after the reply to `quit`: the writer then ends the process (no JSON line starts
-/// with a NUL byte).
-const QUIT_AFTER_REPLY: &str = "\0quit";
+/// The QEMU version whose QMP vmm speaks (greeting, `query-version`): clients pick their
+/// dialect from it. `package` says it is vmm.
+pub const QEMU_VERSION: (u32, u32, u32) = (7, 2, 0);
 
 /// Messages a client may have waiting before it is considered stuck.
 const CLIENT_QUEUE: usize = 256;
 
+/// Descriptors a client may send ahead of its `getfd` commands.
+const MAX_PENDING_FDS: usize = 8;
+
+/// Descriptors `getfd` may keep at once.
+const MAX_NAMED_FDS: usize = 64;
+
+/// The monitor of one vmm process.
+pub struct Monitor {
+    session: Arc<Session>,
+    path: PathBuf,
+    // Lock: the clients that completed negotiation (they receive events); each is removed
+    // by its reader when it goes, or by a broadcast that finds it stuck.
+    clients: Mutex<Vec<Client>>,
+    // Lock: descriptors kept by `getfd`, by name; taken by `migrate fd:NAME`,
+    // `migrate-incoming fd:NAME` and `closefd`. They outlive the client that sent them,
+    // as in QEMU.
+    fds: Mutex<HashMap<String, OwnedFd>>,
+    next_client: AtomicU64,
+}
+
+/// What goes out to a client, in order.
+enum Out {
+    /// A reply or an event.
+    Line(String),
+    /// Everything before is written: tell the sender.
+    Flushed(SyncSender<()>),
+}
+
+/// A negotiated client: its id, its outgoing queue and its socket.
+struct Client {
+    id: u64,
+    tx: SyncSender<Out>,
+    sock: UnixStream,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A QMP event with QEMU's timestamp.
 fn event(name: &str, data: Value) -> Value {
     let t = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -95,92 +92,330 @@ fn event(name: &str, data: Value) -> Value {
     v
 }
 
-fn serve(conn: UnixStream, session: Arc<Session>, clients: Arc<Mutex<Vec<Client>>>) {
-    let (Ok(mut w), Ok(sock)) = (conn.try_clone(), conn.try_clone()) else {
-        return;
-    };
-    // Replies and events leave through one queue, written by the client's own thread.
-    // `quit` is carried out by that thread once its reply is written.
-    let (tx, rx) = sync_channel::<String>(CLIENT_QUEUE);
-    let s2 = session.clone();
-    let writer = std::thread::Builder::new()
-        .name("qmp-writer".into())
-        .spawn(move || {
-            for line in rx {
-                if line == QUIT_AFTER_REPLY {
-                    let _ = w.flush();
-                    s2.request_quit(0);
-                    break;
-                }
-                if writeln!(w, "{line}").is_err() {
-                    break;
-                }
+impl Monitor {
+    /// Starts the monitor on the unix socket `path` (mode 0600).
+    ///
+    /// # Errors
+    /// The socket cannot be created, or `path` is something else than a socket.
+    pub fn start(path: &Path, session: Arc<Session>) -> Result<Arc<Monitor>> {
+        if let Ok(m) = fs::symlink_metadata(path) {
+            if m.file_type().is_socket() {
+                fs::remove_file(path)?;
+            } else {
+                bail!("{} exists and is not a socket", path.display());
+            }
+        }
+        let listener = qemu_file::bind_private(path)
+            .with_context(|| format!("QMP socket {}", path.display()))?;
+        let mon = Arc::new(Monitor {
+            session: session.clone(),
+            path: path.to_path_buf(),
+            clients: Mutex::new(Vec::new()),
+            fds: Mutex::new(HashMap::new()),
+            next_client: AtomicU64::new(0),
+        });
+        let weak = Arc::downgrade(&mon);
+        session.listen(move |name, data| {
+            if let Some(m) = weak.upgrade() {
+                m.broadcast(name, data);
             }
         });
-    if writer.is_err() {
-        return;
+        let m = mon.clone();
+        std::thread::Builder::new()
+            .name("qmp".into())
+            .spawn(move || {
+                for conn in listener.incoming().flatten() {
+                    let m = m.clone();
+                    let _ = std::thread::Builder::new()
+                        .name("qmp-client".into())
+                        .spawn(move || m.serve(conn));
+                }
+            })?;
+        Ok(mon)
     }
-    let send = |v: Value| tx.send(v.to_string()).is_ok();
-    let greeting = json!({"QMP": {
-        "version": {"qemu": {"major": 0, "minor": 1, "micro": 0}, "package": "vmm"},
-        "capabilities": [],
-    }});
-    if !send(greeting) {
-        return;
+
+    /// Sends an event to every negotiated client. Never blocks the caller (it may be the
+    /// migration thread): a client that does not keep up is disconnected.
+    fn broadcast(&self, name: &str, data: Value) {
+        let ev = event(name, data).to_string();
+        lock(&self.clients).retain(|cl| match cl.tx.try_send(Out::Line(ev.clone())) {
+            Ok(()) => true,
+            Err(_) => {
+                let _ = cl.sock.shutdown(std::net::Shutdown::Both);
+                false
+            }
+        });
     }
-    let mut reader = BufReader::new(conn);
-    let mut negotiated = false;
-    let mut line = Vec::new();
-    loop {
-        // One command per line, as QMP clients send them; a longer line is refused and
-        // ends the connection.
-        line.clear();
-        match (&mut reader)
-            .take(MAX_COMMAND as u64 + 1)
-            .read_until(b'\n', &mut line)
+
+    /// Waits up to `timeout` until what was queued for every client is written (the
+    /// last replies and events before the process exits), then removes the socket file.
+    pub fn close(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        let acks: Vec<_> = lock(&self.clients)
+            .iter()
+            .filter_map(|cl| {
+                let (tx, rx) = sync_channel(1);
+                cl.tx.try_send(Out::Flushed(tx)).ok().map(|_| rx)
+            })
+            .collect();
+        for rx in acks {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let _ = rx.recv_timeout(left);
+        }
+        let _ = fs::remove_file(&self.path);
+    }
+
+    fn serve(self: Arc<Self>, conn: UnixStream) {
+        let Ok(w) = conn.try_clone() else {
+            return;
+        };
+        let (tx, rx) = sync_channel::<Out>(CLIENT_QUEUE);
+        if std::thread::Builder::new()
+            .name("qmp-writer".into())
+            .spawn(move || write_out(w, rx))
+            .is_err()
         {
-            Ok(0) | Err(_) => break,
-            Ok(_) => {}
+            return;
         }
-        if line.iter().all(u8::is_ascii_whitespace) {
-            continue;
+        let id = self.next_client.fetch_add(1, Ordering::Relaxed);
+        let (major, minor, micro) = QEMU_VERSION;
+        let greeting = json!({"QMP": {
+            "version": {"qemu": {"major": major, "minor": minor, "micro": micro},
+                        "package": concat!("vmm-", env!("CARGO_PKG_VERSION"))},
+            "capabilities": [],
+        }});
+        let mut client = ClientState {
+            tx: tx.clone(),
+            negotiated: false,
+            pending_fds: Vec::new(),
+        };
+        if client.send(greeting).is_ok() {
+            self.read_loop(&conn, id, &mut client);
         }
-        let too_long = line.len() > MAX_COMMAND;
-        let cmd = qmp::parse(&line);
-        let quit = negotiated && cmd.request == Ok(Request::Quit);
-        let result = match (cmd.request, negotiated) {
-            (Ok(Request::Capabilities), false) => {
-                negotiated = true;
-                if let Ok(sock) = sock.try_clone() {
-                    clients
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .push(Client {
-                            tx: tx.clone(),
-                            sock,
-                        });
+        // Gone: forget it now (its queue and socket with it), not at the next event.
+        lock(&self.clients).retain(|c| c.id != id);
+        let _ = conn.shutdown(std::net::Shutdown::Both);
+    }
+
+    fn read_loop(&self, conn: &UnixStream, id: u64, client: &mut ClientState) {
+        let mut streamer = JsonStreamer::new(MAX_COMMAND);
+        let mut buf = vec![0u8; 16 * 1024];
+        let mut messages = Vec::new();
+        loop {
+            let n = match receive(conn, &mut buf, &mut client.pending_fds) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            streamer.feed(&buf[..n], &mut messages);
+            for msg in messages.drain(..) {
+                let cmd = qmp::command(msg);
+                let quit = client.negotiated && cmd.request == Ok(Request::Quit);
+                let result = match cmd.request {
+                    Ok(Request::Capabilities { oob }) if !client.negotiated => {
+                        if oob {
+                            Err(QmpError::generic("Capability 'oob' not available"))
+                        } else {
+                            client.negotiated = true;
+                            if let Ok(sock) = conn.try_clone() {
+                                lock(&self.clients).push(Client {
+                                    id,
+                                    tx: client.tx.clone(),
+                                    sock,
+                                });
+                            }
+                            Ok(json!({}))
+                        }
+                    }
+                    Ok(_) if !client.negotiated => Err(QmpError {
+                        class: "CommandNotFound",
+                        desc: "Expecting capabilities negotiation with 'qmp_capabilities'".into(),
+                    }),
+                    Ok(Request::Capabilities { .. }) => Err(QmpError {
+                        class: "CommandNotFound",
+                        desc: "Capabilities negotiation is already complete, command ignored"
+                            .into(),
+                    }),
+                    Ok(request) => self.execute(request, client),
+                    Err(e) => Err(e),
+                };
+                let mut reply = match result {
+                    Ok(v) => json!({"return": v}),
+                    Err(e) => e.to_reply(),
+                };
+                if let Some(id) = cmd.id {
+                    reply["id"] = id;
+                }
+                if client.send(reply).is_err() {
+                    return;
+                }
+                if quit {
+                    // The reply is queued first; the main thread emits SHUTDOWN and
+                    // waits for the queues to drain before the process ends.
+                    self.session.request_quit(0, "host-qmp-quit");
+                }
+            }
+        }
+    }
+
+    fn execute(&self, request: Request, client: &mut ClientState) -> Result<Value, QmpError> {
+        let session = &self.session;
+        let m = &session.machine;
+        match request {
+            Request::QueryVersion => {
+                let (major, minor, micro) = QEMU_VERSION;
+                Ok(json!({"qemu": {"major": major, "minor": minor, "micro": micro},
+                          "package": concat!("vmm-", env!("CARGO_PKG_VERSION"))}))
+            }
+            Request::QueryCommands => Ok(schema::query_commands()),
+            Request::QuerySchema => Ok(schema::query_qmp_schema()),
+            Request::QueryName => Ok(json!({})),
+            Request::QueryKvm => {
+                let kvm = m.cpus.name() == "kvm";
+                Ok(json!({"enabled": kvm, "present": kvm || crate::kvm::available()}))
+            }
+            Request::QueryTarget => Ok(json!({"arch": "x86_64"})),
+            Request::QueryCpusFast => Ok(Value::Array(
+                m.cpus
+                    .thread_ids()
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, tid)| {
+                        json!({"cpu-index": i, "qom-path": format!("/machine/unattached/device[{i}]"),
+                               "thread-id": tid, "target": "x86_64",
+                               "props": {"core-id": 0, "thread-id": 0, "socket-id": i}})
+                    })
+                    .collect(),
+            )),
+            Request::QueryStatus => Ok(status_json(m.run_state())),
+            Request::Stop => m.stop().map(|_| json!({})).map_err(generic),
+            Request::Cont => m.start().map(|_| json!({})).map_err(generic),
+            Request::Quit => Ok(json!({})),
+            Request::Migrate(t) => {
+                let uri = self.resolve(t)?;
+                session.migrate(uri).map_err(generic)?;
+                Ok(json!({}))
+            }
+            // QEMU answers {}; the bound address is added (a tcp port 0 is chosen here).
+            Request::MigrateIncoming(t) => {
+                let uri = self.resolve(t)?;
+                let local = session.migrate_incoming(uri).map_err(generic)?;
+                Ok(json!({"uri": local.to_string()}))
+            }
+            Request::MigrateCancel => {
+                session.cancel();
+                Ok(json!({}))
+            }
+            Request::MigrateContinue(state) => {
+                session.migrate_continue(&state).map_err(generic)?;
+                Ok(json!({}))
+            }
+            Request::QueryMigrate => Ok(session.query_migrate()),
+            Request::SetParameters(list) => {
+                let mut p = session.params();
+                for param in list {
+                    param.apply(&mut p);
+                }
+                session.set_params(p);
+                Ok(json!({}))
+            }
+            Request::QueryParameters => Ok(qmp::migration::query_parameters(&session.params())),
+            Request::SetCapabilities(list) => {
+                if session.migration_running() {
+                    return Err(generic("There's a migration process in progress"));
+                }
+                for (cap, on) in list {
+                    session.set_capability(cap, on);
                 }
                 Ok(json!({}))
             }
-            (Ok(_), false) => Err(QmpError {
-                class: "CommandNotFound",
-                desc: "Expecting capabilities negotiation with 'qmp_capabilities'".into(),
-            }),
-            (Ok(request), true) => execute(&session, request),
-            (Err(e), _) => Err(e),
-        };
-        let mut reply = match result {
-            Ok(v) => json!({"return": v}),
-            Err(e) => e.to_reply(),
-        };
-        if let Some(id) = cmd.id {
-            reply["id"] = id;
+            Request::QueryCapabilities => Ok(qmp::migration::query_capabilities(|c: Capability| {
+                session.capability(c)
+            })),
+            Request::GetFd(name) => {
+                let fd = client.pending_fds.pop().ok_or_else(|| {
+                    generic("No file descriptor supplied via SCM_RIGHTS")
+                })?;
+                let mut fds = lock(&self.fds);
+                if fds.len() >= MAX_NAMED_FDS && !fds.contains_key(&name) {
+                    return Err(generic(format!(
+                        "At most {MAX_NAMED_FDS} descriptors may be kept; closefd some first"
+                    )));
+                }
+                // Replacing a name closes the descriptor it had, as in QEMU.
+                fds.insert(name, fd);
+                Ok(json!({}))
+            }
+            Request::CloseFd(name) => match lock(&self.fds).remove(&name) {
+                Some(_) => Ok(json!({})),
+                None => Err(generic(format!(
+                    "File descriptor named '{}' not found",
+                    qmp_name(&name)
+                ))),
+            },
+            Request::Hmp(line) => self.hmp(&line, client).map(Value::String),
+            Request::QueryGuest => {
+                if m.run_state() == RunState::InMigrate {
+                    // Guest memory is being written by the load: nothing to read yet.
+                    return Ok(
+                        json!({"pass": 0, "mismatches": 0, "serial-bytes": 0, "accel": m.cpus.name(),
+                                     "loading": true}),
+                    );
+                }
+                let (pass, mismatches) = m.guest_status();
+                Ok(
+                    json!({"pass": pass, "mismatches": mismatches, "serial-bytes": m.console.bytes(),
+                          "accel": m.cpus.name(), "cpu-throttle": m.cpus.throttle()}),
+                )
+            }
+            // Handled by the reader (negotiation is per client).
+            Request::Capabilities { .. } => Err(generic("qmp_capabilities is handled per client")),
         }
-        if !send(reply) || too_long {
-            break;
+    }
+
+    /// `fd:NAME` becomes the descriptor `getfd` kept under NAME (taken out of the table,
+    /// as QEMU does: the migration owns it now).
+    fn resolve(&self, t: Target) -> Result<MigrationUri, QmpError> {
+        match t {
+            Target::Uri(u) => Ok(u),
+            Target::NamedFd(name) => match lock(&self.fds).remove(&name) {
+                Some(fd) => Ok(MigrationUri::Fd(fd.into_raw_fd())),
+                None => Err(QmpError::generic(format!(
+                    "File descriptor named '{}' has not been found",
+                    qmp_name(&name)
+                ))),
+            },
         }
-        if quit {
-            let _ = tx.send(QUIT_AFTER_REPLY.to_string());
+    }
+
+    /// `human-monitor-command`: the HMP commands people and qmp-shell -H use, each the
+    /// same as its QMP counterpart, printed as QEMU prints it.
+    fn hmp(&self, line: &str, client: &mut ClientState) -> Result<String, QmpError> {
+        let cmd = hmp::parse(line).map_err(QmpError::generic)?;
+        let text = match cmd {
+            hmp::Command::Request(r) => {
+                let v = self.execute(r.clone(), client)?;
+                hmp::print(&r, &v)
+            }
+            hmp::Command::Help => hmp::help(),
+        };
+        Ok(text.replace('\n', "\r\n"))
+    }
+}
+
+/// A client's per-connection state (QEMU's monitor session).
+struct ClientState {
+    tx: SyncSender<Out>,
+    negotiated: bool,
+    /// Descriptors received with messages, for the next `getfd`.
+    pending_fds: Vec<OwnedFd>,
+}
+
+impl ClientState {
+    /// Queues a reply. Err if the client is gone or stuck (its queue full).
+    fn send(&self, v: Value) -> Result<(), ()> {
+        match self.tx.try_send(Out::Line(v.to_string())) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => Err(()),
         }
     }
 }
@@ -189,129 +424,63 @@ fn generic(e: impl std::fmt::Display) -> QmpError {
     QmpError::generic(e)
 }
 
-fn execute(session: &Arc<Session>, request: Request) -> Result<Value, QmpError> {
-    let m = &session.machine;
-    match request {
-        Request::QueryStatus => {
-            let st = m.run_state();
-            Ok(
-                json!({"status": st.as_str(), "running": st == crate::machine::RunState::Running, "singlestep": false}),
-            )
-        }
-        Request::Stop => {
-            m.stop().map_err(generic)?;
-            session.broadcast("STOP", Value::Null);
-            Ok(json!({}))
-        }
-        Request::Cont => {
-            m.start().map_err(generic)?;
-            session.broadcast("RESUME", Value::Null);
-            Ok(json!({}))
-        }
-        Request::Quit => {
-            session.broadcast(
-                "SHUTDOWN",
-                json!({"guest": false, "reason": "host-qmp-quit"}),
-            );
-            Ok(json!({}))
-        }
-        Request::Migrate(uri) => {
-            session.migrate(uri).map_err(generic)?;
-            Ok(json!({}))
-        }
-        // QEMU answers {}; the bound address is added (a tcp port 0 is chosen here).
-        Request::MigrateIncoming(uri) => {
-            let local = session.migrate_incoming(uri).map_err(generic)?;
-            Ok(json!({"uri": local.to_string()}))
-        }
-        Request::MigrateCancel => {
-            session.cancel();
-            Ok(json!({}))
-        }
-        Request::QueryMigrate => Ok(session.query_migrate()),
-        Request::SetParameters(list) => {
-            let mut p = session.params();
-            for param in list {
-                match param {
-                    Parameter::DowntimeLimit(d) => p.downtime_limit = d,
-                    Parameter::MaxBandwidth(n) => p.max_bandwidth = n,
-                    Parameter::CpuThrottleInitial(n) => p.cpu_throttle_initial = n,
-                    Parameter::CpuThrottleIncrement(n) => p.cpu_throttle_increment = n,
-                    Parameter::MaxCpuThrottle(n) => p.max_cpu_throttle = n,
-                    Parameter::ThrottleTriggerThreshold(n) => p.throttle_trigger_threshold = n,
-                    Parameter::StallTimeout(d) => p.stall_timeout = d,
-                    Parameter::MultifdChannels(n) => p.multifd_channels = n,
-                    Parameter::MultifdCompression(c) => p.multifd_compression = c,
-                    Parameter::MultifdZstdLevel(n) => p.multifd_zstd_level = n,
+/// `query-status`' answer.
+pub fn status_json(st: RunState) -> Value {
+    json!({"status": st.as_str(), "running": st == RunState::Running, "singlestep": false})
+}
+
+fn qmp_name(s: &str) -> String {
+    s.chars().take(64).collect()
+}
+
+/// The writer thread: each message then `\r\n`, as QEMU ends them.
+fn write_out(mut w: UnixStream, rx: Receiver<Out>) {
+    for out in rx {
+        match out {
+            Out::Line(line) => {
+                let mut bytes = line.into_bytes();
+                bytes.extend_from_slice(b"\r\n");
+                if w.write_all(&bytes).is_err() {
+                    break;
                 }
             }
-            session.set_params(p);
-            Ok(json!({}))
-        }
-        Request::QueryParameters => {
-            let p = session.params();
-            Ok(json!({
-                "downtime-limit": p.downtime_limit.as_millis() as u64,
-                "max-bandwidth": p.max_bandwidth,
-                "cpu-throttle-initial": p.cpu_throttle_initial,
-                "cpu-throttle-increment": p.cpu_throttle_increment,
-                "max-cpu-throttle": p.max_cpu_throttle,
-                "throttle-trigger-threshold": p.throttle_trigger_threshold,
-                "x-stall-timeout": p.stall_timeout.as_millis() as u64,
-                "multifd-channels": p.multifd_channels,
-                "multifd-compression": p.multifd_compression.as_str(),
-                "multifd-zstd-level": p.multifd_zstd_level,
-            }))
-        }
-        Request::SetCapabilities(list) => {
-            if session.migration_running() {
-                return Err(generic("There's a migration process in progress"));
+            Out::Flushed(ack) => {
+                let _ = ack.try_send(());
             }
-            for (cap, on) in list {
-                match cap {
-                    // MIGRATION events are always sent (the parser refuses turning them off).
-                    Capability::Events => {}
-                    // Off: the source does not wait for the destination's answer (for a
-                    // destination that never sends one).
-                    Capability::ReturnPath => session.set_return_path(on),
-                    Capability::AutoConverge => {
-                        let mut p = session.params();
-                        p.auto_converge = on;
-                        session.set_params(p);
-                    }
-                    Capability::Multifd => {
-                        let mut p = session.params();
-                        p.multifd = on;
-                        session.set_params(p);
-                    }
-                }
-            }
-            Ok(json!({}))
         }
-        Request::QueryCapabilities => Ok(json!([
-            {"capability": "events", "state": true},
-            {"capability": "return-path", "state": session.return_path()},
-            {"capability": "auto-converge", "state": session.params().auto_converge},
-            {"capability": "multifd", "state": session.params().multifd},
-        ])),
-        Request::QueryGuest => {
-            if m.run_state() == crate::machine::RunState::InMigrate {
-                // Guest memory is being written by the load: nothing to read yet.
-                return Ok(
-                    json!({"pass": 0, "mismatches": 0, "serial-bytes": 0, "accel": m.cpus.name(),
-                                 "loading": true}),
-                );
-            }
-            let (pass, mismatches) = m.guest_status();
-            Ok(
-                json!({"pass": pass, "mismatches": mismatches, "serial-bytes": m.console.bytes(),
-                      "accel": m.cpus.name(), "cpu-throttle": m.cpus.throttle()}),
-            )
-        }
-        // Handled by the connection (negotiation is per client).
-        Request::Capabilities => Err(QmpError {
-            class: "CommandNotFound",
-            desc: "Capabilities negotiation is already complete, command ignored".into(),
-        }),
     }
+    let _ = w.shutdown(std::net::Shutdown::Both);
+}
+
+/// Reads what the client sent, keeping the descriptors that came with it (SCM_RIGHTS)
+/// for `getfd`; beyond [`MAX_PENDING_FDS`] the oldest are closed.
+fn receive(conn: &UnixStream, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> std::io::Result<usize> {
+    let mut cmsg = nix::cmsg_space!([RawFd; MAX_PENDING_FDS]);
+    let mut iov = [IoSliceMut::new(buf)];
+    let msg = loop {
+        match recvmsg::<()>(
+            conn.as_raw_fd(),
+            &mut iov,
+            Some(&mut cmsg),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        ) {
+            Ok(m) => break m,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    };
+    let n = msg.bytes;
+    for c in msg.cmsgs().into_iter().flatten() {
+        if let ControlMessageOwned::ScmRights(received) = c {
+            for fd in received {
+                // SAFETY: the kernel just gave us this descriptor; nothing else owns it.
+                fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
+            }
+        }
+    }
+    if fds.len() > MAX_PENDING_FDS {
+        let extra = fds.len() - MAX_PENDING_FDS;
+        fds.drain(..extra);
+    }
+    Ok(n)
 }

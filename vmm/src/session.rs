@@ -1,6 +1,7 @@
 //! `Session`: one vmm process's VM and what steers it: the migration parameters, the
 //! current outgoing migration, and the request to quit. The CLI and the monitor share it.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -10,10 +11,21 @@ use qemu_file::MigrationUri;
 use savevm::{MigrationInfo, MigrationParams, MigrationStatus};
 use serde_json::{Value, json};
 
-use crate::machine::Machine;
-use crate::migration::{IncomingListener, Outgoing, ms};
+use crate::machine::{Machine, RunState};
+use crate::migration::{Abort, IncomingListener, Outgoing, ms};
+use vmm::qmp::Capability;
 
 type Listener = Box<dyn Fn(&str, Value) + Send + Sync>;
+
+/// An incoming migration: its state for `query-migrate`, and how to abort it.
+struct Incoming {
+    status: MigrationStatus,
+    started: Instant,
+    ended: Option<Instant>,
+    error: Option<String>,
+    abort: Arc<Abort>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
 
 /// A vmm process's VM and its controls.
 pub struct Session {
@@ -25,14 +37,20 @@ pub struct Session {
     // `migrate-set-parameters`.
     params: Mutex<MigrationParams>,
     /// The `return-path` capability: await the destination's answer on sockets.
-    return_path: std::sync::atomic::AtomicBool,
+    return_path: AtomicBool,
+    /// The `events` capability: MIGRATION and MIGRATION_PASS events (off by default, as
+    /// in QEMU).
+    events: AtomicBool,
     // Lock: the current or last outgoing migration; set by `migrate`, read by queries.
     outgoing: Mutex<Option<Arc<Outgoing>>>,
-    // Lock: whether an incoming migration (`migrate-incoming`) waits or loads; held while
-    // one is being set up.
-    incoming: Mutex<bool>,
-    // Lock: set once to the process's exit code; `quit_cond` wakes the main thread.
-    quit: Mutex<Option<i32>>,
+    // Lock: the current or last incoming migration; set by `migrate_incoming` while one
+    // is being set up, updated by its thread.
+    incoming: Mutex<Option<Incoming>>,
+    /// Whether the last migration to start was incoming (`query-migrate` shows it).
+    last_incoming: AtomicBool,
+    // Lock: set once to the process's exit code and the SHUTDOWN event's reason;
+    // `quit_cond` wakes the main thread.
+    quit: Mutex<Option<(i32, &'static str)>>,
     quit_cond: Condvar,
     // Lock: event listeners (the monitor's clients), called with the event name and data.
     listeners: Mutex<Vec<Listener>>,
@@ -43,19 +61,67 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Session {
-    /// A session around `machine`.
+    /// A session around `machine`. Its listeners hear STOP and RESUME whenever the guest
+    /// stops or starts running, whoever caused it.
     pub fn new(machine: Arc<Machine>, params: MigrationParams, verify: bool) -> Arc<Self> {
-        Arc::new(Session {
+        let s = Arc::new(Session {
             machine,
             verify,
             params: Mutex::new(params),
-            return_path: std::sync::atomic::AtomicBool::new(true),
+            return_path: AtomicBool::new(true),
+            events: AtomicBool::new(false),
             outgoing: Mutex::new(None),
-            incoming: Mutex::new(false),
+            incoming: Mutex::new(None),
+            last_incoming: AtomicBool::new(false),
             quit: Mutex::new(None),
             quit_cond: Condvar::new(),
             listeners: Mutex::new(Vec::new()),
-        })
+        });
+        let me = Arc::downgrade(&s);
+        s.machine.on_run_change(move |_, new| {
+            if let Some(s) = me.upgrade() {
+                let name = if new == RunState::Running {
+                    "RESUME"
+                } else {
+                    "STOP"
+                };
+                s.broadcast(name, Value::Null);
+            }
+        });
+        s
+    }
+
+    /// Sends a MIGRATION event, if the `events` capability is on.
+    fn migration_event(&self, status: MigrationStatus) {
+        if self.events.load(Ordering::SeqCst) {
+            self.broadcast("MIGRATION", json!({"status": status.as_str()}));
+        }
+    }
+
+    /// Whether a capability is on.
+    pub fn capability(&self, c: Capability) -> bool {
+        match c {
+            Capability::Events => self.events.load(Ordering::SeqCst),
+            Capability::ReturnPath => self.return_path(),
+            Capability::AutoConverge => self.params().auto_converge,
+            Capability::Multifd => self.params().multifd,
+            Capability::PauseBeforeSwitchover => self.params().pause_before_switchover,
+        }
+    }
+
+    /// Turns a capability on or off, for the next migration.
+    pub fn set_capability(&self, c: Capability, on: bool) {
+        let mut p = self.params();
+        match c {
+            Capability::Events => return self.events.store(on, Ordering::SeqCst),
+            // Off: the source does not wait for the destination's answer (for a
+            // destination that never sends one).
+            Capability::ReturnPath => return self.set_return_path(on),
+            Capability::AutoConverge => p.auto_converge = on,
+            Capability::Multifd => p.multifd = on,
+            Capability::PauseBeforeSwitchover => p.pause_before_switchover = on,
+        }
+        self.set_params(p);
     }
 
     /// Adds an event listener (QMP events).
@@ -95,13 +161,12 @@ impl Session {
 
     /// The `return-path` capability.
     pub fn return_path(&self) -> bool {
-        self.return_path.load(std::sync::atomic::Ordering::SeqCst)
+        self.return_path.load(Ordering::SeqCst)
     }
 
     /// Sets the `return-path` capability for the next migration.
     pub fn set_return_path(&self, on: bool) {
-        self.return_path
-            .store(on, std::sync::atomic::Ordering::SeqCst);
+        self.return_path.store(on, Ordering::SeqCst);
     }
 
     /// Starts migrating to `uri`.
@@ -135,54 +200,131 @@ impl Session {
                     json!({"status": info.status.as_str(), "error": info.error}),
                 );
                 if let Some(s) = me.upgrade() {
-                    s.broadcast("MIGRATION", json!({"status": info.status.as_str()}));
+                    s.migration_event(info.status);
                 }
             },
         )?;
+        let me = Arc::downgrade(self);
+        o.ctl.set_pass_observer(move |pass| {
+            if let Some(s) = me.upgrade() {
+                if s.events.load(Ordering::SeqCst) {
+                    s.broadcast("MIGRATION_PASS", json!({"pass": pass}));
+                }
+            }
+        });
         self.machine
             .events
             .emit("migrate", json!({"uri": uri.to_string()}));
         *out = Some(Arc::new(o));
+        self.last_incoming.store(false, Ordering::SeqCst);
         Ok(())
     }
 
-    /// Receives the guest from a stream on `uri` (`migrate-incoming`), in the background:
-    /// the VM must have been started with `--incoming defer`, or its guest migrated away
-    /// (a VM can so take back a guest it gave). Returns the bound address. The guest runs
-    /// here once the stream loaded whole; a failed load leaves the VM as it was.
+    /// `migrate-continue`: lets a migration waiting in `pre-switchover` go on.
+    ///
+    /// # Errors
+    /// No migration is in `state`.
+    pub fn migrate_continue(&self, state: &str) -> Result<()> {
+        let out = lock(&self.outgoing);
+        let Some(o) = out.as_ref() else {
+            bail!("Migration not in expected state: none");
+        };
+        o.ctl.continue_switchover(state).map_err(anyhow::Error::msg)
+    }
+
+    /// Receives the guest from a stream on `uri` (`migrate-incoming`, and `--incoming`),
+    /// in the background: the VM must have been started with `--incoming`, or its guest
+    /// migrated away (a VM can so take back a guest it gave). Returns the bound address.
+    /// The guest runs here once the stream loaded whole (unless held); a failed load
+    /// leaves the VM as it was. MIGRATION events: `setup` at once, `active` when the
+    /// source connects, then `completed` or `failed`, as on a QEMU destination.
     ///
     /// # Errors
     /// Another incoming migration waits, the guest runs here, or `uri` cannot be bound.
     pub fn migrate_incoming(self: &Arc<Self>, uri: MigrationUri) -> Result<MigrationUri> {
-        let mut busy = lock(&self.incoming);
-        if *busy {
+        let mut slot = lock(&self.incoming);
+        if slot.as_ref().is_some_and(|i| i.ended.is_none()) {
             bail!("an incoming migration is already waiting or loading");
         }
         let listener = IncomingListener::bind(&self.machine, &uri)?;
         let local = listener.local_uri();
+        let abort = Arc::new(Abort::default());
         let me = self.clone();
-        std::thread::Builder::new()
+        let a = abort.clone();
+        *slot = Some(Incoming {
+            status: MigrationStatus::Setup,
+            started: Instant::now(),
+            ended: None,
+            error: None,
+            abort,
+            thread: None,
+        });
+        self.last_incoming.store(true, Ordering::SeqCst);
+        self.migration_event(MigrationStatus::Setup);
+        let thread = std::thread::Builder::new()
             .name("incoming".into())
             .spawn(move || {
-                me.broadcast("MIGRATION", json!({"status": "active"}));
-                let r = listener.load(&me.machine, me.verify, &me.params());
+                let on_connect = || me.incoming_status(MigrationStatus::Active, None);
+                let r = listener.load(&me.machine, me.verify, &me.params(), &a, on_connect);
                 match &r {
                     Ok(rep) => eprintln!(
-                        "vmm: loaded {} in {:.1} ms; the guest runs here now",
+                        "vmm: loaded {} in {:.1} ms; the guest {} here now",
                         crate::progress::bytes(rep.bytes),
-                        rep.load_time.as_secs_f64() * 1e3
+                        rep.load_time.as_secs_f64() * 1e3,
+                        if me.machine.run_state() == RunState::Running {
+                            "runs"
+                        } else {
+                            "is held paused"
+                        }
                     ),
                     Err(e) => eprintln!("vmm: {e:#}"),
                 }
-                let status = if r.is_ok() { "completed" } else { "failed" };
-                me.broadcast("MIGRATION", json!({"status": status}));
-                if r.is_ok() {
-                    me.broadcast("RESUME", Value::Null);
+                match r {
+                    Ok(_) => me.incoming_status(MigrationStatus::Completed, None),
+                    Err(e) => me.incoming_status(MigrationStatus::Failed, Some(format!("{e:#}"))),
                 }
-                *lock(&me.incoming) = false;
             })?;
-        *busy = true;
+        if let Some(i) = slot.as_mut() {
+            i.thread = Some(thread);
+        }
         Ok(local)
+    }
+
+    fn incoming_status(&self, status: MigrationStatus, error: Option<String>) {
+        if let Some(i) = lock(&self.incoming).as_mut() {
+            i.status = status;
+            if status.is_terminal() {
+                i.ended = Some(Instant::now());
+                i.error = error;
+            }
+        }
+        self.migration_event(status);
+    }
+
+    /// Whether an incoming migration waits or loads.
+    pub fn incoming_running(&self) -> bool {
+        lock(&self.incoming)
+            .as_ref()
+            .is_some_and(|i| i.ended.is_none())
+    }
+
+    /// Waits for the incoming migration to end; true if it loaded (the guest is here).
+    pub fn wait_incoming(&self) -> bool {
+        let t = lock(&self.incoming).as_mut().and_then(|i| i.thread.take());
+        if let Some(t) = t {
+            let _ = t.join();
+        }
+        lock(&self.incoming)
+            .as_ref()
+            .is_some_and(|i| i.status == MigrationStatus::Completed)
+    }
+
+    /// Aborts an incoming migration that waits or loads: the source is never told it
+    /// loaded, so its guest runs on there.
+    pub fn abort_incoming(&self) {
+        if let Some(i) = lock(&self.incoming).as_ref() {
+            i.abort.abort();
+        }
     }
 
     /// Cancels the running migration, if any.
@@ -192,8 +334,21 @@ impl Session {
         }
     }
 
-    /// The current migration's info and RAM counters (`query-migrate`).
+    /// The current or last migration's info and counters (`query-migrate`), on a source
+    /// or a destination.
     pub fn query_migrate(&self) -> Value {
+        if self.last_incoming.load(Ordering::SeqCst) {
+            if let Some(i) = lock(&self.incoming).as_ref() {
+                let mut v = json!({"status": i.status.as_str()});
+                if let Some(e) = &i.error {
+                    v["error-desc"] = json!(e);
+                }
+                if let Some(end) = i.ended {
+                    v["total-time"] = json!((end - i.started).as_millis() as u64);
+                }
+                return v;
+            }
+        }
         let out = lock(&self.outgoing);
         let Some(o) = out.as_ref() else {
             return json!({});
@@ -226,14 +381,15 @@ impl Session {
             .map(|o| (o.ctl.info(), o.ram.snapshot(), o.disk.snapshot()))
     }
 
-    /// Asks the process to end with `code`.
-    pub fn request_quit(&self, code: i32) {
-        lock(&self.quit).get_or_insert(code);
+    /// Asks the process to end with `code`; `reason` is the SHUTDOWN event's
+    /// (`host-qmp-quit`, `host-signal`).
+    pub fn request_quit(&self, code: i32, reason: &'static str) {
+        lock(&self.quit).get_or_insert((code, reason));
         self.quit_cond.notify_all();
     }
 
-    /// Waits up to `timeout` for a quit request; returns its exit code.
-    pub fn wait_quit(&self, timeout: Duration) -> Option<i32> {
+    /// Waits up to `timeout` for a quit request; returns its exit code and reason.
+    pub fn wait_quit(&self, timeout: Duration) -> Option<(i32, &'static str)> {
         let deadline = Instant::now() + timeout;
         let mut q = lock(&self.quit);
         while q.is_none() {
@@ -258,9 +414,17 @@ pub fn query_migrate_json(
     disk: &BlockStatsSnapshot,
     params: &MigrationParams,
 ) -> Value {
+    let total_time = match info.started {
+        Some(t0) if !info.status.is_terminal() => t0.elapsed(),
+        _ => info.total_time,
+    };
+    // The stream's bytes before the switchover are precopy, after it downtime bytes (the
+    // completion's share is known once completed). All RAM travels pre-copy; with
+    // multifd the pages' share is on the channels.
+    let downtime_bytes = info.downtime_bytes;
     let mut v = json!({
         "status": info.status.as_str(),
-        "total-time": info.total_time.as_millis() as u64,
+        "total-time": total_time.as_millis() as u64,
         "setup-time": info.setup_time.as_millis() as u64,
         "expected-downtime": info.expected_downtime.as_millis() as u64,
         "downtime-limit": params.downtime_limit.as_millis() as u64,
@@ -269,13 +433,20 @@ pub fn query_migrate_json(
             "remaining": ram.remaining,
             "total": ram.total,
             "duplicate": ram.duplicate,
+            "skipped": 0,
             "normal": ram.normal,
             "normal-bytes": ram.normal_bytes,
             "dirty-pages-rate": ram.dirty_pages_rate,
             "mbps": info.bandwidth * 8.0 / 1e6,
             "dirty-sync-count": ram.dirty_sync_count,
-            "pages-per-second": ram.pages_per_second,
+            "postcopy-requests": 0,
             "page-size": 4096,
+            "multifd-bytes": info.multifd_bytes,
+            "pages-per-second": ram.pages_per_second,
+            "precopy-bytes": info.transferred.saturating_sub(downtime_bytes),
+            "downtime-bytes": downtime_bytes,
+            "postcopy-bytes": 0,
+            "dirty-sync-missed-zero-copy": 0,
         },
     });
     let o = v.as_object_mut().expect("an object");

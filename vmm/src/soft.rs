@@ -3,7 +3,7 @@
 //! bitmap is the block's dirty log, so every migration path runs as with KVM. Its
 //! "vCPU state" is the workload's progress, migrated as the `"soft-cpu"` section.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -73,6 +73,8 @@ struct Shared {
     run: AtomicBool,
     /// A throttle's sleep in nanoseconds (0: none), taken before the next page.
     nap_ns: AtomicU64,
+    /// The thread's host id (0 until it started).
+    tid: AtomicI32,
 }
 
 impl Shared {
@@ -104,6 +106,7 @@ impl SoftBackend {
             cond: Condvar::new(),
             run: AtomicBool::new(false),
             nap_ns: AtomicU64::new(0),
+            tid: AtomicI32::new(0),
         });
         let s = shared.clone();
         let mem = ram.mem.clone();
@@ -141,6 +144,10 @@ impl Drop for SoftBackend {
 impl Cpus for SoftBackend {
     fn name(&self) -> &'static str {
         "soft"
+    }
+
+    fn thread_ids(&self) -> Vec<i32> {
+        vec![self.shared.tid.load(Ordering::Relaxed)]
     }
 
     fn resume(&self) {
@@ -326,6 +333,10 @@ impl Worker {
     }
 
     fn run(mut self) {
+        // SAFETY: gettid has no preconditions.
+        self.shared
+            .tid
+            .store(unsafe { libc::gettid() }, Ordering::Relaxed);
         // However the worker ends, a thread waiting for it to park must not wait forever.
         struct Exited(Arc<Shared>);
         impl Drop for Exited {

@@ -6,7 +6,7 @@
 //! another guest instruction, before it parks. The thread that asked waits on a condition
 //! variable until every vCPU has parked (no spinning: two cores).
 
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -72,6 +72,8 @@ pub struct VcpuShared {
     cond: Condvar,
     // Lock: held while kicking and while the vCPU thread sets or clears the kick.
     kick: Mutex<Option<Kick>>,
+    /// The thread's host id (0 until it started): `query-cpus-fast`'s thread-id.
+    tid: AtomicI32,
 }
 
 impl VcpuShared {
@@ -158,6 +160,7 @@ impl Vcpu {
             }),
             cond: Condvar::new(),
             kick: Mutex::new(None),
+            tid: AtomicI32::new(0),
         });
         let s = shared.clone();
         let thread = std::thread::Builder::new()
@@ -202,6 +205,11 @@ impl Vcpu {
     /// The handle the throttle naps this vCPU through.
     pub fn shared(&self) -> Arc<VcpuShared> {
         self.shared.clone()
+    }
+
+    /// The vCPU thread's host id (0 before it started).
+    pub fn thread_id(&self) -> i32 {
+        self.shared.tid.load(Ordering::Relaxed)
     }
 
     /// Why the guest stopped for good, if it did.
@@ -274,6 +282,8 @@ impl Drop for ThreadEnd<'_> {
 }
 
 fn run(mut fd: VcpuFd, s: Arc<VcpuShared>, bus: Arc<Bus>, msrs: Arc<Vec<u32>>) {
+    // SAFETY: gettid has no preconditions.
+    s.tid.store(unsafe { libc::gettid() }, Ordering::Relaxed);
     {
         let ie = std::ptr::addr_of_mut!(fd.get_kvm_run().immediate_exit);
         // SAFETY: pthread_self has no preconditions.

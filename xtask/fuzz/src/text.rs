@@ -4,14 +4,30 @@ use qemu_file::MigrationUri;
 use vmm::qmp;
 use vmm::spec::{DriveSpec, parse_size};
 
-/// Target `qmp`: one line; whatever it is, the reply is well-formed JSON.
+/// Target `qmp`: a stream of QMP input, read whole and again in pieces of every size the
+/// first byte picks; whatever it is, every reply is well-formed JSON, and how the input
+/// was split does not change the messages read.
 pub fn qmp(data: &[u8]) {
-    let c = qmp::parse(data);
-    if let Err(e) = &c.request {
-        let reply = e.to_reply().to_string();
-        let back: serde_json::Value = serde_json::from_str(&reply).expect("a JSON reply");
-        assert!(back["error"]["desc"].is_string(), "{reply:.200}");
+    let whole = qmp::parse(data);
+    for c in &whole {
+        if let Err(e) = &c.request {
+            let reply = e.to_reply().to_string();
+            let back: serde_json::Value = serde_json::from_str(&reply).expect("a JSON reply");
+            assert!(back["error"]["desc"].is_string(), "{reply:.200}");
+        }
     }
+    let piece = usize::from(data.first().copied().unwrap_or(1)).max(1);
+    let mut s = qmp::json::JsonStreamer::new(qmp::MAX_COMMAND);
+    let mut msgs = Vec::new();
+    for chunk in data.chunks(piece) {
+        s.feed(chunk, &mut msgs);
+    }
+    s.feed(b"\n", &mut msgs);
+    let split: Vec<_> = msgs.into_iter().map(qmp::command).collect();
+    assert_eq!(
+        split, whole,
+        "reading in pieces of {piece} changed the messages"
+    );
 }
 
 /// Target `uri`: the input as a URI, a drive spec and a size; a parsed URI prints back to
@@ -38,6 +54,9 @@ pub fn qmp_seeds() -> Vec<Vec<u8>> {
         r#"{"execute": "migrate-set-capabilities", "arguments": {"capabilities": [{"capability": "return-path", "state": false}, {"capability": "events", "state": true}]}}"#,
         r#"{"execute": "query-migrate", "id": {"a": [1, 2.5, null, true, "x"]}}"#,
         r#"{"execute": "x-query-guest"}"#,
+        "{'execute': 'stop'}{\"execute\":\n \"cont\"}\r\n[1, -2.5e3, true, null] \"\\u00e9\"",
+        r#"{"execute": "migrate-set-capabilities", "arguments": {"capabilities": [{"capability": "postcopy-ram", "state": false}]}}"#,
+        r#"{"execute": "human-monitor-command", "arguments": {"command-line": "info migrate"}}"#,
     ]
     .iter()
     .map(|s| s.as_bytes().to_vec())

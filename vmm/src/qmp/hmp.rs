@@ -1,0 +1,385 @@
+//! A small HMP (QEMU's human monitor) behind `human-monitor-command`: the commands people
+//! and `qmp-shell -H` use around a migration, each carried out as its QMP counterpart and
+//! its answer printed as QEMU 7.2 prints it (lines end with `\n` here; the monitor sends
+//! `\r\n`, as QEMU does).
+//!
+//! ```
+//! use serde_json::json;
+//! use vmm::qmp::hmp::{Command, parse, print};
+//!
+//! let Ok(Command::Request(r)) = parse("info status") else { panic!() };
+//! let text = print(&r, &json!({"status": "postmigrate", "running": false}));
+//! assert_eq!(text, "VM status: paused (postmigrate)\n");
+//! ```
+
+use serde_json::Value;
+
+use super::schema::MIGRATION_PARAMETERS;
+use super::{Request, Target};
+use qemu_file::MigrationUri;
+
+/// An HMP command line, understood.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Command {
+    /// One that is a QMP request, printed from its answer.
+    Request(Request),
+    /// `help`.
+    Help,
+}
+
+/// The commands, as `help` lists them.
+const HELP: &[(&str, &str)] = &[
+    ("cont|c", "resume emulation"),
+    ("help|? [cmd]", "show the help"),
+    (
+        "info status|migrate|migrate_parameters|migrate_capabilities",
+        "show the VM's or the migration's state",
+    ),
+    ("migrate [-d] uri", "migrate to URI"),
+    ("migrate_cancel", "cancel the current VM migration"),
+    (
+        "migrate_incoming uri",
+        "continue an incoming migration from an -incoming defer",
+    ),
+    (
+        "migrate_set_parameter parameter value",
+        "set a migration parameter (integers, or none/zstd)",
+    ),
+    (
+        "migrate_set_capability capability state",
+        "enable or disable a migration capability",
+    ),
+    ("quit|q", "quit the emulator"),
+    ("stop|s", "stop emulation"),
+];
+
+/// Parses an HMP command line.
+///
+/// # Errors
+/// An unknown command or wrong arguments, with QEMU's wording.
+pub fn parse(line: &str) -> Result<Command, String> {
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let Some((&cmd, rest)) = words.split_first() else {
+        return Err("empty command line".into());
+    };
+    let arity = |n: usize| {
+        if rest.len() == n {
+            Ok(())
+        } else {
+            Err(format!("{cmd}: expects {n} argument(s)"))
+        }
+    };
+    let r = match cmd {
+        "help" | "?" => return Ok(Command::Help),
+        "info" => match rest {
+            ["status"] => Request::QueryStatus,
+            ["migrate"] => Request::QueryMigrate,
+            ["migrate_parameters"] => Request::QueryParameters,
+            ["migrate_capabilities"] => Request::QueryCapabilities,
+            ["version"] => Request::QueryVersion,
+            ["name"] => Request::QueryName,
+            ["kvm"] => Request::QueryKvm,
+            _ => {
+                return Err(format!(
+                    "info: unknown or missing subcommand{}; try status, migrate, migrate_parameters, \
+                     migrate_capabilities, version, name, kvm",
+                    rest.first()
+                        .map(|s| format!(" '{}'", super::bounded(s)))
+                        .unwrap_or_default()
+                ));
+            }
+        },
+        "stop" | "s" => {
+            arity(0)?;
+            Request::Stop
+        }
+        "cont" | "c" => {
+            arity(0)?;
+            Request::Cont
+        }
+        "quit" | "q" => {
+            arity(0)?;
+            Request::Quit
+        }
+        "migrate_cancel" => {
+            arity(0)?;
+            Request::MigrateCancel
+        }
+        "migrate" => {
+            let uri = match rest {
+                ["-d", uri] | [uri] => uri,
+                _ => return Err("migrate: expects [-d] uri".into()),
+            };
+            Request::Migrate(uri_target(uri)?)
+        }
+        "migrate_incoming" => {
+            arity(1)?;
+            Request::MigrateIncoming(uri_target(rest[0])?)
+        }
+        "migrate_set_parameter" => {
+            arity(2)?;
+            let (name, value) = (rest[0], rest[1]);
+            let v = match value.parse::<u64>() {
+                Ok(n) => serde_json::json!(n),
+                Err(_) => serde_json::json!(value),
+            };
+            let args = serde_json::json!({ name: v });
+            super::schema::check_arguments(
+                super::schema::command("migrate-set-parameters").ok_or("no schema")?,
+                &args,
+            )?;
+            Request::SetParameters(super::migration::parameters(&args).map_err(|e| e.desc)?)
+        }
+        "migrate_set_capability" => {
+            arity(2)?;
+            let state = match rest[1] {
+                "on" | "true" => true,
+                "off" | "false" => false,
+                _ => return Err("migrate_set_capability: state is on or off".into()),
+            };
+            let args =
+                serde_json::json!({"capabilities": [{"capability": rest[0], "state": state}]});
+            super::schema::check_arguments(
+                super::schema::command("migrate-set-capabilities").ok_or("no schema")?,
+                &args,
+            )?;
+            Request::SetCapabilities(super::migration::capabilities(&args).map_err(|e| e.desc)?)
+        }
+        other => return Err(format!("unknown command: '{}'", super::bounded(other))),
+    };
+    Ok(Command::Request(r))
+}
+
+fn uri_target(uri: &str) -> Result<Target, String> {
+    if let Some(name) = uri.strip_prefix("fd:") {
+        if !name.starts_with(|c: char| c.is_ascii_digit()) {
+            return Ok(Target::NamedFd(name.to_string()));
+        }
+    }
+    MigrationUri::parse(uri)
+        .map(Target::Uri)
+        .map_err(|e| e.to_string())
+}
+
+/// `help`'s text.
+pub fn help() -> String {
+    HELP.iter().map(|(c, h)| format!("{c} -- {h}\n")).collect()
+}
+
+/// What HMP prints for `request`, given the QMP answer `v`.
+pub fn print(request: &Request, v: &Value) -> String {
+    match request {
+        Request::QueryStatus => {
+            let st = v["status"].as_str().unwrap_or("unknown");
+            if v["running"] == true {
+                "VM status: running\n".into()
+            } else if st == "paused" {
+                "VM status: paused\n".into()
+            } else {
+                format!("VM status: paused ({st})\n")
+            }
+        }
+        Request::QueryMigrate => migrate(v),
+        Request::QueryCapabilities => v
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|c| {
+                let on = if c["state"] == true { "on" } else { "off" };
+                format!("{}: {on}\n", c["capability"].as_str().unwrap_or("?"))
+            })
+            .collect(),
+        Request::QueryParameters => parameters(v),
+        Request::QueryVersion => format!(
+            "{}.{}.{}{}\n",
+            v["qemu"]["major"],
+            v["qemu"]["minor"],
+            v["qemu"]["micro"],
+            v["package"]
+                .as_str()
+                .map(|p| format!(" ({p})"))
+                .unwrap_or_default()
+        ),
+        Request::QueryName => match v["name"].as_str() {
+            Some(n) => format!("{n}\n"),
+            None => String::new(),
+        },
+        Request::QueryKvm => format!(
+            "kvm support: {}\n",
+            if v["enabled"] == true {
+                "enabled"
+            } else {
+                "disabled"
+            }
+        ),
+        // Commands that act print nothing, as in QEMU.
+        _ => String::new(),
+    }
+}
+
+fn migrate(v: &Value) -> String {
+    let mut out = String::new();
+    let u = |x: &Value| x.as_u64().unwrap_or(0);
+    let Some(status) = v["status"].as_str() else {
+        return out;
+    };
+    out += &format!("Migration status: {status}");
+    match v["error-desc"].as_str() {
+        Some(e) if status == "failed" => out += &format!(" ({e})\n"),
+        _ => out += "\n",
+    }
+    out += &format!("total time: {} ms\n", u(&v["total-time"]));
+    if let Some(d) = v["expected-downtime"].as_u64() {
+        out += &format!("expected downtime: {d} ms\n");
+    }
+    if let Some(d) = v["downtime"].as_u64() {
+        out += &format!("downtime: {d} ms\n");
+    }
+    if let Some(d) = v["setup-time"].as_u64() {
+        out += &format!("setup: {d} ms\n");
+    }
+    let ram = &v["ram"];
+    if ram.is_object() {
+        out += &format!("transferred ram: {} kbytes\n", u(&ram["transferred"]) >> 10);
+        out += &format!(
+            "throughput: {:.2} mbps\n",
+            ram["mbps"].as_f64().unwrap_or(0.0)
+        );
+        out += &format!("remaining ram: {} kbytes\n", u(&ram["remaining"]) >> 10);
+        out += &format!("total ram: {} kbytes\n", u(&ram["total"]) >> 10);
+        out += &format!("duplicate: {} pages\n", u(&ram["duplicate"]));
+        out += &format!("skipped: {} pages\n", u(&ram["skipped"]));
+        out += &format!("normal: {} pages\n", u(&ram["normal"]));
+        out += &format!("normal bytes: {} kbytes\n", u(&ram["normal-bytes"]) >> 10);
+        out += &format!("dirty sync count: {}\n", u(&ram["dirty-sync-count"]));
+        out += &format!("page size: {} kbytes\n", u(&ram["page-size"]) >> 10);
+        out += &format!("multifd bytes: {} kbytes\n", u(&ram["multifd-bytes"]) >> 10);
+        out += &format!("pages-per-second: {}\n", u(&ram["pages-per-second"]));
+        if let Some(r) = ram["dirty-pages-rate"].as_u64().filter(|r| *r > 0) {
+            out += &format!("dirty pages rate: {r} pages\n");
+        }
+        for (key, label) in [
+            ("precopy-bytes", "precopy ram"),
+            ("downtime-bytes", "downtime ram"),
+            ("postcopy-bytes", "postcopy ram"),
+        ] {
+            if let Some(b) = ram[key].as_u64().filter(|b| *b > 0) {
+                out += &format!("{label}: {} kbytes\n", b >> 10);
+            }
+        }
+    }
+    let disk = &v["disk"];
+    if disk.is_object() {
+        out += &format!(
+            "transferred disk: {} kbytes\n",
+            u(&disk["transferred"]) >> 10
+        );
+        out += &format!("remaining disk: {} kbytes\n", u(&disk["remaining"]) >> 10);
+        out += &format!("total disk: {} kbytes\n", u(&disk["total"]) >> 10);
+    }
+    if let Some(t) = v["cpu-throttle-percentage"].as_u64() {
+        out += &format!("cpu throttle percentage: {t}\n");
+    }
+    out
+}
+
+fn parameters(v: &Value) -> String {
+    let mut out = String::new();
+    for m in MIGRATION_PARAMETERS.members {
+        let Some(x) = v.get(m.name) else {
+            continue;
+        };
+        let unit = match m.name {
+            "announce-initial" | "announce-max" | "announce-step" | "downtime-limit"
+            | "x-checkpoint-delay" | "x-stall-timeout" => " ms",
+            "cpu-throttle-initial"
+            | "cpu-throttle-increment"
+            | "max-cpu-throttle"
+            | "throttle-trigger-threshold" => "%",
+            "max-bandwidth" | "max-postcopy-bandwidth" => " bytes/second",
+            "xbzrle-cache-size" => " bytes",
+            _ => "",
+        };
+        let shown = match x {
+            Value::String(s) if s.is_empty() => "''".to_string(),
+            Value::String(s) => format!("'{s}'"),
+            Value::Bool(b) => (if *b { "on" } else { "off" }).to_string(),
+            other => other.to_string(),
+        };
+        out += &format!("{}: {shown}{unit}\n", m.name);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn commands_parse_into_their_qmp_requests() {
+        assert_eq!(
+            parse("info migrate"),
+            Ok(Command::Request(Request::QueryMigrate))
+        );
+        assert_eq!(parse("  stop "), Ok(Command::Request(Request::Stop)));
+        assert_eq!(
+            parse("migrate -d unix:/tmp/m"),
+            Ok(Command::Request(Request::Migrate(Target::Uri(
+                MigrationUri::Unix("/tmp/m".into())
+            ))))
+        );
+        assert!(matches!(
+            parse("migrate_set_parameter downtime-limit 30"),
+            Ok(Command::Request(Request::SetParameters(p))) if p.len() == 1
+        ));
+        assert!(
+            parse("migrate_set_capability postcopy-ram on")
+                .unwrap_err()
+                .contains("post-copy")
+        );
+        assert!(parse("info bogus").unwrap_err().contains("'bogus'"));
+        assert!(parse("bogus").unwrap_err().contains("unknown command"));
+        assert!(parse("").is_err());
+    }
+
+    #[test]
+    fn answers_print_as_qemu_prints_them() {
+        let st = |v| print(&Request::QueryStatus, &v);
+        assert_eq!(
+            st(json!({"status": "running", "running": true})),
+            "VM status: running\n"
+        );
+        assert_eq!(
+            st(json!({"status": "paused", "running": false})),
+            "VM status: paused\n"
+        );
+        let m = print(
+            &Request::QueryMigrate,
+            &json!({"status": "completed", "total-time": 120, "downtime": 9, "setup-time": 1,
+                    "ram": {"transferred": 4096_u64 * 1024, "mbps": 812.5, "remaining": 0,
+                            "total": 1 << 28, "duplicate": 10, "skipped": 0, "normal": 1024,
+                            "normal-bytes": 4 << 20, "dirty-sync-count": 3, "page-size": 4096,
+                            "multifd-bytes": 0, "pages-per-second": 5000, "precopy-bytes": 4 << 20}}),
+        );
+        assert!(
+            m.starts_with("Migration status: completed\ntotal time: 120 ms\ndowntime: 9 ms\n"),
+            "{m}"
+        );
+        assert!(
+            m.contains("transferred ram: 4096 kbytes\nthroughput: 812.50 mbps\n"),
+            "{m}"
+        );
+        assert!(m.contains("precopy ram: 4096 kbytes\n"), "{m}");
+        let caps = print(
+            &Request::QueryCapabilities,
+            &json!([{"capability": "xbzrle", "state": false}, {"capability": "events", "state": true}]),
+        );
+        assert_eq!(caps, "xbzrle: off\nevents: on\n");
+        let p = print(
+            &Request::QueryParameters,
+            &json!({"downtime-limit": 300, "tls-creds": ""}),
+        );
+        assert_eq!(p, "tls-creds: ''\ndowntime-limit: 300 ms\n");
+    }
+}
