@@ -283,6 +283,8 @@ pub struct MigrationInfo {
     pub cpu_throttle_peak: u8,
     /// What went wrong, for `failed` and `cancelled`.
     pub error: Option<String>,
+    /// The switchover waited in `pre-switchover` (the `device` status then follows it).
+    pub paused_before_switchover: bool,
 }
 
 type Observer = Box<dyn Fn(&MigrationInfo) + Send + Sync>;
@@ -420,19 +422,28 @@ impl MigrationControl {
             self.cancel.store(false, Ordering::SeqCst);
             return false;
         }
-        {
+        let snapshot = {
             let mut info = lock(&self.info);
             if info.status.is_terminal() {
                 return false;
             }
+            // Announced once, as QEMU does (a second cancel changes nothing).
+            let announce = !matches!(
+                info.status,
+                MigrationStatus::None | MigrationStatus::Cancelling
+            );
             if info.status != MigrationStatus::None {
                 info.status = MigrationStatus::Cancelling;
             }
-        }
+            announce.then(|| info.clone())
+        };
         for h in lock(&self.shutdown).iter() {
             h.shutdown();
         }
         self.wake.notify_all();
+        if let (Some(info), Some(o)) = (snapshot, lock(&self.observer).as_ref()) {
+            o(&info);
+        }
         true
     }
 
@@ -671,6 +682,8 @@ fn migrate<V: VmControl + ?Sized>(
     }
     f.flush()?;
     check_cancel(ctl)?;
+    // The setup's sync is the first pass, as QEMU counts them.
+    ctl.passed(1);
     let setup_time = t0.elapsed();
     ctl.set_status(MigrationStatus::Active, |i| {
         i.setup_time = setup_time;
@@ -746,7 +759,7 @@ fn migrate<V: VmControl + ?Sized>(
             let before = pending;
             pending = savevm.pending_exact()?;
             syncs += 1;
-            ctl.passed(syncs);
+            ctl.passed(syncs + 1);
             verdict = convergence.synced(
                 Instant::now(),
                 f.bytes_written(),
@@ -814,7 +827,9 @@ fn migrate<V: VmControl + ?Sized>(
     times.stop_vcpus = t_stop.elapsed();
     if params.pause_before_switchover {
         // As QEMU: the guest is stopped while the orchestrator does its part.
-        ctl.set_status(MigrationStatus::PreSwitchover, |_| {});
+        ctl.set_status(MigrationStatus::PreSwitchover, |i| {
+            i.paused_before_switchover = true
+        });
         ctl.wait_continue()?;
         ctl.set_status(MigrationStatus::Device, |_| {});
     }
@@ -827,7 +842,7 @@ fn migrate<V: VmControl + ?Sized>(
         let t = Instant::now();
         savevm.pending_exact()?;
         times.final_sync = t.elapsed();
-        ctl.passed(syncs + 1);
+        ctl.passed(syncs + 2);
 
         let t = Instant::now();
         // The last chunks of a completion are not rate limited: the guest is waiting.

@@ -145,6 +145,9 @@ pub enum RunState {
     PostMigrate,
     /// The guest crashed (triple fault, KVM entry failure).
     GuestPanicked,
+    /// The process is ending (`quit`, a signal): stopped for good, without a STOP event
+    /// (QEMU sends SHUTDOWN only).
+    Shutdown,
 }
 
 impl RunState {
@@ -158,6 +161,7 @@ impl RunState {
             RunState::FinishMigrate => "finish-migrate",
             RunState::PostMigrate => "postmigrate",
             RunState::GuestPanicked => "guest-panicked",
+            RunState::Shutdown => "shutdown",
         }
     }
 }
@@ -343,7 +347,7 @@ impl Machine {
             (old, st.0, r)
         };
         self.state_cond.notify_all();
-        if (old == RunState::Running) != (new == RunState::Running) {
+        if (old == RunState::Running) != (new == RunState::Running) && new != RunState::Shutdown {
             if let Some(o) = self
                 .on_run_change
                 .lock()
@@ -521,6 +525,16 @@ impl Machine {
         if stopped {
             self.events.emit("stopped", json!({}));
         }
+        Ok(())
+    }
+
+    /// Stops the vCPUs for good as the process ends: state `shutdown`, no STOP event.
+    ///
+    /// # Errors
+    /// A vCPU that cannot be stopped.
+    pub fn shutdown(&self) -> Result<()> {
+        self.cpus.pause()?;
+        self.transition(|st| st.0 = RunState::Shutdown);
         Ok(())
     }
 

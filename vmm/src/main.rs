@@ -419,12 +419,13 @@ fn run(a: &RunArgs) -> Result<i32> {
     }
 
     let mut running_since = None;
-    let (code, reason) = loop {
-        if let Some(q) = session.wait_quit(Duration::from_millis(100)) {
-            break q;
+    let code = loop {
+        if let Some((code, _)) = session.wait_quit(Duration::from_millis(100)) {
+            break code;
         }
         if SIGNALLED.load(Ordering::SeqCst) {
-            break (0, "host-signal");
+            session.request_quit(0, "host-signal");
+            continue;
         }
         if matches!(a.incoming, Some(Incoming::Uri(_)))
             && running_since.is_none()
@@ -432,14 +433,14 @@ fn run(a: &RunArgs) -> Result<i32> {
             && !session.wait_incoming()
         {
             // The stream did not load: nothing runs here (the source keeps its guest).
-            break (1, "host-error");
+            break 1;
         }
         if running_since.is_none() && machine.run_state() == machine::RunState::Running {
             running_since = Some(Instant::now());
         }
         if let (Some(s), Some(t)) = (a.exit_after, running_since) {
             if t.elapsed() >= Duration::from_secs_f64(s) {
-                break (0, "host-qmp-quit");
+                session.request_quit(0, "host-qmp-quit");
             }
         }
     };
@@ -450,10 +451,7 @@ fn run(a: &RunArgs) -> Result<i32> {
     session.abort_incoming();
     session.wait_incoming();
     let _ = session.wait_migration();
-    session.broadcast("SHUTDOWN", json!({"guest": false, "reason": reason}));
-    if machine.run_state() == machine::RunState::Running {
-        machine.stop()?;
-    }
+    machine.shutdown()?;
     let (pass, mismatches) = machine.guest_status();
     if let Some(f) = machine.cpus.fault() {
         eprintln!("vmm: the guest crashed: {f}");

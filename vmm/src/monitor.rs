@@ -187,6 +187,7 @@ impl Monitor {
         let mut client = ClientState {
             tx: tx.clone(),
             negotiated: false,
+            quit: false,
             pending_fds: Vec::new(),
         };
         if client.send(greeting).is_ok() {
@@ -209,7 +210,6 @@ impl Monitor {
             streamer.feed(&buf[..n], &mut messages);
             for msg in messages.drain(..) {
                 let cmd = qmp::command(msg);
-                let quit = client.negotiated && cmd.request == Ok(Request::Quit);
                 let result = match cmd.request {
                     Ok(Request::Capabilities { oob }) if !client.negotiated => {
                         if oob {
@@ -248,9 +248,7 @@ impl Monitor {
                 if client.send(reply).is_err() {
                     return;
                 }
-                if quit {
-                    // The reply is queued first; the main thread emits SHUTDOWN and
-                    // waits for the queues to drain before the process ends.
+                if client.quit {
                     self.session.request_quit(0, "host-qmp-quit");
                 }
             }
@@ -289,7 +287,14 @@ impl Monitor {
             Request::QueryStatus => Ok(status_json(m.run_state())),
             Request::Stop => m.stop().map(|_| json!({})).map_err(generic),
             Request::Cont => m.start().map(|_| json!({})).map_err(generic),
-            Request::Quit => Ok(json!({})),
+            // SHUTDOWN goes out before the reply, as in QEMU; the process is told to end
+            // once the reply is queued (`read_loop`), and its main thread waits for the
+            // queues to drain.
+            Request::Quit => {
+                session.announce_shutdown("host-qmp-quit");
+                client.quit = true;
+                Ok(json!({}))
+            }
             Request::Migrate(t) => {
                 let uri = self.resolve(t)?;
                 session.migrate(uri).map_err(generic)?;
@@ -388,15 +393,16 @@ impl Monitor {
     }
 
     /// `human-monitor-command`: the HMP commands people and qmp-shell -H use, each the
-    /// same as its QMP counterpart, printed as QEMU prints it.
+    /// same as its QMP counterpart, printed as QEMU prints it. As in QEMU, what goes wrong
+    /// is text in a successful reply, not a QMP error.
     fn hmp(&self, line: &str, client: &mut ClientState) -> Result<String, QmpError> {
-        let cmd = hmp::parse(line).map_err(QmpError::generic)?;
-        let text = match cmd {
-            hmp::Command::Request(r) => {
-                let v = self.execute(r.clone(), client)?;
-                hmp::print(&r, &v)
-            }
-            hmp::Command::Help => hmp::help(),
+        let text = match hmp::parse(line) {
+            Ok(hmp::Command::Request(r)) => match self.execute(r.clone(), client) {
+                Ok(v) => hmp::print(&r, &v),
+                Err(e) => format!("Error: {}\n", e.desc),
+            },
+            Ok(hmp::Command::Help) => hmp::help(),
+            Err(e) => format!("{e}\n"),
         };
         Ok(text.replace('\n', "\r\n"))
     }
@@ -406,6 +412,8 @@ impl Monitor {
 struct ClientState {
     tx: SyncSender<Out>,
     negotiated: bool,
+    /// `quit` was executed: the process ends once its reply is queued.
+    quit: bool,
     /// Descriptors received with messages, for the next `getfd`.
     pending_fds: Vec<OwnedFd>,
 }

@@ -52,6 +52,8 @@ pub struct Session {
     // `quit_cond` wakes the main thread.
     quit: Mutex<Option<(i32, &'static str)>>,
     quit_cond: Condvar,
+    /// SHUTDOWN was sent.
+    shutdown_announced: AtomicBool,
     // Lock: event listeners (the monitor's clients), called with the event name and data.
     listeners: Mutex<Vec<Listener>>,
 }
@@ -75,6 +77,7 @@ impl Session {
             last_incoming: AtomicBool::new(false),
             quit: Mutex::new(None),
             quit_cond: Condvar::new(),
+            shutdown_announced: AtomicBool::new(false),
             listeners: Mutex::new(Vec::new()),
         });
         let me = Arc::downgrade(&s);
@@ -188,6 +191,9 @@ impl Session {
         }
         let me = Arc::downgrade(self);
         let events = self.machine.events.clone();
+        // Each status QMP shows is announced once (QEMU's `device` only follows
+        // `pre-switchover`; without the pause the switchover shows as `active`).
+        let announced = Mutex::new(MigrationStatus::None);
         let o = Outgoing::start(
             self.machine.clone(),
             uri.clone(),
@@ -199,8 +205,14 @@ impl Session {
                     "migration",
                     json!({"status": info.status.as_str(), "error": info.error}),
                 );
-                if let Some(s) = me.upgrade() {
-                    s.migration_event(info.status);
+                let status = qmp_status(info);
+                let mut last = lock(&announced);
+                if *last != status {
+                    *last = status;
+                    drop(last);
+                    if let Some(s) = me.upgrade() {
+                        s.migration_event(status);
+                    }
                 }
             },
         )?;
@@ -381,9 +393,18 @@ impl Session {
             .map(|o| (o.ctl.info(), o.ram.snapshot(), o.disk.snapshot()))
     }
 
-    /// Asks the process to end with `code`; `reason` is the SHUTDOWN event's
-    /// (`host-qmp-quit`, `host-signal`).
+    /// Emits SHUTDOWN with `reason` (`host-qmp-quit`, `host-signal`), once: the process
+    /// is about to end, and QEMU says so before anything else.
+    pub fn announce_shutdown(&self, reason: &'static str) {
+        if !self.shutdown_announced.swap(true, Ordering::SeqCst) {
+            self.broadcast("SHUTDOWN", json!({"guest": false, "reason": reason}));
+        }
+    }
+
+    /// Asks the process to end with `code` (announcing it first, see
+    /// [`Session::announce_shutdown`]).
     pub fn request_quit(&self, code: i32, reason: &'static str) {
+        self.announce_shutdown(reason);
         lock(&self.quit).get_or_insert((code, reason));
         self.quit_cond.notify_all();
     }
@@ -407,6 +428,15 @@ impl Session {
     }
 }
 
+/// The status QMP shows, as QEMU 7.2 does: the switchover is `device` only after a
+/// `pre-switchover` pause, `active` otherwise.
+fn qmp_status(info: &MigrationInfo) -> MigrationStatus {
+    match info.status {
+        MigrationStatus::Device if !info.paused_before_switchover => MigrationStatus::Active,
+        s => s,
+    }
+}
+
 /// `query-migrate`'s answer, with QEMU's names, plus our completion breakdown.
 pub fn query_migrate_json(
     info: &MigrationInfo,
@@ -423,7 +453,7 @@ pub fn query_migrate_json(
     // multifd the pages' share is on the channels.
     let downtime_bytes = info.downtime_bytes;
     let mut v = json!({
-        "status": info.status.as_str(),
+        "status": qmp_status(info).as_str(),
         "total-time": total_time.as_millis() as u64,
         "setup-time": info.setup_time.as_millis() as u64,
         "expected-downtime": info.expected_downtime.as_millis() as u64,
@@ -450,6 +480,10 @@ pub fn query_migrate_json(
         },
     });
     let o = v.as_object_mut().expect("an object");
+    if info.status == MigrationStatus::Device {
+        // The guest is stopped and the rest goes out (QEMU shows no more than `active`).
+        o.insert("x-switchover".into(), json!(true));
+    }
     if info.cpu_throttle_percentage > 0 {
         o.insert(
             "cpu-throttle-percentage".into(),

@@ -252,7 +252,7 @@ fn check_phase(phase: Phase, m: &Value) -> Result<()> {
     let ok = match phase {
         Phase::Setup => matches!(status, "setup" | "active"),
         Phase::Iterate => status == "active",
-        Phase::Complete => status == "device",
+        Phase::Complete => m["x-switchover"] == true,
         Phase::DiskBulk => {
             status == "active" && m["disk"]["x-bulk-percent"].as_f64().unwrap_or(100.0) < 100.0
         }

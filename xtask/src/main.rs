@@ -9,6 +9,8 @@
 //! - `cargo xtask bench`: ours beside QEMU on the same guest, with plots.
 //! - `cargo xtask interop`: QEMU's multifd migration loaded by our multifd receiver,
 //!   checked against QEMU's memory.
+//! - `cargo xtask qmp-conformance`: one script of QMP exchanges against vmm and, when
+//!   installed, QEMU 7.2, side by side; fails on a difference docs/qmp.md does not list.
 //! - `cargo xtask fuzz [--seconds N] [TARGET...]`: coverage-guided fuzzing of every parser
 //!   of untrusted input (libFuzzer, stable toolchain).
 
@@ -20,6 +22,7 @@ mod memwatch;
 mod migrate_test;
 mod ping_pong;
 mod plot;
+mod qmp_conformance;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -89,6 +92,20 @@ enum Cmd {
         #[arg(long)]
         install_qemu: bool,
     },
+    /// One script of QMP exchanges against two vmm processes and, when installed, two
+    /// QEMU 7.2 processes: reply shapes and events side by side; fails on a difference
+    /// docs/qmp.md does not list.
+    QmpConformance {
+        /// The QEMU binary (default: qemu-system-x86_64 from the PATH, if installed).
+        #[arg(long)]
+        qemu: Option<PathBuf>,
+        /// Install QEMU with apt-get if it is missing.
+        #[arg(long)]
+        install_qemu: bool,
+        /// Run vmm's side only.
+        #[arg(long)]
+        no_qemu: bool,
+    },
     /// Coverage-guided fuzzing (libFuzzer) of every parser of untrusted input.
     Fuzz {
         /// Seconds per target.
@@ -106,6 +123,18 @@ fn main() -> Result<()> {
         Cmd::Guest { check } => guest(check),
         Cmd::Fuzz { seconds, targets } => fuzz::run_fuzz(seconds.max(1), &targets),
         Cmd::MigrateTest { quick, only } => migrate_test::run(build_vmm()?, quick, &only),
+        Cmd::QmpConformance {
+            qemu,
+            install_qemu,
+            no_qemu,
+        } => {
+            let qemu = if no_qemu {
+                None
+            } else {
+                find_qemu(qemu, install_qemu)?
+            };
+            qmp_conformance::run(build_vmm()?, qemu, &root().join("docs/qmp.md"))
+        }
         Cmd::Interop { qemu, install_qemu } => {
             let Some(qemu) = find_qemu(qemu, install_qemu)? else {
                 bail!("interop needs qemu-system-x86_64 (--install-qemu installs it)");
@@ -173,12 +202,21 @@ fn run(step: &str, mut c: Command) -> Result<()> {
     Ok(())
 }
 
+/// Where the builds of [`cargo`] go: `CARGO_TARGET_DIR` (a relative one is taken from the
+/// workspace root, where they run) or the workspace's `target`.
+fn target_dir() -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(d) => root().join(d),
+        None => root().join("target"),
+    }
+}
+
 /// Builds vmm (the optimised dev profile) and returns its path.
 fn build_vmm() -> Result<PathBuf> {
     let mut b = cargo();
     b.args(["build", "--quiet", "-p", "vmm"]);
     run("cargo build -p vmm", b)?;
-    Ok(root().join("target/debug/vmm"))
+    Ok(target_dir().join("debug/vmm"))
 }
 
 /// Builds vmm in release (the bench measures the shipped build) and returns its path.
@@ -186,7 +224,7 @@ fn build_release_vmm() -> Result<PathBuf> {
     let mut b = cargo();
     b.args(["build", "--quiet", "--release", "-p", "vmm"]);
     run("cargo build --release -p vmm", b)?;
-    Ok(root().join("target/release/vmm"))
+    Ok(target_dir().join("release/vmm"))
 }
 
 /// The QEMU to compare with: the given one, the one on the PATH, or (with `install`) the

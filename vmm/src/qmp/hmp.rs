@@ -14,7 +14,6 @@
 
 use serde_json::Value;
 
-use super::schema::MIGRATION_PARAMETERS;
 use super::{Request, Target};
 use qemu_file::MigrationUri;
 
@@ -79,13 +78,11 @@ pub fn parse(line: &str) -> Result<Command, String> {
             ["version"] => Request::QueryVersion,
             ["name"] => Request::QueryName,
             ["kvm"] => Request::QueryKvm,
+            [] => return Ok(Command::Help),
             _ => {
                 return Err(format!(
-                    "info: unknown or missing subcommand{}; try status, migrate, migrate_parameters, \
-                     migrate_capabilities, version, name, kvm",
-                    rest.first()
-                        .map(|s| format!(" '{}'", super::bounded(s)))
-                        .unwrap_or_default()
+                    "unknown command: '{}'",
+                    super::bounded(&words.join(" "))
                 ));
             }
         },
@@ -195,10 +192,7 @@ pub fn print(request: &Request, v: &Value) -> String {
             v["qemu"]["major"],
             v["qemu"]["minor"],
             v["qemu"]["micro"],
-            v["package"]
-                .as_str()
-                .map(|p| format!(" ({p})"))
-                .unwrap_or_default()
+            v["package"].as_str().unwrap_or_default()
         ),
         Request::QueryName => match v["name"].as_str() {
             Some(n) => format!("{n}\n"),
@@ -217,8 +211,14 @@ pub fn print(request: &Request, v: &Value) -> String {
     }
 }
 
+/// The stream's fixed properties, as QEMU's `info migrate` opens with its globals: what
+/// vmm's streams always do.
+const GLOBALS: &str = "globals:\nstore-global-state: off\nonly-migratable: off\n\
+    send-configuration: on\nsend-section-footer: on\ndecompress-error-check: on\n\
+    clear-bitmap-shift: 14\n";
+
 fn migrate(v: &Value) -> String {
-    let mut out = String::new();
+    let mut out = GLOBALS.to_string();
     let u = |x: &Value| x.as_u64().unwrap_or(0);
     let Some(status) = v["status"].as_str() else {
         return out;
@@ -283,30 +283,57 @@ fn migrate(v: &Value) -> String {
     out
 }
 
+/// `info migrate_parameters`' lines, in QEMU 7.2's order (which leaves out
+/// `multifd-zlib-level` and `multifd-zstd-level`); vmm's own after them.
+const PARAMETER_ORDER: &[&str] = &[
+    "announce-initial",
+    "announce-max",
+    "announce-rounds",
+    "announce-step",
+    "compress-level",
+    "compress-threads",
+    "compress-wait-thread",
+    "decompress-threads",
+    "throttle-trigger-threshold",
+    "cpu-throttle-initial",
+    "cpu-throttle-increment",
+    "cpu-throttle-tailslow",
+    "max-cpu-throttle",
+    "tls-creds",
+    "tls-hostname",
+    "max-bandwidth",
+    "downtime-limit",
+    "x-checkpoint-delay",
+    "block-incremental",
+    "multifd-channels",
+    "multifd-compression",
+    "xbzrle-cache-size",
+    "max-postcopy-bandwidth",
+    "tls-authz",
+    "x-stall-timeout",
+];
+
 fn parameters(v: &Value) -> String {
     let mut out = String::new();
-    for m in MIGRATION_PARAMETERS.members {
-        let Some(x) = v.get(m.name) else {
+    for &name in PARAMETER_ORDER {
+        let Some(x) = v.get(name) else {
             continue;
         };
-        let unit = match m.name {
+        let unit = match name {
             "announce-initial" | "announce-max" | "announce-step" | "downtime-limit"
             | "x-checkpoint-delay" | "x-stall-timeout" => " ms",
-            "cpu-throttle-initial"
-            | "cpu-throttle-increment"
-            | "max-cpu-throttle"
-            | "throttle-trigger-threshold" => "%",
-            "max-bandwidth" | "max-postcopy-bandwidth" => " bytes/second",
+            "max-bandwidth" => " bytes/second",
             "xbzrle-cache-size" => " bytes",
             _ => "",
         };
         let shown = match x {
-            Value::String(s) if s.is_empty() => "''".to_string(),
-            Value::String(s) => format!("'{s}'"),
+            // Strings are quoted, enumerations not.
+            Value::String(s) if name.starts_with("tls-") => format!("'{s}'"),
+            Value::String(s) => s.clone(),
             Value::Bool(b) => (if *b { "on" } else { "off" }).to_string(),
             other => other.to_string(),
         };
-        out += &format!("{}: {shown}{unit}\n", m.name);
+        out += &format!("{name}: {shown}{unit}\n");
     }
     out
 }
@@ -338,7 +365,10 @@ mod tests {
                 .unwrap_err()
                 .contains("post-copy")
         );
-        assert!(parse("info bogus").unwrap_err().contains("'bogus'"));
+        assert_eq!(
+            parse("info bogus").unwrap_err(),
+            "unknown command: 'info bogus'"
+        );
         assert!(parse("bogus").unwrap_err().contains("unknown command"));
         assert!(parse("").is_err());
     }
@@ -363,7 +393,10 @@ mod tests {
                             "multifd-bytes": 0, "pages-per-second": 5000, "precopy-bytes": 4 << 20}}),
         );
         assert!(
-            m.starts_with("Migration status: completed\ntotal time: 120 ms\ndowntime: 9 ms\n"),
+            m.starts_with("globals:\n")
+                && m.contains(
+                    "\nMigration status: completed\ntotal time: 120 ms\ndowntime: 9 ms\n"
+                ),
             "{m}"
         );
         assert!(
@@ -381,5 +414,10 @@ mod tests {
             &json!({"downtime-limit": 300, "tls-creds": ""}),
         );
         assert_eq!(p, "tls-creds: ''\ndowntime-limit: 300 ms\n");
+        let v = print(
+            &Request::QueryVersion,
+            &json!({"qemu": {"major": 7, "minor": 2, "micro": 0}, "package": "vmm-0.1.0"}),
+        );
+        assert_eq!(v, "7.2.0vmm-0.1.0\n");
     }
 }

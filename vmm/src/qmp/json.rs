@@ -16,7 +16,7 @@
 //! let mut s = JsonStreamer::new(64 * 1024);
 //! let mut out = Vec::new();
 //! s.feed(br#"{"execute": "stop"}{"exec"#, &mut out);
-//! s.feed(b"ute': 'cont'}", &mut out);
+//! s.feed(br#"ute": 'cont'}"#, &mut out);
 //! assert_eq!(out.len(), 2);
 //! assert!(matches!(&out[1], Message::Value(v) if v["execute"] == "cont"));
 //! ```
