@@ -542,11 +542,16 @@ fn load_incoming(
     }
     machine.start_after_load()?;
     let resumed_at = SystemTime::now();
-    events.emit_at(
-        "incoming-resumed",
-        resumed_at,
-        json!({"resumed_at_us": unix_us(resumed_at), "ready_at_us": unix_us(ready_at)}),
-    );
+    if machine.run_state() == RunState::Running {
+        events.emit_at(
+            "incoming-resumed",
+            resumed_at,
+            json!({"resumed_at_us": unix_us(resumed_at), "ready_at_us": unix_us(ready_at)}),
+        );
+    } else {
+        // Held (`-S`, or a `stop` while incoming): it runs when `cont` says so.
+        events.emit("incoming-held", json!({"ready_at_us": unix_us(ready_at)}));
+    }
     Ok(IncomingReport {
         bytes: report.bytes + channel_bytes,
         load_time,

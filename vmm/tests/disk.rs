@@ -381,3 +381,58 @@ fn a_wrong_size_or_name_is_refused_before_any_write_and_the_source_runs_on() {
     let _ = q.try_cmd("quit", json!({}));
     assert!(src.wait().success());
 }
+
+/// `cont` on a source whose guest was migrated away is the operator's rollback (libvirt's,
+/// when a destination held paused fails to finish): refused while the destination holds
+/// the shared disk, allowed once it let go, and the guest then finds every block as it
+/// left it.
+#[test]
+fn cont_after_a_completed_migration_waits_for_the_shared_disk() {
+    common::init();
+    let dir = scratch("rollback");
+    let img = dir.join("shared.img");
+    image(&img, 8 * MIB);
+    let guest = ["--memory", "128M", "--workload", "disk"];
+    let spec = drive(&img, ",migrate=off");
+    let (qmp, sock) = (dir.join("s.qmp"), dir.join("m.sock"));
+    let sock_uri = format!("unix:{}", sock.display());
+    let mut dst = Vmm::start(
+        &dir,
+        "destination",
+        &[
+            &guest[..],
+            &["--drive", &spec, "--incoming", &sock_uri, "-S"],
+        ]
+        .concat(),
+    );
+    dst.wait_event("listening");
+    let qmp_arg = format!("unix:{}", qmp.display());
+    let mut src = Vmm::start(
+        &dir,
+        "source",
+        &[&guest[..], &["--drive", &spec, "--qmp", &qmp_arg]].concat(),
+    );
+    let mut q = Qmp::connect(&qmp);
+    q.wait_guest_pass(1);
+    q.cmd("migrate", json!({"uri": sock_uri}));
+    q.wait_status("completed");
+    dst.wait_event("loaded");
+    assert_eq!(q.cmd("query-status", json!({}))["status"], "postmigrate");
+    let e = q.try_cmd("cont", json!({})).unwrap_err();
+    assert!(
+        e["desc"].as_str().unwrap().contains("locked elsewhere"),
+        "{e}"
+    );
+    assert_eq!(q.cmd("query-status", json!({}))["status"], "postmigrate");
+    // The destination, held paused, goes: the operator takes the guest back.
+    assert!(dst.event("incoming-resumed").is_none());
+    let _ = dst.child.kill();
+    let _ = dst.wait();
+    q.cmd("cont", json!({}));
+    assert_eq!(q.cmd("query-status", json!({}))["status"], "running");
+    let pass = q.cmd("x-query-guest", json!({}))["pass"].as_u64().unwrap();
+    q.wait_guest_pass(pass + 2);
+    assert_eq!(q.cmd("x-query-guest", json!({}))["mismatches"], 0);
+    let _ = q.try_cmd("quit", json!({}));
+    assert!(src.wait().success(), "{}", src.stderr());
+}

@@ -639,3 +639,72 @@ fn a_stalled_destination_blocks_neither_the_guest_nor_the_monitor() {
     let _ = q.try_cmd("quit", json!({}));
     assert!(src.wait().success());
 }
+
+/// QMP sessions are freed when their client goes: 200 clients that negotiate and leave,
+/// under a limit of 64 open files, and the next one still gets its greeting.
+#[test]
+fn qmp_sessions_are_freed_when_their_clients_go() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::unix::net::UnixStream;
+    use std::os::unix::process::CommandExt;
+    common::init();
+    let dir = scratch("qmp-soak");
+    let qmp = dir.join("qmp.sock");
+    let qmp_arg = format!("unix:{}", qmp.display());
+    let vm = Vmm::start_with(
+        &dir,
+        "vm",
+        &[&["--qmp", qmp_arg.as_str()][..], GUEST].concat(),
+        |c| {
+            // SAFETY: setrlimit is async-signal-safe and touches no memory of the parent.
+            unsafe {
+                c.pre_exec(|| {
+                    let lim = libc::rlimit {
+                        rlim_cur: 64,
+                        rlim_max: 64,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        },
+    );
+    let mut q = Qmp::connect(&qmp);
+    let fds = || {
+        std::fs::read_dir(format!("/proc/{}/fd", vm.child.id()))
+            .unwrap()
+            .count()
+    };
+    let before = fds();
+    for i in 0..200 {
+        let s = UnixStream::connect(&qmp).unwrap();
+        s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        let mut r = BufReader::new(s.try_clone().unwrap());
+        let mut line = String::new();
+        r.read_line(&mut line).unwrap();
+        assert!(
+            line.contains("\"QMP\""),
+            "session {i}: no greeting: {line:?}"
+        );
+        (&s).write_all(br#"{"execute":"qmp_capabilities"}"#)
+            .unwrap();
+        line.clear();
+        r.read_line(&mut line).unwrap();
+        assert_eq!(line, "{\"return\":{}}\r\n", "session {i}");
+    }
+    // Each client's threads end as it goes: give the last ones a moment.
+    let t = std::time::Instant::now();
+    while fds() > before && t.elapsed() < std::time::Duration::from_secs(5) {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(
+        fds() <= before,
+        "{} descriptors open, {before} before",
+        fds()
+    );
+    assert_eq!(q.cmd("query-status", json!({}))["status"], "running");
+    let _ = q.try_cmd("quit", json!({}));
+}

@@ -290,6 +290,19 @@ impl Qmp {
         }
     }
 
+    /// Reads what is left until the peer closes the connection, keeping the events (the
+    /// last ones a process sends before it exits).
+    pub fn read_to_end(&mut self) {
+        loop {
+            let v = self.read();
+            if v.get("event").is_some() {
+                self.events.push(v);
+            } else if v["error"]["class"] == "Closed" {
+                return;
+            }
+        }
+    }
+
     /// Polls x-query-guest until the guest has completed `pass` passes (panics after 60 s).
     pub fn wait_guest_pass(&mut self, pass: u64) {
         let t = Instant::now();

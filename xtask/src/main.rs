@@ -281,9 +281,38 @@ fn ci() -> Result<()> {
         .env("INSTA_UPDATE", "no");
     run("cargo test --workspace", test)?;
     eprintln!("==> cargo xtask migrate-test --quick");
-    migrate_test::run(build_vmm()?, true, &[])?;
+    let vmm = build_vmm()?;
+    migrate_test::run(vmm.clone(), true, &[])?;
+    qemu_qmp(&vmm)?;
+    eprintln!("==> cargo xtask qmp-conformance");
+    qmp_conformance::run(vmm, find_qemu(None, false)?, &root().join("docs/qmp.md"))?;
     eprintln!("==> ci passed in {:.0?}", t.elapsed());
     Ok(())
+}
+
+/// A migration driven by QEMU's own Python QMP client (xtask/qmp/qemu_qmp_migration.py),
+/// with the interpreter `VMM_QMP_PYTHON` names (.ci/run makes a virtual environment with
+/// qemu.qmp) or, failing that, `python3` if it has qemu.qmp. Under CI it must run.
+fn qemu_qmp(vmm: &Path) -> Result<()> {
+    let python = std::env::var("VMM_QMP_PYTHON").unwrap_or_else(|_| "python3".into());
+    let has = Command::new(&python)
+        .args(["-c", "import qemu.qmp"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has {
+        if std::env::var_os("CI").is_some() {
+            bail!("{python} has no qemu.qmp: .ci/run installs it into a virtual environment");
+        }
+        eprintln!(
+            "==> SKIPPED the qemu.qmp migration: {python} has no qemu.qmp (pip install qemu.qmp, \
+             or set VMM_QMP_PYTHON)"
+        );
+        return Ok(());
+    }
+    let mut c = Command::new(&python);
+    c.arg(root().join("xtask/qmp/qemu_qmp_migration.py"))
+        .arg(vmm);
+    run("a migration driven by qemu.qmp", c)
 }
 
 /// Assembles the built-in guest with binutils (on every Debian machine with gcc).
