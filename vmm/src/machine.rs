@@ -13,6 +13,7 @@ use crate::events::EventLog;
 use block_migration::Disk;
 
 use crate::disk::{BlockDevice, open_disks};
+use crate::global_state::GlobalState;
 use crate::guest::{self, GuestParams, LOAD_ADDR};
 use crate::memory::GuestRam;
 use crate::serial::{COM1, Console, Uart, new_uart};
@@ -218,6 +219,8 @@ pub struct Machine {
     pub events: Arc<EventLog>,
     /// The guest parameters in effect.
     pub params: Option<GuestParams>,
+    /// The runstate carried by the `globalstate` section, both ways.
+    pub global_state: Arc<GlobalState>,
     // Lock: the run state, and whether the guest ran when the migration stopped it;
     // changed by the main thread, the monitor and the migration thread, only through
     // `transition`.
@@ -314,6 +317,7 @@ impl Machine {
             console,
             events,
             params,
+            global_state: Arc::default(),
             state: Mutex::new((
                 if cfg.incoming {
                     RunState::InMigrate
@@ -387,7 +391,11 @@ impl Machine {
         self.transition(|st| {
             let was = st.0;
             match was {
-                RunState::InMigrate | RunState::PostMigrate => *st = (RunState::InMigrate, false),
+                RunState::InMigrate | RunState::PostMigrate => {
+                    *st = (RunState::InMigrate, false);
+                    // What an earlier stream said does not apply to the next.
+                    self.global_state.take_loaded();
+                }
                 other => bail!(
                     "the guest is {} here; only a VM started with --incoming or whose guest was migrated away \
                      can receive one",
@@ -464,13 +472,20 @@ impl Machine {
                 std::thread::sleep(std::time::Duration::from_millis(5));
             }
         }
-        // Held (`--paused`, or a `stop` while incoming): loaded, paused until `cont`.
+        // As QEMU: a guest its source had paused (or never started) stays so; a running
+        // one is held by `-S` or a `stop` while incoming, until `cont`.
+        let from_stream = self.global_state.take_loaded();
         let held = self.transition(|st| {
-            let held = st.0 == RunState::InMigrate && (self.hold_after_load || st.1);
-            if held {
-                *st = (RunState::Paused, false);
+            if st.0 != RunState::InMigrate {
+                return false;
             }
-            held
+            let to = match from_stream {
+                Some(s @ (RunState::Paused | RunState::Prelaunch)) => s,
+                _ if self.hold_after_load || st.1 => RunState::Paused,
+                _ => return false,
+            };
+            *st = (to, false);
+            true
         });
         if held {
             return Ok(());
@@ -571,6 +586,7 @@ impl VmControl for Machine {
     fn stop_vcpus(&self) -> Result<(), SectionError> {
         // The state changes first, so a `cont` from now on is refused.
         self.transition(|st| {
+            self.global_state.set_at_switchover(st.0);
             st.1 = st.0 == RunState::Running;
             st.0 = RunState::FinishMigrate;
         });

@@ -6,6 +6,7 @@
 mod demo;
 mod disk;
 mod events;
+mod global_state;
 mod guest;
 mod kvm;
 mod machine;

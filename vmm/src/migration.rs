@@ -16,6 +16,7 @@ use savevm::{
 use serde_json::json;
 
 use crate::events::unix_us;
+use crate::global_state::GlobalStateSection;
 use crate::machine::{Machine, RunState};
 use crate::serial::SerialSection;
 
@@ -55,6 +56,10 @@ pub fn sections(
         Multifd::Receive(channels) => ram.with_multifd_receiver(channels),
     };
     s.register_live(RamSection::info(), Box::new(ram))?;
+    s.register_device(
+        GlobalStateSection::info(),
+        Box::new(GlobalStateSection(m.global_state.clone())),
+    )?;
     m.cpus.register_sections(&mut s)?;
     s.register_device(
         SerialSection::info(),

@@ -20,8 +20,8 @@ type Listener = Box<dyn Fn(&str, Value) + Send + Sync>;
 /// An incoming migration: its state for `query-migrate`, and how to abort it.
 struct Incoming {
     status: MigrationStatus,
-    started: Instant,
-    ended: Option<Instant>,
+    /// Where it listens (QEMU's `socket-address`).
+    local: MigrationUri,
     error: Option<String>,
     abort: Arc<Abort>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -255,7 +255,7 @@ impl Session {
     /// Another incoming migration waits, the guest runs here, or `uri` cannot be bound.
     pub fn migrate_incoming(self: &Arc<Self>, uri: MigrationUri) -> Result<MigrationUri> {
         let mut slot = lock(&self.incoming);
-        if slot.as_ref().is_some_and(|i| i.ended.is_none()) {
+        if slot.as_ref().is_some_and(|i| !i.status.is_terminal()) {
             bail!("an incoming migration is already waiting or loading");
         }
         let listener = IncomingListener::bind(&self.machine, &uri)?;
@@ -265,8 +265,7 @@ impl Session {
         let a = abort.clone();
         *slot = Some(Incoming {
             status: MigrationStatus::Setup,
-            started: Instant::now(),
-            ended: None,
+            local: local.clone(),
             error: None,
             abort,
             thread: None,
@@ -306,7 +305,6 @@ impl Session {
         if let Some(i) = lock(&self.incoming).as_mut() {
             i.status = status;
             if status.is_terminal() {
-                i.ended = Some(Instant::now());
                 i.error = error;
             }
         }
@@ -317,7 +315,7 @@ impl Session {
     pub fn incoming_running(&self) -> bool {
         lock(&self.incoming)
             .as_ref()
-            .is_some_and(|i| i.ended.is_none())
+            .is_some_and(|i| !i.status.is_terminal())
     }
 
     /// Waits for the incoming migration to end; true if it loaded (the guest is here).
@@ -351,12 +349,19 @@ impl Session {
     pub fn query_migrate(&self) -> Value {
         if self.last_incoming.load(Ordering::SeqCst) {
             if let Some(i) = lock(&self.incoming).as_ref() {
-                let mut v = json!({"status": i.status.as_str()});
+                // As a QEMU destination: where it listens while it waits (no status yet)
+                // and loads, the status once a source connected.
+                let mut v = json!({});
+                if i.status != MigrationStatus::Setup {
+                    v["status"] = json!(i.status.as_str());
+                }
+                if !i.status.is_terminal() {
+                    if let Some(a) = socket_address(&i.local) {
+                        v["socket-address"] = json!([a]);
+                    }
+                }
                 if let Some(e) = &i.error {
                     v["error-desc"] = json!(e);
-                }
-                if let Some(end) = i.ended {
-                    v["total-time"] = json!((end - i.started).as_millis() as u64);
                 }
                 return v;
             }
@@ -426,6 +431,24 @@ impl Session {
         }
         *q
     }
+}
+
+/// QEMU's `SocketAddress` for a listening URI (none for files and commands).
+fn socket_address(uri: &MigrationUri) -> Option<Value> {
+    Some(match uri {
+        MigrationUri::Tcp { host, port } => {
+            let mut a = json!({"type": "inet", "host": host, "port": port.to_string()});
+            match host.parse::<std::net::IpAddr>() {
+                Ok(std::net::IpAddr::V4(_)) => a["ipv4"] = json!(true),
+                Ok(std::net::IpAddr::V6(_)) => a["ipv6"] = json!(true),
+                Err(_) => {}
+            }
+            a
+        }
+        MigrationUri::Unix(p) => json!({"type": "unix", "path": p.display().to_string()}),
+        MigrationUri::Fd(n) => json!({"type": "fd", "str": n.to_string()}),
+        MigrationUri::Exec(_) | MigrationUri::File(_) => return None,
+    })
 }
 
 /// The status QMP shows, as QEMU 7.2 does: the switchover is `device` only after a

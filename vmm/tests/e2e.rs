@@ -708,3 +708,48 @@ fn qmp_sessions_are_freed_when_their_clients_go() {
     assert_eq!(q.cmd("query-status", json!({}))["status"], "running");
     let _ = q.try_cmd("quit", json!({}));
 }
+
+/// A guest its source had paused arrives paused (QEMU's globalstate section): the
+/// destination loads it and waits for `cont`, which resumes it where it stopped.
+#[test]
+fn a_paused_guest_arrives_paused() {
+    common::init();
+    let dir = scratch("paused-arrives");
+    let (sq, dq) = (dir.join("s.qmp"), dir.join("d.qmp"));
+    let (sarg, darg) = (
+        format!("unix:{}", sq.display()),
+        format!("unix:{}", dq.display()),
+    );
+    let mut src = Vmm::start(
+        &dir,
+        "source",
+        &[&["--qmp", sarg.as_str()][..], GUEST].concat(),
+    );
+    let mut dst = Vmm::start(
+        &dir,
+        "destination",
+        &[
+            &["--qmp", darg.as_str(), "--incoming", "tcp:127.0.0.1:0"][..],
+            GUEST,
+        ]
+        .concat(),
+    );
+    let uri = dst.listening_uri();
+    let mut q = Qmp::connect(&sq);
+    let mut d = Qmp::connect(&dq);
+    q.wait_guest_pass(1);
+    q.cmd("stop", json!({}));
+    let pass = q.cmd("x-query-guest", json!({}))["pass"].as_u64().unwrap();
+    q.cmd("migrate", json!({"uri": uri}));
+    q.wait_status("completed");
+    dst.wait_event("incoming-held");
+    assert_eq!(d.cmd("query-status", json!({}))["status"], "paused");
+    assert_eq!(d.cmd("x-query-guest", json!({}))["pass"], pass);
+    d.cmd("cont", json!({}));
+    d.wait_guest_pass(pass + 1);
+    assert_eq!(d.cmd("x-query-guest", json!({}))["mismatches"], 0);
+    let _ = q.try_cmd("quit", json!({}));
+    let _ = d.try_cmd("quit", json!({}));
+    assert!(src.wait().success());
+    assert!(dst.wait().success(), "{}", dst.stderr());
+}

@@ -558,16 +558,30 @@ fn script(l: &Launcher) -> Result<Results> {
     drop(q);
     drop(vm);
 
-    res.extend(migration(l, "migration", false, false)?);
-    res.extend(migration(l, "pause-before-switchover", true, false)?);
-    res.extend(migration(l, "cancel", false, true)?);
+    res.extend(migration(l, "migration", Mode::Plain)?);
+    res.extend(migration(l, "pause-before-switchover", Mode::Pause)?);
+    res.extend(migration(l, "cancel", Mode::Cancel)?);
+    res.extend(migration(l, "paused source", Mode::PausedSource)?);
     Ok(res)
 }
 
-/// A migration between two fresh VMs over TCP on 127.0.0.1, events on at both ends; with
-/// `pause` through pre-switchover and migrate-continue, with `cancel` cancelled in the
-/// middle. Then the source's rollback with `cont`, and `quit` on both.
-fn migration(l: &Launcher, name: &str, pause: bool, cancel: bool) -> Result<Results> {
+/// How a scripted migration goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// To its end.
+    Plain,
+    /// Through pre-switchover and migrate-continue.
+    Pause,
+    /// Cancelled in the middle.
+    Cancel,
+    /// Of a guest stopped first: it must arrive paused.
+    PausedSource,
+}
+
+/// A migration between two fresh VMs over TCP on 127.0.0.1, events on at both ends, as
+/// `mode` says. Then the source's rollback with `cont`, and `quit`.
+fn migration(l: &Launcher, name: &str, mode: Mode) -> Result<Results> {
+    let (pause, cancel) = (mode == Mode::Pause, mode == Mode::Cancel);
     let mut res: Results = Vec::new();
     let src = l.start(&format!("{name}-src"), false, false)?;
     let dst = l.start(&format!("{name}-dst"), false, true)?;
@@ -600,13 +614,24 @@ fn migration(l: &Launcher, name: &str, pause: bool, cancel: bool) -> Result<Resu
         },
     ));
     let st = d.cmd("query-status", Value::Null)?;
+    let qm = d.cmd("query-migrate", Value::Null)?;
     res.push((
-        format!("{name}: destination status while waiting"),
+        format!("{name}: destination while waiting"),
         Outcome {
-            replies: vec![st["return"]["status"].to_string()],
+            replies: vec![st["return"]["status"].to_string(), shape(&qm)],
             ..Outcome::default()
         },
     ));
+    if mode == Mode::PausedSource {
+        let r = s.cmd("stop", Value::Null)?;
+        res.push((
+            format!("{name}: stop the source"),
+            Outcome {
+                replies: vec![shape(&r)],
+                events: s.take_events(),
+            },
+        ));
+    }
     let r = s.cmd("migrate", json!({"uri": uri}))?;
     let mut outcome = Outcome {
         replies: vec![shape(&r)],
@@ -630,7 +655,7 @@ fn migration(l: &Launcher, name: &str, pause: bool, cancel: bool) -> Result<Resu
     } else {
         let end = s.wait_status(&["completed", "failed", "cancelled"])?;
         outcome.replies.push(end);
-        d.wait_runstate("running")?;
+        d.wait_status(&["completed", "failed"])?;
     }
     s.drain(Duration::from_millis(300))?;
     d.drain(Duration::from_millis(300))?;
