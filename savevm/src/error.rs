@@ -188,6 +188,18 @@ pub enum Error {
         /// The destination's status code.
         status: u32,
     },
+    /// The whole stream went out but the destination's answer did not come back (the
+    /// connection was cut, or it stayed silent past the timeout): the destination may be
+    /// running the guest, so the source must not resume it by itself.
+    #[error(
+        "the whole stream was sent but the destination's answer was lost ({reason}): it may be running \
+         the guest, so this source stays stopped; `cont` takes the guest back here once its disks can be \
+         locked, if the destination does not run it"
+    )]
+    OutcomeUnknown {
+        /// What happened instead of the answer.
+        reason: String,
+    },
     /// The destination's answer is not a return-path message this side knows.
     #[error(
         "the destination answered with return-path message {ty} of {len} bytes, not the expected status"

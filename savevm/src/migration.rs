@@ -285,6 +285,9 @@ pub struct MigrationInfo {
     pub error: Option<String>,
     /// The switchover waited in `pre-switchover` (the `device` status then follows it).
     pub paused_before_switchover: bool,
+    /// Failed after the whole stream went out, without the destination's answer: the
+    /// guest may run there, and this source stays stopped.
+    pub outcome_unknown: bool,
 }
 
 type Observer = Box<dyn Fn(&MigrationInfo) + Send + Sync>;
@@ -597,9 +600,18 @@ pub fn run_migration<V: VmControl + ?Sized>(
             Ok(ctl.info())
         }
         Err(e) => {
-            let e = if ctl.cancelled() { Error::Cancelled } else { e };
+            let e = match e {
+                Error::OutcomeUnknown { .. } => e,
+                _ if ctl.cancelled() => Error::Cancelled,
+                e => e,
+            };
+            let unknown = matches!(e, Error::OutcomeUnknown { .. });
             let mut resume_error = None;
-            if stopped {
+            if unknown {
+                // The guest may run at the destination: this copy stays stopped, as one
+                // migrated away (only the operator's `cont` takes it back).
+                vm.handed_over();
+            } else if stopped {
                 if let Err(re) = vm.resume_vcpus() {
                     resume_error = Some(re.to_string());
                 }
@@ -612,6 +624,7 @@ pub fn run_migration<V: VmControl + ?Sized>(
             ctl.set_status(status, |i| {
                 i.total_time = t0.elapsed();
                 i.transferred = f.bytes_written();
+                i.outcome_unknown = unknown;
                 let msg = crate::error_chain(&e);
                 i.error = Some(match &resume_error {
                     Some(re) => format!("{msg}; resuming the VM failed too: {re}"),
@@ -643,6 +656,43 @@ impl<V: VmControl + ?Sized> Drop for PanicGuard<'_, V> {
                 i.error = Some("the migration thread panicked; the VM was resumed".into());
             });
         }
+    }
+}
+
+/// Waits for the destination's answer at most `timeout` (the stall timeout): a
+/// destination that loaded answers at once, so silence that long is a lost answer.
+fn wait_answer(f: &mut QemuFile, ctl: &MigrationControl, timeout: Duration) -> Result<()> {
+    let done = std::sync::Arc::new((Mutex::new(false), Condvar::new()));
+    let handles: Vec<ShutdownHandle> = lock(&ctl.shutdown).clone();
+    let d = done.clone();
+    let watchdog = std::thread::Builder::new()
+        .name("answer-timeout".into())
+        .spawn(move || {
+            let (m, c) = &*d;
+            let g = lock(m);
+            let (g, r) = c
+                .wait_timeout_while(g, timeout, |done| !*done)
+                .unwrap_or_else(|p| p.into_inner());
+            drop(g);
+            if r.timed_out() {
+                for h in &handles {
+                    h.shutdown();
+                }
+            }
+            r.timed_out()
+        })
+        .map_err(|e| Error::OutcomeUnknown {
+            reason: format!("no thread to time the answer: {e}"),
+        })?;
+    let r = return_path::wait_load_result(f);
+    *lock(&done.0) = true;
+    done.1.notify_all();
+    let timed_out = watchdog.join().unwrap_or(false);
+    match r {
+        Err(_) if timed_out => Err(Error::OutcomeUnknown {
+            reason: format!("no answer in {} ms", timeout.as_millis()),
+        }),
+        r => r,
     }
 }
 
@@ -852,20 +902,31 @@ fn migrate<V: VmControl + ?Sized>(
         times.send_ram = t.elapsed();
 
         let t = Instant::now();
+        // The stream's tail (the devices, EOF, the description) stays queued until the
+        // hand-over below: its last byte is what lets a destination complete its load.
+        f.set_auto_flush(usize::MAX);
         savevm.save_devices(f)?;
-        f.finish()?;
+        // The hand-over (ARCHITECTURE.md, "The hand-over"): a cancel no longer applies
+        // once the last byte may go out...
+        if !ctl.commit() {
+            return Err(Error::Cancelled);
+        }
+        // ...and whether it went out decides who owns the guest. A failed write did not
+        // write the last byte, so the destination cannot complete and the source resumes;
+        // once it is written, only the destination's answer tells.
+        f.flush()?;
         times.send_devices = t.elapsed();
     }
-    // Everything is written: the destination may run the guest from here on, so a cancel
-    // no longer applies. A destination that reports a failure, or that goes away without
-    // answering, still makes the source resume (as QEMU does): it answers only once it
-    // has loaded everything, and runs the guest only after that answer was sent.
-    if !ctl.commit() {
-        return Err(Error::Cancelled);
-    }
+    let unknown = |e: Error| match e {
+        Error::DestinationFailed { .. } => e,
+        other => Error::OutcomeUnknown {
+            reason: crate::error_chain(&other),
+        },
+    };
+    f.finish().map_err(|e| unknown(e.into()))?;
     if params.return_path {
         let t = Instant::now();
-        return_path::wait_load_result(f)?;
+        wait_answer(f, ctl, params.stall_timeout).map_err(unknown)?;
         times.wait_destination = t.elapsed();
     }
     times.total = t_stop.elapsed();

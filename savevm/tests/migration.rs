@@ -346,3 +346,79 @@ fn a_cancel_after_the_whole_stream_was_written_is_refused() {
     dest.join().unwrap();
     s.vm.shutdown();
 }
+
+/// A destination that loads the whole stream and then `then`s instead of answering.
+fn silent_destination(
+    end: MemTransport,
+    then: impl FnOnce(QemuFile) + Send + 'static,
+) -> thread::JoinHandle<()> {
+    thread::spawn(move || {
+        let mut vm = SaveVm::new("pc");
+        vm.register_live(
+            SectionInfo::new("words", 0, 2),
+            Box::new(WordsSection::new(Words::new(WORDS))),
+        )
+        .unwrap();
+        vm.register_device(
+            SectionInfo::new("uart", 0, 1),
+            Box::new(UartSection(Default::default())),
+        )
+        .unwrap();
+        let mut f = QemuFile::new(Box::new(end));
+        let r = vm.load(&mut f).unwrap();
+        assert!(
+            r.description.is_some(),
+            "the stream's last part is its description"
+        );
+        then(f);
+    })
+}
+
+/// Once the whole stream went out, a lost answer leaves the outcome unknown: the source
+/// stays stopped (the destination may be running the guest) and says why.
+#[test]
+fn a_lost_answer_leaves_the_source_stopped_whether_cut_or_silent() {
+    for silent in [false, true] {
+        let mut s = source(10);
+        let (a, b) = mem_channel(256 << 10);
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let dest = silent_destination(b, move |f| {
+            if silent {
+                // Keeps the connection open and says nothing until the test ends.
+                let _ = rx.recv();
+            }
+            drop(f);
+        });
+        let ctl = MigrationControl::new(MigrationParams {
+            stall_timeout: Duration::from_millis(500),
+            ..params(true)
+        });
+        let t = std::time::Instant::now();
+        let e = run_migration(&mut s.savevm, &mut QemuFile::new(Box::new(a)), &*s.vm, &ctl)
+            .unwrap_err();
+        assert!(matches!(e, Error::OutcomeUnknown { .. }), "{e}");
+        if silent {
+            assert!(
+                t.elapsed() >= Duration::from_millis(500),
+                "{:?}",
+                t.elapsed()
+            );
+        }
+        let info = ctl.info();
+        assert_eq!(info.status, MigrationStatus::Failed);
+        assert!(info.outcome_unknown);
+        assert!(info.error.unwrap().contains("may be running the guest"));
+        assert_eq!(
+            (
+                s.vm.stops.load(Ordering::SeqCst),
+                s.vm.resumes.load(Ordering::SeqCst)
+            ),
+            (1, 0),
+            "silent: {silent}"
+        );
+        assert!(!s.vm.is_running());
+        drop(tx);
+        dest.join().unwrap();
+        s.vm.shutdown();
+    }
+}

@@ -447,9 +447,19 @@ impl Machine {
     /// Locks again the shared disks this source handed over at a switchover.
     fn take_back_disks(&self) -> std::result::Result<(), String> {
         let mut handed = self.handed_over.lock().unwrap_or_else(|p| p.into_inner());
+        let mut taken: Vec<Arc<Disk>> = Vec::new();
         for d in handed.iter() {
-            d.lock()
-                .map_err(|e| format!("shared disk {:?} is locked elsewhere ({e})", d.name()))?;
+            if let Err(e) = d.lock() {
+                // All or none: a disk taken back is handed over again.
+                for t in &taken {
+                    t.unlock();
+                }
+                return Err(format!(
+                    "shared disk {:?} is locked elsewhere ({e})",
+                    d.name()
+                ));
+            }
+            taken.push(d.clone());
         }
         handed.clear();
         Ok(())
@@ -629,14 +639,16 @@ impl VmControl for Machine {
     }
 
     fn resume_vcpus(&self) -> Result<(), SectionError> {
-        // Take back the shared disks handed over for a switchover that failed.
-        let handed =
-            std::mem::take(&mut *self.handed_over.lock().unwrap_or_else(|p| p.into_inner()));
-        let mut lost = None;
-        for d in handed {
-            if let Err(e) = d.lock() {
-                lost = Some(e.to_string());
-            }
+        // Take back the shared disks handed over for a switchover that failed; never run
+        // without them: another process holding one may be running the guest.
+        if let Err(e) = self.take_back_disks() {
+            self.set_migrated();
+            self.events
+                .emit("not-resumed", json!({"reason": e.clone()}));
+            return Err(format!(
+                "{e}: the guest may run there, so it stays stopped here (postmigrate)"
+            )
+            .into());
         }
         let resumed = self.transition(|st| {
             if st.0 != RunState::FinishMigrate {
@@ -656,9 +668,6 @@ impl VmControl for Machine {
             self.events
                 .emit("resumed", json!({"after": "failed migration"}));
         }
-        match lost {
-            Some(e) => Err(format!("a shared disk was taken meanwhile: {e}").into()),
-            None => Ok(()),
-        }
+        Ok(())
     }
 }

@@ -215,7 +215,17 @@ fn migrate(
     let mut savevm = sections(&machine, ram, disk, false, multifd)?;
     // On success the guest runs at the destination (or lives in the file), never again
     // here: run_migration marks the machine post-migrate before it reports completion.
-    let info = run_migration(&mut savevm, &mut f, &*machine, ctl)?;
+    let info = match run_migration(&mut savevm, &mut f, &*machine, ctl) {
+        Ok(info) => info,
+        Err(e) => {
+            // The guest may run at the destination: its state at the switchover is the
+            // one to compare with.
+            if verify && matches!(e, savevm::Error::OutcomeUnknown { .. }) {
+                emit_hash(&machine, "source");
+            }
+            return Err(e.into());
+        }
+    };
     if let Some(at) = info.stopped_at {
         let c = info.completion.unwrap_or_default();
         events.emit_at(
@@ -515,6 +525,15 @@ fn load_incoming(
         )),
         false => Ok(r),
     });
+    // With an answer to give, the load is complete only with the stream's last byte (the
+    // end of its description): the source owns the guest until that byte left it, and a
+    // stream cut before it must not run here.
+    let loaded = loaded.and_then(|r| match (answer, &r.description) {
+        (true, None) => Err(anyhow!(
+            "the stream ended before its VM description: the source did not finish sending it"
+        )),
+        _ => Ok(r),
+    });
     let report = match loaded {
         Ok(r) => r,
         Err(e) => {
@@ -535,8 +554,8 @@ fn load_incoming(
     if answer {
         if let Err(e) = return_path::send_load_result(&mut f, true) {
             bail!(
-                "the stream loaded, but the source could not be told ({e}); it resumes its copy, so this one \
-                 does not run"
+                "the stream loaded, but the source could not be told ({e}); it keeps its copy (stopped, \
+                 for the operator to resume), so this one does not run"
             );
         }
     }

@@ -540,6 +540,11 @@ pub fn query_migrate_json(
     if let Some(e) = &info.error {
         o.insert("error-desc".into(), json!(e));
     }
+    if info.outcome_unknown {
+        // The whole stream went out and no answer came: the guest may run at the
+        // destination (the source is postmigrate; `cont` is the operator's call).
+        o.insert("x-outcome".into(), json!("unknown"));
+    }
     if info.status == MigrationStatus::None {
         // `migrate` has returned but its thread has not begun: QEMU says setup here.
         o.insert("status".into(), json!(MigrationStatus::Setup.as_str()));

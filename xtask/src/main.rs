@@ -17,6 +17,7 @@
 mod bench;
 mod faults;
 mod fuzz;
+mod handover;
 mod interop;
 mod memwatch;
 mod migrate_test;

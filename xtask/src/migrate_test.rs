@@ -89,6 +89,7 @@ enum Case {
     RefuseDisk,
     RefuseVcpus,
     Fault(Phase, Action),
+    Handover(crate::handover::Break, bool),
     PingPong(usize),
 }
 
@@ -109,6 +110,11 @@ impl Case {
             Case::RefuseDisk => "refused: unknown disk".into(),
             Case::RefuseVcpus => "refused at completion: more vCPUs".into(),
             Case::Fault(p, a) => format!("fault in {}: {}", p.name(), a.name()),
+            Case::Handover(b, shared) => format!(
+                "hand-over: {} {}",
+                b.name(),
+                if *shared { "+shared disk" } else { "+disk" }
+            ),
             Case::PingPong(n) => format!("ping-pong x{n} +disk"),
         }
     }
@@ -162,6 +168,23 @@ fn cases(quick: bool) -> Vec<Case> {
         Case::RefuseDisk,
         Case::RefuseVcpus,
     ]);
+    {
+        use crate::handover::Break::*;
+        let breaks = [
+            AnswerDelayedThenCut,
+            AnswerDropped,
+            CutAfterLastByte,
+            CutBeforeLastByte,
+        ];
+        for b in breaks {
+            for shared in [true, false] {
+                // CI runs each break once, alternating the disk.
+                if !quick || shared == matches!(b, AnswerDelayedThenCut | CutAfterLastByte) {
+                    v.push(Case::Handover(b, shared));
+                }
+            }
+        }
+    }
     if quick {
         v.extend([
             Case::Fault(Phase::Setup, Action::KillSource),
@@ -522,6 +545,7 @@ fn run_case(case: &Case) -> Result<Measured> {
         Case::RefuseDisk => refuse("disk"),
         Case::RefuseVcpus => refuse("vcpus"),
         Case::Fault(p, a) => crate::faults::run(*p, *a),
+        Case::Handover(b, shared) => crate::handover::run(*b, *shared),
         Case::PingPong(n) => crate::ping_pong::run(*n),
     }
 }

@@ -19,6 +19,16 @@ pub enum Fault {
     /// Nothing more is forwarded in either direction; the source blocks once the socket
     /// buffers are full, the destination waits.
     Stall,
+    /// The stream's last `n` bytes are held back: when the source has sent everything
+    /// (and half-closed), both connections are cut, so the source wrote its last byte
+    /// and the destination never got it.
+    HoldTail(usize),
+    /// The whole stream goes through; the destination's answer does not: held `delay`,
+    /// then both connections are cut (a zero delay cuts as the answer arrives).
+    CutAnswer(Duration),
+    /// The whole stream goes through; the destination's answer is dropped and the
+    /// connections stay open.
+    DropAnswer,
 }
 
 /// The proxy: a unix socket the source connects to, a TCP connection to the destination.
@@ -110,6 +120,19 @@ impl FaultProxy {
                     match from.read(&mut buf) {
                         Ok(0) | Err(_) => break,
                         Ok(n) => {
+                            match fault {
+                                Fault::CutAnswer(delay) => {
+                                    back.fire();
+                                    std::thread::sleep(delay);
+                                    back.cut();
+                                    return;
+                                }
+                                Fault::DropAnswer => {
+                                    back.fire();
+                                    continue;
+                                }
+                                _ => {}
+                            }
                             if *back.fired.lock().unwrap_or_else(|p| p.into_inner()) {
                                 // Stalled: hold the answer back (and keep reading, so
                                 // an EOF still shows).
@@ -174,8 +197,38 @@ impl Drop for FaultProxy {
     }
 }
 
+/// Source to destination, all but the last `tail` bytes: when the source ends its
+/// stream, both connections are cut.
+fn hold_tail(mut src: UnixStream, mut dst: TcpStream, sh: &Shared, tail: usize) {
+    let mut held: Vec<u8> = Vec::new();
+    let mut buf = vec![0u8; 256 << 10];
+    loop {
+        let n = match src.read(&mut buf) {
+            Ok(0) | Err(_) => {
+                sh.fire();
+                sh.cut();
+                return;
+            }
+            Ok(n) => n,
+        };
+        held.extend_from_slice(&buf[..n]);
+        if held.len() > tail {
+            let out = held.len() - tail;
+            if dst.write_all(&held[..out]).is_err() {
+                sh.cut();
+                return;
+            }
+            held.drain(..out);
+            sh.forwarded.fetch_add(out as u64, Ordering::SeqCst);
+        }
+    }
+}
+
 /// Source to destination: exactly `at` bytes, then the fault.
 fn forward(mut src: UnixStream, mut dst: TcpStream, sh: &Shared, at: u64, fault: Fault) {
+    if let Fault::HoldTail(n) = fault {
+        return hold_tail(src, dst, sh, n);
+    }
     let mut buf = vec![0u8; 256 << 10];
     loop {
         let done = sh.forwarded.load(Ordering::SeqCst);
@@ -183,18 +236,17 @@ fn forward(mut src: UnixStream, mut dst: TcpStream, sh: &Shared, at: u64, fault:
         if room == 0 {
             sh.fire();
             match fault {
-                Fault::Cut => sh.cut(),
                 // Stop reading: the source's writes block once the buffers are full.
                 Fault::Stall => {}
+                _ => sh.cut(),
             }
             return;
         }
         let n = match src.read(&mut buf[..room]) {
             Ok(0) | Err(_) => {
-                // The source closed or failed: the destination sees the end of the stream.
-                if let Some(c) = sh.conns.lock().unwrap_or_else(|p| p.into_inner()).get(1) {
-                    c.shutdown();
-                }
+                // The source ended its stream: so does the destination's, whose answer
+                // may still come back.
+                let _ = dst.shutdown(Shutdown::Write);
                 return;
             }
             Ok(n) => n,
