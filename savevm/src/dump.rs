@@ -6,7 +6,7 @@
 //! not self-delimiting; a [`SectionWalker`] that knows its format (the `ram` one lives in
 //! ram-list, the `block` one in block-migration) reads and summarises them.
 
-use std::fmt::{self, Write as _};
+use std::fmt;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::os::fd::OwnedFd;
@@ -30,20 +30,45 @@ const MAX_DUMP_DEPTH: usize = 32;
 /// How far from the end the description is looked for (as QEMU's analyzer does).
 const DESCRIPTION_SEARCH: u64 = 10 << 20;
 
-/// Collects the lines of a dump.
-#[derive(Debug, Default)]
-pub struct DumpSink {
-    text: String,
+/// Where the lines of a dump go, as they are made (a dump of a large stream is larger
+/// still: it is never held whole).
+pub struct DumpSink<'a> {
+    out: &'a mut dyn std::io::Write,
     indent: usize,
+    /// The first write error; later lines are dropped.
+    error: Option<std::io::Error>,
 }
 
-impl DumpSink {
+impl fmt::Debug for DumpSink<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DumpSink")
+            .field("indent", &self.indent)
+            .field("error", &self.error)
+            .finish()
+    }
+}
+
+impl<'a> DumpSink<'a> {
+    /// Lines go to `out`.
+    pub fn new(out: &'a mut dyn std::io::Write) -> Self {
+        DumpSink {
+            out,
+            indent: 0,
+            error: None,
+        }
+    }
+
     /// Adds a line at the current indentation.
     pub fn line(&mut self, s: impl fmt::Display) {
-        for _ in 0..self.indent {
-            self.text.push_str("    ");
+        if self.error.is_some() {
+            return;
         }
-        let _ = writeln!(self.text, "{s}");
+        let r = (0..self.indent)
+            .try_for_each(|_| self.out.write_all(b"    "))
+            .and_then(|_| writeln!(self.out, "{s}"));
+        if let Err(e) = r {
+            self.error = Some(e);
+        }
     }
 
     fn nested<T>(&mut self, f: impl FnOnce(&mut Self) -> T) -> T {
@@ -51,11 +76,6 @@ impl DumpSink {
         let r = f(self);
         self.indent -= 1;
         r
-    }
-
-    /// The text so far.
-    pub fn text(&self) -> &str {
-        &self.text
     }
 }
 
@@ -124,16 +144,42 @@ fn find_description(file: &mut File) -> Result<Option<(u64, String)>> {
 /// Renders the stream file at `path` as annotated text; `walkers` read the live sections.
 ///
 /// # Errors
-/// The file cannot be read, the stream is malformed, or a live section has no walker.
+/// As [`dump_stream_to`].
 pub fn dump_stream(path: &Path, walkers: &mut [&mut dyn SectionWalker]) -> Result<String> {
-    let mut file = File::open(path).map_err(|e| {
+    let mut text = Vec::new();
+    dump_stream_to(path, walkers, &mut text)?;
+    Ok(String::from_utf8_lossy(&text).into_owned())
+}
+
+/// Renders the stream file at `path` as annotated text into `out`, line by line;
+/// `walkers` read the live sections. Only a regular file is read (its description is at
+/// its end, which a pipe or a device never reaches).
+///
+/// # Errors
+/// The file cannot be read or is not a regular file, the stream is malformed, a live
+/// section has no walker, or `out` fails.
+pub fn dump_stream_to(
+    path: &Path,
+    walkers: &mut [&mut dyn SectionWalker],
+    out: &mut dyn std::io::Write,
+) -> Result<()> {
+    let read_error = |e: std::io::Error| {
         Error::Stream(qemu_file::Error::Read {
             transport: path.display().to_string(),
             offset: 0,
             source: std::sync::Arc::new(e),
         })
-    })?;
-    let size = file.metadata().map(|m| m.len()).unwrap_or(0);
+    };
+    let mut file = File::open(path).map_err(read_error)?;
+    let meta = file.metadata().map_err(read_error)?;
+    if !meta.is_file() {
+        return Err(read_error(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file: a stream's VM description is at its end, which a pipe or a \
+             device never reaches (save the stream with `migrate file:PATH` first)",
+        )));
+    }
+    let size = meta.len();
     let trailer = find_description(&mut file)?;
     let description: Option<VmDescription> = match &trailer {
         Some((_, json)) => Some(
@@ -148,7 +194,7 @@ pub fn dump_stream(path: &Path, walkers: &mut [&mut dyn SectionWalker]) -> Resul
         path.display().to_string(),
         false,
     )));
-    let mut out = DumpSink::default();
+    let mut out = DumpSink::new(out);
     out.line(format_args!("stream of {size} bytes"));
     let r = dump_records(&mut f, description.as_ref(), walkers, &mut out);
     if let Err(e) = r {
@@ -167,7 +213,13 @@ pub fn dump_stream(path: &Path, walkers: &mut [&mut dyn SectionWalker]) -> Resul
         )),
         _ => out.line("no VM description trailer"),
     }
-    Ok(out.text)
+    match out.error.take() {
+        Some(e) => Err(Error::Stream(qemu_file::Error::Write {
+            transport: "the dump's output".into(),
+            source: std::sync::Arc::new(e),
+        })),
+        None => Ok(()),
+    }
 }
 
 fn dump_records(

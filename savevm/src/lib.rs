@@ -47,7 +47,7 @@ mod section;
 pub mod switchover;
 mod vmstate;
 
-pub use dump::{DumpSink, SectionWalker, dump_stream};
+pub use dump::{DumpSink, SectionWalker, dump_stream, dump_stream_to};
 pub use error::{Error, Result, error_chain};
 pub use load::LoadReport;
 pub use migration::{

@@ -280,9 +280,12 @@ fn main() {
 fn analyze(file: &std::path::Path) -> Result<i32> {
     let mut ram = ram_list::RamWalker::default();
     let mut block = block_migration::BlockWalker::default();
-    let text = savevm::dump_stream(file, &mut [&mut ram, &mut block])
+    // Line by line to stdout: a dump is larger than its stream, and is never held whole.
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    savevm::dump_stream_to(file, &mut [&mut ram, &mut block], &mut out)
         .with_context(|| format!("reading {}", file.display()))?;
-    print!("{text}");
+    out.flush()?;
     Ok(0)
 }
 

@@ -753,3 +753,20 @@ fn a_paused_guest_arrives_paused() {
     assert!(src.wait().success());
     assert!(dst.wait().success(), "{}", dst.stderr());
 }
+
+/// `vmm analyze` reads stream files only: a device that never ends is refused at once,
+/// with the reason, instead of being read forever.
+#[test]
+fn analyze_refuses_what_is_not_a_stream_file() {
+    for dev in ["/dev/zero", "/dev/urandom"] {
+        let t = std::time::Instant::now();
+        let out = Command::new(common::VMM)
+            .args(["analyze", dev])
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{dev}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("not a regular file"), "{dev}: {err}");
+        assert!(t.elapsed() < std::time::Duration::from_secs(5), "{dev}");
+    }
+}
