@@ -6,6 +6,7 @@ use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::os::fd::{AsFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -43,10 +44,12 @@ pub fn connect(uri: &MigrationUri) -> Result<Box<dyn Transport>> {
         }
         MigrationUri::Fd(fd) => Box::new(FdTransport::new(take_fd(*fd, &text)?, text, false)),
         MigrationUri::Exec(cmd) => {
+            // Its own process group, so a cancel kills whatever the command started too.
             let child = Command::new("sh")
                 .arg("-c")
                 .arg(cmd)
                 .stdin(Stdio::piped())
+                .process_group(0)
                 .spawn()
                 .map_err(|e| Error::open("start", &text, e))?;
             Box::new(ExecTransport::new(child, text))
@@ -158,6 +161,7 @@ impl Listener {
                     .arg(cmd)
                     .stdin(Stdio::null())
                     .stdout(Stdio::piped())
+                    .process_group(0)
                     .spawn()
                     .map_err(|e| Error::open("start", &text, e))?;
                 ListenerKind::Ready(Box::new(ExecTransport::new(child, text)))

@@ -322,7 +322,7 @@ impl Transport for ExecTransport {
             // The child is killed only while it has not been reaped, so the pid cannot have
             // been reused by another process.
             if let Some(c) = child.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
-                let _ = c.kill();
+                kill_group(c);
             }
         }))
     }
@@ -353,6 +353,19 @@ impl Transport for ExecTransport {
     }
 }
 
+/// Kills an exec command and everything it started: it leads its own process group (the
+/// pipes may be held by a grandchild, `sh -c 'sleep 30'` say, which killing `sh` alone
+/// would leave running and the stream blocked).
+fn kill_group(c: &mut Child) {
+    if let Ok(pid) = libc::pid_t::try_from(c.id()) {
+        // SAFETY: kill has no memory-safety preconditions; the group is the child's own
+        // (spawned with process_group(0)), and the child is not reaped yet, so its id is
+        // not reused.
+        unsafe { libc::kill(-pid, libc::SIGKILL) };
+    }
+    let _ = c.kill();
+}
+
 impl Drop for ExecTransport {
     fn drop(&mut self) {
         drop(self.stdin.take());
@@ -361,7 +374,7 @@ impl Drop for ExecTransport {
         // gone has nothing left to do.
         if let Some(mut c) = self.child.lock().unwrap_or_else(|p| p.into_inner()).take() {
             if let Ok(None) = c.try_wait() {
-                let _ = c.kill();
+                kill_group(&mut c);
             }
             let _ = c.wait();
         }

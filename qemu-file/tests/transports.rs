@@ -129,6 +129,31 @@ fn exec_reports_a_failing_command() {
     assert!(e.to_string().contains("exit"), "{e}");
 }
 
+/// A cancel stops a command that never reads, and whatever it started: the pipe is held
+/// by `sleep`, a child of `sh`, which killing `sh` alone would leave running (and the
+/// write blocked on the pipe for 30 s).
+#[test]
+fn a_shutdown_kills_the_whole_exec_command() {
+    let mut out = QemuFile::new(connect(&MigrationUri::Exec("sleep 30; true".into())).unwrap());
+    let h = out.shutdown_handle().unwrap();
+    let t = std::time::Instant::now();
+    let killer = thread::spawn(move || {
+        thread::sleep(std::time::Duration::from_millis(200));
+        h.shutdown();
+    });
+    let page = vec![7u8; 4096];
+    for _ in 0..1024 {
+        out.put_buffer(&page);
+    }
+    assert!(out.flush().is_err());
+    killer.join().unwrap();
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(5),
+        "{:?}",
+        t.elapsed()
+    );
+}
+
 #[test]
 fn fd_over_an_inherited_socketpair() {
     let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
