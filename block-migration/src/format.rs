@@ -97,6 +97,19 @@ impl Record {
         {
             return bad("ZERO_BLOCK without DEVICE_BLOCK".into());
         }
+        // Exactly the kinds a writer makes (QEMU's and ours): anything else, flags 0
+        // included, is not a record this reader may skip.
+        let kind = self.flags & !BLK_MIG_FLAG_ZERO_BLOCK;
+        if ![
+            BLK_MIG_FLAG_DEVICE_BLOCK,
+            BLK_MIG_FLAG_EOS,
+            BLK_MIG_FLAG_PROGRESS,
+            BLK_MIG_FLAG_DEVICE_INFO,
+        ]
+        .contains(&kind)
+        {
+            return bad(format!("Unknown block migration flags: {:#x}", self.flags));
+        }
         if self.flags & BLK_MIG_FLAG_DEVICE_BLOCK != 0 && self.value % SECTORS_PER_CHUNK != 0 {
             return bad(format!("sector {} is not at a chunk boundary", self.value));
         }
@@ -192,6 +205,10 @@ mod tests {
             (0x20, 0),
             (BLK_MIG_FLAG_ZERO_BLOCK, 0),
             (BLK_MIG_FLAG_DEVICE_BLOCK, 7),
+            // No kind at all (QEMU: "Unknown block migration flags: 0x0"), and two kinds.
+            (0, 0),
+            (BLK_MIG_FLAG_EOS | BLK_MIG_FLAG_PROGRESS, 0),
+            (BLK_MIG_FLAG_DEVICE_BLOCK | BLK_MIG_FLAG_EOS, 0),
         ] {
             let r = Record {
                 flags,

@@ -324,7 +324,7 @@ impl BlockMigration {
         Ok(())
     }
 
-    fn load_chunks(&mut self, f: &mut QemuFile, version: u32) -> Result<()> {
+    fn load_chunks(&mut self, f: &mut QemuFile) -> Result<()> {
         loop {
             let at = f.bytes_read();
             let r = Record::read_from(f)?;
@@ -375,11 +375,11 @@ impl BlockMigration {
                 self.stats.set_bulk_percent(r.value);
             } else if r.flags & BLK_MIG_FLAG_EOS != 0 {
                 return Ok(());
-            } else if version < 2 {
-                // Version 1 has nothing else.
+            } else {
+                // `check` lets no other kind through; never skip a record silently.
                 return Err(Error::BadRecord {
                     at,
-                    reason: format!("flags {:#x}", r.flags),
+                    reason: format!("Unknown block migration flags: {:#x}", r.flags),
                 });
             }
         }
@@ -487,7 +487,7 @@ impl SectionHandler for BlockMigration {
             // The START payload of version 2: the device list.
             return Ok(self.load_device_list(f)?);
         }
-        Ok(self.load_chunks(f, version_id)?)
+        Ok(self.load_chunks(f)?)
     }
 
     fn load_cleanup(&mut self, ok: bool) -> std::result::Result<(), SectionError> {

@@ -35,6 +35,18 @@ pub enum Error {
         /// Machine type here.
         local: String,
     },
+    /// The stream does not open with its configuration section (the machine type), so
+    /// nothing says it is for this machine (QEMU: "Configuration section missing").
+    #[error(
+        "Configuration section missing: the stream opens with section type {found:#04x} at byte {offset}, \
+         not the machine type"
+    )]
+    ConfigurationMissing {
+        /// The byte found instead.
+        found: u8,
+        /// Where.
+        offset: u64,
+    },
     /// A record starts with a byte that is no known section type.
     #[error(
         "unknown section type {found:#04x} at byte {offset}: the stream is corrupt or from a newer QEMU"

@@ -77,12 +77,32 @@ impl SaveVm {
         })
     }
 
+    fn check_configuration(&self, f: &mut QemuFile) -> Result<()> {
+        let c = Configuration::read_from(f)?;
+        if c.machine != self.machine() {
+            return Err(Error::MachineMismatch {
+                stream: c.machine,
+                local: self.machine().to_string(),
+            });
+        }
+        Ok(())
+    }
+
     fn load_records(
         &mut self,
         f: &mut QemuFile,
         progress: &mut [Progress],
     ) -> Result<(u64, Option<String>)> {
         FileHeader::read_from(f)?;
+        // As QEMU (with send-configuration, its default): the machine type comes first,
+        // once.
+        let offset = f.bytes_read();
+        match f.get_u8()? {
+            b if SectionType::try_from(b) == Ok(SectionType::Configuration) => {
+                self.check_configuration(f)?
+            }
+            found => return Err(Error::ConfigurationMissing { found, offset }),
+        }
         // Stream section id -> (index of the registered entry, version from its START).
         let mut by_id: Vec<(u32, usize, u32)> = Vec::new();
         let mut records = 0u64;
@@ -94,13 +114,10 @@ impl SaveVm {
             match ty {
                 SectionType::Eof => break,
                 SectionType::Configuration => {
-                    let c = Configuration::read_from(f)?;
-                    if c.machine != self.machine() {
-                        return Err(Error::MachineMismatch {
-                            stream: c.machine,
-                            local: self.machine().to_string(),
-                        });
-                    }
+                    return Err(Error::WrongRecordKind {
+                        idstr: "configuration".into(),
+                        found: "a second CONFIGURATION",
+                    });
                 }
                 SectionType::Command => {
                     let command = f.get_be16()?;

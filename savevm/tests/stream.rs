@@ -204,6 +204,26 @@ fn machine_type_mismatch() {
     );
 }
 
+/// As QEMU 7.2: a stream without its machine type is refused ("Configuration section
+/// missing"), and so is a second one.
+#[test]
+fn the_configuration_section_is_required_once() {
+    // Header (8 bytes), then 0x07, be32 2, "pc".
+    let e = patched(|b| {
+        b.drain(8..15);
+    });
+    assert!(
+        matches!(e, Error::ConfigurationMissing { offset: 8, .. }),
+        "{e}"
+    );
+    assert!(e.to_string().contains("Configuration section missing"));
+    let e = patched(|b| {
+        let config: Vec<u8> = b[8..15].to_vec();
+        b.splice(15..15, config);
+    });
+    assert!(matches!(e, Error::WrongRecordKind { .. }), "{e}");
+}
+
 #[test]
 fn unknown_section_name_and_type() {
     let e = patched(|b| b[21] = b'x');
