@@ -310,6 +310,21 @@ impl QemuFile {
         self.flushed
     }
 
+    /// Makes a read that waits `timeout` without a byte fail, where the transport is a
+    /// socket (a stalled peer must not hold a reader for ever); `None` waits for ever.
+    ///
+    /// # Errors
+    /// The socket refused the option.
+    pub fn set_read_timeout(&mut self, timeout: Option<std::time::Duration>) -> Result<()> {
+        self.transport
+            .set_read_timeout(timeout)
+            .map_err(|e| Error::Read {
+                transport: self.name.clone(),
+                offset: self.bytes_read(),
+                source: Arc::new(e),
+            })
+    }
+
     /// Bytes queued and not yet written.
     pub fn bytes_queued(&self) -> usize {
         self.queued

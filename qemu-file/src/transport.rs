@@ -8,6 +8,7 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::process::{Child, ChildStdin, ChildStdout};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 /// A byte channel under a [`QemuFile`](crate::QemuFile): a socket, a pipe to a child, a file
 /// or an in-memory pipe.
@@ -48,6 +49,13 @@ pub trait Transport: Send + fmt::Debug {
     /// has not acknowledged yet (`TIOCOUTQ`); `None` where there is no such queue.
     fn unsent_probe(&self) -> Option<UnsentProbe> {
         None
+    }
+
+    /// Makes a read that waits `timeout` without a byte fail (`TimedOut`), on a socket;
+    /// `None` waits for ever. Elsewhere (files, pipes) a no-op.
+    fn set_read_timeout(&mut self, timeout: Option<Duration>) -> io::Result<()> {
+        let _ = timeout;
+        Ok(())
     }
 
     /// Bounds the kernel's receive buffer of a socket to about `bytes` (no-op elsewhere):
@@ -143,6 +151,7 @@ impl fmt::Debug for ShutdownHandle {
 pub struct TcpTransport {
     stream: TcpStream,
     uri: String,
+    read_timeout: Option<Duration>,
 }
 
 impl TcpTransport {
@@ -150,16 +159,25 @@ impl TcpTransport {
     /// must not wait for the peer's delayed acknowledgement while the VM is stopped.
     pub fn new(stream: TcpStream, uri: String) -> Self {
         let _ = stream.set_nodelay(true);
-        TcpTransport { stream, uri }
+        TcpTransport {
+            stream,
+            uri,
+            read_timeout: None,
+        }
     }
 }
 
 impl Transport for TcpTransport {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.stream.read(buf)
+        timed(self.stream.read(buf), self.read_timeout)
     }
     fn read_vectored(&mut self, bufs: &mut [IoSliceMut<'_>]) -> io::Result<usize> {
-        self.stream.read_vectored(bufs)
+        timed(self.stream.read_vectored(bufs), self.read_timeout)
+    }
+    fn set_read_timeout(&mut self, timeout: Option<Duration>) -> io::Result<()> {
+        self.stream.set_read_timeout(timeout)?;
+        self.read_timeout = timeout;
+        Ok(())
     }
     fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
         self.stream.write_vectored(bufs)
@@ -186,21 +204,31 @@ impl Transport for TcpTransport {
 pub struct UnixTransport {
     stream: UnixStream,
     uri: String,
+    read_timeout: Option<Duration>,
 }
 
 impl UnixTransport {
     /// Wraps a connected stream.
     pub fn new(stream: UnixStream, uri: String) -> Self {
-        UnixTransport { stream, uri }
+        UnixTransport {
+            stream,
+            uri,
+            read_timeout: None,
+        }
     }
 }
 
 impl Transport for UnixTransport {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.stream.read(buf)
+        timed(self.stream.read(buf), self.read_timeout)
     }
     fn read_vectored(&mut self, bufs: &mut [IoSliceMut<'_>]) -> io::Result<usize> {
-        self.stream.read_vectored(bufs)
+        timed(self.stream.read_vectored(bufs), self.read_timeout)
+    }
+    fn set_read_timeout(&mut self, timeout: Option<Duration>) -> io::Result<()> {
+        self.stream.set_read_timeout(timeout)?;
+        self.read_timeout = timeout;
+        Ok(())
     }
     fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
         self.stream.write_vectored(bufs)
@@ -219,6 +247,27 @@ impl Transport for UnixTransport {
     }
     fn describe(&self) -> String {
         self.uri.clone()
+    }
+}
+
+/// A read that timed out (SO_RCVTIMEO gives EAGAIN), said as such.
+fn timed(r: io::Result<usize>, timeout: Option<Duration>) -> io::Result<usize> {
+    match (r, timeout) {
+        (Err(e), Some(t))
+            if matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ) =>
+        {
+            Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!(
+                    "no data for {:.1} s: the peer stalled (the timeout is a parameter)",
+                    t.as_secs_f64()
+                ),
+            ))
+        }
+        (r, _) => r,
     }
 }
 

@@ -117,6 +117,10 @@ pub struct MigrationParams {
     pub multifd_compression: MultifdCompression,
     /// `multifd-zstd-level`: zstd's level, 0 to 20 (default 1).
     pub multifd_zstd_level: u8,
+    /// `x-incoming-timeout`: how long a destination's read of the stream may wait without
+    /// a byte before the load fails (default 120 s: a link that moves at all delivers
+    /// something far more often; a source held in `pre-switchover` longer needs more).
+    pub incoming_timeout: Duration,
     /// The `pause-before-switchover` capability: once the guest is stopped for the
     /// switchover, wait in `pre-switchover` for [`MigrationControl::continue_switchover`]
     /// (an orchestrator's moment to move what the VMM does not, e.g. network ports).
@@ -160,6 +164,7 @@ impl Default for MigrationParams {
             multifd_channels: 2,
             multifd_compression: MultifdCompression::None,
             multifd_zstd_level: 1,
+            incoming_timeout: Duration::from_secs(120),
             pause_before_switchover: false,
         }
     }

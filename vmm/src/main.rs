@@ -168,6 +168,10 @@ pub struct RunArgs {
     /// downtime-limit in milliseconds.
     #[arg(long, default_value_t = 300)]
     pub downtime_limit: u64,
+    /// x-incoming-timeout in milliseconds: a destination's load fails when its stream
+    /// brings no byte for this long (a stalled or vanished source).
+    #[arg(long, default_value_t = 120_000, value_parser = clap::value_parser!(u64).range(1000..))]
+    pub incoming_timeout: u64,
     /// max-bandwidth in bytes per second (K, M, G suffixes); 0 is unlimited.
     #[arg(long, default_value = "0", value_parser = parse_size)]
     pub max_bandwidth: u64,
@@ -380,6 +384,7 @@ fn run(a: &RunArgs) -> Result<i32> {
             Compression::Zstd => MultifdCompression::Zstd,
         },
         multifd_zstd_level: a.multifd_zstd_level,
+        incoming_timeout: Duration::from_millis(a.incoming_timeout),
         ..MigrationParams::default()
     };
     let session = Session::new(machine.clone(), migration_params.clone(), a.verify);

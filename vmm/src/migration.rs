@@ -465,6 +465,8 @@ fn load_incoming(
     on_connect();
     let mut f = QemuFile::new(transport);
     abort.set(f.shutdown_handle());
+    // A source that stalls or vanishes without closing must not hold this side for ever.
+    f.set_read_timeout(Some(params.incoming_timeout))?;
     let fresh = machine.take_fresh_memory();
     let stats = Arc::new(RamStats::default());
     let receiver = match channels.is_empty() {

@@ -770,3 +770,40 @@ fn analyze_refuses_what_is_not_a_stream_file() {
         assert!(t.elapsed() < std::time::Duration::from_secs(5), "{dev}");
     }
 }
+
+/// A source that stalls without closing (its host hung, a link black-holed) does not hold
+/// a destination for ever: with no byte for `--incoming-timeout`, the load fails.
+#[test]
+fn a_stalled_stream_times_out_at_the_destination() {
+    use std::io::Write;
+    common::init();
+    let dir = scratch("stalled-incoming");
+    let mut d = Vmm::start(
+        &dir,
+        "destination",
+        &[
+            &[
+                "--incoming",
+                "tcp:127.0.0.1:0",
+                "--incoming-timeout",
+                "1000",
+            ][..],
+            GUEST,
+        ]
+        .concat(),
+    );
+    let uri = d.listening_uri();
+    let mut s = std::net::TcpStream::connect(uri.trim_start_matches("tcp:")).unwrap();
+    // The header, then nothing: the connection stays open.
+    s.write_all(b"QEVM\0\0\0\x03").unwrap();
+    let t = std::time::Instant::now();
+    assert!(!d.wait().success());
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(10),
+        "{:?}",
+        t.elapsed()
+    );
+    assert!(d.stderr().contains("no data for 1.0 s"), "{}", d.stderr());
+    assert!(d.event("incoming-resumed").is_none());
+    drop(s);
+}

@@ -311,6 +311,7 @@ const PARAMETER_ORDER: &[&str] = &[
     "max-postcopy-bandwidth",
     "tls-authz",
     "x-stall-timeout",
+    "x-incoming-timeout",
 ];
 
 fn parameters(v: &Value) -> String {
@@ -321,7 +322,7 @@ fn parameters(v: &Value) -> String {
         };
         let unit = match name {
             "announce-initial" | "announce-max" | "announce-step" | "downtime-limit"
-            | "x-checkpoint-delay" | "x-stall-timeout" => " ms",
+            | "x-checkpoint-delay" | "x-stall-timeout" | "x-incoming-timeout" => " ms",
             "max-bandwidth" => " bytes/second",
             "xbzrle-cache-size" => " bytes",
             _ => "",

@@ -236,7 +236,8 @@ static CPU_S390_STATE: EnumDef = EnumDef {
 };
 
 /// QEMU 7.2's migration parameters: every member of `migrate-set-parameters` (and of
-/// `query-migrate-parameters`' answer), vmm's own `x-stall-timeout` at the end.
+/// `query-migrate-parameters`' answer), vmm's own `x-stall-timeout` and
+/// `x-incoming-timeout` at the end.
 pub static MIGRATION_PARAMETERS: ObjectDef = ObjectDef {
     name: "MigrateSetParameters",
     members: &[
@@ -284,6 +285,7 @@ pub static MIGRATION_PARAMETERS: ObjectDef = ObjectDef {
             )),
         ),
         opt("x-stall-timeout", Type::Uint(64)),
+        opt("x-incoming-timeout", Type::Uint(64)),
     ],
 };
 
