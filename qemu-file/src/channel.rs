@@ -267,8 +267,14 @@ impl Listener {
                     )));
                 }
             };
-            if magic != QEMU_VM_FILE_MAGIC {
+            if magic == MULTIFD_MAGIC {
                 extra.push(t);
+            } else if magic != QEMU_VM_FILE_MAGIC {
+                // Neither kind: a stray client, not a channel with a bad header.
+                return Err(refuse(format!(
+                    "a connection opened with {magic:#010x}, neither a migration stream \
+                     (\"QEVM\") nor a multifd channel ({MULTIFD_MAGIC:#010x})"
+                )));
             } else if main.is_none() {
                 main = Some(t);
             } else {
@@ -306,8 +312,12 @@ pub struct Accepted {
 }
 
 /// The first word of a main migration stream ("QEVM"); a multifd channel opens with
-/// another (0x11223344), which is how [`Listener::accept_with_channels`] tells them apart.
+/// [`MULTIFD_MAGIC`], which is how [`Listener::accept_with_channels`] tells them apart.
 const QEMU_VM_FILE_MAGIC: u32 = 0x5145_564d;
+
+/// The first word of a multifd channel (QEMU's `MULTIFD_MAGIC`, whose framing ram-list
+/// reads).
+const MULTIFD_MAGIC: u32 = 0x1122_3344;
 
 /// Waits for the first four bytes of a connection without consuming them.
 fn peek_magic(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<u32> {

@@ -97,7 +97,7 @@ pub enum Error {
     Again(String),
     /// A record with flags this loader does not know.
     #[error(
-        "RAM record at stream byte {at} has flags {flags:#x}, which this loader does not support"
+        "Unknown combination of migration flags: {flags:#x} (the RAM record at stream byte {at})"
     )]
     UnknownFlags {
         /// Stream offset of the record.

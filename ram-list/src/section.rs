@@ -309,27 +309,24 @@ impl RamSection {
     }
 
     fn load_records(&mut self, f: &mut QemuFile) -> Result<()> {
+        const RAM_SAVE_FLAG_EOS_FLUSH: u64 = RAM_SAVE_FLAG_EOS | RAM_SAVE_FLAG_MULTIFD_FLUSH;
         loop {
             let at = f.bytes_read();
             let h = RecordHeader::read_from(f)?;
-            let mut flags = h.flags;
-            if flags & RAM_SAVE_FLAG_MEM_SIZE != 0 {
-                self.load_block_list(f, h.offset)?;
-                flags &= !RAM_SAVE_FLAG_MEM_SIZE;
-            }
-            if flags & (RAM_SAVE_FLAG_ZERO | RAM_SAVE_FLAG_PAGE) != 0 {
-                self.load_page(f, &h, at)?;
-                flags &= !(RAM_SAVE_FLAG_ZERO | RAM_SAVE_FLAG_PAGE | RAM_SAVE_FLAG_CONTINUE);
-            }
-            flags &= !RAM_SAVE_FLAG_MULTIFD_FLUSH;
-            if flags == RAM_SAVE_FLAG_EOS {
-                if let Some(m) = &self.multifd_recv {
-                    m.sync()?;
+            // As QEMU's ram_load: one kind per record (CONTINUE only on pages); anything
+            // else, flags 0 included, is refused rather than skipped.
+            let kind = h.flags & !RAM_SAVE_FLAG_CONTINUE;
+            match kind {
+                RAM_SAVE_FLAG_MEM_SIZE if h.flags == kind => self.load_block_list(f, h.offset)?,
+                RAM_SAVE_FLAG_ZERO | RAM_SAVE_FLAG_PAGE => self.load_page(f, &h, at)?,
+                RAM_SAVE_FLAG_MULTIFD_FLUSH if h.flags == kind => {}
+                RAM_SAVE_FLAG_EOS | RAM_SAVE_FLAG_EOS_FLUSH if h.flags == kind => {
+                    if let Some(m) = &self.multifd_recv {
+                        m.sync()?;
+                    }
+                    return Ok(());
                 }
-                return Ok(());
-            }
-            if flags != 0 {
-                return Err(Error::UnknownFlags { at, flags });
+                _ => return Err(Error::UnknownFlags { at, flags: h.flags }),
             }
         }
     }

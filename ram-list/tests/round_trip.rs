@@ -489,13 +489,20 @@ fn a_zero_page_with_a_nonzero_fill_byte_is_refused() {
 
 #[test]
 fn unknown_flags_are_refused() {
-    let mut bytes = snapshot(&[("pc.ram", 8)]);
+    let bytes = snapshot(&[("pc.ram", 8)]);
     let at = first_page_record(&bytes);
-    bytes[at + 7] = 0x68; // PAGE | CONTINUE | XBZRLE
-    assert!(matches!(
-        load_err(&[("pc.ram", 8)], bytes),
-        Error::UnknownFlags { flags: 0x40, .. }
-    ));
+    // PAGE | CONTINUE | XBZRLE; no kind at all; ZERO | PAGE; EOS | CONTINUE: each is one
+    // record QEMU refuses ("Unknown combination of migration flags"), never skipped.
+    for flags in [0x68u8, 0x00, 0x2a, 0x30] {
+        let mut b = bytes.clone();
+        b[at + 7] = flags;
+        let e = load_err(&[("pc.ram", 8)], b);
+        assert!(
+            matches!(e, Error::UnknownFlags { flags: f, .. } if f & 0xff == u64::from(flags)),
+            "{flags:#x}: {e}"
+        );
+        assert!(e.to_string().contains("Unknown combination"), "{e}");
+    }
 }
 
 #[test]

@@ -194,7 +194,8 @@ pub enum Error {
     CannotConverge(String),
     /// The destination reported that it could not load the stream.
     #[error(
-        "the destination could not load the stream (it reported status {status}); the source VM keeps running"
+        "the destination refused the stream (it reported status {status}; its log says why); the source \
+         VM keeps running"
     )]
     DestinationFailed {
         /// The destination's status code.

@@ -578,6 +578,12 @@ pub fn run_migration<V: VmControl + ?Sized>(
     };
     guard.armed = false;
     drop(guard);
+    let result = match result {
+        Err(Error::Stream(qemu_file::Error::Write { .. })) if ctl.params().return_path => {
+            refused_why(f).map_or(result, Err)
+        }
+        r => r,
+    };
     // The source runs unthrottled again whatever happened (a completed migration's VM
     // stays stopped, and runs at full speed should it be resumed).
     let unthrottle = match ctl.info().cpu_throttle_percentage {
@@ -661,6 +667,18 @@ impl<V: VmControl + ?Sized> Drop for PanicGuard<'_, V> {
                 i.error = Some("the migration thread panicked; the VM was resumed".into());
             });
         }
+    }
+}
+
+/// After a failed write on a stream with a return path: the destination may have refused
+/// the stream and closed it, and its answer (read for at most a second) says so, which
+/// is a better reason than a broken pipe.
+fn refused_why(f: &mut QemuFile) -> Option<Error> {
+    f.clear_error();
+    f.set_read_timeout(Some(Duration::from_secs(1))).ok()?;
+    match return_path::wait_load_result(f) {
+        Err(e @ Error::DestinationFailed { .. }) => Some(e),
+        _ => None,
     }
 }
 

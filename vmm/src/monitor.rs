@@ -441,8 +441,14 @@ fn qmp_name(s: &str) -> String {
     s.chars().take(64).collect()
 }
 
-/// The writer thread: each message then `\r\n`, as QEMU ends them.
+/// How long a write to a client may block (its socket buffer full) before the client,
+/// which stopped reading, is disconnected.
+const CLIENT_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The writer thread: each message then `\r\n`, as QEMU ends them. A client that does not
+/// read for [`CLIENT_WRITE_TIMEOUT`] while something waits for it is disconnected.
 fn write_out(mut w: UnixStream, rx: Receiver<Out>) {
+    let _ = w.set_write_timeout(Some(CLIENT_WRITE_TIMEOUT));
     for out in rx {
         match out {
             Out::Line(line) => {

@@ -386,7 +386,15 @@ fn a_destination_with_less_memory_refuses_and_the_source_runs_on() {
     let uri = dst.listening_uri();
     q.cmd("migrate", json!({"uri": uri}));
     let m = q.wait_status("failed");
-    assert!(m["error-desc"].is_string(), "{m}");
+    // The destination's refusal reaches the source (over the return path), not a broken
+    // pipe.
+    assert!(
+        m["error-desc"]
+            .as_str()
+            .unwrap()
+            .contains("destination refused the stream"),
+        "{m}"
+    );
     assert!(!dst.wait().success());
     let err = dst.stderr();
     assert!(
@@ -806,4 +814,54 @@ fn a_stalled_stream_times_out_at_the_destination() {
     assert!(d.stderr().contains("no data for 1.0 s"), "{}", d.stderr());
     assert!(d.event("incoming-resumed").is_none());
     drop(s);
+}
+
+/// A QMP client that sends commands but never reads its replies is disconnected (after
+/// a few seconds of a full socket), and the monitor serves the next client meanwhile.
+#[test]
+fn a_qmp_client_that_never_reads_is_disconnected() {
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+    common::init();
+    let dir = scratch("qmp-never-reads");
+    let qmp = dir.join("qmp.sock");
+    let qmp_arg = format!("unix:{}", qmp.display());
+    let _vm = Vmm::start(
+        &dir,
+        "vm",
+        &[&["--qmp", qmp_arg.as_str()][..], GUEST].concat(),
+    );
+    let mut q = Qmp::connect(&qmp);
+    let mut lazy = UnixStream::connect(&qmp).unwrap();
+    lazy.write_all(br#"{"execute":"qmp_capabilities"}"#)
+        .unwrap();
+    // Each schema reply is tens of KiB: the socket fills long before 400 of them.
+    lazy.set_write_timeout(Some(std::time::Duration::from_secs(20)))
+        .unwrap();
+    for _ in 0..400 {
+        if lazy
+            .write_all(br#"{"execute":"query-qmp-schema"}"#)
+            .is_err()
+        {
+            break;
+        }
+    }
+    // Meanwhile another client is served.
+    assert_eq!(q.cmd("query-status", json!({}))["status"], "running");
+    // It has been cut (its queue overflowed, or a write to it waited 5 s): draining what
+    // it was sent reaches the end of the stream at once.
+    std::thread::sleep(std::time::Duration::from_secs(6));
+    lazy.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
+    let t = std::time::Instant::now();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        match lazy.read(&mut buf) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(e) => panic!("still connected after {:?}: {e}", t.elapsed()),
+        }
+    }
+    let _ = q.try_cmd("quit", json!({}));
 }
