@@ -865,3 +865,76 @@ fn a_qmp_client_that_never_reads_is_disconnected() {
     }
     let _ = q.try_cmd("quit", json!({}));
 }
+
+/// `getfd` keeps a descriptor passed with SCM_RIGHTS under a name, and `migrate fd:NAME`
+/// migrates over it (libvirt's way of handing QEMU a connection it opened itself).
+#[test]
+fn getfd_then_migrate_over_the_named_descriptor() {
+    use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::fd::AsRawFd;
+    use std::os::unix::net::UnixStream;
+    common::init();
+    let dir = scratch("getfd");
+    let qmp = dir.join("qmp.sock");
+    let qmp_arg = format!("unix:{}", qmp.display());
+    let mut src = Vmm::start(
+        &dir,
+        "source",
+        &[&["--qmp", qmp_arg.as_str(), "--verify"][..], GUEST].concat(),
+    );
+    let mut dst = Vmm::start(
+        &dir,
+        "destination",
+        &[
+            &[
+                "--incoming",
+                "tcp:127.0.0.1:0",
+                "--verify",
+                "--exit-after",
+                "1",
+            ][..],
+            GUEST,
+        ]
+        .concat(),
+    );
+    let uri = dst.listening_uri();
+    let conn = std::net::TcpStream::connect(uri.trim_start_matches("tcp:")).unwrap();
+    let mut q = Qmp::connect(&qmp);
+    q.wait_guest_pass(1);
+    // A raw client: the descriptor rides on the getfd command's own bytes.
+    let s = UnixStream::connect(&qmp).unwrap();
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap();
+    (&s).write_all(br#"{"execute":"qmp_capabilities"}"#)
+        .unwrap();
+    line.clear();
+    r.read_line(&mut line).unwrap();
+    let cmd = br#"{"execute":"getfd","arguments":{"fdname":"mig"}}"#;
+    let fds = [conn.as_raw_fd()];
+    sendmsg::<()>(
+        s.as_raw_fd(),
+        &[std::io::IoSlice::new(cmd)],
+        &[ControlMessage::ScmRights(&fds)],
+        MsgFlags::empty(),
+        None,
+    )
+    .unwrap();
+    line.clear();
+    r.read_line(&mut line).unwrap();
+    assert_eq!(line, "{\"return\":{}}\r\n");
+    drop(conn);
+    q.cmd("migrate", json!({"uri": "fd:mig"}));
+    q.wait_status("completed");
+    // The name was used up with the descriptor, as in QEMU.
+    let e = q.try_cmd("closefd", json!({"fdname": "mig"})).unwrap_err();
+    assert!(e["desc"].as_str().unwrap().contains("not found"), "{e}");
+    let _ = q.try_cmd("quit", json!({}));
+    assert!(src.wait().success());
+    assert!(dst.wait().success(), "{}", dst.stderr());
+    let hash = |v: &Vmm| v.event("ram-hash").map(|e| e["hash"].clone());
+    assert!(hash(&src).is_some());
+    assert_eq!(hash(&src), hash(&dst));
+    assert_eq!(dst.event("exit").unwrap()["mismatches"], 0);
+}

@@ -28,6 +28,18 @@ fn arg(flag: &str, p: &Path) -> [String; 2] {
     [flag.to_string(), format!("unix:{}", p.display())]
 }
 
+/// Starts migrating at 5 MB/s to the unix socket `sock`, so that it lasts.
+fn migrate_slowly(q: &mut Qmp, sock: &Path) {
+    q.cmd(
+        "migrate-set-parameters",
+        json!({"max-bandwidth": 5_000_000}),
+    );
+    q.cmd(
+        "migrate",
+        json!({"uri": format!("unix:{}", sock.display())}),
+    );
+}
+
 fn start(dir: &Path, name: &str, extra: &[String]) -> Vmm {
     let mut args: Vec<&str> = extra.iter().map(String::as_str).collect();
     args.extend_from_slice(GUEST);
@@ -109,14 +121,7 @@ fn a_signal_ends_a_running_vm_and_a_migrating_source() {
     let mut s = start(&dir, "source", &arg("--qmp", &qmp));
     let mut q = Qmp::connect(&qmp);
     q.wait_guest_pass(1);
-    q.cmd(
-        "migrate-set-parameters",
-        json!({"max-bandwidth": 5_000_000}),
-    );
-    q.cmd(
-        "migrate",
-        json!({"uri": format!("unix:{}", sock.display())}),
-    );
+    migrate_slowly(&mut q, &sock);
     q.wait_status("active");
     std::thread::sleep(Duration::from_millis(300));
     let (status, took) = signal(&mut s, libc::SIGINT);
@@ -146,14 +151,7 @@ fn a_destination_stopped_while_loading_leaves_the_guest_to_its_source() {
         extra.extend(arg("--qmp", &dqmp));
         let mut d = start(&dir, round, &extra);
         d.wait_event("listening");
-        q.cmd(
-            "migrate-set-parameters",
-            json!({"max-bandwidth": 5_000_000}),
-        );
-        q.cmd(
-            "migrate",
-            json!({"uri": format!("unix:{}", sock.display())}),
-        );
+        migrate_slowly(&mut q, &sock);
         d.wait_event("incoming-connected");
         std::thread::sleep(Duration::from_millis(300));
         let t = Instant::now();

@@ -65,12 +65,8 @@ enum Cmd {
         /// Where report.md, results.json and the plots go.
         #[arg(long, default_value = "target/bench")]
         out: PathBuf,
-        /// The QEMU binary (default: qemu-system-x86_64 from the PATH, if installed).
-        #[arg(long)]
-        qemu: Option<PathBuf>,
-        /// Install QEMU with apt-get if it is missing.
-        #[arg(long)]
-        install_qemu: bool,
+        #[command(flatten)]
+        qemu: QemuArgs,
         /// Run ours only.
         #[arg(long)]
         no_qemu: bool,
@@ -86,23 +82,15 @@ enum Cmd {
     /// QEMU's multifd migration (plain and zstd) loaded by our multifd receiver, checked
     /// page by page against QEMU's memory. Needs qemu-system-x86_64.
     Interop {
-        /// The QEMU binary (default: qemu-system-x86_64 from the PATH).
-        #[arg(long)]
-        qemu: Option<PathBuf>,
-        /// Install QEMU with apt-get if it is missing.
-        #[arg(long)]
-        install_qemu: bool,
+        #[command(flatten)]
+        qemu: QemuArgs,
     },
     /// One script of QMP exchanges against two vmm processes and, when installed, two
     /// QEMU 7.2 processes: reply shapes and events side by side; fails on a difference
     /// docs/qmp.md does not list.
     QmpConformance {
-        /// The QEMU binary (default: qemu-system-x86_64 from the PATH, if installed).
-        #[arg(long)]
-        qemu: Option<PathBuf>,
-        /// Install QEMU with apt-get if it is missing.
-        #[arg(long)]
-        install_qemu: bool,
+        #[command(flatten)]
+        qemu: QemuArgs,
         /// Run vmm's side only.
         #[arg(long)]
         no_qemu: bool,
@@ -117,6 +105,24 @@ enum Cmd {
     },
 }
 
+/// Which QEMU to run beside vmm.
+#[derive(clap::Args)]
+struct QemuArgs {
+    /// The QEMU binary (default: qemu-system-x86_64 from the PATH, if installed).
+    #[arg(long)]
+    qemu: Option<PathBuf>,
+    /// Install QEMU with apt-get if it is missing.
+    #[arg(long)]
+    install_qemu: bool,
+}
+
+impl QemuArgs {
+    /// The QEMU to use, or None (with a note) if there is none.
+    fn find(self) -> Result<Option<PathBuf>> {
+        find_qemu(self.qemu, self.install_qemu)
+    }
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
@@ -124,20 +130,12 @@ fn main() -> Result<()> {
         Cmd::Guest { check } => guest(check),
         Cmd::Fuzz { seconds, targets } => fuzz::run_fuzz(seconds.max(1), &targets),
         Cmd::MigrateTest { quick, only } => migrate_test::run(build_vmm()?, quick, &only),
-        Cmd::QmpConformance {
-            qemu,
-            install_qemu,
-            no_qemu,
-        } => {
-            let qemu = if no_qemu {
-                None
-            } else {
-                find_qemu(qemu, install_qemu)?
-            };
+        Cmd::QmpConformance { qemu, no_qemu } => {
+            let qemu = if no_qemu { None } else { qemu.find()? };
             qmp_conformance::run(build_vmm()?, qemu, &root().join("docs/qmp.md"))
         }
-        Cmd::Interop { qemu, install_qemu } => {
-            let Some(qemu) = find_qemu(qemu, install_qemu)? else {
+        Cmd::Interop { qemu } => {
+            let Some(qemu) = qemu.find()? else {
                 bail!("interop needs qemu-system-x86_64 (--install-qemu installs it)");
             };
             xtask::harness::set_vmm(&build_release_vmm()?);
@@ -152,16 +150,11 @@ fn main() -> Result<()> {
             rounds,
             out,
             qemu,
-            install_qemu,
             no_qemu,
             only,
             vmm_arg,
         } => {
-            let qemu = if no_qemu {
-                None
-            } else {
-                find_qemu(qemu, install_qemu)?
-            };
+            let qemu = if no_qemu { None } else { qemu.find()? };
             let out = if out.is_absolute() {
                 out
             } else {
