@@ -194,12 +194,14 @@ pub enum Error {
     CannotConverge(String),
     /// The destination reported that it could not load the stream.
     #[error(
-        "the destination refused the stream (it reported status {status}; its log says why); the source \
-         VM keeps running"
+        "the destination refused the stream: {}; the source VM keeps running",
+        refusal(.status, .reason)
     )]
     DestinationFailed {
         /// The destination's status code.
         status: u32,
+        /// Why, if it said (a vmm destination does).
+        reason: Option<String>,
     },
     /// The whole stream went out but the destination's answer did not come back (the
     /// connection was cut, or it stayed silent past the timeout): the destination may be
@@ -229,6 +231,17 @@ pub enum Error {
         /// What is wrong.
         reason: String,
     },
+}
+
+fn refusal(status: &u32, reason: &Option<String>) -> String {
+    match reason {
+        // At most MAX_REASON bytes from the peer; no control character reaches a terminal.
+        Some(r) => r
+            .chars()
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .collect(),
+        None => format!("it reported status {status}; its log says why"),
+    }
 }
 
 /// The result type of this crate.

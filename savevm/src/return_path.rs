@@ -5,9 +5,13 @@
 //! be16 type = 1 (MIG_RP_MSG_SHUT) | be16 len = 4 | be32 status (0: loaded, else failed)
 //! ```
 //!
-//! The source keeps its VM until the destination says it loaded everything; if the
-//! destination reports a failure or the connection ends without an answer, the source
-//! resumes. The forward stream is unchanged, so QEMU tools still read it.
+//! Before a failure's SHUT, a destination may say why in vmm's own message
+//! [`MIG_RP_MSG_X_REASON`] (`be16 type | be16 len | len bytes of text`), but only to a
+//! source it knows is vmm (the stream's machine type): QEMU 7.2's types end at 6 and a
+//! QEMU source would refuse it.
+//!
+//! What the source does with the answer, or without one, is ARCHITECTURE.md's "The
+//! hand-over". The forward stream is unchanged, so QEMU tools still read it.
 
 use qemu_file::QemuFile;
 
@@ -15,6 +19,37 @@ use crate::{Error, Result};
 
 /// QEMU's return-path message type "shut": the destination is done, with a status.
 pub const MIG_RP_MSG_SHUT: u16 = 1;
+
+/// vmm's return-path message: why the load failed, as text (vmm sources only).
+pub const MIG_RP_MSG_X_REASON: u16 = 0x7f01;
+
+/// The longest reason sent or read, in bytes.
+pub const MAX_REASON: usize = 1024;
+
+/// Sends a failed load's verdict, preceded by its reason for a vmm source (`reason`).
+///
+/// # Errors
+/// The stream failed (the source is gone).
+pub fn send_load_failure(f: &mut QemuFile, reason: Option<&str>) -> Result<()> {
+    f.clear_error();
+    if let Some(r) = reason {
+        let mut end = r.len().min(MAX_REASON);
+        while !r.is_char_boundary(end) {
+            end -= 1;
+        }
+        f.put_be16(MIG_RP_MSG_X_REASON);
+        f.put_be16(end as u16);
+        f.put_buffer(&r.as_bytes()[..end]);
+    }
+    put_shut(f, 1);
+    Ok(f.flush()?)
+}
+
+fn put_shut(f: &mut QemuFile, status: u32) {
+    f.put_be16(MIG_RP_MSG_SHUT);
+    f.put_be16(4);
+    f.put_be32(status);
+}
 
 /// Sends the destination's verdict (`ok`: the whole stream loaded) and flushes. A failed
 /// load leaves the stream's sticky error behind; it is cleared so the answer still goes.
@@ -25,9 +60,7 @@ pub fn send_load_result(f: &mut QemuFile, ok: bool) -> Result<()> {
     if !ok {
         f.clear_error();
     }
-    f.put_be16(MIG_RP_MSG_SHUT);
-    f.put_be16(4);
-    f.put_be32(u32::from(!ok));
+    put_shut(f, u32::from(!ok));
     Ok(f.flush()?)
 }
 
@@ -37,14 +70,23 @@ pub fn send_load_result(f: &mut QemuFile, ok: bool) -> Result<()> {
 /// [`Error::DestinationFailed`] when it reports a failure; a stream error when the
 /// connection ends without an answer or the answer is malformed.
 pub fn wait_load_result(f: &mut QemuFile) -> Result<()> {
-    let ty = f.get_be16()?;
-    let len = f.get_be16()?;
-    if ty != MIG_RP_MSG_SHUT || len != 4 {
-        return Err(Error::BadReturnPath { ty, len });
-    }
-    match f.get_be32()? {
-        0 => Ok(()),
-        status => Err(Error::DestinationFailed { status }),
+    let mut reason = None;
+    loop {
+        let ty = f.get_be16()?;
+        let len = f.get_be16()?;
+        match ty {
+            MIG_RP_MSG_X_REASON if usize::from(len) <= MAX_REASON && reason.is_none() => {
+                let text = f.get_bytes(len.into(), MAX_REASON, "the destination's reason")?;
+                reason = Some(String::from_utf8_lossy(&text).into_owned());
+            }
+            MIG_RP_MSG_SHUT if len == 4 => {
+                return match f.get_be32()? {
+                    0 => Ok(()),
+                    status => Err(Error::DestinationFailed { status, reason }),
+                };
+            }
+            _ => return Err(Error::BadReturnPath { ty, len }),
+        }
     }
 }
 
@@ -75,5 +117,32 @@ mod tests {
             0, 9, 0, 4, 0, 0, 0, 0,
         ]))));
         assert!(matches!(r, Err(Error::BadReturnPath { ty: 9, len: 4 })));
+    }
+
+    #[test]
+    fn a_reason_precedes_the_failure() {
+        let b = MemBuffer::new();
+        send_load_failure(&mut QemuFile::new(Box::new(b.clone())), Some("too small")).unwrap();
+        assert_eq!(
+            b.contents(),
+            [
+                &[0x7f, 0x01, 0, 9][..],
+                b"too small",
+                &[0, 1, 0, 4, 0, 0, 0, 1]
+            ]
+            .concat()
+        );
+        let r = wait_load_result(&mut QemuFile::new(Box::new(MemBuffer::from_bytes(
+            b.contents(),
+        ))));
+        assert!(
+            matches!(&r, Err(Error::DestinationFailed { status: 1, reason: Some(t) }) if t == "too small"),
+            "{r:?}"
+        );
+        assert!(r.unwrap_err().to_string().contains("too small"));
+        // A reason too long, or a second one, is not a return path this side knows.
+        let long = [&[0x7f, 0x01, 0x10, 0][..], &[b'x'; 4096]].concat();
+        let r = wait_load_result(&mut QemuFile::new(Box::new(MemBuffer::from_bytes(long))));
+        assert!(matches!(r, Err(Error::BadReturnPath { .. })));
     }
 }

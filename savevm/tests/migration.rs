@@ -219,7 +219,10 @@ fn a_destination_that_cannot_load_makes_the_stopped_source_resume() {
         run_migration(&mut s.savevm, &mut QemuFile::new(Box::new(a)), &*s.vm, &ctl).unwrap_err();
     let de = dest.join().unwrap();
     assert!(matches!(de, Error::UnknownSection { .. }), "{de}");
-    assert!(matches!(e, Error::DestinationFailed { status: 1 }), "{e}");
+    assert!(
+        matches!(e, Error::DestinationFailed { status: 1, .. }),
+        "{e}"
+    );
     assert_eq!(ctl.info().status, MigrationStatus::Failed);
     assert_eq!(
         (

@@ -540,7 +540,19 @@ fn load_incoming(
         Ok(r) => r,
         Err(e) => {
             if answer {
-                let _ = return_path::send_load_result(&mut f, false);
+                // The reason goes only to a source the stream showed to be vmm (its
+                // configuration named our machine type): a QEMU source would refuse it.
+                let from_vmm = !matches!(
+                    e.downcast_ref::<savevm::Error>(),
+                    Some(
+                        savevm::Error::BadMagic { .. }
+                            | savevm::Error::UnsupportedVersion { .. }
+                            | savevm::Error::ConfigurationMissing { .. }
+                            | savevm::Error::MachineMismatch { .. }
+                    )
+                );
+                let reason = format!("{e:#}");
+                let _ = return_path::send_load_failure(&mut f, from_vmm.then_some(&*reason));
             }
             events.emit("incoming-failed", json!({"error": format!("{e:#}")}));
             return Err(e.context("the incoming migration failed; the guest was not started"));

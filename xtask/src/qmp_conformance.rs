@@ -789,8 +789,8 @@ pub fn run(vmm_bin: PathBuf, qemu: Option<PathBuf>, docs: &Path) -> Result<()> {
     let _ = std::fs::remove_dir_all(&dir);
     if theirs.is_none() {
         eprintln!(
-            "==> NOTE: qemu-system-x86_64 is not installed: vmm's side only (--install-qemu \
-             installs QEMU)"
+            "==> NOTE: no QEMU (--no-qemu, or qemu-system-x86_64 not installed; --install-qemu \
+             installs it): vmm's side only"
         );
         return Ok(());
     }
