@@ -221,9 +221,10 @@ pub struct Machine {
     pub params: Option<GuestParams>,
     /// The runstate carried by the `globalstate` section, both ways.
     pub global_state: Arc<GlobalState>,
-    // Lock: the run state, and whether the guest ran when the migration stopped it;
-    // changed by the main thread, the monitor and the migration thread, only through
-    // `transition`.
+    // Lock: the run state, and a flag: in `finish-migrate` whether the guest ran when the
+    // migration stopped it, in `inmigrate` whether it is to be held once loaded (a
+    // `stop`); changed by the main thread, the monitor and the migration thread, only
+    // through `transition`.
     state: Mutex<(RunState, bool)>,
     state_cond: Condvar,
     // Lock: called (without `state` held) with the old and new run state whenever the
@@ -231,8 +232,9 @@ pub struct Machine {
     on_run_change: Mutex<Option<RunObserver>>,
     /// `--paused`: a destination's guest stays paused after its load.
     hold_after_load: bool,
-    // Lock: the shared disks this source unlocked for the destination at the switchover
-    // (the migration thread only).
+    // Lock: the shared disks this source unlocked for the destination at the switchover;
+    // the migration thread hands them over and takes them back after a failure, `cont`
+    // on a postmigrate source takes them back.
     handed_over: Mutex<Vec<Arc<Disk>>>,
     verify: bool,
     /// Whether guest RAM still holds only the zeros it was allocated with (a destination

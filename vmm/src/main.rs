@@ -429,7 +429,7 @@ fn run(a: &RunArgs) -> Result<i32> {
 
     let mut running_since = None;
     let code = loop {
-        if let Some((code, _)) = session.wait_quit(Duration::from_millis(100)) {
+        if let Some(code) = session.wait_quit(Duration::from_millis(100)) {
             break code;
         }
         if SIGNALLED.load(Ordering::SeqCst) {

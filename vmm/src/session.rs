@@ -48,9 +48,8 @@ pub struct Session {
     incoming: Mutex<Option<Incoming>>,
     /// Whether the last migration to start was incoming (`query-migrate` shows it).
     last_incoming: AtomicBool,
-    // Lock: set once to the process's exit code and the SHUTDOWN event's reason;
-    // `quit_cond` wakes the main thread.
-    quit: Mutex<Option<(i32, &'static str)>>,
+    // Lock: set once to the process's exit code; `quit_cond` wakes the main thread.
+    quit: Mutex<Option<i32>>,
     quit_cond: Condvar,
     /// SHUTDOWN was sent.
     shutdown_announced: AtomicBool,
@@ -410,12 +409,12 @@ impl Session {
     /// [`Session::announce_shutdown`]).
     pub fn request_quit(&self, code: i32, reason: &'static str) {
         self.announce_shutdown(reason);
-        lock(&self.quit).get_or_insert((code, reason));
+        lock(&self.quit).get_or_insert(code);
         self.quit_cond.notify_all();
     }
 
-    /// Waits up to `timeout` for a quit request; returns its exit code and reason.
-    pub fn wait_quit(&self, timeout: Duration) -> Option<(i32, &'static str)> {
+    /// Waits up to `timeout` for a quit request; returns its exit code.
+    pub fn wait_quit(&self, timeout: Duration) -> Option<i32> {
         let deadline = Instant::now() + timeout;
         let mut q = lock(&self.quit);
         while q.is_none() {
