@@ -223,6 +223,31 @@ impl Listener {
         }
     }
 
+    /// Waits for the one incoming stream, completes a TLS handshake with it as a server
+    /// (`creds`), and stops listening: nothing of the stream is read before the peer has
+    /// proven who it is.
+    ///
+    /// # Errors
+    /// [`Error::Open`] as [`Listener::accept`], a URI other than `tcp:` or `unix:`, or
+    /// [`Error::Tls`] naming the check that failed.
+    pub fn accept_tls(self, creds: &crate::TlsCreds) -> Result<Box<dyn Transport>> {
+        let text = self.uri.to_string();
+        match self.kind {
+            ListenerKind::Tcp(l) => {
+                let (s, peer) = l.accept().map_err(|e| Error::open("accept on", &text, e))?;
+                crate::tls::accept_tcp(creds, s, format!("{text} (from {peer})"))
+            }
+            ListenerKind::Unix(l, _file) => {
+                let (s, _) = l.accept().map_err(|e| Error::open("accept on", &text, e))?;
+                crate::tls::accept_unix(creds, s, text)
+            }
+            ListenerKind::Ready(_) => Err(Error::Tls {
+                peer: text,
+                reason: "TLS needs a tcp: or unix: URI".into(),
+            }),
+        }
+    }
+
     /// Waits for a main stream and `channels` multifd channels (`tcp:` and `unix:` only),
     /// in any order: a connection whose first bytes are "QEVM" is the main stream, any
     /// other a channel (its opening message is checked by whoever reads it). With 0

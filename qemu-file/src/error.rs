@@ -30,6 +30,15 @@ pub enum Error {
         #[source]
         source: Arc<io::Error>,
     },
+    /// TLS could not be set up with the peer (or the credentials could not be loaded):
+    /// which check failed, in words.
+    #[error("TLS with {peer}: {reason}")]
+    Tls {
+        /// The peer's URI, or the credentials' file.
+        peer: String,
+        /// What failed.
+        reason: String,
+    },
     /// The stream ended in the middle of a record.
     #[error(
         "the migration stream ended at byte {offset} in the middle of a record: \

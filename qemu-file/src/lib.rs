@@ -30,6 +30,7 @@ mod private_socket;
 mod qemu_file;
 mod rate_limit;
 mod shown;
+mod tls;
 mod transport;
 mod uri;
 
@@ -40,6 +41,7 @@ pub use private_socket::bind_private;
 pub use qemu_file::{KeepAlive, QemuFile};
 pub use rate_limit::RateLimiter;
 pub use shown::{SHOWN_CHARS, shown};
+pub use tls::{TlsCreds, TlsEndpoint, TlsTransport, connect_tls};
 pub use transport::{
     ExecTransport, FdTransport, ShutdownHandle, TcpTransport, Transport, UnixTransport, UnsentProbe,
 };

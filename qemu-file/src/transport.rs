@@ -251,7 +251,7 @@ impl Transport for UnixTransport {
 }
 
 /// A read that timed out (SO_RCVTIMEO gives EAGAIN), said as such.
-fn timed(r: io::Result<usize>, timeout: Option<Duration>) -> io::Result<usize> {
+pub(crate) fn timed(r: io::Result<usize>, timeout: Option<Duration>) -> io::Result<usize> {
     match (r, timeout) {
         (Err(e), Some(t))
             if matches!(

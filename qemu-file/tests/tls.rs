@@ -1,0 +1,223 @@
+//! TLS between a source and a destination with credentials laid out as QEMU's
+//! `tls-creds-x509` reads them, made here by rcgen: a stream goes through whole, and each
+//! failed check is refused with its reason before a byte of stream is read.
+
+use std::path::{Path, PathBuf};
+use std::thread;
+
+use qemu_file::{
+    Error, Listener, MigrationUri, QemuFile, TlsCreds, TlsEndpoint, connect, connect_tls,
+};
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+
+/// A CA and what it signs.
+struct Ca {
+    issuer: Issuer<'static, KeyPair>,
+    pem: String,
+}
+
+fn ca(name: &str) -> Ca {
+    let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.distinguished_name.push(DnType::CommonName, name);
+    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let key = KeyPair::generate().unwrap();
+    let cert = p.self_signed(&key).unwrap();
+    Ca {
+        pem: cert.pem(),
+        issuer: Issuer::new(p, key),
+    }
+}
+
+/// A certificate for `names` signed by `ca`, valid now unless `expired`.
+fn leaf(ca: &Ca, cn: &str, names: &[&str], expired: bool) -> (String, String) {
+    let mut p =
+        CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
+    p.distinguished_name.push(DnType::CommonName, cn);
+    if expired {
+        p.not_before = rcgen::date_time_ymd(2000, 1, 1);
+        p.not_after = rcgen::date_time_ymd(2001, 1, 1);
+    }
+    let key = KeyPair::generate().unwrap();
+    let cert = p.signed_by(&key, &ca.issuer).unwrap();
+    (cert.pem(), key.serialize_pem())
+}
+
+fn dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("qemu-file-tls-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A QEMU-style credentials directory: `ca-cert.pem` and `{side}-cert.pem`, `{side}-key.pem`.
+fn creds_dir(name: &str, ca_pem: &str, side: &str, cert: &(String, String)) -> PathBuf {
+    let d = dir(name);
+    std::fs::write(d.join("ca-cert.pem"), ca_pem).unwrap();
+    std::fs::write(d.join(format!("{side}-cert.pem")), &cert.0).unwrap();
+    std::fs::write(d.join(format!("{side}-key.pem")), &cert.1).unwrap();
+    d
+}
+
+struct Setup {
+    server: PathBuf,
+    client: PathBuf,
+}
+
+/// A server certificate for 127.0.0.1 and a client certificate, both from one CA.
+fn good(name: &str) -> Setup {
+    let ca = ca("test CA");
+    let server = leaf(&ca, "destination", &["127.0.0.1", "localhost"], false);
+    let client = leaf(&ca, "source", &[], false);
+    Setup {
+        server: creds_dir(&format!("{name}-server"), &ca.pem, "server", &server),
+        client: creds_dir(&format!("{name}-client"), &ca.pem, "client", &client),
+    }
+}
+
+/// Runs a handshake (and a small stream) between `server` and `client` creds over TCP on
+/// 127.0.0.1; returns both sides' results.
+fn exchange(
+    server: &Path,
+    client: &Path,
+    hostname: Option<&str>,
+) -> (Result<Vec<u8>, Error>, Result<(), Error>) {
+    let s = TlsCreds::load(server, TlsEndpoint::Server, true).unwrap();
+    let c = TlsCreds::load(client, TlsEndpoint::Client, true).unwrap();
+    let l = Listener::bind(&MigrationUri::parse("tcp:127.0.0.1:0").unwrap()).unwrap();
+    let uri = l.local_uri();
+    let rx = thread::spawn(move || {
+        let mut f = QemuFile::new(l.accept_tls(&s)?);
+        let mut got = vec![0u8; 5 << 20];
+        f.get_buffer(&mut got)?;
+        Ok(got)
+    });
+    let tx = (|| {
+        let mut f = QemuFile::new(connect_tls(&uri, &c, hostname)?);
+        let data: Vec<u8> = (0..5u32 << 20).map(|i| (i % 253) as u8).collect();
+        f.put_buffer(&data);
+        f.finish()
+    })();
+    (rx.join().unwrap(), tx)
+}
+
+fn reason(e: &Error) -> String {
+    e.to_string()
+}
+
+#[test]
+fn a_stream_goes_through_with_mutual_authentication() {
+    let s = good("ok");
+    let (rx, tx) = exchange(&s.server, &s.client, None);
+    tx.unwrap();
+    let got = rx.unwrap();
+    assert!(got.iter().enumerate().all(|(i, b)| *b == (i % 253) as u8));
+}
+
+#[test]
+fn each_failed_check_is_refused_with_its_reason() {
+    let s = good("refusals");
+    let other = ca("another CA");
+    // The source's certificate comes from another CA: the destination refuses it.
+    let stranger = creds_dir(
+        "stranger-client",
+        &std::fs::read_to_string(s.client.join("ca-cert.pem")).unwrap(),
+        "client",
+        &leaf(&other, "source", &[], false),
+    );
+    let (rx, _) = exchange(&s.server, &stranger, None);
+    let e = reason(&rx.unwrap_err());
+    assert!(e.contains("not signed by our CA"), "{e}");
+
+    // The destination's certificate comes from another CA: the source refuses it.
+    let rogue = creds_dir(
+        "rogue-server",
+        &std::fs::read_to_string(s.server.join("ca-cert.pem")).unwrap(),
+        "server",
+        &leaf(&other, "destination", &["127.0.0.1"], false),
+    );
+    let (_, tx) = exchange(&rogue, &s.client, None);
+    let e = reason(&tx.unwrap_err());
+    assert!(
+        e.contains("destination's certificate is not signed by our CA"),
+        "{e}"
+    );
+
+    // Expired.
+    let ca2 = ca("CA 2");
+    let old = creds_dir(
+        "expired-server",
+        &ca2.pem,
+        "server",
+        &leaf(&ca2, "destination", &["127.0.0.1"], true),
+    );
+    let client2 = creds_dir(
+        "expired-client",
+        &ca2.pem,
+        "client",
+        &leaf(&ca2, "source", &[], false),
+    );
+    let (_, tx) = exchange(&old, &client2, None);
+    let e = reason(&tx.unwrap_err());
+    assert!(e.contains("has expired"), "{e}");
+
+    // The host name asked for is not the certificate's.
+    let (_, tx) = exchange(&s.server, &s.client, Some("dest.example"));
+    let e = reason(&tx.unwrap_err());
+    assert!(e.contains("not valid for the host name"), "{e}");
+
+    // A source with no certificate, to a destination that verifies its peer.
+    let anonymous = dir("anonymous-client");
+    std::fs::copy(s.client.join("ca-cert.pem"), anonymous.join("ca-cert.pem")).unwrap();
+    let (rx, _) = exchange(&s.server, &anonymous, None);
+    let e = reason(&rx.unwrap_err());
+    assert!(e.contains("presented no certificate"), "{e}");
+}
+
+#[test]
+fn plaintext_and_tls_peers_refuse_each_other() {
+    let s = good("plain");
+    // A plaintext source to a TLS destination: refused before any stream is parsed.
+    let creds = TlsCreds::load(&s.server, TlsEndpoint::Server, true).unwrap();
+    let l = Listener::bind(&MigrationUri::parse("tcp:127.0.0.1:0").unwrap()).unwrap();
+    let uri = l.local_uri();
+    let rx = thread::spawn(move || l.accept_tls(&creds).map(|_| ()));
+    let mut f = QemuFile::new(connect(&uri).unwrap());
+    f.put_buffer(b"QEVM\0\0\0\x03 and a plaintext stream follows");
+    let _ = f.flush();
+    let e = reason(&rx.join().unwrap().unwrap_err());
+    assert!(e.contains("does not speak TLS"), "{e}");
+    drop(f);
+
+    // A TLS source to a plaintext destination, which takes the hello for a stream and
+    // closes: the source says so.
+    let creds = TlsCreds::load(&s.client, TlsEndpoint::Client, true).unwrap();
+    let l = Listener::bind(&MigrationUri::parse("tcp:127.0.0.1:0").unwrap()).unwrap();
+    let uri = l.local_uri();
+    let rx = thread::spawn(move || {
+        let mut f = QemuFile::new(l.accept().unwrap());
+        f.get_be32().map(|magic| magic == 0x5145_564d)
+    });
+    let e = reason(&connect_tls(&uri, &creds, None).unwrap_err());
+    assert!(
+        e.contains("does not speak TLS")
+            || e.contains("closed the connection during the handshake"),
+        "{e}"
+    );
+    assert_eq!(
+        rx.join().unwrap().ok(),
+        Some(false),
+        "no QEVM magic came in clear"
+    );
+}
+
+#[test]
+fn credentials_are_checked_when_loaded() {
+    let s = good("load");
+    let e = TlsCreds::load(&s.client, TlsEndpoint::Client, false).unwrap_err();
+    assert!(reason(&e).contains("verify-peer=off"), "{e}");
+    let e = TlsCreds::load(&s.client, TlsEndpoint::Server, true).unwrap_err();
+    assert!(reason(&e).contains("server-cert.pem"), "{e}");
+    let empty = dir("empty");
+    let e = TlsCreds::load(&empty, TlsEndpoint::Client, true).unwrap_err();
+    assert!(reason(&e).contains("ca-cert.pem"), "{e}");
+}
