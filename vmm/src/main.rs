@@ -139,6 +139,18 @@ pub struct RunArgs {
     /// QMP monitor socket, unix:PATH (mode 0600; removed at exit).
     #[arg(long)]
     pub qmp: Option<String>,
+    /// An object, as QEMU's -object: tls-creds-x509,id=ID,dir=DIR[,endpoint=client|server]
+    /// [,verify-peer=on|off] (QEMU's file names in DIR; see docs/tls.md). Repeatable.
+    #[arg(long = "object")]
+    pub objects: Vec<vmm::spec::TlsCredsSpec>,
+    /// tls-creds: migrate over TLS with this object's credentials (a destination takes
+    /// only a TLS peer whose certificate its CA signed).
+    #[arg(long)]
+    pub tls_creds: Option<String>,
+    /// tls-hostname: the name the destination's certificate must be valid for (default:
+    /// the URI's host).
+    #[arg(long)]
+    pub tls_hostname: Option<String>,
     /// Hold the guest until QMP's `cont` (QEMU's -S): a source starts in `prelaunch`, a
     /// destination stays `paused` once loaded.
     #[arg(short = 'S', long)]
@@ -405,6 +417,12 @@ fn run(a: &RunArgs) -> Result<i32> {
     if a.migration_events {
         session.set_capability(vmm::qmp::Capability::Events, true);
     }
+    for o in &a.objects {
+        session
+            .add_tls_creds(o)
+            .with_context(|| format!("--object id={}", o.id))?;
+    }
+    session.set_tls(a.tls_creds.clone(), a.tls_hostname.clone());
 
     match &a.incoming {
         Some(Incoming::Uri(uri)) => {

@@ -120,6 +120,27 @@ fn connect_channels(
     Ok(Multifd::Send(sender))
 }
 
+/// TLS for a migration's connection: the credentials (a `tls-creds-x509` object) and, for
+/// a source, the host name the destination's certificate must be valid for (None: the
+/// URI's host).
+#[derive(Debug, Clone)]
+pub struct Tls {
+    /// The credentials.
+    pub creds: qemu_file::TlsCreds,
+    /// `tls-hostname`.
+    pub hostname: Option<String>,
+}
+
+/// Refuses TLS where vmm cannot carry it yet.
+fn check_tls(tls: &Option<Tls>, params: &MigrationParams) -> Result<()> {
+    if tls.is_some() && params.multifd {
+        bail!(
+            "multifd channels over TLS are not built yet: turn the multifd capability off, or tls-creds"
+        );
+    }
+    Ok(())
+}
+
 /// Whether the transport has a reverse direction for the destination's answer.
 pub fn has_return_path(uri: &MigrationUri) -> bool {
     matches!(uri, MigrationUri::Tcp { .. } | MigrationUri::Unix(_))
@@ -141,12 +162,14 @@ impl Outgoing {
     /// Starts the migration thread. The observer sees every status change.
     /// `return_path`: whether the destination's answer is awaited where the transport
     /// can carry one (the `return-path` capability).
+    #[allow(clippy::too_many_arguments)]
     pub fn start(
         machine: Arc<Machine>,
         uri: MigrationUri,
         mut params: MigrationParams,
         return_path: bool,
         verify: bool,
+        tls: Option<Tls>,
         observer: impl Fn(&MigrationInfo) + Send + Sync + 'static,
     ) -> Result<Self> {
         params.return_path = return_path && has_return_path(&uri);
@@ -158,7 +181,7 @@ impl Outgoing {
         let thread = std::thread::Builder::new()
             .name("migration".into())
             .spawn(move || {
-                let result = migrate(machine, uri, &c, r, d, verify);
+                let result = migrate(machine, uri, &c, r, d, verify, tls);
                 if let Err(e) = &result {
                     // An error before the migration thread proper ran (no connection, no
                     // sections) still ends the migration.
@@ -203,14 +226,20 @@ fn migrate(
     ram: Arc<RamStats>,
     disk: Arc<BlockStats>,
     verify: bool,
+    tls: Option<Tls>,
 ) -> Result<MigrationInfo> {
     let events = machine.events.clone();
     let params = ctl.params();
     if params.multifd {
         check_multifd_uri(&uri)?;
     }
+    check_tls(&tls, &params)?;
     // The main stream first (QEMU 7.2's destination takes the first connection as it).
-    let mut f = QemuFile::new(connect(&uri)?);
+    let transport = match &tls {
+        Some(t) => qemu_file::connect_tls(&uri, &t.creds, t.hostname.as_deref())?,
+        None => connect(&uri)?,
+    };
+    let mut f = QemuFile::new(transport);
     let multifd = connect_channels(&uri, &params, ctl)?;
     let mut savevm = sections(&machine, ram, disk, false, multifd)?;
     // On success the guest runs at the destination (or lives in the file), never again
@@ -421,11 +450,12 @@ impl IncomingListener {
         machine: &Arc<Machine>,
         verify: bool,
         params: &MigrationParams,
+        tls: Option<&Tls>,
         abort: &Abort,
         on_connect: impl FnOnce(),
     ) -> Result<IncomingReport> {
         let previous = self.previous;
-        let r = load_incoming(machine, self, verify, params, abort, on_connect);
+        let r = load_incoming(machine, self, verify, params, tls, abort, on_connect);
         if r.is_err() {
             machine.incoming_failed(previous);
         }
@@ -438,6 +468,7 @@ fn load_incoming(
     incoming: IncomingListener,
     verify: bool,
     params: &MigrationParams,
+    tls: Option<&Tls>,
     abort: &Abort,
     on_connect: impl FnOnce(),
 ) -> Result<IncomingReport> {
@@ -453,8 +484,20 @@ fn load_incoming(
     } else {
         0
     };
+    check_tls(&tls.cloned(), params)?;
     abort.set(incoming.listener.shutdown_handle());
-    let accepted = incoming.listener.accept_with_channels(channels);
+    // With TLS the peer proves who it is before a byte of its stream is read.
+    let accepted = match tls {
+        Some(t) => incoming
+            .listener
+            .accept_tls(&t.creds)
+            .map(|main| qemu_file::Accepted {
+                main,
+                channels: Vec::new(),
+                listener: None,
+            }),
+        None => incoming.listener.accept_with_channels(channels),
+    };
     if abort.aborted() {
         bail!("the incoming migration was aborted before the source connected");
     }

@@ -318,12 +318,27 @@ impl Monitor {
             Request::SetParameters(list) => {
                 let mut p = session.params();
                 for param in list {
-                    param.apply(&mut p);
+                    match param {
+                        qmp::Parameter::TlsCreds(c) => session.set_tls(Some(c), None),
+                        qmp::Parameter::TlsHostname(h) => session.set_tls(None, Some(h)),
+                        other => other.apply(&mut p),
+                    }
                 }
                 session.set_params(p);
                 Ok(json!({}))
             }
-            Request::QueryParameters => Ok(qmp::migration::query_parameters(&session.params())),
+            Request::QueryParameters => Ok(qmp::migration::query_parameters(
+                &session.params(),
+                &session.tls_params(),
+            )),
+            Request::ObjectAdd(spec) => {
+                session.add_tls_creds(&spec).map_err(generic)?;
+                Ok(json!({}))
+            }
+            Request::ObjectDel(id) => {
+                session.del_object(&id).map_err(generic)?;
+                Ok(json!({}))
+            }
             Request::SetCapabilities(list) => {
                 if session.migration_running() {
                     return Err(generic("There's a migration process in progress"));

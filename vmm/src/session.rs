@@ -12,8 +12,10 @@ use savevm::{MigrationInfo, MigrationParams, MigrationStatus};
 use serde_json::{Value, json};
 
 use crate::machine::{Machine, RunState};
-use crate::migration::{Abort, IncomingListener, Outgoing, ms};
+use crate::migration::{Abort, IncomingListener, Outgoing, Tls, ms};
 use vmm::qmp::Capability;
+use vmm::qmp::migration::TlsParams;
+use vmm::spec::TlsCredsSpec;
 
 type Listener = Box<dyn Fn(&str, Value) + Send + Sync>;
 
@@ -55,6 +57,12 @@ pub struct Session {
     shutdown_announced: AtomicBool,
     // Lock: event listeners (the monitor's clients), called with the event name and data.
     listeners: Mutex<Vec<Listener>>,
+    // Lock: the tls-creds-x509 objects by id (`--object`, `object-add`); read when a
+    // migration starts.
+    objects: Mutex<std::collections::HashMap<String, qemu_file::TlsCreds>>,
+    // Lock: the tls-creds and tls-hostname parameters; set by the CLI and
+    // `migrate-set-parameters`, read when a migration starts.
+    tls: Mutex<TlsParams>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -78,6 +86,8 @@ impl Session {
             quit_cond: Condvar::new(),
             shutdown_announced: AtomicBool::new(false),
             listeners: Mutex::new(Vec::new()),
+            objects: Mutex::new(std::collections::HashMap::new()),
+            tls: Mutex::new(TlsParams::default()),
         });
         let me = Arc::downgrade(&s);
         s.machine.on_run_change(move |_, new| {
@@ -91,6 +101,93 @@ impl Session {
             }
         });
         s
+    }
+
+    /// Adds a `tls-creds-x509` object, loading its credentials now.
+    ///
+    /// # Errors
+    /// The id is taken, or the credentials do not load (which file, and why).
+    pub fn add_tls_creds(&self, spec: &TlsCredsSpec) -> Result<()> {
+        let mut objects = lock(&self.objects);
+        if objects.contains_key(&spec.id) {
+            bail!("attempt to add duplicate property '{}' to object", spec.id);
+        }
+        let endpoint = if spec.server {
+            qemu_file::TlsEndpoint::Server
+        } else {
+            qemu_file::TlsEndpoint::Client
+        };
+        let creds = qemu_file::TlsCreds::load(&spec.dir, endpoint, spec.verify_peer)?;
+        objects.insert(spec.id.clone(), creds);
+        Ok(())
+    }
+
+    /// Removes an object.
+    ///
+    /// # Errors
+    /// No object has that id, or the `tls-creds` parameter names it.
+    pub fn del_object(&self, id: &str) -> Result<()> {
+        if lock(&self.tls).creds == id {
+            bail!("object '{id}' is in use by the tls-creds parameter");
+        }
+        match lock(&self.objects).remove(id) {
+            Some(_) => Ok(()),
+            None => bail!("object '{id}' not found"),
+        }
+    }
+
+    /// The TLS parameters.
+    pub fn tls_params(&self) -> TlsParams {
+        lock(&self.tls).clone()
+    }
+
+    /// Sets `tls-creds` (an object's id, or empty) or `tls-hostname`.
+    pub fn set_tls(&self, creds: Option<String>, hostname: Option<String>) {
+        let mut t = lock(&self.tls);
+        if let Some(c) = creds {
+            t.creds = c;
+        }
+        if let Some(h) = hostname {
+            t.hostname = h;
+        }
+    }
+
+    /// The TLS a migration of this VM uses now, as an endpoint of `endpoint`.
+    ///
+    /// # Errors
+    /// `tls-creds` names no object, or one for the other endpoint.
+    fn tls(&self, endpoint: qemu_file::TlsEndpoint) -> Result<Option<Tls>> {
+        let t = self.tls_params();
+        if t.creds.is_empty() {
+            return Ok(None);
+        }
+        let objects = lock(&self.objects);
+        let Some(creds) = objects.get(&t.creds) else {
+            bail!(
+                "tls-creds names '{}', which is no tls-creds-x509 object",
+                t.creds
+            );
+        };
+        if creds.endpoint() != endpoint {
+            bail!(
+                "tls-creds '{}' is for endpoint={}: this side needs endpoint={}",
+                t.creds,
+                if endpoint == qemu_file::TlsEndpoint::Server {
+                    "client"
+                } else {
+                    "server"
+                },
+                if endpoint == qemu_file::TlsEndpoint::Server {
+                    "server"
+                } else {
+                    "client"
+                }
+            );
+        }
+        Ok(Some(Tls {
+            creds: creds.clone(),
+            hostname: (!t.hostname.is_empty()).then_some(t.hostname),
+        }))
     }
 
     /// Sends a MIGRATION event, if the `events` capability is on.
@@ -193,12 +290,14 @@ impl Session {
         // Each status QMP shows is announced once (QEMU's `device` only follows
         // `pre-switchover`; without the pause the switchover shows as `active`).
         let announced = Mutex::new(MigrationStatus::None);
+        let tls = self.tls(qemu_file::TlsEndpoint::Client)?;
         let o = Outgoing::start(
             self.machine.clone(),
             uri.clone(),
             self.params(),
             self.return_path(),
             self.verify,
+            tls,
             move |info: &MigrationInfo| {
                 events.emit(
                     "migration",
@@ -257,6 +356,7 @@ impl Session {
         if slot.as_ref().is_some_and(|i| !i.status.is_terminal()) {
             bail!("an incoming migration is already waiting or loading");
         }
+        let tls = self.tls(qemu_file::TlsEndpoint::Server)?;
         let listener = IncomingListener::bind(&self.machine, &uri)?;
         let local = listener.local_uri();
         let abort = Arc::new(Abort::default());
@@ -275,7 +375,14 @@ impl Session {
             .name("incoming".into())
             .spawn(move || {
                 let on_connect = || me.incoming_status(MigrationStatus::Active, None);
-                let r = listener.load(&me.machine, me.verify, &me.params(), &a, on_connect);
+                let r = listener.load(
+                    &me.machine,
+                    me.verify,
+                    &me.params(),
+                    tls.as_ref(),
+                    &a,
+                    on_connect,
+                );
                 match &r {
                     Ok(rep) => eprintln!(
                         "vmm: loaded {} in {:.1} ms; the guest {} here now",

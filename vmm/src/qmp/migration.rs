@@ -18,8 +18,13 @@ pub const MAX_DOWNTIME_LIMIT_MS: u64 = 2_000_000;
 pub const MIN_STALL_TIMEOUT_MS: u64 = 1000;
 
 /// A migration parameter vmm implements, with a checked value.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Parameter {
+    /// `tls-creds`: the id of a `tls-creds-x509` object, or empty for no TLS.
+    TlsCreds(String),
+    /// `tls-hostname`: the name a source checks the destination's certificate against
+    /// (empty: the URI's host).
+    TlsHostname(String),
     /// `downtime-limit`, at most [`MAX_DOWNTIME_LIMIT_MS`].
     DowntimeLimit(Duration),
     /// `max-bandwidth` in bytes per second, 0 unlimited.
@@ -47,9 +52,11 @@ pub enum Parameter {
 }
 
 impl Parameter {
-    /// Sets this parameter in `p`.
+    /// Sets this parameter in `p` (the TLS ones are the session's, which holds the
+    /// objects they name).
     pub fn apply(self, p: &mut MigrationParams) {
         match self {
+            Parameter::TlsCreds(_) | Parameter::TlsHostname(_) => {}
             Parameter::DowntimeLimit(d) => p.downtime_limit = d,
             Parameter::MaxBandwidth(n) => p.max_bandwidth = n,
             Parameter::CpuThrottleInitial(n) => p.cpu_throttle_initial = n,
@@ -78,8 +85,6 @@ fn unimplemented_defaults() -> Map<String, Value> {
         "compress-wait-thread": true,
         "decompress-threads": 2,
         "cpu-throttle-tailslow": false,
-        "tls-creds": "",
-        "tls-hostname": "",
         "tls-authz": "",
         "x-checkpoint-delay": 20000,
         "block-incremental": false,
@@ -100,7 +105,9 @@ fn missing_feature(name: &str) -> &'static str {
         n if n.starts_with("compress-") || n == "decompress-threads" => {
             "the compress capability is not built; use multifd-compression zstd"
         }
-        n if n.starts_with("tls-") => "TLS is not built yet",
+        "tls-authz" => {
+            "authz-list objects are not built yet (any certificate from the CA is accepted)"
+        }
         "x-checkpoint-delay" => "COLO is not built",
         "block-incremental" | "block-bitmap-mapping" => {
             "disks are copied whole, as each --drive's migrate= says"
@@ -145,6 +152,15 @@ pub fn parameters(args: &Value) -> Result<Vec<Parameter>, QmpError> {
                     missing_feature(k)
                 )));
             }
+            continue;
+        }
+        if k == "tls-creds" || k == "tls-hostname" {
+            let v = v.as_str().unwrap_or_default().to_string();
+            out.push(if k == "tls-creds" {
+                Parameter::TlsCreds(v)
+            } else {
+                Parameter::TlsHostname(v)
+            });
             continue;
         }
         if k == "multifd-compression" {
@@ -216,10 +232,21 @@ fn in_range(name: &str, n: u64, max: u8) -> Result<u8, QmpError> {
     }
 }
 
+/// The session's TLS parameters, as `query-migrate-parameters` shows them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TlsParams {
+    /// `tls-creds`.
+    pub creds: String,
+    /// `tls-hostname`.
+    pub hostname: String,
+}
+
 /// `query-migrate-parameters`' answer: every QEMU 7.2 parameter, in QEMU's order.
-pub fn query_parameters(p: &MigrationParams) -> Value {
+pub fn query_parameters(p: &MigrationParams, tls: &TlsParams) -> Value {
     let defaults = unimplemented_defaults();
     let ours = json!({
+        "tls-creds": tls.creds,
+        "tls-hostname": tls.hostname,
         "downtime-limit": p.downtime_limit.as_millis() as u64,
         "max-bandwidth": p.max_bandwidth,
         "cpu-throttle-initial": p.cpu_throttle_initial,
@@ -344,19 +371,26 @@ mod tests {
     #[test]
     fn unimplemented_parameters_take_only_their_default() {
         assert_eq!(
-            parameters(&json!({"announce-rounds": 5, "tls-creds": "", "block-bitmap-mapping": []})),
+            parameters(&json!({"announce-rounds": 5, "tls-authz": "", "block-bitmap-mapping": []})),
             Ok(vec![])
         );
-        let e = parameters(&json!({"tls-creds": "tls0"})).unwrap_err();
+        let e = parameters(&json!({"tls-authz": "authz0"})).unwrap_err();
         assert!(
-            e.desc.contains("'tls-creds' can only be \"\""),
+            e.desc.contains("'tls-authz' can only be \"\""),
             "{}",
             e.desc
+        );
+        assert_eq!(
+            parameters(&json!({"tls-creds": "tls0", "tls-hostname": ""})),
+            Ok(vec![
+                Parameter::TlsCreds("tls0".into()),
+                Parameter::TlsHostname(String::new())
+            ])
         );
         let e = parameters(&json!({"compress-threads": 2})).unwrap_err();
         assert!(e.desc.contains("zstd"), "{}", e.desc);
         // Every parameter QEMU has is listed, with vmm's values where it has them.
-        let q = query_parameters(&MigrationParams::default());
+        let q = query_parameters(&MigrationParams::default(), &TlsParams::default());
         for m in MIGRATION_PARAMETERS.members {
             if m.name != "block-bitmap-mapping" {
                 assert!(q.get(m.name).is_some(), "{}", m.name);

@@ -202,6 +202,11 @@ static MULTIFD_COMPRESSION: EnumDef = EnumDef {
     values: &["none", "zlib", "zstd"],
 };
 
+static TLS_ENDPOINT: EnumDef = EnumDef {
+    name: "QCryptoTLSCredsEndpoint",
+    values: &["client", "server"],
+};
+
 static QMP_CAPABILITY: EnumDef = EnumDef {
     name: "QMPCapability",
     values: &["oob"],
@@ -526,6 +531,23 @@ pub static COMMANDS: &[CommandDef] = &[
     CommandDef {
         name: "closefd",
         args: args!(&[m("fdname", Type::Str)]),
+        ret: Type::Object(&EMPTY),
+    },
+    CommandDef {
+        name: "object-add",
+        // QEMU's is a union on qom-type; vmm has tls-creds-x509 only, so its members.
+        args: args!(&[
+            m("qom-type", Type::Str),
+            m("id", Type::Str),
+            opt("dir", Type::Str),
+            opt("endpoint", Type::Enum(&TLS_ENDPOINT)),
+            opt("verify-peer", Type::Bool),
+        ]),
+        ret: Type::Object(&EMPTY),
+    },
+    CommandDef {
+        name: "object-del",
+        args: args!(&[m("id", Type::Str)]),
         ret: Type::Object(&EMPTY),
     },
     CommandDef {
