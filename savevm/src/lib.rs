@@ -1,5 +1,5 @@
 //! QEMU's migration stream and the machinery around it (QEMU's `savevm.c` and
-//! `migration.c`): the format constants and framing ([`format`]), the section registry
+//! `migration.c`): the format constants and framing ([`format`](mod@format)), the section registry
 //! [`SaveVm`] with live sections ([`SectionHandler`]) and described device sections
 //! ([`DeviceHandler`]), the hostile-input-proof loader ([`SaveVm::load`]), the migration
 //! thread ([`run_migration`], generic over [`VmControl`]) and a text dump of any stream

@@ -1,7 +1,8 @@
 //! `cargo xtask`: the project's automation (the cargo-xtask convention).
 //!
 //! - `cargo xtask ci`: what CI runs: format check, clippy with warnings as errors, the
-//!   whole test suite.
+//!   documentation without warnings, the whole test suite, the end-to-end migrations, a
+//!   migration driven by qemu.qmp, the QMP conformance run.
 //! - `cargo xtask guest`: assembles `vmm/guest/guest.S` into the `guest.bin` vmm embeds
 //!   (`--check`: only verify that the committed bytes match the source).
 //! - `cargo xtask migrate-test [--quick]`: migrations between real vmm processes over every
@@ -40,7 +41,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Format check, clippy -D warnings, cargo test --workspace.
+    /// Format check, clippy -D warnings, cargo doc, cargo test --workspace, end to end.
     Ci,
     /// Assemble vmm/guest/guest.S into vmm/guest/guest.bin (GNU as and ld).
     Guest {
@@ -265,6 +266,11 @@ fn ci() -> Result<()> {
         "warnings",
     ]);
     run("cargo clippy -D warnings", clippy)?;
+    // The crates' documentation is their front page for other VMMs: no broken link.
+    let mut doc = cargo();
+    doc.args(["doc", "--workspace", "--no-deps", "--quiet"])
+        .env("RUSTDOCFLAGS", "-D warnings");
+    run("cargo doc (warnings denied)", doc)?;
     if Command::new("as").arg("--version").output().is_ok() {
         guest(true)?;
     } else {

@@ -1,4 +1,4 @@
-//! QEMU's Machine Protocol as vmm speaks it: a JSON stream in ([`json`]), each message
+//! QEMU's Machine Protocol as vmm speaks it: a JSON stream in ([`json`](mod@json)), each message
 //! checked against the one table of commands ([`schema`]) and turned into a typed
 //! [`Request`], every malformed one into QMP's error reply with QEMU's class and words.
 //! Nothing here touches a VM; the monitor carries requests out.
