@@ -555,6 +555,16 @@ impl Machine {
         Ok(())
     }
 
+    /// Holds a destination's guest paused once its load completes (as a `stop` while
+    /// incoming does): it runs only on `cont`.
+    pub fn hold_after_load(&self) {
+        self.transition(|st| {
+            if st.0 == RunState::InMigrate {
+                st.1 = true;
+            }
+        });
+    }
+
     /// Stops the vCPUs for good as the process ends: state `shutdown`, no STOP event.
     ///
     /// # Errors

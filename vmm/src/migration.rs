@@ -610,10 +610,15 @@ fn load_incoming(
     );
     if answer {
         if let Err(e) = return_path::send_load_result(&mut f, true) {
-            bail!(
-                "the stream loaded, but the source could not be told ({e}); it keeps its copy (stopped, \
-                 for the operator to resume), so this one does not run"
+            // The source cannot know it loaded here: it keeps its copy stopped (outcome
+            // unknown), and this one is held too, whole, with its disks locked below,
+            // until the operator's `cont` says which side runs the guest.
+            eprintln!(
+                "vmm: the stream loaded, but the source could not be told ({e}): the guest is held \
+                 paused here; `cont` runs it, if the source does not"
             );
+            events.emit("incoming-unconfirmed", json!({"error": e.to_string()}));
+            machine.hold_after_load();
         }
     }
     // The guest could run from here; with --verify it waits for the hash of its memory.

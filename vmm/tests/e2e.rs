@@ -937,3 +937,71 @@ fn getfd_then_migrate_over_the_named_descriptor() {
     assert_eq!(hash(&src), hash(&dst));
     assert_eq!(dst.event("exit").unwrap()["mismatches"], 0);
 }
+
+/// A destination that loaded the whole stream but could not answer (the source's end of
+/// the connection was gone) cannot know who owns the guest: it holds it paused, whole,
+/// for the operator, whose `cont` runs it there.
+#[test]
+fn a_destination_that_cannot_answer_holds_the_guest_for_the_operator() {
+    use std::io::Write;
+    use std::os::unix::net::UnixStream;
+    common::init();
+    let dir = scratch("unconfirmed");
+    let snap = dir.join("snap");
+    let snap_uri = format!("file:{}", snap.display());
+    let mut src = Vmm::start(
+        &dir,
+        "source",
+        &[&["--migrate-to", snap_uri.as_str()][..], GUEST].concat(),
+    );
+    assert!(src.wait().success(), "{}", src.stderr());
+    let (qmp, sock) = (dir.join("d.qmp"), dir.join("in.sock"));
+    let (qarg, sarg) = (
+        format!("unix:{}", qmp.display()),
+        format!("unix:{}", sock.display()),
+    );
+    let mut dst = Vmm::start(
+        &dir,
+        "destination",
+        &[
+            &["--incoming", sarg.as_str(), "--qmp", qarg.as_str()][..],
+            GUEST,
+        ]
+        .concat(),
+    );
+    dst.wait_event("listening");
+    // A "source" that sends the whole stream and is gone before the answer: its socket
+    // buffer holds all of it (root may force the size), so it closes while the
+    // destination is still reading.
+    let bytes = std::fs::read(&snap).unwrap();
+    let mut s = UnixStream::connect(&sock).unwrap();
+    let size = libc::c_int::try_from(bytes.len() * 2).unwrap();
+    // SAFETY: `size` outlives the call and its size is passed; the descriptor is open.
+    let r = unsafe {
+        use std::os::fd::AsRawFd;
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUFFORCE,
+            (&size as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(r, 0, "SO_SNDBUFFORCE (the tests run as root)");
+    s.write_all(&bytes).unwrap();
+    drop(s);
+    dst.wait_event("incoming-unconfirmed");
+    let mut q = Qmp::connect(&qmp);
+    let t = std::time::Instant::now();
+    while q.cmd("query-status", json!({}))["status"] != "paused" {
+        assert!(t.elapsed() < std::time::Duration::from_secs(30), "not held");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(dst.event("incoming-resumed").is_none());
+    let pass = q.cmd("x-query-guest", json!({}))["pass"].as_u64().unwrap();
+    q.cmd("cont", json!({}));
+    q.wait_guest_pass(pass + 1);
+    assert_eq!(q.cmd("x-query-guest", json!({}))["mismatches"], 0);
+    let _ = q.try_cmd("quit", json!({}));
+    assert!(dst.wait().success(), "{}", dst.stderr());
+}
