@@ -51,23 +51,7 @@ fn source(dir: &std::path::Path) -> (Vmm, Qmp) {
 }
 
 fn destination(dir: &std::path::Path, name: &str) -> (Vmm, String) {
-    let mut dst = Vmm::start(
-        dir,
-        name,
-        &[
-            &[
-                "--incoming",
-                "tcp:127.0.0.1:0",
-                "--verify",
-                "--exit-after",
-                "1",
-            ][..],
-            GUEST,
-        ]
-        .concat(),
-    );
-    let uri = dst.listening_uri();
-    (dst, uri)
+    common::verified_destination(dir, name, &[], GUEST)
 }
 
 /// Polls query-migrate (and the guest's throttle) until the migration ends; returns the

@@ -882,22 +882,7 @@ fn getfd_then_migrate_over_the_named_descriptor() {
         "source",
         &[&["--qmp", qmp_arg.as_str(), "--verify"][..], GUEST].concat(),
     );
-    let mut dst = Vmm::start(
-        &dir,
-        "destination",
-        &[
-            &[
-                "--incoming",
-                "tcp:127.0.0.1:0",
-                "--verify",
-                "--exit-after",
-                "1",
-            ][..],
-            GUEST,
-        ]
-        .concat(),
-    );
-    let uri = dst.listening_uri();
+    let (mut dst, uri) = common::verified_destination(&dir, "destination", &[], GUEST);
     let conn = std::net::TcpStream::connect(uri.trim_start_matches("tcp:")).unwrap();
     let mut q = Qmp::connect(&qmp);
     q.wait_guest_pass(1);

@@ -6,7 +6,7 @@
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::{Qmp, Vmm, scratch};
@@ -26,6 +26,18 @@ fn signal(vm: &mut Vmm, sig: libc::c_int) -> (std::process::ExitStatus, Duration
 
 fn arg(flag: &str, p: &Path) -> [String; 2] {
     [flag.to_string(), format!("unix:{}", p.display())]
+}
+
+/// A destination in `dir` waiting on a unix socket, with a QMP client connected; returns
+/// it, the client, and the paths of its QMP and migration sockets.
+fn waiting_destination(dir: &Path) -> (Vmm, Qmp, PathBuf, PathBuf) {
+    let (qmp, sock) = (dir.join("d.qmp"), dir.join("in.sock"));
+    let mut extra = arg("--qmp", &qmp).to_vec();
+    extra.extend(arg("--incoming", &sock));
+    let mut d = start(dir, "destination", &extra);
+    d.wait_event("listening");
+    let q = Qmp::connect(&qmp);
+    (d, q, qmp, sock)
 }
 
 /// Starts migrating at 5 MB/s to the unix socket `sock`, so that it lasts.
@@ -54,12 +66,7 @@ fn each_signal_ends_a_waiting_destination_and_removes_its_sockets() {
         .enumerate()
     {
         let dir = scratch(&format!("sig-wait-{i}"));
-        let (qmp, sock) = (dir.join("d.qmp"), dir.join("in.sock"));
-        let mut extra = arg("--qmp", &qmp).to_vec();
-        extra.extend(arg("--incoming", &sock));
-        let mut d = start(&dir, "destination", &extra);
-        d.wait_event("listening");
-        let mut q = Qmp::connect(&qmp);
+        let (mut d, mut q, qmp, sock) = waiting_destination(&dir);
         let (status, took) = signal(&mut d, sig);
         assert!(status.success(), "signal {sig}: {status} {}", d.stderr());
         assert!(took < Duration::from_secs(3), "signal {sig}: {took:?}");
@@ -83,12 +90,7 @@ fn each_signal_ends_a_waiting_destination_and_removes_its_sockets() {
 fn quit_ends_a_waiting_destination() {
     common::init();
     let dir = scratch("quit-wait");
-    let (qmp, sock) = (dir.join("d.qmp"), dir.join("in.sock"));
-    let mut extra = arg("--qmp", &qmp).to_vec();
-    extra.extend(arg("--incoming", &sock));
-    let mut d = start(&dir, "destination", &extra);
-    d.wait_event("listening");
-    let mut q = Qmp::connect(&qmp);
+    let (mut d, mut q, qmp, sock) = waiting_destination(&dir);
     let t = Instant::now();
     assert_eq!(q.cmd("quit", json!({})), json!({}));
     assert!(d.wait().success(), "{}", d.stderr());

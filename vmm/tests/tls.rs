@@ -54,27 +54,7 @@ fn object(dir: &Path, endpoint: &str) -> String {
 /// A TLS destination on 127.0.0.1; returns it and its URI.
 fn destination(dir: &Path, name: &str, server: &Path) -> (Vmm, String) {
     let obj = object(server, "server");
-    let mut d = Vmm::start(
-        dir,
-        name,
-        &[
-            &[
-                "--incoming",
-                "tcp:127.0.0.1:0",
-                "--object",
-                &obj,
-                "--tls-creds",
-                "tls0",
-                "--verify",
-                "--exit-after",
-                "1",
-            ][..],
-            GUEST,
-        ]
-        .concat(),
-    );
-    let uri = d.listening_uri();
-    (d, uri)
+    common::verified_destination(dir, name, &["--object", &obj, "--tls-creds", "tls0"], GUEST)
 }
 
 #[test]

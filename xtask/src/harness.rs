@@ -174,6 +174,29 @@ impl Drop for Vmm {
     }
 }
 
+/// A destination on a free TCP port of 127.0.0.1 that hashes RAM at the switchover
+/// (`--verify`) and exits a second after its guest runs; `extra` and `guest` go to it.
+/// Returns it and the URI it listens on.
+pub fn verified_destination(
+    dir: &Path,
+    name: &str,
+    extra: &[&str],
+    guest: &[&str],
+) -> (Vmm, String) {
+    let mut args = vec![
+        "--incoming",
+        "tcp:127.0.0.1:0",
+        "--verify",
+        "--exit-after",
+        "1",
+    ];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(guest);
+    let mut d = Vmm::start(dir, name, &args);
+    let uri = d.listening_uri();
+    (d, uri)
+}
+
 /// Runs a destination on `listen` and a source migrating to it (the URI the destination
 /// reports if `target` is None); returns both, finished.
 pub fn migrate(dir: &Path, listen: &str, target: Option<&str>, guest: &[&str]) -> (Vmm, Vmm) {
