@@ -3,13 +3,14 @@
 use std::fs::{self, OpenOptions};
 use std::io;
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
-use std::os::fd::{AsFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
+use crate::classify::{InFlight, Incoming, MULTIFD_MAGIC, QEMU_VM_FILE_MAGIC};
 use crate::transport::{ExecTransport, FdTransport, ShutdownHandle, TcpTransport, UnixTransport};
 use crate::{Error, MigrationUri, Result, Transport, bind_private};
 
@@ -109,6 +110,8 @@ fn take_fd(fd: RawFd, uri: &str) -> Result<OwnedFd> {
 pub struct Listener {
     uri: MigrationUri,
     kind: ListenerKind,
+    /// Connections accepted and not yet told apart, which a shutdown also ends.
+    in_flight: InFlight,
 }
 
 #[derive(Debug)]
@@ -174,6 +177,7 @@ impl Listener {
         Ok(Listener {
             uri: uri.clone(),
             kind,
+            in_flight: InFlight::default(),
         })
     }
 
@@ -194,11 +198,16 @@ impl Listener {
     /// A handle that makes a blocked [`Listener::accept`] return an error (to give up
     /// waiting for a source).
     pub fn shutdown_handle(&self) -> Option<ShutdownHandle> {
-        match &self.kind {
+        let own = match &self.kind {
             ListenerKind::Tcp(l) => ShutdownHandle::for_socket(l),
             ListenerKind::Unix(l, _) => ShutdownHandle::for_socket(l),
             ListenerKind::Ready(t) => t.shutdown_handle(),
-        }
+        }?;
+        let in_flight = self.in_flight.clone();
+        Some(ShutdownHandle::new(move || {
+            own.shutdown();
+            in_flight.shutdown();
+        }))
     }
 
     /// Waits for the one incoming stream and stops listening.
@@ -260,54 +269,98 @@ impl Listener {
     /// before its first 4 bytes, two main streams or none, or a URI that cannot carry
     /// several connections.
     pub fn accept_with_channels(self, channels: usize) -> Result<Accepted> {
+        self.accept_connections(channels, None)
+    }
+
+    /// As [`Listener::accept_with_channels`], each connection over TLS (`creds`, a
+    /// server's): every handshake completes before a byte of what the connection carries
+    /// is read, and the connections are told apart by their first decrypted bytes. The
+    /// handshakes run side by side, as a source may open its channels before its main
+    /// stream has sent a byte.
+    ///
+    /// # Errors
+    /// As [`Listener::accept_with_channels`], and [`Error::Tls`] naming the check that
+    /// failed on any of the connections.
+    pub fn accept_tls_with_channels(
+        self,
+        channels: usize,
+        creds: &crate::TlsCreds,
+    ) -> Result<Accepted> {
+        self.accept_connections(channels, Some(creds))
+    }
+
+    fn accept_connections(
+        self,
+        channels: usize,
+        tls: Option<&crate::TlsCreds>,
+    ) -> Result<Accepted> {
         if channels == 0 {
+            let main = match tls {
+                Some(c) => self.accept_tls(c)?,
+                None => self.accept()?,
+            };
             return Ok(Accepted {
-                main: self.accept()?,
+                main,
                 channels: Vec::new(),
                 listener: None,
             });
         }
         let text = self.uri.to_string();
         let refuse = |why: String| Error::open("accept on", &text, io::Error::other(why));
-        let mut main = None;
-        let mut extra = Vec::new();
-        for _ in 0..=channels {
-            let (magic, t): (_, Box<dyn Transport>) = match &self.kind {
-                ListenerKind::Tcp(l) => {
-                    let (s, peer) = l.accept().map_err(|e| Error::open("accept on", &text, e))?;
-                    let magic =
-                        peek_magic(s.as_fd()).map_err(|e| Error::open("read from", &text, e))?;
-                    let t = TcpTransport::new(s, format!("{text} (from {peer})"));
-                    (magic, Box::new(t))
-                }
-                ListenerKind::Unix(l, _) => {
-                    let (s, _) = l.accept().map_err(|e| Error::open("accept on", &text, e))?;
-                    let magic =
-                        peek_magic(s.as_fd()).map_err(|e| Error::open("read from", &text, e))?;
-                    (magic, Box::new(UnixTransport::new(s, text.clone())))
-                }
-                ListenerKind::Ready(_) => {
-                    return Err(refuse(format!(
-                        "multifd needs a tcp: or unix: URI, where {channels} more connections can be accepted"
-                    )));
-                }
-            };
-            if magic == MULTIFD_MAGIC {
-                extra.push(t);
-            } else if magic != QEMU_VM_FILE_MAGIC {
-                // Neither kind: a stray client, not a channel with a bad header.
+        let sockets = match &self.kind {
+            ListenerKind::Tcp(l) => l.try_clone().map(Incoming::Tcp),
+            ListenerKind::Unix(l, _) => l.try_clone().map(Incoming::Unix),
+            ListenerKind::Ready(_) => {
                 return Err(refuse(format!(
-                    "a connection opened with {magic:#010x}, neither a migration stream \
-                     (\"QEVM\") nor a multifd channel ({MULTIFD_MAGIC:#010x})"
+                    "multifd needs a tcp: or unix: URI, where {channels} more connections can be accepted"
                 )));
-            } else if main.is_none() {
-                main = Some(t);
-            } else {
-                return Err(refuse(
-                    "two connections both opened a main migration stream".into(),
-                ));
             }
         }
+        .map_err(|e: io::Error| Error::open("accept on", &text, e))?;
+        let results = sockets.accept_classified(
+            channels + 1,
+            tls.cloned(),
+            text.clone(),
+            self.in_flight.clone(),
+        );
+        let mut main = None;
+        let mut extra = Vec::new();
+        let classified = (|| {
+            for _ in 0..=channels {
+                let (magic, t) = results
+                    .recv()
+                    .map_err(|_| refuse("the accepting thread ended early".into()))??;
+                if magic == MULTIFD_MAGIC {
+                    extra.push(t);
+                } else if magic != QEMU_VM_FILE_MAGIC {
+                    // Neither kind: a stray client, not a channel with a bad header.
+                    let tls_hint = if magic >> 16 == 0x1603 {
+                        ": it opens a TLS handshake, so the source uses TLS (tls-creds) and this side does not"
+                    } else {
+                        ""
+                    };
+                    return Err(refuse(format!(
+                        "a connection opened with {magic:#010x}, neither a migration stream \
+                         (\"QEVM\") nor a multifd channel ({MULTIFD_MAGIC:#010x}){tls_hint}"
+                    )));
+                } else if main.is_none() {
+                    main = Some(t);
+                } else {
+                    return Err(refuse(
+                        "two connections both opened a main migration stream".into(),
+                    ));
+                }
+            }
+            Ok(())
+        })();
+        if let Err(e) = classified {
+            // The accepting thread and the handshakes still running end with us.
+            if let Some(h) = self.shutdown_handle() {
+                h.shutdown();
+            }
+            return Err(e);
+        }
+        self.in_flight.clear();
         let main = main.ok_or_else(|| {
             refuse(format!(
                 "all {} connections were multifd channels; none opened the main stream (is the source set up for {channels} channels?)",
@@ -330,50 +383,11 @@ pub type Channels = Vec<Box<dyn Transport>>;
 pub struct Accepted {
     /// The main stream.
     pub main: Box<dyn Transport>,
-    /// The channels, in the order they connected.
+    /// The channels, in the order they were told apart (any: each names itself in its
+    /// opening message).
     pub channels: Channels,
     /// The listener, still bound, when channels were accepted.
     pub listener: Option<Listener>,
-}
-
-/// The first word of a main migration stream ("QEVM"); a multifd channel opens with
-/// [`MULTIFD_MAGIC`], which is how [`Listener::accept_with_channels`] tells them apart.
-const QEMU_VM_FILE_MAGIC: u32 = 0x5145_564d;
-
-/// The first word of a multifd channel (QEMU's `MULTIFD_MAGIC`, whose framing ram-list
-/// reads).
-const MULTIFD_MAGIC: u32 = 0x1122_3344;
-
-/// Waits for the first four bytes of a connection without consuming them.
-fn peek_magic(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<u32> {
-    let mut b = [0u8; 4];
-    loop {
-        // SAFETY: `b` is a writable buffer of 4 bytes that outlives the call, and `fd` is
-        // an open socket borrowed for the call.
-        let n = unsafe {
-            libc::recv(
-                std::os::fd::AsRawFd::as_raw_fd(&fd),
-                b.as_mut_ptr().cast(),
-                b.len(),
-                libc::MSG_PEEK | libc::MSG_WAITALL,
-            )
-        };
-        match n {
-            4 => return Ok(u32::from_be_bytes(b)),
-            n if n >= 0 => {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "the peer closed the connection before its first 4 bytes",
-                ));
-            }
-            _ => {
-                let e = io::Error::last_os_error();
-                if e.kind() != io::ErrorKind::Interrupted {
-                    return Err(e);
-                }
-            }
-        }
-    }
 }
 
 /// A socket left by a process that died is in the way of bind; anything else at the path is

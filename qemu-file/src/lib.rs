@@ -23,7 +23,10 @@
 //! # Ok::<(), qemu_file::Error>(())
 //! ```
 
+mod authz;
 mod channel;
+mod classify;
+mod dn;
 mod error;
 mod memory;
 mod private_socket;
@@ -34,7 +37,9 @@ mod tls;
 mod transport;
 mod uri;
 
+pub use authz::{Authz, AuthzFormat, AuthzPolicy, AuthzRule};
 pub use channel::{Accepted, Channels, Listener, connect};
+pub use dn::subject_name;
 pub use error::{Error, Result};
 pub use memory::{MemBuffer, MemTransport, mem_channel};
 pub use private_socket::bind_private;

@@ -30,15 +30,19 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use rustls::client::danger::HandshakeSignatureValid;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::server::WebPkiClientVerifier;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{
-    CertificateError, ClientConfig, ClientConnection, RootCertStore, ServerConfig,
-    ServerConnection, StreamOwned,
+    AlertDescription, CertificateError, ClientConfig, ClientConnection, DigitallySignedStruct,
+    DistinguishedName, RootCertStore, ServerConfig, ServerConnection, SignatureScheme, StreamOwned,
 };
 
-use crate::transport::{ShutdownHandle, Transport};
+use crate::authz::Authz;
+use crate::dn::subject_name;
+use crate::transport::{ShutdownHandle, Transport, UnsentProbe};
 use crate::{Error, MigrationUri, Result};
 
 /// Which side of the handshake credentials are for (QEMU's `endpoint=`).
@@ -54,6 +58,9 @@ pub enum TlsEndpoint {
 #[derive(Clone)]
 pub struct TlsCreds {
     dir: PathBuf,
+    verify_peer: bool,
+    roots: Arc<RootCertStore>,
+    authz: Option<Arc<Authz>>,
     config: Config,
 }
 
@@ -68,6 +75,7 @@ impl fmt::Debug for TlsCreds {
         f.debug_struct("TlsCreds")
             .field("dir", &self.dir)
             .field("endpoint", &self.endpoint())
+            .field("authz", &self.authz.as_ref().map(|a| &a.id))
             .finish()
     }
 }
@@ -77,6 +85,13 @@ fn tls_error(peer: &str, reason: impl Into<String>) -> Error {
         peer: peer.to_string(),
         reason: reason.into(),
     }
+}
+
+/// ring (it builds with the C compiler alone), whose key exchanges are classical: QEMU
+/// 7.2's GnuTLS peers negotiate those too.
+#[allow(deprecated)]
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
 }
 
 impl TlsCreds {
@@ -89,39 +104,16 @@ impl TlsCreds {
     /// client.
     pub fn load(dir: &Path, endpoint: TlsEndpoint, verify_peer: bool) -> Result<Self> {
         let what = dir.display().to_string();
-        // ring (it builds with the C compiler alone), whose key exchanges are classical:
-        // QEMU 7.2's GnuTLS peers negotiate those too.
-        #[allow(deprecated)]
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut roots = RootCertStore::empty();
         for c in certs(dir, "ca-cert.pem")? {
             roots
                 .add(c)
                 .map_err(|e| tls_error(&what, format!("ca-cert.pem: {e}")))?;
         }
+        let roots = Arc::new(roots);
         let bad = |e: rustls::Error| tls_error(&what, e.to_string());
         let config = match endpoint {
-            TlsEndpoint::Server => {
-                let b = ServerConfig::builder_with_provider(provider.clone())
-                    .with_safe_default_protocol_versions()
-                    .map_err(bad)?;
-                let b = if verify_peer {
-                    let v = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
-                        .build()
-                        .map_err(|e| tls_error(&what, e.to_string()))?;
-                    b.with_client_cert_verifier(v)
-                } else {
-                    b.with_no_client_auth()
-                };
-                let mut c = b
-                    .with_single_cert(certs(dir, "server-cert.pem")?, key(dir, "server-key.pem")?)
-                    .map_err(bad)?;
-                // No session tickets: a migration connection is never resumed, and a
-                // ticket the source never reads would make its close reset the
-                // connection (RST) under data the destination has not read yet.
-                c.send_tls13_tickets = 0;
-                Config::Server(Arc::new(c))
-            }
+            TlsEndpoint::Server => Config::Server(server_config(dir, &roots, verify_peer, None)?),
             TlsEndpoint::Client => {
                 if !verify_peer {
                     return Err(tls_error(
@@ -129,10 +121,10 @@ impl TlsCreds {
                         "verify-peer=off on a client would send guest memory to any destination: not offered",
                     ));
                 }
-                let b = ClientConfig::builder_with_provider(provider)
+                let b = ClientConfig::builder_with_provider(provider())
                     .with_safe_default_protocol_versions()
                     .map_err(bad)?
-                    .with_root_certificates(roots);
+                    .with_root_certificates(roots.clone());
                 let c = if dir.join("client-cert.pem").exists() {
                     b.with_client_auth_cert(
                         certs(dir, "client-cert.pem")?,
@@ -147,7 +139,43 @@ impl TlsCreds {
         };
         Ok(TlsCreds {
             dir: dir.to_path_buf(),
+            verify_peer,
+            roots,
+            authz: None,
             config,
+        })
+    }
+
+    /// The same server credentials, letting in only a source whose certificate's
+    /// distinguished name `authz` allows (the `tls-authz` parameter). The check is part
+    /// of the handshake: a refused source gets an `access_denied` alert.
+    ///
+    /// # Errors
+    /// The credentials are a client's, or `verify-peer` is off (there would be no
+    /// certificate to check), or the server files no longer load.
+    pub fn with_authz(&self, authz: Authz) -> Result<Self> {
+        let what = self.dir.display().to_string();
+        if self.endpoint() != TlsEndpoint::Server {
+            return Err(tls_error(
+                &what,
+                "tls-authz checks the source's certificate: it needs a destination's credentials (endpoint=server)",
+            ));
+        }
+        if !self.verify_peer {
+            return Err(tls_error(
+                &what,
+                format!(
+                    "tls-authz '{}' needs verify-peer=on: without it the source presents no certificate to authorize",
+                    authz.id
+                ),
+            ));
+        }
+        let authz = Arc::new(authz);
+        let config = server_config(&self.dir, &self.roots, true, Some(authz.clone()))?;
+        Ok(TlsCreds {
+            authz: Some(authz),
+            config: Config::Server(config),
+            ..self.clone()
         })
     }
 
@@ -157,6 +185,101 @@ impl TlsCreds {
             Config::Server(_) => TlsEndpoint::Server,
             Config::Client(_) => TlsEndpoint::Client,
         }
+    }
+}
+
+fn server_config(
+    dir: &Path,
+    roots: &Arc<RootCertStore>,
+    verify_peer: bool,
+    authz: Option<Arc<Authz>>,
+) -> Result<Arc<ServerConfig>> {
+    let what = dir.display().to_string();
+    let bad = |e: rustls::Error| tls_error(&what, e.to_string());
+    let b = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(bad)?;
+    let b = if verify_peer {
+        let ca = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
+            .build()
+            .map_err(|e| tls_error(&what, e.to_string()))?;
+        match authz {
+            Some(authz) => b.with_client_cert_verifier(Arc::new(AuthzVerifier { ca, authz })),
+            None => b.with_client_cert_verifier(ca),
+        }
+    } else {
+        b.with_no_client_auth()
+    };
+    let mut c = b
+        .with_single_cert(certs(dir, "server-cert.pem")?, key(dir, "server-key.pem")?)
+        .map_err(bad)?;
+    // No session tickets: a migration connection is never resumed, and a ticket the
+    // source never reads would make its close reset the connection (RST) under data the
+    // destination has not read yet.
+    c.send_tls13_tickets = 0;
+    Ok(Arc::new(c))
+}
+
+thread_local! {
+    /// The name the last authorization check on this thread refused. The check runs
+    /// inside the handshake, on the thread that drives it, which reads this to say whom
+    /// it refused (rustls carries only the alert).
+    static REFUSED: std::cell::RefCell<Option<(String, String)>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Checks a source's certificate against the CA, then its name against `tls-authz`.
+#[derive(Debug)]
+struct AuthzVerifier {
+    ca: Arc<dyn ClientCertVerifier>,
+    authz: Arc<Authz>,
+}
+
+impl ClientCertVerifier for AuthzVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.ca.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> std::result::Result<ClientCertVerified, rustls::Error> {
+        let verified = self.ca.verify_client_cert(end_entity, intermediates, now)?;
+        let name = subject_name(end_entity).map_err(|e| {
+            rustls::Error::InvalidCertificate(CertificateError::Other(rustls::OtherError(
+                Arc::new(io::Error::other(format!("its subject does not parse: {e}"))),
+            )))
+        })?;
+        if self.authz.is_allowed(&name) {
+            return Ok(verified);
+        }
+        REFUSED.with(|r| *r.borrow_mut() = Some((name, self.authz.id.clone())));
+        Err(rustls::Error::InvalidCertificate(
+            CertificateError::ApplicationVerificationFailure,
+        ))
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        self.ca.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        self.ca.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.ca.supported_verify_schemes()
     }
 }
 
@@ -288,6 +411,12 @@ fn handshake_error(peer: &str, side: TlsEndpoint, e: io::Error) -> Error {
             | CertificateError::NotValidForNameContext { .. } => {
                 format!("{them} is not valid for the host name asked for (tls-hostname)")
             }
+            CertificateError::ApplicationVerificationFailure => match REFUSED.with(|r| r.take()) {
+                Some((name, id)) => {
+                    format!("{them} ({name}) is not authorized by tls-authz '{id}'")
+                }
+                None => format!("{them} is not authorized (tls-authz)"),
+            },
             other => format!("{them} was refused: {other:?}"),
         },
         Some(rustls::Error::NoCertificatesPresented) => {
@@ -296,9 +425,7 @@ fn handshake_error(peer: &str, side: TlsEndpoint, e: io::Error) -> Error {
         Some(rustls::Error::InvalidMessage(_)) => {
             "the peer does not speak TLS (a plaintext migration stream?)".to_string()
         }
-        Some(rustls::Error::AlertReceived(a)) => {
-            format!("the peer refused the handshake ({a:?}): it does not accept our certificate")
-        }
+        Some(rustls::Error::AlertReceived(a)) => refused_by_peer(*a),
         Some(other) => other.to_string(),
         None if e.kind() == io::ErrorKind::UnexpectedEof => {
             "the peer closed the connection during the handshake (it does not speak TLS, or refused us)"
@@ -307,6 +434,87 @@ fn handshake_error(peer: &str, side: TlsEndpoint, e: io::Error) -> Error {
         None => e.to_string(),
     };
     tls_error(peer, reason)
+}
+
+/// What the peer's alert says of us: the peer checked our certificate and refused it.
+fn refused_by_peer(a: AlertDescription) -> String {
+    let why = match a {
+        AlertDescription::UnknownCA | AlertDescription::DecryptError => {
+            "our certificate is not signed by its CA"
+        }
+        AlertDescription::CertificateExpired => "our certificate has expired or is not valid yet",
+        AlertDescription::AccessDenied => {
+            "our certificate's name is not authorized by its tls-authz"
+        }
+        AlertDescription::CertificateRequired => {
+            "it asks for a certificate (verify-peer) and we have none (client-cert.pem)"
+        }
+        AlertDescription::BadCertificate | AlertDescription::UnsupportedCertificate => {
+            "our certificate is not one it accepts (not for the host name it asked for, or not for this purpose)"
+        }
+        AlertDescription::HandshakeFailure | AlertDescription::ProtocolVersion => {
+            "no TLS version or cipher in common"
+        }
+        _ => "",
+    };
+    match why {
+        "" => format!("the peer refused us ({a:?})"),
+        why => format!("the peer refused us: {why} ({a:?})"),
+    }
+}
+
+/// Rewrites an error of a session that rustls reports as a received alert into what the
+/// alert means.
+fn explain(e: io::Error) -> io::Error {
+    match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+        Some(rustls::Error::AlertReceived(a)) => {
+            io::Error::new(io::ErrorKind::ConnectionRefused, refused_by_peer(*a))
+        }
+        _ => e,
+    }
+}
+
+/// After a failed write: an alert the peer sent before it closed (in TLS 1.3 a server
+/// refuses a client's certificate after the client finished its handshake, so the
+/// client first learns of it here). Reads only what has already arrived.
+fn alert_in_flight<S: rustls::SideData>(
+    conn: &mut rustls::ConnectionCommon<S>,
+    sock: &Socket,
+) -> Option<io::Error> {
+    struct NoWait<'a>(BorrowedFd<'a>);
+    impl Read for NoWait<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            // SAFETY: `buf` is writable for its length during the call, and the
+            // descriptor is an open socket borrowed for the call.
+            let n = unsafe {
+                libc::recv(
+                    std::os::fd::AsRawFd::as_raw_fd(&self.0),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            if n < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(n as usize)
+        }
+    }
+    let mut r = NoWait(sock.as_fd());
+    for _ in 0..64 {
+        match conn.read_tls(&mut r) {
+            Ok(0) | Err(_) => return None,
+            Ok(_) => {
+                if let Err(rustls::Error::AlertReceived(a)) = conn.process_new_packets() {
+                    return Some(io::Error::new(
+                        io::ErrorKind::ConnectionRefused,
+                        refused_by_peer(a),
+                    ));
+                }
+            }
+        }
+    }
+    None
 }
 
 fn handshake<C, S>(conn: &mut C, sock: &mut Socket) -> io::Result<()>
@@ -434,16 +642,21 @@ impl Transport for TlsTransport {
             Session::Client(s) => s.read(buf),
             Session::Server(s) => s.read(buf),
         };
-        crate::transport::timed(r, self.read_timeout)
+        crate::transport::timed(r.map_err(explain), self.read_timeout)
     }
 
     fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
         // rustls copies into records; every write is sent whole before returning.
-        let n = match &mut self.session {
-            Session::Client(s) => s.write_vectored(bufs).and_then(|n| s.flush().map(|_| n)),
-            Session::Server(s) => s.write_vectored(bufs).and_then(|n| s.flush().map(|_| n)),
-        }?;
-        Ok(n)
+        match &mut self.session {
+            Session::Client(s) => s
+                .write_vectored(bufs)
+                .and_then(|n| s.flush().map(|_| n))
+                .map_err(|e| alert_in_flight(&mut s.conn, &s.sock).unwrap_or(explain(e))),
+            Session::Server(s) => s
+                .write_vectored(bufs)
+                .and_then(|n| s.flush().map(|_| n))
+                .map_err(|e| alert_in_flight(&mut s.conn, &s.sock).unwrap_or(explain(e))),
+        }
     }
 
     fn shutdown_handle(&self) -> Option<ShutdownHandle> {
@@ -475,5 +688,13 @@ impl Transport for TlsTransport {
 
     fn describe(&self) -> String {
         format!("{} (TLS)", self.uri)
+    }
+
+    fn unsent_probe(&self) -> Option<UnsentProbe> {
+        UnsentProbe::for_socket(self.sock().as_fd())
+    }
+
+    fn limit_receive_buffer(&self, bytes: usize) -> io::Result<()> {
+        crate::transport::set_receive_buffer(self.sock().as_fd(), bytes)
     }
 }

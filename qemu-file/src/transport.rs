@@ -68,7 +68,7 @@ pub trait Transport: Send + fmt::Debug {
 }
 
 /// Sets SO_RCVBUF of the socket `fd`.
-fn set_receive_buffer(fd: impl AsFd, bytes: usize) -> io::Result<()> {
+pub(crate) fn set_receive_buffer(fd: impl AsFd, bytes: usize) -> io::Result<()> {
     let v = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
     // SAFETY: `v` is a c_int that outlives the call, its size is passed, and the
     // descriptor is an open socket borrowed for the call.
@@ -180,7 +180,7 @@ impl Transport for TcpTransport {
         Ok(())
     }
     fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-        self.stream.write_vectored(bufs)
+        (self.stream.write_vectored(bufs)).map_err(|e| tls_alert_in_reply(&self.stream, e))
     }
     fn shutdown_handle(&self) -> Option<ShutdownHandle> {
         ShutdownHandle::for_socket(&self.stream)
@@ -231,7 +231,7 @@ impl Transport for UnixTransport {
         Ok(())
     }
     fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-        self.stream.write_vectored(bufs)
+        (self.stream.write_vectored(bufs)).map_err(|e| tls_alert_in_reply(&self.stream, e))
     }
     fn shutdown_handle(&self) -> Option<ShutdownHandle> {
         ShutdownHandle::for_socket(&self.stream)
@@ -248,6 +248,32 @@ impl Transport for UnixTransport {
     fn describe(&self) -> String {
         self.uri.clone()
     }
+}
+
+/// After a failed write of a plaintext stream: whether the peer answered with a TLS alert
+/// record (`0x15 0x03`), i.e. it is a destination that takes only TLS. Looks only at what
+/// has arrived, without consuming it.
+fn tls_alert_in_reply(fd: impl AsFd, e: io::Error) -> io::Error {
+    let mut b = [0u8; 2];
+    // SAFETY: `b` is writable for its 2 bytes during the call, and the descriptor is an
+    // open socket borrowed for the call.
+    let n = unsafe {
+        libc::recv(
+            fd.as_fd().as_raw_fd(),
+            b.as_mut_ptr().cast(),
+            b.len(),
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    if n == 2 && b == [0x15, 0x03] {
+        return io::Error::new(
+            e.kind(),
+            format!(
+                "{e}: the destination answered with a TLS alert, so it takes only TLS: set tls-creds"
+            ),
+        );
+    }
+    e
 }
 
 /// A read that timed out (SO_RCVTIMEO gives EAGAIN), said as such.

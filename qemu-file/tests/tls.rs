@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 use std::thread;
 
 use qemu_file::{
-    Error, Listener, MigrationUri, QemuFile, TlsCreds, TlsEndpoint, connect, connect_tls,
+    Authz, AuthzFormat, AuthzPolicy, AuthzRule, Error, Listener, MigrationUri, QemuFile, TlsCreds,
+    TlsEndpoint, connect, connect_tls, subject_name,
 };
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 
@@ -81,7 +82,20 @@ fn exchange(
     client: &Path,
     hostname: Option<&str>,
 ) -> (Result<Vec<u8>, Error>, Result<(), Error>) {
-    let s = TlsCreds::load(server, TlsEndpoint::Server, true).unwrap();
+    exchange_authz(server, client, hostname, None)
+}
+
+/// As [`exchange`], the destination letting in only the names `authz` allows.
+fn exchange_authz(
+    server: &Path,
+    client: &Path,
+    hostname: Option<&str>,
+    authz: Option<Authz>,
+) -> (Result<Vec<u8>, Error>, Result<(), Error>) {
+    let mut s = TlsCreds::load(server, TlsEndpoint::Server, true).unwrap();
+    if let Some(a) = authz {
+        s = s.with_authz(a).unwrap();
+    }
     let c = TlsCreds::load(client, TlsEndpoint::Client, true).unwrap();
     let l = Listener::bind(&MigrationUri::parse("tcp:127.0.0.1:0").unwrap()).unwrap();
     let uri = l.local_uri();
@@ -104,6 +118,83 @@ fn reason(e: &Error) -> String {
     e.to_string()
 }
 
+/// The error and its causes, as one line.
+fn chain(e: &Error) -> String {
+    let mut s = e.to_string();
+    let mut cur: Option<&dyn std::error::Error> = std::error::Error::source(e);
+    while let Some(c) = cur {
+        s += &format!(": {c}");
+        cur = c.source();
+    }
+    s
+}
+
+#[test]
+fn tls_authz_lets_in_only_the_names_it_lists() {
+    let ca = ca("authz CA");
+    let server = leaf(&ca, "destination", &["127.0.0.1"], false);
+    let server = creds_dir("authz-server", &ca.pem, "server", &server);
+    // A subject of several RDNs (C, O, CN in that order), with a comma to escape.
+    let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.distinguished_name = rcgen::DistinguishedName::new();
+    p.distinguished_name.push(DnType::CountryName, "GB");
+    p.distinguished_name
+        .push(DnType::OrganizationName, "Example, Ltd");
+    p.distinguished_name.push(DnType::CommonName, "src.example");
+    let key = KeyPair::generate().unwrap();
+    let cert = p.signed_by(&key, &ca.issuer).unwrap();
+    // GnuTLS's order and escapes, which QEMU's authz rules are written against.
+    let name = "CN=src.example,O=Example\\, Ltd,C=GB";
+    assert_eq!(subject_name(cert.der()).unwrap(), name);
+    let client = creds_dir(
+        "authz-client",
+        &ca.pem,
+        "client",
+        &(cert.pem(), key.serialize_pem()),
+    );
+    let list = |pattern: &str, format| Authz {
+        id: "auth0".into(),
+        rules: vec![AuthzRule {
+            pattern: pattern.into(),
+            policy: AuthzPolicy::Allow,
+            format,
+        }],
+        policy: AuthzPolicy::Deny,
+    };
+
+    for allowed in [
+        Authz::simple("auth0", name),
+        list("CN=*,O=Example\\, Ltd,C=GB", AuthzFormat::Glob),
+        list("CN=src.example,*", AuthzFormat::Glob),
+    ] {
+        let (rx, tx) = exchange_authz(&server, &client, None, Some(allowed.clone()));
+        tx.unwrap_or_else(|e| panic!("{allowed:?}: {}", chain(&e)));
+        assert_eq!(rx.unwrap().len(), 5 << 20);
+    }
+    for denied in [
+        Authz::simple("auth0", "CN=src.example"),
+        list("CN=src.example,*", AuthzFormat::Exact),
+        list("CN=other,*", AuthzFormat::Glob),
+    ] {
+        let (rx, tx) = exchange_authz(&server, &client, None, Some(denied));
+        let e = reason(&rx.unwrap_err());
+        assert!(
+            e.contains(&format!("({name}) is not authorized by tls-authz 'auth0'")),
+            "{e}"
+        );
+        let e = chain(&tx.unwrap_err());
+        assert!(e.contains("not authorized by its tls-authz"), "{e}");
+    }
+
+    // Without verify-peer there is no certificate to authorize: refused when set up.
+    let open = TlsCreds::load(&server, TlsEndpoint::Server, false).unwrap();
+    let e = reason(&open.with_authz(Authz::simple("a", name)).unwrap_err());
+    assert!(e.contains("needs verify-peer=on"), "{e}");
+    let c = TlsCreds::load(&client, TlsEndpoint::Client, true).unwrap();
+    let e = reason(&c.with_authz(Authz::simple("a", name)).unwrap_err());
+    assert!(e.contains("endpoint=server"), "{e}");
+}
+
 #[test]
 fn a_stream_goes_through_with_mutual_authentication() {
     let s = good("ok");
@@ -124,9 +215,12 @@ fn each_failed_check_is_refused_with_its_reason() {
         "client",
         &leaf(&other, "source", &[], false),
     );
-    let (rx, _) = exchange(&s.server, &stranger, None);
+    let (rx, tx) = exchange(&s.server, &stranger, None);
     let e = reason(&rx.unwrap_err());
     assert!(e.contains("not signed by our CA"), "{e}");
+    // In TLS 1.3 the source hears of it after its handshake, from the alert.
+    let e = chain(&tx.unwrap_err());
+    assert!(e.contains("not signed by its CA"), "{e}");
 
     // The destination's certificate comes from another CA: the source refuses it.
     let rogue = creds_dir(
@@ -220,4 +314,68 @@ fn credentials_are_checked_when_loaded() {
     let empty = dir("empty");
     let e = TlsCreds::load(&empty, TlsEndpoint::Client, true).unwrap_err();
     assert!(reason(&e).contains("ca-cert.pem"), "{e}");
+}
+
+#[test]
+fn multifd_channels_complete_tls_side_by_side_before_they_are_told_apart() {
+    let s = good("channels");
+    let server = TlsCreds::load(&s.server, TlsEndpoint::Server, true).unwrap();
+    let client = TlsCreds::load(&s.client, TlsEndpoint::Client, true).unwrap();
+    let l = Listener::bind(&MigrationUri::parse("tcp:127.0.0.1:0").unwrap()).unwrap();
+    let uri = l.local_uri();
+    let rx = thread::spawn(move || l.accept_tls_with_channels(2, &server));
+    // As QEMU does: the main stream connects first and says nothing until its channels
+    // have connected and spoken.
+    let mut main = QemuFile::new(connect_tls(&uri, &client, None).unwrap());
+    let mut chans: Vec<_> = (0..2)
+        .map(|i| {
+            let mut c = QemuFile::new(connect_tls(&uri, &client, None).unwrap());
+            c.put_be32(0x1122_3344);
+            c.put_be32(i);
+            c.flush().unwrap();
+            c
+        })
+        .collect();
+    main.put_be32(0x5145_564d);
+    main.put_be32(3);
+    main.flush().unwrap();
+    let accepted = rx.join().unwrap().unwrap();
+    let mut m = QemuFile::new(accepted.main);
+    assert_eq!(
+        (m.get_be32().unwrap(), m.get_be32().unwrap()),
+        (0x5145_564d, 3)
+    );
+    let mut ids: Vec<u32> = accepted
+        .channels
+        .into_iter()
+        .map(|c| {
+            let mut c = QemuFile::new(c);
+            assert_eq!(c.get_be32().unwrap(), 0x1122_3344);
+            c.get_be32().unwrap()
+        })
+        .collect();
+    ids.sort();
+    assert_eq!(ids, [0, 1]);
+    for c in &mut chans {
+        c.finish().unwrap();
+    }
+
+    // A channel whose certificate another CA signed fails the whole accept, at once,
+    // though the other channel never connects.
+    let other = ca("another CA");
+    let stranger = creds_dir(
+        "channels-stranger",
+        &std::fs::read_to_string(s.client.join("ca-cert.pem")).unwrap(),
+        "client",
+        &leaf(&other, "source", &[], false),
+    );
+    let stranger = TlsCreds::load(&stranger, TlsEndpoint::Client, true).unwrap();
+    let server = TlsCreds::load(&s.server, TlsEndpoint::Server, true).unwrap();
+    let l = Listener::bind(&MigrationUri::parse("tcp:127.0.0.1:0").unwrap()).unwrap();
+    let uri = l.local_uri();
+    let rx = thread::spawn(move || l.accept_tls_with_channels(2, &server).map(|_| ()));
+    let _main = connect_tls(&uri, &client, None).unwrap();
+    let _bad = connect_tls(&uri, &stranger, None).unwrap();
+    let e = reason(&rx.join().unwrap().unwrap_err());
+    assert!(e.contains("not signed by our CA"), "{e}");
 }

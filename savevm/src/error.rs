@@ -11,7 +11,8 @@ pub enum Error {
     Stream(#[from] qemu_file::Error),
     /// The stream does not start with "QEVM".
     #[error(
-        "not a migration stream: the first bytes are {found:#010x}, expected 0x5145564d (\"QEVM\")"
+        "not a migration stream: the first bytes are {found:#010x}, expected 0x5145564d (\"QEVM\"){}",
+        if found >> 16 == 0x1603 { ": they open a TLS handshake, so the source uses TLS (tls-creds) and this side does not" } else { "" }
     )]
     BadMagic {
         /// The four bytes found, big-endian.

@@ -4,5 +4,6 @@
 //! ([`cpu_state`]). The binary, `vmm`, is the rest: the VM, the monitor, the migration.
 
 pub mod cpu_state;
+pub mod object;
 pub mod qmp;
 pub mod spec;

@@ -140,9 +140,12 @@ pub struct RunArgs {
     #[arg(long)]
     pub qmp: Option<String>,
     /// An object, as QEMU's -object: tls-creds-x509,id=ID,dir=DIR[,endpoint=client|server]
-    /// [,verify-peer=on|off] (QEMU's file names in DIR; see docs/tls.md). Repeatable.
+    /// [,verify-peer=on|off] (QEMU's file names in DIR); authz-simple,id=ID,identity=DN;
+    /// authz-list,id=ID[,policy=deny|allow],rules.0.match=DN,rules.0.policy=allow
+    /// [,rules.0.format=exact|glob]...; authz-listfile,id=ID,filename=FILE (`,,` is a
+    /// comma in a value; see docs/tls.md). Repeatable.
     #[arg(long = "object")]
-    pub objects: Vec<vmm::spec::TlsCredsSpec>,
+    pub objects: Vec<vmm::object::ObjectSpec>,
     /// tls-creds: migrate over TLS with this object's credentials (a destination takes
     /// only a TLS peer whose certificate its CA signed).
     #[arg(long)]
@@ -151,6 +154,10 @@ pub struct RunArgs {
     /// the URI's host).
     #[arg(long)]
     pub tls_hostname: Option<String>,
+    /// tls-authz: a destination lets in only a source whose certificate's distinguished
+    /// name this authz object allows.
+    #[arg(long)]
+    pub tls_authz: Option<String>,
     /// Hold the guest until QMP's `cont` (QEMU's -S): a source starts in `prelaunch`, a
     /// destination stays `paused` once loaded.
     #[arg(short = 'S', long)]
@@ -419,10 +426,21 @@ fn run(a: &RunArgs) -> Result<i32> {
     }
     for o in &a.objects {
         session
-            .add_tls_creds(o)
-            .with_context(|| format!("--object id={}", o.id))?;
+            .add_object(o)
+            .with_context(|| format!("--object id={}", o.id()))?;
     }
-    session.set_tls(a.tls_creds.clone(), a.tls_hostname.clone());
+    session.set_tls(|t| {
+        let given = [
+            (&mut t.creds, &a.tls_creds),
+            (&mut t.hostname, &a.tls_hostname),
+            (&mut t.authz, &a.tls_authz),
+        ];
+        for (param, arg) in given {
+            if let Some(v) = arg {
+                param.clone_from(v);
+            }
+        }
+    });
 
     match &a.incoming {
         Some(Incoming::Uri(uri)) => {

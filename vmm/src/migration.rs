@@ -98,6 +98,7 @@ fn connect_channels(
     uri: &MigrationUri,
     params: &MigrationParams,
     ctl: &MigrationControl,
+    tls: Option<&Tls>,
 ) -> Result<Multifd> {
     if !params.multifd {
         return Ok(Multifd::Off);
@@ -105,7 +106,12 @@ fn connect_channels(
     check_multifd_uri(uri)?;
     let mut channels = Vec::new();
     for i in 0..params.multifd_channels {
-        let t = connect(uri).with_context(|| format!("opening multifd channel {i}"))?;
+        // Each channel proves who it talks to, as the main stream did.
+        let t = match tls {
+            Some(t) => qemu_file::connect_tls(uri, &t.creds, t.hostname.as_deref()),
+            None => connect(uri),
+        }
+        .with_context(|| format!("opening multifd channel {i}"))?;
         if let Some(h) = t.shutdown_handle() {
             ctl.add_shutdown_handle(h);
         }
@@ -129,16 +135,6 @@ pub struct Tls {
     pub creds: qemu_file::TlsCreds,
     /// `tls-hostname`.
     pub hostname: Option<String>,
-}
-
-/// Refuses TLS where vmm cannot carry it yet.
-fn check_tls(tls: &Option<Tls>, params: &MigrationParams) -> Result<()> {
-    if tls.is_some() && params.multifd {
-        bail!(
-            "multifd channels over TLS are not built yet: turn the multifd capability off, or tls-creds"
-        );
-    }
-    Ok(())
 }
 
 /// Whether the transport has a reverse direction for the destination's answer.
@@ -233,14 +229,13 @@ fn migrate(
     if params.multifd {
         check_multifd_uri(&uri)?;
     }
-    check_tls(&tls, &params)?;
     // The main stream first (QEMU 7.2's destination takes the first connection as it).
     let transport = match &tls {
         Some(t) => qemu_file::connect_tls(&uri, &t.creds, t.hostname.as_deref())?,
         None => connect(&uri)?,
     };
     let mut f = QemuFile::new(transport);
-    let multifd = connect_channels(&uri, &params, ctl)?;
+    let multifd = connect_channels(&uri, &params, ctl, tls.as_ref())?;
     let mut savevm = sections(&machine, ram, disk, false, multifd)?;
     // On success the guest runs at the destination (or lives in the file), never again
     // here: run_migration marks the machine post-migrate before it reports completion.
@@ -484,18 +479,12 @@ fn load_incoming(
     } else {
         0
     };
-    check_tls(&tls.cloned(), params)?;
     abort.set(incoming.listener.shutdown_handle());
-    // With TLS the peer proves who it is before a byte of its stream is read.
+    // With TLS every connection proves who it is before a byte of it is read.
     let accepted = match tls {
         Some(t) => incoming
             .listener
-            .accept_tls(&t.creds)
-            .map(|main| qemu_file::Accepted {
-                main,
-                channels: Vec::new(),
-                listener: None,
-            }),
+            .accept_tls_with_channels(channels, &t.creds),
         None => incoming.listener.accept_with_channels(channels),
     };
     if abort.aborted() {

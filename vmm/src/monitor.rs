@@ -319,8 +319,9 @@ impl Monitor {
                 let mut p = session.params();
                 for param in list {
                     match param {
-                        qmp::Parameter::TlsCreds(c) => session.set_tls(Some(c), None),
-                        qmp::Parameter::TlsHostname(h) => session.set_tls(None, Some(h)),
+                        qmp::Parameter::TlsCreds(c) => session.set_tls(|t| t.creds = c),
+                        qmp::Parameter::TlsHostname(h) => session.set_tls(|t| t.hostname = h),
+                        qmp::Parameter::TlsAuthz(a) => session.set_tls(|t| t.authz = a),
                         other => other.apply(&mut p),
                     }
                 }
@@ -332,7 +333,7 @@ impl Monitor {
                 &session.tls_params(),
             )),
             Request::ObjectAdd(spec) => {
-                session.add_tls_creds(&spec).map_err(generic)?;
+                session.add_object(&spec).map_err(generic)?;
                 Ok(json!({}))
             }
             Request::ObjectDel(id) => {

@@ -13,9 +13,9 @@ use serde_json::{Value, json};
 
 use crate::machine::{Machine, RunState};
 use crate::migration::{Abort, IncomingListener, Outgoing, Tls, ms};
+use vmm::object::{AuthzSpec, ObjectSpec};
 use vmm::qmp::Capability;
 use vmm::qmp::migration::TlsParams;
-use vmm::spec::TlsCredsSpec;
 
 type Listener = Box<dyn Fn(&str, Value) + Send + Sync>;
 
@@ -57,12 +57,19 @@ pub struct Session {
     shutdown_announced: AtomicBool,
     // Lock: event listeners (the monitor's clients), called with the event name and data.
     listeners: Mutex<Vec<Listener>>,
-    // Lock: the tls-creds-x509 objects by id (`--object`, `object-add`); read when a
-    // migration starts.
-    objects: Mutex<std::collections::HashMap<String, qemu_file::TlsCreds>>,
-    // Lock: the tls-creds and tls-hostname parameters; set by the CLI and
+    // Lock: the objects by id (`--object`, `object-add`); read when a migration starts.
+    objects: Mutex<std::collections::HashMap<String, Object>>,
+    // Lock: the tls-creds, tls-hostname and tls-authz parameters; set by the CLI and
     // `migrate-set-parameters`, read when a migration starts.
     tls: Mutex<TlsParams>,
+}
+
+/// An object the session holds.
+enum Object {
+    /// `tls-creds-x509`, its files loaded when it was added.
+    Creds(qemu_file::TlsCreds),
+    /// An authorization list (a listfile is read again at each incoming migration).
+    Authz(AuthzSpec),
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -103,32 +110,43 @@ impl Session {
         s
     }
 
-    /// Adds a `tls-creds-x509` object, loading its credentials now.
+    /// Adds an object: TLS credentials (loaded now) or an authorization list.
     ///
     /// # Errors
     /// The id is taken, or the credentials do not load (which file, and why).
-    pub fn add_tls_creds(&self, spec: &TlsCredsSpec) -> Result<()> {
+    pub fn add_object(&self, spec: &ObjectSpec) -> Result<()> {
         let mut objects = lock(&self.objects);
-        if objects.contains_key(&spec.id) {
-            bail!("attempt to add duplicate property '{}' to object", spec.id);
+        if objects.contains_key(spec.id()) {
+            bail!(
+                "attempt to add duplicate property '{}' to object",
+                spec.id()
+            );
         }
-        let endpoint = if spec.server {
-            qemu_file::TlsEndpoint::Server
-        } else {
-            qemu_file::TlsEndpoint::Client
+        let object = match spec {
+            ObjectSpec::TlsCreds(t) => {
+                let endpoint = if t.server {
+                    qemu_file::TlsEndpoint::Server
+                } else {
+                    qemu_file::TlsEndpoint::Client
+                };
+                Object::Creds(qemu_file::TlsCreds::load(&t.dir, endpoint, t.verify_peer)?)
+            }
+            ObjectSpec::Authz(a) => Object::Authz(a.clone()),
         };
-        let creds = qemu_file::TlsCreds::load(&spec.dir, endpoint, spec.verify_peer)?;
-        objects.insert(spec.id.clone(), creds);
+        objects.insert(spec.id().to_string(), object);
         Ok(())
     }
 
     /// Removes an object.
     ///
     /// # Errors
-    /// No object has that id, or the `tls-creds` parameter names it.
+    /// No object has that id, or the `tls-creds` or `tls-authz` parameter names it.
     pub fn del_object(&self, id: &str) -> Result<()> {
-        if lock(&self.tls).creds == id {
-            bail!("object '{id}' is in use by the tls-creds parameter");
+        let t = self.tls_params();
+        for (name, value) in [("tls-creds", &t.creds), ("tls-authz", &t.authz)] {
+            if value == id {
+                bail!("object '{id}' is in use by the {name} parameter");
+            }
         }
         match lock(&self.objects).remove(id) {
             Some(_) => Ok(()),
@@ -141,51 +159,59 @@ impl Session {
         lock(&self.tls).clone()
     }
 
-    /// Sets `tls-creds` (an object's id, or empty) or `tls-hostname`.
-    pub fn set_tls(&self, creds: Option<String>, hostname: Option<String>) {
-        let mut t = lock(&self.tls);
-        if let Some(c) = creds {
-            t.creds = c;
-        }
-        if let Some(h) = hostname {
-            t.hostname = h;
-        }
+    /// Changes the TLS parameters.
+    pub fn set_tls(&self, change: impl FnOnce(&mut TlsParams)) {
+        change(&mut lock(&self.tls));
     }
 
-    /// The TLS a migration of this VM uses now, as an endpoint of `endpoint`.
+    /// The TLS a migration of this VM uses now, as an endpoint of `endpoint`; for a
+    /// destination with `tls-authz`, credentials that let in only the names it allows.
     ///
     /// # Errors
-    /// `tls-creds` names no object, or one for the other endpoint.
+    /// `tls-creds` names no credentials object, or one for the other endpoint;
+    /// `tls-authz` names no authorization object, its file does not read, or it is set
+    /// on a destination without TLS or without verify-peer.
     fn tls(&self, endpoint: qemu_file::TlsEndpoint) -> Result<Option<Tls>> {
+        let server = endpoint == qemu_file::TlsEndpoint::Server;
         let t = self.tls_params();
         if t.creds.is_empty() {
+            if server && !t.authz.is_empty() {
+                bail!(
+                    "tls-authz '{}' is set but tls-creds is not: without TLS there is no certificate to authorize",
+                    t.authz
+                );
+            }
             return Ok(None);
         }
         let objects = lock(&self.objects);
-        let Some(creds) = objects.get(&t.creds) else {
+        let Some(Object::Creds(creds)) = objects.get(&t.creds) else {
             bail!(
                 "tls-creds names '{}', which is no tls-creds-x509 object",
                 t.creds
             );
         };
         if creds.endpoint() != endpoint {
+            let (theirs, ours) = if server {
+                ("client", "server")
+            } else {
+                ("server", "client")
+            };
             bail!(
-                "tls-creds '{}' is for endpoint={}: this side needs endpoint={}",
-                t.creds,
-                if endpoint == qemu_file::TlsEndpoint::Server {
-                    "client"
-                } else {
-                    "server"
-                },
-                if endpoint == qemu_file::TlsEndpoint::Server {
-                    "server"
-                } else {
-                    "client"
-                }
+                "tls-creds '{}' is for endpoint={theirs}: this side needs endpoint={ours}",
+                t.creds
             );
         }
+        // A source has no use for tls-authz (QEMU ignores it there too).
+        let creds = if server && !t.authz.is_empty() {
+            let Some(Object::Authz(spec)) = objects.get(&t.authz) else {
+                bail!("tls-authz names '{}', which is no authz object", t.authz);
+            };
+            creds.with_authz(spec.load().map_err(anyhow::Error::msg)?)?
+        } else {
+            creds.clone()
+        };
         Ok(Some(Tls {
-            creds: creds.clone(),
+            creds,
             hostname: (!t.hostname.is_empty()).then_some(t.hostname),
         }))
     }

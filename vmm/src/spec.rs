@@ -76,68 +76,6 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("{s:?} is not a size (e.g. 4096, 64K, 256M, 1G)"))
 }
 
-/// `--object tls-creds-x509,id=ID,dir=DIR[,endpoint=client|server][,verify-peer=on|off]`
-/// (QEMU's syntax; `endpoint` defaults to client and `verify-peer` to on, as in QEMU).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TlsCredsSpec {
-    /// The object's id, which the `tls-creds` parameter names.
-    pub id: String,
-    /// The directory with QEMU's file names.
-    pub dir: PathBuf,
-    /// A destination's (`server`) or a source's (`client`).
-    pub server: bool,
-    /// Whether the peer must present a certificate signed by the CA.
-    pub verify_peer: bool,
-}
-
-impl FromStr for TlsCredsSpec {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let mut parts = s.split(',');
-        match parts.next() {
-            Some("tls-creds-x509") => {}
-            Some(other) => {
-                return Err(format!(
-                    "object type {other:?} is not supported by vmm (tls-creds-x509 is)"
-                ));
-            }
-            None => return Err("--object needs a type".into()),
-        }
-        let (mut id, mut dir, mut server, mut verify_peer) = (None, None, false, true);
-        for part in parts {
-            let (k, v) = part
-                .split_once('=')
-                .ok_or_else(|| format!("expected key=value in --object, got {part:?}"))?;
-            match (k, v) {
-                ("id", v) => id = Some(v.to_string()),
-                ("dir", v) => dir = Some(PathBuf::from(v)),
-                ("endpoint", "server") => server = true,
-                ("endpoint", "client") => server = false,
-                ("verify-peer", "on" | "yes" | "true") => verify_peer = true,
-                ("verify-peer", "off" | "no" | "false") => verify_peer = false,
-                ("endpoint" | "verify-peer", v) => {
-                    return Err(format!("{k} does not take {v:?}"));
-                }
-                (other, _) => {
-                    return Err(format!(
-                        "unknown tls-creds-x509 option {other:?} (id, dir, endpoint, verify-peer)"
-                    ));
-                }
-            }
-        }
-        let id = id.ok_or("tls-creds-x509 needs id=ID")?;
-        if id.is_empty() || id.len() > 64 || id.starts_with(|c: char| !c.is_ascii_alphabetic()) {
-            return Err("an object id is 1 to 64 bytes starting with a letter".into());
-        }
-        Ok(TlsCredsSpec {
-            id,
-            dir: dir.ok_or("tls-creds-x509 needs dir=DIR")?,
-            server,
-            verify_peer,
-        })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -175,31 +113,6 @@ mod tests {
             "file",
         ] {
             assert!(bad.parse::<DriveSpec>().is_err(), "{bad}");
-        }
-    }
-
-    #[test]
-    fn tls_creds_objects_parse_with_qemus_syntax() {
-        let t: TlsCredsSpec =
-            "tls-creds-x509,id=tls0,dir=/etc/pki/qemu,endpoint=server,verify-peer=on"
-                .parse()
-                .unwrap();
-        assert_eq!(
-            (t.id.as_str(), t.server, t.verify_peer),
-            ("tls0", true, true)
-        );
-        let t: TlsCredsSpec = "tls-creds-x509,id=c,dir=d".parse().unwrap();
-        assert!(!t.server && t.verify_peer);
-        for (bad, needle) in [
-            ("tls-creds-psk,id=a,dir=d", "not supported"),
-            ("tls-creds-x509,dir=d", "needs id"),
-            ("tls-creds-x509,id=a", "needs dir"),
-            ("tls-creds-x509,id=a,dir=d,endpoint=both", "endpoint"),
-            ("tls-creds-x509,id=a,dir=d,sanity=yes", "unknown"),
-            ("tls-creds-x509,id=0a,dir=d", "starting with a letter"),
-        ] {
-            let e = bad.parse::<TlsCredsSpec>().unwrap_err();
-            assert!(e.contains(needle), "{bad}: {e}");
         }
     }
 }

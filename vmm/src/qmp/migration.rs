@@ -25,6 +25,9 @@ pub enum Parameter {
     /// `tls-hostname`: the name a source checks the destination's certificate against
     /// (empty: the URI's host).
     TlsHostname(String),
+    /// `tls-authz`: the id of the authorization object a destination checks a source's
+    /// certificate name against (empty: any certificate its CA signed).
+    TlsAuthz(String),
     /// `downtime-limit`, at most [`MAX_DOWNTIME_LIMIT_MS`].
     DowntimeLimit(Duration),
     /// `max-bandwidth` in bytes per second, 0 unlimited.
@@ -56,7 +59,7 @@ impl Parameter {
     /// objects they name).
     pub fn apply(self, p: &mut MigrationParams) {
         match self {
-            Parameter::TlsCreds(_) | Parameter::TlsHostname(_) => {}
+            Parameter::TlsCreds(_) | Parameter::TlsHostname(_) | Parameter::TlsAuthz(_) => {}
             Parameter::DowntimeLimit(d) => p.downtime_limit = d,
             Parameter::MaxBandwidth(n) => p.max_bandwidth = n,
             Parameter::CpuThrottleInitial(n) => p.cpu_throttle_initial = n,
@@ -85,7 +88,6 @@ fn unimplemented_defaults() -> Map<String, Value> {
         "compress-wait-thread": true,
         "decompress-threads": 2,
         "cpu-throttle-tailslow": false,
-        "tls-authz": "",
         "x-checkpoint-delay": 20000,
         "block-incremental": false,
         "xbzrle-cache-size": 67108864,
@@ -104,9 +106,6 @@ fn missing_feature(name: &str) -> &'static str {
         n if n.starts_with("announce-") => "vmm has no network devices to announce",
         n if n.starts_with("compress-") || n == "decompress-threads" => {
             "the compress capability is not built; use multifd-compression zstd"
-        }
-        "tls-authz" => {
-            "authz-list objects are not built yet (any certificate from the CA is accepted)"
         }
         "x-checkpoint-delay" => "COLO is not built",
         "block-incremental" | "block-bitmap-mapping" => {
@@ -154,12 +153,12 @@ pub fn parameters(args: &Value) -> Result<Vec<Parameter>, QmpError> {
             }
             continue;
         }
-        if k == "tls-creds" || k == "tls-hostname" {
+        if k.starts_with("tls-") {
             let v = v.as_str().unwrap_or_default().to_string();
-            out.push(if k == "tls-creds" {
-                Parameter::TlsCreds(v)
-            } else {
-                Parameter::TlsHostname(v)
+            out.push(match k {
+                "tls-creds" => Parameter::TlsCreds(v),
+                "tls-hostname" => Parameter::TlsHostname(v),
+                _ => Parameter::TlsAuthz(v),
             });
             continue;
         }
@@ -239,6 +238,8 @@ pub struct TlsParams {
     pub creds: String,
     /// `tls-hostname`.
     pub hostname: String,
+    /// `tls-authz`.
+    pub authz: String,
 }
 
 /// `query-migrate-parameters`' answer: every QEMU 7.2 parameter, in QEMU's order.
@@ -247,6 +248,7 @@ pub fn query_parameters(p: &MigrationParams, tls: &TlsParams) -> Value {
     let ours = json!({
         "tls-creds": tls.creds,
         "tls-hostname": tls.hostname,
+        "tls-authz": tls.authz,
         "downtime-limit": p.downtime_limit.as_millis() as u64,
         "max-bandwidth": p.max_bandwidth,
         "cpu-throttle-initial": p.cpu_throttle_initial,
@@ -371,20 +373,15 @@ mod tests {
     #[test]
     fn unimplemented_parameters_take_only_their_default() {
         assert_eq!(
-            parameters(&json!({"announce-rounds": 5, "tls-authz": "", "block-bitmap-mapping": []})),
+            parameters(&json!({"announce-rounds": 5, "block-bitmap-mapping": []})),
             Ok(vec![])
         );
-        let e = parameters(&json!({"tls-authz": "authz0"})).unwrap_err();
-        assert!(
-            e.desc.contains("'tls-authz' can only be \"\""),
-            "{}",
-            e.desc
-        );
         assert_eq!(
-            parameters(&json!({"tls-creds": "tls0", "tls-hostname": ""})),
+            parameters(&json!({"tls-creds": "tls0", "tls-hostname": "", "tls-authz": "auth0"})),
             Ok(vec![
                 Parameter::TlsCreds("tls0".into()),
-                Parameter::TlsHostname(String::new())
+                Parameter::TlsHostname(String::new()),
+                Parameter::TlsAuthz("auth0".into())
             ])
         );
         let e = parameters(&json!({"compress-threads": 2})).unwrap_err();

@@ -83,8 +83,8 @@ pub enum Request {
     GetFd(String),
     /// `closefd`: close a descriptor kept by `getfd`.
     CloseFd(String),
-    /// `object-add` of a `tls-creds-x509`.
-    ObjectAdd(crate::spec::TlsCredsSpec),
+    /// `object-add` of TLS credentials or an authorization list.
+    ObjectAdd(crate::object::ObjectSpec),
     /// `object-del`.
     ObjectDel(String),
     /// `human-monitor-command`: an HMP command line.
@@ -261,7 +261,9 @@ fn request(name: &str, args: &Value) -> Result<Request, QmpError> {
         "query-migrate-capabilities" => Request::QueryCapabilities,
         "getfd" => Request::GetFd(fd_name(&s("fdname"))?),
         "closefd" => Request::CloseFd(s("fdname")),
-        "object-add" => Request::ObjectAdd(tls_creds_object(args)?),
+        "object-add" => {
+            Request::ObjectAdd(crate::object::from_qmp(args).map_err(QmpError::generic)?)
+        }
         "object-del" => Request::ObjectDel(s("id")),
         "human-monitor-command" => Request::Hmp(s("command-line")),
         "x-query-guest" => Request::QueryGuest,
@@ -272,37 +274,6 @@ fn request(name: &str, args: &Value) -> Result<Request, QmpError> {
             )));
         }
     })
-}
-
-/// `object-add`'s arguments (schema-checked) as a tls-creds-x509 object, through the same
-/// parser as `--object`.
-fn tls_creds_object(args: &Value) -> Result<crate::spec::TlsCredsSpec, QmpError> {
-    let ty = args["qom-type"].as_str().unwrap_or_default();
-    let mut spec = format!(
-        "{ty},id={},dir={}",
-        args["id"].as_str().unwrap_or_default(),
-        args["dir"].as_str().unwrap_or_default()
-    );
-    if let Some(e) = args["endpoint"].as_str() {
-        spec += &format!(",endpoint={e}");
-    }
-    if let Some(v) = args["verify-peer"].as_bool() {
-        spec += if v {
-            ",verify-peer=on"
-        } else {
-            ",verify-peer=off"
-        };
-    }
-    if args["dir"].is_null() && ty == "tls-creds-x509" {
-        return Err(QmpError::generic("Parameter 'dir' is missing"));
-    }
-    if [&args["id"], &args["dir"]]
-        .iter()
-        .any(|v| v.as_str().is_some_and(|s| s.contains(',')))
-    {
-        return Err(QmpError::generic("'id' and 'dir' may not contain commas"));
-    }
-    spec.parse().map_err(QmpError::generic)
 }
 
 fn target(uri: &str) -> Result<Target, QmpError> {

@@ -207,6 +207,16 @@ static TLS_ENDPOINT: EnumDef = EnumDef {
     values: &["client", "server"],
 };
 
+static AUTHZ_POLICY: EnumDef = EnumDef {
+    name: "QAuthZListPolicy",
+    values: &["deny", "allow"],
+};
+
+static AUTHZ_FORMAT: EnumDef = EnumDef {
+    name: "QAuthZListFormat",
+    values: &["exact", "glob"],
+};
+
 static QMP_CAPABILITY: EnumDef = EnumDef {
     name: "QMPCapability",
     values: &["oob"],
@@ -535,13 +545,30 @@ pub static COMMANDS: &[CommandDef] = &[
     },
     CommandDef {
         name: "object-add",
-        // QEMU's is a union on qom-type; vmm has tls-creds-x509 only, so its members.
+        // QEMU's is a union on qom-type; here the members of vmm's types together
+        // (tls-creds-x509; authz-simple, authz-list, authz-listfile), each type's own
+        // checked by the object's reader.
         args: args!(&[
             m("qom-type", Type::Str),
             m("id", Type::Str),
             opt("dir", Type::Str),
             opt("endpoint", Type::Enum(&TLS_ENDPOINT)),
             opt("verify-peer", Type::Bool),
+            opt("identity", Type::Str),
+            opt("policy", Type::Enum(&AUTHZ_POLICY)),
+            opt(
+                "rules",
+                Type::Array(&obj!(
+                    "QAuthZListRule",
+                    &[
+                        m("match", Type::Str),
+                        m("policy", Type::Enum(&AUTHZ_POLICY)),
+                        opt("format", Type::Enum(&AUTHZ_FORMAT)),
+                    ],
+                )),
+            ),
+            opt("filename", Type::Str),
+            opt("refresh", Type::Bool),
         ]),
         ret: Type::Object(&EMPTY),
     },

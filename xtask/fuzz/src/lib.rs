@@ -70,7 +70,7 @@ pub const TARGETS: &[Target] = &[
     },
     Target {
         name: "uri",
-        about: "migration URIs, --drive specs and sizes",
+        about: "migration URIs, --drive and --object specs, and sizes",
         run: text::uri,
         seeds: text::uri_seeds,
     },

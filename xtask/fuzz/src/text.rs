@@ -1,4 +1,5 @@
-//! Text a client or user sends: QMP lines, migration URIs, `--drive` specs, sizes.
+//! Text a client or user sends: QMP lines, migration URIs, `--drive` and `--object`
+//! specs, sizes.
 
 use qemu_file::MigrationUri;
 use vmm::qmp;
@@ -30,8 +31,8 @@ pub fn qmp(data: &[u8]) {
     );
 }
 
-/// Target `uri`: the input as a URI, a drive spec and a size; a parsed URI prints back to
-/// itself.
+/// Target `uri`: the input as a URI, a drive spec, an object spec and a size; a parsed
+/// URI prints back to itself.
 pub fn uri(data: &[u8]) {
     let Ok(s) = std::str::from_utf8(data) else {
         return;
@@ -42,6 +43,7 @@ pub fn uri(data: &[u8]) {
         assert_eq!(again, u, "{s:?}");
     }
     let _ = s.parse::<DriveSpec>();
+    let _ = s.parse::<vmm::object::ObjectSpec>();
     let _ = parse_size(s);
 }
 
@@ -74,6 +76,9 @@ pub fn uri_seeds() -> Vec<Vec<u8>> {
         "exec:cat > /tmp/x",
         "file:/tmp/snap",
         "file=/tmp/a.img,id=disk0,migrate=off,create=on",
+        "tls-creds-x509,id=tls0,dir=/etc/pki/qemu,endpoint=server,verify-peer=on",
+        "authz-list,id=a,policy=deny,rules.0.match=CN=*,,O=Example,rules.0.policy=allow,rules.0.format=glob",
+        "authz-simple,id=b,identity=CN=src.example",
         "256M",
         "1GiB",
     ]
