@@ -134,18 +134,32 @@ fn tls_authz_lets_in_only_the_names_it_lists() {
     let ca = ca("authz CA");
     let server = leaf(&ca, "destination", &["127.0.0.1"], false);
     let server = creds_dir("authz-server", &ca.pem, "server", &server);
-    // A subject of several RDNs (C, O, CN in that order), with a comma to escape.
+    // A subject of several RDNs (C, O, OU, CN in that order), with a comma to escape
+    // and a country as a PrintableString (as openssl writes it).
     let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
     p.distinguished_name = rcgen::DistinguishedName::new();
-    p.distinguished_name.push(DnType::CountryName, "GB");
+    p.distinguished_name.push(
+        DnType::CountryName,
+        rcgen::DnValue::PrintableString("GB".try_into().unwrap()),
+    );
     p.distinguished_name
         .push(DnType::OrganizationName, "Example, Ltd");
+    p.distinguished_name
+        .push(DnType::OrganizationalUnitName, " migration ");
     p.distinguished_name.push(DnType::CommonName, "src.example");
     let key = KeyPair::generate().unwrap();
     let cert = p.signed_by(&key, &ca.issuer).unwrap();
-    // GnuTLS's order and escapes, which QEMU's authz rules are written against.
-    let name = "CN=src.example,O=Example\\, Ltd,C=GB";
+    // GnuTLS's order (the certificate's) and escapes, which QEMU's rules are written
+    // against (`cargo xtask interop` checks it with QEMU).
+    let name = "C=GB,O=Example\\, Ltd,OU=\\ migration\\ ,CN=src.example";
     assert_eq!(subject_name(cert.der()).unwrap(), name);
+    // A country as a UTF8String is not what GnuTLS expects there: it shows the DER.
+    let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.distinguished_name = rcgen::DistinguishedName::new();
+    p.distinguished_name.push(DnType::CountryName, "GB");
+    let k = KeyPair::generate().unwrap();
+    let utf8 = p.signed_by(&k, &ca.issuer).unwrap();
+    assert_eq!(subject_name(utf8.der()).unwrap(), "C=#0c024742");
     let client = creds_dir(
         "authz-client",
         &ca.pem,
@@ -164,8 +178,8 @@ fn tls_authz_lets_in_only_the_names_it_lists() {
 
     for allowed in [
         Authz::simple("auth0", name),
-        list("CN=*,O=Example\\, Ltd,C=GB", AuthzFormat::Glob),
-        list("CN=src.example,*", AuthzFormat::Glob),
+        list("C=GB,O=Example\\, Ltd,*", AuthzFormat::Glob),
+        list("*,CN=src.example", AuthzFormat::Glob),
     ] {
         let (rx, tx) = exchange_authz(&server, &client, None, Some(allowed.clone()));
         tx.unwrap_or_else(|e| panic!("{allowed:?}: {}", chain(&e)));
@@ -173,8 +187,8 @@ fn tls_authz_lets_in_only_the_names_it_lists() {
     }
     for denied in [
         Authz::simple("auth0", "CN=src.example"),
-        list("CN=src.example,*", AuthzFormat::Exact),
-        list("CN=other,*", AuthzFormat::Glob),
+        list("*,CN=src.example", AuthzFormat::Exact),
+        list("*,CN=other", AuthzFormat::Glob),
     ] {
         let (rx, tx) = exchange_authz(&server, &client, None, Some(denied));
         let e = reason(&rx.unwrap_err());

@@ -178,14 +178,14 @@ fn each_refusal_is_named_on_both_sides_and_the_source_runs_on() {
 
     // A certificate the CA signed, for a name tls-authz does not allow.
     use_creds(&mut q, "tls0", &client);
-    let only_mallory = "rules.0.match=CN=mallory*,rules.0.policy=allow,rules.0.format=glob";
+    let only_mallory = "rules.0.match=*CN=mallory*,rules.0.policy=allow,rules.0.format=glob";
     let (d, uri) = destination(&dir, "authz", &server, Some(only_mallory), None);
     refused(
         &mut q,
         d,
         &uri,
         "not authorized by its tls-authz",
-        "(CN=client,O=Example) is not authorized by tls-authz 'auth0'",
+        "(O=Example,CN=client) is not authorized by tls-authz 'auth0'",
     );
 
     // The destination's certificate is not valid for the host name asked for.
@@ -215,7 +215,7 @@ fn each_refusal_is_named_on_both_sides_and_the_source_runs_on() {
 
     // After all that, the source migrates: to a destination whose tls-authz lets it in,
     // with a glob over the organization.
-    let ours = "rules.0.match=CN=*,,O=Example,rules.0.policy=allow,rules.0.format=glob";
+    let ours = "rules.0.match=O=Example,,CN=*,rules.0.policy=allow,rules.0.format=glob";
     let (d, uri) = destination(&dir, "good", &server, Some(ours), None);
     q.cmd("migrate", json!({"uri": uri}));
     completes(&mut q, src, d);

@@ -360,7 +360,7 @@ fn ours(s: &Scenario, limit: u64, round: usize, dir: &Path, watch: bool, extra: 
 }
 
 /// A QEMU process killed on drop.
-pub(crate) struct Qemu(Child);
+pub(crate) struct Qemu(pub(crate) Child);
 
 impl Drop for Qemu {
     fn drop(&mut self) {

@@ -1,6 +1,8 @@
-//! Our multifd destination against QEMU's multifd source (`cargo xtask interop`).
+//! Our destination against QEMU's source (`cargo xtask interop`), with multifd and over
+//! TLS.
 //!
-//! QEMU runs the built-in guest (fill) and migrates it with multifd to a listener of ours,
+//! QEMU runs the built-in guest (fill) and migrates it (multifd, or TLS with QEMU's own
+//! `tls-creds-x509`, or both) to a listener of ours,
 //! which loads only the RAM section, with our `MultifdReceiver`, into RAM blocks shaped
 //! as QEMU's (names and sizes from `info ramblock`); when the RAM section has ended the
 //! rest of the stream (device state ours cannot load) is read and dropped. Then pc.ram
@@ -13,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use qemu_file::{Listener, MigrationUri, QemuFile};
+use qemu_file::{Authz, Listener, MigrationUri, QemuFile, TlsCreds, TlsEndpoint};
 use ram_list::{MultifdReceiver, RamBlock, RamList, RamSection, RamStats, RecvTarget};
 use savevm::SectionHandler;
 use savevm::format::{
@@ -25,16 +27,25 @@ use vm_memory::MmapRegion;
 use xtask::harness::Qmp;
 
 use crate::bench::{guest_image, qemu_start};
+use crate::certs::TestPki;
 
 const PAGE: usize = 4096;
 /// The legacy VGA and BIOS area, which `pmemsave` reads as ROM and MMIO, not pc.ram.
 const LEGACY_HOLE: std::ops::Range<usize> = 0xa0000..0x100000;
 
-/// Migrates QEMU's guest into our receiver with `channels` channels, plain or zstd.
+/// Migrates QEMU's guest into our receiver with `channels` multifd channels (0: none),
+/// plain or zstd, over TLS when `tls` (QEMU presents the client certificate, which our
+/// side checks against its CA and, by name, against tls-authz).
 ///
 /// # Errors
 /// QEMU fails, the load fails, or memory differs.
-pub fn run(qemu: &Path, work: &Path, channels: u8, zstd: bool) -> Result<()> {
+pub fn run(
+    qemu: &Path,
+    work: &Path,
+    channels: u8,
+    zstd: bool,
+    tls: Option<&TestPki>,
+) -> Result<()> {
     std::fs::create_dir_all(work)?;
     let image = guest_image(work, "fill", "256M", 0, None)?;
     let (_src, mut sq) = qemu_start(qemu, work, "interop-src", &image, &[])?;
@@ -50,18 +61,38 @@ pub fn run(qemu: &Path, work: &Path, channels: u8, zstd: bool) -> Result<()> {
     let listener = Listener::bind(&MigrationUri::parse("tcp:127.0.0.1:0")?)?;
     let uri = listener.local_uri().to_string();
     let stats = Arc::new(RamStats::default());
+    let creds = match tls {
+        Some(pki) => {
+            // QEMU's source, with its own tls-creds-x509 over the same directory layout.
+            sq.cmd(
+                "object-add",
+                json!({"qom-type": "tls-creds-x509", "id": "tls0",
+                       "dir": pki.client.display().to_string(), "endpoint": "client"}),
+            );
+            sq.cmd("migrate-set-parameters", json!({"tls-creds": "tls0"}));
+            let creds = TlsCreds::load(&pki.server, TlsEndpoint::Server, true)?;
+            Some(creds.with_authz(Authz::simple("auth0", &pki.client_name))?)
+        }
+        None => None,
+    };
     let loader = {
         let (list, stats) = (list.clone(), stats.clone());
-        std::thread::spawn(move || load_ram(listener, channels, zstd, list, stats))
+        std::thread::spawn(move || load_ram(listener, channels, zstd, creds, list, stats))
     };
-    sq.cmd(
-        "migrate-set-capabilities",
-        json!({"capabilities": [{"capability": "multifd", "state": true}]}),
-    );
+    if channels > 0 {
+        sq.cmd(
+            "migrate-set-capabilities",
+            json!({"capabilities": [{"capability": "multifd", "state": true}]}),
+        );
+        sq.cmd(
+            "migrate-set-parameters",
+            json!({"multifd-channels": channels,
+                   "multifd-compression": if zstd { "zstd" } else { "none" }}),
+        );
+    }
     sq.cmd(
         "migrate-set-parameters",
-        json!({"multifd-channels": channels, "max-bandwidth": 10_000_000_000u64,
-               "multifd-compression": if zstd { "zstd" } else { "none" }}),
+        json!({"max-bandwidth": 10_000_000_000u64}),
     );
     sq.cmd("migrate", json!({"uri": uri}));
     let t = Instant::now();
@@ -99,7 +130,12 @@ pub fn run(qemu: &Path, work: &Path, channels: u8, zstd: bool) -> Result<()> {
         .count();
     let s = stats.snapshot();
     println!(
-        "interop: QEMU -> ours, multifd {channels} channels{}: {} normal pages through the channels ({:.1} MiB on them), {} zero pages on the main stream; pc.ram pages differing from QEMU's memory: {differ}",
+        "interop: QEMU -> ours{}, multifd {channels} channels{}: {} normal pages ({:.1} MiB on the channels), {} zero pages; pc.ram pages differing from QEMU's memory: {differ}",
+        if tls.is_some() {
+            " over TLS (QEMU's tls-creds-x509, our tls-authz)"
+        } else {
+            ""
+        },
         if zstd { " + zstd" } else { "" },
         s.normal,
         channel_bytes as f64 / (1u64 << 20) as f64,
@@ -107,7 +143,7 @@ pub fn run(qemu: &Path, work: &Path, channels: u8, zstd: bool) -> Result<()> {
     );
     let _ = sq.try_cmd("quit", json!({}));
     if differ > 0 || s.normal == 0 {
-        bail!("our load of QEMU's multifd migration differs from QEMU's memory");
+        bail!("our load of QEMU's migration differs from QEMU's memory");
     }
     Ok(())
 }
@@ -143,12 +179,22 @@ fn load_ram(
     listener: Listener,
     channels: u8,
     zstd: bool,
+    tls: Option<TlsCreds>,
     list: Arc<RamList>,
     stats: Arc<RamStats>,
 ) -> Result<u64> {
-    let accepted = listener.accept_with_channels(channels.into())?;
+    let accepted = match &tls {
+        Some(creds) => listener.accept_tls_with_channels(channels.into(), creds)?,
+        None => listener.accept_with_channels(channels.into())?,
+    };
     let (main, extra) = (accepted.main, accepted.channels);
     let mut f = QemuFile::new(main);
+    if extra.is_empty() {
+        let mut ram = RamSection::new(list, stats);
+        ram.load_setup().map_err(|e| anyhow::anyhow!("{e}"))?;
+        read_ram_sections(&mut f, &mut ram)?;
+        return Ok(0);
+    }
     let target = RecvTarget {
         list: list.clone(),
         stats: stats.clone(),
@@ -203,4 +249,88 @@ fn read_ram_sections(f: &mut QemuFile, ram: &mut RamSection) -> Result<()> {
             other => bail!("record type {other:#04x} before the RAM section ended"),
         }
     }
+}
+
+/// QEMU 7.2 as a TLS destination whose `authz-simple` names our source's certificate as
+/// vmm writes the name (`qemu_file::subject_name`): QEMU must let it in, and must refuse
+/// the same name with its RDNs in the other order. This checks that tls-authz rules
+/// written for QEMU mean the same to vmm.
+///
+/// # Errors
+/// QEMU refuses the name vmm writes, or lets in the other one.
+pub fn authz_names_match_qemus(qemu: &Path, work: &Path, pki: &TestPki) -> Result<()> {
+    let image = guest_image(work, "fill", "64M", 0, None)?;
+    for (name, identity, allowed) in [
+        ("authz-ours", &pki.client_name, true),
+        ("authz-reversed", &pki.client_name_reversed, false),
+    ] {
+        let (mut dst, mut q) = qemu_start(
+            qemu,
+            work,
+            name,
+            &image,
+            &["-incoming".into(), "defer".into()],
+        )?;
+        q.cmd(
+            "object-add",
+            json!({"qom-type": "tls-creds-x509", "id": "tls0", "endpoint": "server",
+                   "dir": pki.server.display().to_string(), "verify-peer": true}),
+        );
+        q.cmd(
+            "object-add",
+            json!({"qom-type": "authz-simple", "id": "auth0", "identity": identity}),
+        );
+        q.cmd(
+            "migrate-set-parameters",
+            json!({"tls-creds": "tls0", "tls-authz": "auth0"}),
+        );
+        q.cmd("migrate-incoming", json!({"uri": "tcp:127.0.0.1:0"}));
+        let m = q.cmd("query-migrate", json!({}));
+        let port = m["socket-address"][0]["port"]
+            .as_str()
+            .and_then(|p| p.parse::<u16>().ok())
+            .with_context(|| format!("QEMU's incoming port: {m}"))?;
+        let creds = TlsCreds::load(&pki.client, TlsEndpoint::Client, true)?;
+        let uri = MigrationUri::parse(&format!("tcp:127.0.0.1:{port}"))?;
+        // A header and nothing more: let in, QEMU fails to load it; refused, it says so.
+        let mut f = QemuFile::new(qemu_file::connect_tls(&uri, &creds, None)?);
+        f.put_be32(0x5145_564d);
+        f.put_be32(3);
+        let _ = f.finish();
+        let stderr = work.join(format!("{name}-stderr.txt"));
+        let t = Instant::now();
+        let text = loop {
+            let text = std::fs::read_to_string(&stderr).unwrap_or_default();
+            let exited = dst.0.try_wait()?.is_some();
+            if text.contains("is denied") || exited || t.elapsed() > Duration::from_secs(10) {
+                break text;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let denied = text.contains("authz check") && text.contains("is denied");
+        // Let in, QEMU reads the header and fails on what is missing after it.
+        let loaded = text.contains("load") || text.contains("migration");
+        println!(
+            "interop: ours -> QEMU over TLS, QEMU's authz-simple identity={identity:?}: {} (QEMU: {})",
+            if denied { "denied" } else { "let in" },
+            text.lines().last().unwrap_or_default()
+        );
+        if !denied && !loaded {
+            bail!("QEMU neither refused nor read our stream: {}", text.trim());
+        }
+        if denied == allowed {
+            bail!(
+                "QEMU {} the name {identity:?}, which vmm {}: {}",
+                if denied { "refused" } else { "let in" },
+                if allowed {
+                    "writes for this certificate"
+                } else {
+                    "does not write"
+                },
+                text.trim()
+            );
+        }
+        drop(dst);
+    }
+    Ok(())
 }

@@ -2,20 +2,23 @@
 //!
 //! - `cargo xtask ci`: what CI runs: format check, clippy with warnings as errors, the
 //!   documentation without warnings, the whole test suite, the end-to-end migrations, a
-//!   migration driven by qemu.qmp, the QMP conformance run.
+//!   migration driven by qemu.qmp, and, when QEMU is installed, the interop and QMP
+//!   conformance runs.
 //! - `cargo xtask guest`: assembles `vmm/guest/guest.S` into the `guest.bin` vmm embeds
 //!   (`--check`: only verify that the committed bytes match the source).
 //! - `cargo xtask migrate-test [--quick]`: migrations between real vmm processes over every
 //!   transport and workload, with and without a disk, verified, in a table.
 //! - `cargo xtask bench`: ours beside QEMU on the same guest, with plots.
-//! - `cargo xtask interop`: QEMU's multifd migration loaded by our multifd receiver,
-//!   checked against QEMU's memory.
+//! - `cargo xtask interop`: QEMU's migrations (multifd, zstd, TLS with its own
+//!   tls-creds-x509) loaded by our destination, checked against QEMU's memory; QEMU's
+//!   tls-authz checked against the certificate names vmm writes.
 //! - `cargo xtask qmp-conformance`: one script of QMP exchanges against vmm and, when
 //!   installed, QEMU 7.2, side by side; fails on a difference docs/qmp.md does not list.
 //! - `cargo xtask fuzz [--seconds N] [TARGET...]`: coverage-guided fuzzing of every parser
 //!   of untrusted input (libFuzzer, stable toolchain).
 
 mod bench;
+mod certs;
 mod faults;
 mod fuzz;
 mod handover;
@@ -80,8 +83,9 @@ enum Cmd {
         #[arg(long, allow_hyphen_values = true)]
         vmm_arg: Vec<String>,
     },
-    /// QEMU's multifd migration (plain and zstd) loaded by our multifd receiver, checked
-    /// page by page against QEMU's memory. Needs qemu-system-x86_64.
+    /// QEMU's migrations (multifd plain and zstd; TLS with 0 and 2 channels) loaded by our
+    /// destination, checked page by page against QEMU's memory, and QEMU's TLS
+    /// destination's authz against the names vmm writes. Needs qemu-system-x86_64.
     Interop {
         #[command(flatten)]
         qemu: QemuArgs,
@@ -139,13 +143,7 @@ fn main() -> Result<()> {
             let Some(qemu) = qemu.find()? else {
                 bail!("interop needs qemu-system-x86_64 (--install-qemu installs it)");
             };
-            xtask::harness::set_vmm(&build_release_vmm()?);
-            let work = std::env::temp_dir().join(format!("vmm-interop-{}", std::process::id()));
-            for (channels, zstd) in [(2, false), (3, true)] {
-                interop::run(&qemu, &work, channels, zstd)?;
-            }
-            let _ = std::fs::remove_dir_all(&work);
-            Ok(())
+            interop_all(&qemu, &build_release_vmm()?)
         }
         Cmd::Bench {
             rounds,
@@ -284,9 +282,34 @@ fn ci() -> Result<()> {
     let vmm = build_vmm()?;
     migrate_test::run(vmm.clone(), true, &[])?;
     qemu_qmp(&vmm)?;
+    let qemu = find_qemu(None, false)?;
+    if let Some(q) = &qemu {
+        eprintln!("==> cargo xtask interop");
+        interop_all(q, &vmm)?;
+    }
     eprintln!("==> cargo xtask qmp-conformance");
-    qmp_conformance::run(vmm, find_qemu(None, false)?, &root().join("docs/qmp.md"))?;
+    qmp_conformance::run(vmm, qemu, &root().join("docs/qmp.md"))?;
     eprintln!("==> ci passed in {:.0?}", t.elapsed());
+    Ok(())
+}
+
+/// Every interop run with QEMU 7.2: its multifd source (plain, zstd) and its TLS source
+/// (0 and 2 channels) into our destination, and its TLS destination's authz against the
+/// names vmm writes. `vmm` writes the guest's disk image.
+fn interop_all(qemu: &Path, vmm: &Path) -> Result<()> {
+    xtask::harness::set_vmm(vmm);
+    let work = std::env::temp_dir().join(format!("vmm-interop-{}", std::process::id()));
+    let pki = certs::make(&work.join("pki"))?;
+    for (channels, zstd, tls) in [
+        (2, false, None),
+        (3, true, None),
+        (0, false, Some(&pki)),
+        (2, false, Some(&pki)),
+    ] {
+        interop::run(qemu, &work, channels, zstd, tls)?;
+    }
+    interop::authz_names_match_qemus(qemu, &work, &pki)?;
+    let _ = std::fs::remove_dir_all(&work);
     Ok(())
 }
 
