@@ -361,9 +361,69 @@ impl Write for Socket {
     }
 }
 
+/// The socket as TLS sees it: reads come from a large buffer filled by one `read` at a
+/// time (rustls asks for 4 KiB at most: without it, a syscall per 4 KiB), writes go
+/// straight through.
+#[derive(Debug)]
+struct Wire {
+    sock: Socket,
+    buf: Box<[u8]>,
+    start: usize,
+    end: usize,
+}
+
+/// How much one read from the socket may bring.
+const WIRE_READ: usize = 256 << 10;
+
+impl Wire {
+    fn new(sock: Socket) -> Self {
+        Wire {
+            sock,
+            buf: vec![0u8; WIRE_READ].into_boxed_slice(),
+            start: 0,
+            end: 0,
+        }
+    }
+
+    /// What was read from the socket and not yet handed to TLS.
+    fn pending(&self) -> &[u8] {
+        &self.buf[self.start..self.end]
+    }
+}
+
+impl Read for Wire {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        if self.start == self.end {
+            if out.len() >= self.buf.len() {
+                return self.sock.read(out);
+            }
+            self.end = self.sock.read(&mut self.buf)?;
+            self.start = 0;
+        }
+        let n = out.len().min(self.end - self.start);
+        out[..n].copy_from_slice(&self.buf[self.start..self.start + n]);
+        self.start += n;
+        Ok(n)
+    }
+}
+
+impl Write for Wire {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.sock.write(buf)
+    }
+
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        self.sock.write_vectored(bufs)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
 enum Session {
-    Client(StreamOwned<ClientConnection, Socket>),
-    Server(StreamOwned<ServerConnection, Socket>),
+    Client(StreamOwned<ClientConnection, Wire>),
+    Server(StreamOwned<ServerConnection, Wire>),
 }
 
 /// A migration stream over TLS.
@@ -384,8 +444,8 @@ impl fmt::Debug for TlsTransport {
 impl TlsTransport {
     fn sock(&self) -> &Socket {
         match &self.session {
-            Session::Client(s) => &s.sock,
-            Session::Server(s) => &s.sock,
+            Session::Client(s) => &s.sock.sock,
+            Session::Server(s) => &s.sock.sock,
         }
     }
 }
@@ -479,7 +539,7 @@ fn explain(e: io::Error) -> io::Error {
 /// client first learns of it here). Reads only what has already arrived.
 fn alert_in_flight<S: rustls::SideData>(
     conn: &mut rustls::ConnectionCommon<S>,
-    sock: &Socket,
+    wire: &Wire,
 ) -> Option<io::Error> {
     struct NoWait<'a>(BorrowedFd<'a>);
     impl Read for NoWait<'_> {
@@ -500,7 +560,7 @@ fn alert_in_flight<S: rustls::SideData>(
             Ok(n as usize)
         }
     }
-    let mut r = NoWait(sock.as_fd());
+    let mut r = io::Read::chain(wire.pending(), NoWait(wire.sock.as_fd()));
     for _ in 0..64 {
         match conn.read_tls(&mut r) {
             Ok(0) | Err(_) => return None,
@@ -517,27 +577,46 @@ fn alert_in_flight<S: rustls::SideData>(
     None
 }
 
-fn handshake<C, S>(conn: &mut C, sock: &mut Socket) -> io::Result<()>
+/// Encrypts all of `bufs` (records of up to 16 KiB across the slices; rustls's
+/// `StreamOwned` would take the first slice only) and writes the records out.
+fn send<S: rustls::SideData>(
+    conn: &mut rustls::ConnectionCommon<S>,
+    wire: &mut Wire,
+    bufs: &[IoSlice<'_>],
+) -> io::Result<usize> {
+    let n = conn.writer().write_vectored(bufs)?;
+    while conn.wants_write() {
+        match conn.write_tls(wire) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+fn handshake<C, S>(conn: &mut C, wire: &mut Wire) -> io::Result<()>
 where
     C: std::ops::DerefMut<Target = rustls::ConnectionCommon<S>>,
     S: rustls::SideData,
 {
     while conn.is_handshaking() {
-        conn.complete_io(sock)?;
+        conn.complete_io(wire)?;
     }
     // The last flight (the server's session tickets, a client's finished) goes out now.
     while conn.wants_write() {
-        conn.complete_io(sock)?;
+        conn.complete_io(wire)?;
     }
+    // Then records as large as a write brings: every write is sent whole before it
+    // returns, so nothing piles up, and a write of many pages is encrypted in one go
+    // rather than 64 KiB per call.
+    conn.set_buffer_limit(None);
     Ok(())
 }
 
-fn wrap(
-    creds: &TlsCreds,
-    mut sock: Socket,
-    host: Option<&str>,
-    uri: String,
-) -> Result<TlsTransport> {
+fn wrap(creds: &TlsCreds, sock: Socket, host: Option<&str>, uri: String) -> Result<TlsTransport> {
+    let mut sock = Wire::new(sock);
     let session = match &creds.config {
         Config::Client(c) => {
             let host = host.ok_or_else(|| {
@@ -653,15 +732,12 @@ impl Transport for TlsTransport {
     }
 
     fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-        // rustls copies into records; every write is sent whole before returning.
+        // rustls encrypts into records of its own (the one copy TLS costs here); every
+        // write is sent whole before returning.
         match &mut self.session {
-            Session::Client(s) => s
-                .write_vectored(bufs)
-                .and_then(|n| s.flush().map(|_| n))
+            Session::Client(s) => send(&mut s.conn, &mut s.sock, bufs)
                 .map_err(|e| alert_in_flight(&mut s.conn, &s.sock).unwrap_or(explain(e))),
-            Session::Server(s) => s
-                .write_vectored(bufs)
-                .and_then(|n| s.flush().map(|_| n))
+            Session::Server(s) => send(&mut s.conn, &mut s.sock, bufs)
                 .map_err(|e| alert_in_flight(&mut s.conn, &s.sock).unwrap_or(explain(e))),
         }
     }

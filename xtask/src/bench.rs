@@ -20,6 +20,7 @@ use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 use xtask::harness::{Qmp, Vmm};
 
+use crate::certs::TestPki;
 use crate::memwatch::MemWatch;
 use crate::plot;
 
@@ -45,6 +46,8 @@ pub struct Scenario {
     multifd: u8,
     /// zstd per multifd packet on both sides.
     zstd: bool,
+    /// TLS on every connection (x509 both ways, as QEMU's tls-creds-x509 sets it up).
+    tls: bool,
 }
 
 /// What scenarios share unless they say otherwise: the fill of 1 GiB, no cap, one
@@ -61,6 +64,7 @@ const BASE: Scenario = Scenario {
     timeout: TIMEOUT,
     multifd: 0,
     zstd: false,
+    tls: false,
 };
 
 /// A fill of 1 GiB with multifd, at `bandwidth` (0: unlimited).
@@ -126,6 +130,20 @@ const SCENARIOS: &[Scenario] = &[
         ..BASE
     },
     multifd_fill("fill 1 GiB, multifd 2", "fill-mfd2", 0, 2, false),
+    // TLS 1.3 with certificates on both sides; ours (rustls) beside QEMU's (GnuTLS).
+    Scenario {
+        name: "fill 1 GiB, TLS",
+        slug: "fill-tls",
+        tls: true,
+        ..BASE
+    },
+    Scenario {
+        name: "fill 1 GiB, TLS, multifd 2",
+        slug: "fill-tls-mfd2",
+        tls: true,
+        multifd: 2,
+        ..BASE
+    },
     multifd_fill("fill 1 GiB, multifd 4", "fill-mfd4", 0, 4, false),
     multifd_fill("fill 1 GiB, multifd 2 + zstd", "fill-zstd", 0, 2, true),
     // A 1 Gbit/s link (max-bandwidth 125 MB/s), without and with compression.
@@ -141,6 +159,40 @@ const SCENARIOS: &[Scenario] = &[
 
 /// 1 Gbit/s in bytes per second.
 const GBIT: u64 = 125_000_000;
+
+/// vmm's arguments for TLS in a TLS scenario: the `tls-creds-x509` object for
+/// `endpoint` (QEMU's syntax) and the `tls-creds` naming it.
+fn tls_args(s: &Scenario, dir: &Path, endpoint: &str) -> Vec<String> {
+    if !s.tls {
+        return Vec::new();
+    }
+    let object = format!(
+        "tls-creds-x509,id=tls0,dir={},endpoint={endpoint},verify-peer=on",
+        dir.display()
+    );
+    vec![
+        "--object".into(),
+        object,
+        "--tls-creds".into(),
+        "tls0".into(),
+    ]
+}
+
+fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+/// For QEMU: the same object added over QMP and named by `tls-creds`.
+fn qemu_tls(q: &mut Qmp, s: &Scenario, dir: &Path, endpoint: &str) {
+    if s.tls {
+        q.cmd(
+            "object-add",
+            json!({"qom-type": "tls-creds-x509", "id": "tls0", "endpoint": endpoint,
+                   "dir": dir.display().to_string(), "verify-peer": true}),
+        );
+        q.cmd("migrate-set-parameters", json!({"tls-creds": "tls0"}));
+    }
+}
 
 /// The multifd capability and parameters of `s`, for a source or a destination.
 fn multifd_setup(q: &mut Qmp, s: &Scenario) {
@@ -273,7 +325,16 @@ fn ready_bytes(s: &Scenario) -> u64 {
 }
 
 /// Our migration: vmm source and destination, driven over QMP like QEMU.
-fn ours(s: &Scenario, limit: u64, round: usize, dir: &Path, watch: bool, extra: &[String]) -> Run {
+#[allow(clippy::too_many_arguments)]
+fn ours(
+    s: &Scenario,
+    limit: u64,
+    round: usize,
+    dir: &Path,
+    watch: bool,
+    extra: &[String],
+    pki: &TestPki,
+) -> Run {
     let mut run = Run::new("ours", s, limit, round);
     let mem = format!("{MEMORY_MIB}M");
     let rate = s.rate.to_string();
@@ -296,12 +357,15 @@ fn ours(s: &Scenario, limit: u64, round: usize, dir: &Path, watch: bool, extra: 
             multifd.extend(["--multifd-compression", "zstd"]);
         }
     }
+    let server = tls_args(s, &pki.server, "server");
+    let client = tls_args(s, &pki.client, "client");
     let mut dst = Vmm::start(
         dir,
         "ours-dst",
         &[
             &guest[..],
             &multifd[..],
+            &strs(&server)[..],
             &["--incoming", "tcp:127.0.0.1:0", "--exit-after", "0.5"],
         ]
         .concat(),
@@ -312,7 +376,7 @@ fn ours(s: &Scenario, limit: u64, round: usize, dir: &Path, watch: bool, extra: 
     let mut src = Vmm::start(
         dir,
         "ours-src",
-        &[&guest[..], &["--qmp", qarg.as_str()]].concat(),
+        &[&guest[..], &strs(&client)[..], &["--qmp", qarg.as_str()]].concat(),
     );
     let mut q = Qmp::connect(&qmp);
     let t = Instant::now();
@@ -443,6 +507,7 @@ fn event_us(e: &Value) -> u64 {
 }
 
 /// QEMU's migration of the same guest image with the same parameters.
+#[allow(clippy::too_many_arguments)]
 fn qemu(
     bin: &Path,
     s: &Scenario,
@@ -451,9 +516,10 @@ fn qemu(
     dir: &Path,
     tsc_khz: u64,
     watch: bool,
+    pki: &TestPki,
 ) -> Run {
     let mut run = Run::new("qemu", s, limit, round);
-    if let Err(e) = qemu_inner(bin, s, dir, tsc_khz, watch, &mut run) {
+    if let Err(e) = qemu_inner(bin, s, dir, tsc_khz, watch, pki, &mut run) {
         run.error = Some(format!("{e:#}"));
         run.completed = false;
     }
@@ -466,6 +532,7 @@ fn qemu_inner(
     dir: &Path,
     tsc_khz: u64,
     watch: bool,
+    pki: &TestPki,
     run: &mut Run,
 ) -> Result<()> {
     let image = guest_image(dir, s.workload, s.range, s.rate, Some(tsc_khz))?;
@@ -479,6 +546,7 @@ fn qemu_inner(
     )?;
     // Capabilities are set before the destination listens.
     multifd_setup(&mut dq, s);
+    qemu_tls(&mut dq, s, &pki.server, "server");
     dq.cmd(
         "migrate-incoming",
         json!({"uri": format!("tcp:127.0.0.1:{port}")}),
@@ -506,6 +574,7 @@ fn qemu_inner(
         json!({"capabilities": [{"capability": "auto-converge", "state": s.auto_converge}]}),
     );
     multifd_setup(&mut sq, s);
+    qemu_tls(&mut sq, s, &pki.client, "client");
     let w = watch.then(|| MemWatch::start(vec![src.0.id(), dst.0.id()], GUEST_BYTES, SAMPLE));
     sq.cmd("migrate", json!({"uri": format!("tcp:127.0.0.1:{port}")}));
     follow(&mut sq, run, s.timeout);
@@ -688,6 +757,7 @@ pub fn run(vmm: PathBuf, opts: &Options) -> Result<()> {
     std::fs::create_dir_all(&opts.out)?;
     let work = std::env::temp_dir().join(format!("vmm-bench-{}", std::process::id()));
     std::fs::create_dir_all(&work)?;
+    let pki = crate::certs::make(&work.join("pki"))?;
     let tsc_khz = {
         let out = Command::new(&vmm)
             .args(["image", "-o"])
@@ -774,12 +844,14 @@ pub fn run(vmm: PathBuf, opts: &Options) -> Result<()> {
         let into = if watch { &mut mem_runs } else { &mut runs };
         let what = if watch { "memory" } else { "limit" };
         let r = guarded("ours", &|| {
-            ours(s, limit, round, &dir, watch, &opts.vmm_args)
+            ours(s, limit, round, &dir, watch, &opts.vmm_args, &pki)
         });
         eprintln!("  ours {:<28} {what} {limit:>3}: {}", s.name, describe(&r));
         into.push(r);
         if let Some(q) = &opts.qemu {
-            let r = guarded("qemu", &|| qemu(q, s, limit, round, &dir, tsc_khz, watch));
+            let r = guarded("qemu", &|| {
+                qemu(q, s, limit, round, &dir, tsc_khz, watch, &pki)
+            });
             eprintln!("  qemu {:<28} {what} {limit:>3}: {}", s.name, describe(&r));
             into.push(r);
         }

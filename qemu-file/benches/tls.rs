@@ -1,0 +1,128 @@
+//! 1 GiB of 4 KiB pages through `QemuFile` over TCP on 127.0.0.1, in the clear and over
+//! TLS 1.3 (rustls, AES-GCM as QEMU's GnuTLS negotiates it), read on the other side by a
+//! `QemuFile` the way a destination reads pages. Rounds are interleaved so machine noise
+//! hits both alike.
+//!
+//! `cargo bench -p qemu-file --bench tls` prints both throughputs, their ratio per round
+//! and the median, minimum and maximum of the ratio (goal: TLS at least 70% of clear).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use qemu_file::{
+    KeepAlive, Listener, MigrationUri, QemuFile, TlsCreds, TlsEndpoint, connect, connect_tls,
+};
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+
+const PAGE: usize = 4096;
+const TOTAL: usize = 1 << 30;
+const SOURCE: usize = 256 << 20;
+const ROUNDS: usize = 7;
+
+/// A server and a client directory in QEMU's layout, from one CA.
+fn pki(dir: &Path) -> (PathBuf, PathBuf) {
+    let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.distinguished_name.push(DnType::CommonName, "bench CA");
+    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let key = KeyPair::generate().unwrap();
+    let ca_pem = p.self_signed(&key).unwrap().pem();
+    let ca = Issuer::new(p, key);
+    let side = |name: &str| {
+        let p = CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
+        let key = KeyPair::generate().unwrap();
+        let cert = p.signed_by(&key, &ca).unwrap();
+        let d = dir.join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join("ca-cert.pem"), &ca_pem).unwrap();
+        std::fs::write(d.join(format!("{name}-cert.pem")), cert.pem()).unwrap();
+        std::fs::write(d.join(format!("{name}-key.pem")), key.serialize_pem()).unwrap();
+        d
+    };
+    (side("server"), side("client"))
+}
+
+/// Sends the pages (each behind an 8-byte header, as RAM records are) and returns how
+/// long until the reader had them all.
+fn run(mem: &Arc<Vec<u8>>, tls: Option<(&TlsCreds, &TlsCreds)>) -> Duration {
+    let l = Listener::bind(&MigrationUri::parse("tcp:127.0.0.1:0").unwrap()).unwrap();
+    let uri = l.local_uri();
+    let server = tls.map(|(s, _)| s.clone());
+    let reader = thread::spawn(move || {
+        let t = match &server {
+            Some(s) => l.accept_tls(s).unwrap(),
+            None => l.accept().unwrap(),
+        };
+        let mut f = QemuFile::new(t);
+        let mut page = vec![0u8; PAGE];
+        let mut n = 0u64;
+        for _ in 0..TOTAL / PAGE {
+            let _ = f.get_be64().unwrap();
+            f.get_buffer(&mut page).unwrap();
+            n += PAGE as u64;
+        }
+        n
+    });
+    let t = match tls {
+        Some((_, c)) => connect_tls(&uri, c, None).unwrap(),
+        None => connect(&uri).unwrap(),
+    };
+    let owner: KeepAlive = mem.clone();
+    let mut f = QemuFile::new(t);
+    f.set_chunk_budget(1 << 20);
+    let start = Instant::now();
+    for i in 0..TOTAL / PAGE {
+        let off = (i * PAGE) % mem.len();
+        f.put_be64((off as u64) | 0x08);
+        // SAFETY: `mem` outlives the file and is kept alive by `owner`.
+        unsafe { f.put_buffer_external(mem.as_ptr().add(off), PAGE, &owner) };
+        if f.budget_exhausted() {
+            f.flush().unwrap();
+        }
+    }
+    f.finish().unwrap();
+    assert_eq!(reader.join().unwrap(), TOTAL as u64);
+    start.elapsed()
+}
+
+fn sorted(mut v: Vec<f64>) -> Vec<f64> {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        println!("tls_vs_clear: bench");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("qemu-file-bench-tls-{}", std::process::id()));
+    let (s, c) = pki(&dir);
+    let server = TlsCreds::load(&s, TlsEndpoint::Server, true).unwrap();
+    let client = TlsCreds::load(&c, TlsEndpoint::Client, true).unwrap();
+    let mem: Arc<Vec<u8>> = Arc::new((0..SOURCE).map(|i| (i * 31 % 255) as u8 + 1).collect());
+    let gib = TOTAL as f64 / (1u64 << 30) as f64;
+    let (mut clear, mut tls, mut ratios) = (vec![], vec![], vec![]);
+    for r in 0..ROUNDS {
+        let tc = gib / run(&mem, None).as_secs_f64();
+        let tt = gib / run(&mem, Some((&server, &client))).as_secs_f64();
+        println!(
+            "round {r}: clear {tc:.2} GiB/s, TLS {tt:.2} GiB/s, TLS/clear {:.2}",
+            tt / tc
+        );
+        clear.push(tc);
+        tls.push(tt);
+        ratios.push(tt / tc);
+    }
+    let (clear, tls, ratios) = (sorted(clear), sorted(tls), sorted(ratios));
+    let m = ROUNDS / 2;
+    println!(
+        "median of {ROUNDS}: clear {:.2} GiB/s, TLS {:.2} GiB/s; TLS/clear median {:.2}, min {:.2}, max {:.2} (goal >= 0.70)",
+        clear[m],
+        tls[m],
+        ratios[m],
+        ratios[0],
+        ratios[ROUNDS - 1]
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
