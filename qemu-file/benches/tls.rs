@@ -96,6 +96,13 @@ fn main() {
         println!("tls_vs_clear: bench");
         return;
     }
+    // As vmm does (see its main): keep the heap top, which rustls's per-record buffers
+    // would otherwise fault in again and again.
+    // SAFETY: mallopt only changes allocator parameters; no other thread runs yet.
+    unsafe {
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 64 << 20);
+        libc::mallopt(libc::M_TOP_PAD, 16 << 20);
+    }
     let dir = std::env::temp_dir().join(format!("qemu-file-bench-tls-{}", std::process::id()));
     let (s, c) = pki(&dir);
     let server = TlsCreds::load(&s, TlsEndpoint::Server, true).unwrap();

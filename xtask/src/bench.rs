@@ -1020,7 +1020,7 @@ pub fn run(vmm: PathBuf, opts: &Options) -> Result<()> {
     }
     if let Some((s, limit, p)) = fill_tput
         .iter()
-        .filter(|(s, ..)| s.multifd > 0)
+        .filter(|(s, ..)| s.multifd > 0 && !s.tls)
         .max_by(|a, b| a.2.total_cmp(&b.2))
     {
         md += &format!(
@@ -1049,11 +1049,35 @@ pub fn run(vmm: PathBuf, opts: &Options) -> Result<()> {
         .filter_map(|&(s, limit, p)| {
             let one = fill_tput
                 .iter()
-                .find(|(o, l, _)| o.multifd == 0 && *l == limit)?
+                .find(|(o, l, _)| o.multifd == 0 && o.tls == s.tls && *l == limit)?
                 .2;
             Some(format!("{} (limit {limit} ms): {:.2}x", s.name, p / one))
         })
         .collect();
+    // What TLS costs: each TLS row against the clear row with the same channels.
+    let against_clear: Vec<String> = fill_tput
+        .iter()
+        .filter(|(s, ..)| s.tls)
+        .filter_map(|&(s, limit, p)| {
+            let clear = fill_tput
+                .iter()
+                .find(|(o, l, _)| {
+                    !o.tls && o.multifd == s.multifd && !o.zstd && o.bandwidth == 0 && *l == limit
+                })?
+                .2;
+            Some(format!(
+                "{} (limit {limit} ms): {:.0}%",
+                s.name,
+                p / clear * 100.0
+            ))
+        })
+        .collect();
+    if !against_clear.is_empty() {
+        md += &format!(
+            "\nOur TLS throughput against our clear stream with as many channels (medians, same limit): {}.\n",
+            against_clear.join("; ")
+        );
+    }
     if !against_one.is_empty() {
         md += &format!(
             "\nOur multifd throughput against our one stream (medians, same limit): {}.\n",

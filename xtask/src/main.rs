@@ -106,7 +106,7 @@ enum Cmd {
         /// Seconds per target.
         #[arg(long, default_value_t = 60)]
         seconds: u64,
-        /// Only these targets (stream, ram, block, analyze, multifd, qmp, uri); all by default.
+        /// Only these targets (stream, tls, ram, block, analyze, multifd, qmp, uri); all by default.
         targets: Vec<String>,
     },
 }

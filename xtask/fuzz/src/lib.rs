@@ -16,6 +16,7 @@ mod memfd;
 mod multifd;
 mod streams;
 mod text;
+mod tls;
 
 /// One fuzz target.
 #[derive(Debug)]
@@ -36,6 +37,12 @@ pub const TARGETS: &[Target] = &[
         name: "stream",
         about: "a whole migration stream into a destination with RAM, a disk and the vmm's CPU and KVM device sections",
         run: streams::full,
+        seeds: streams::full_seeds,
+    },
+    Target {
+        name: "tls",
+        about: "a whole stream carried by a TLS session (an authorized source's bytes) into the `stream` destination: the same verdict as from memory",
+        run: tls::tls,
         seeds: streams::full_seeds,
     },
     Target {

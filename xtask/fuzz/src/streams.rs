@@ -187,8 +187,22 @@ impl DeviceHandler for Cpu {
 }
 
 fn try_load(data: &[u8], s: Sections) -> savevm::Result<savevm::LoadReport> {
+    load_from(&mut QemuFile::new(Box::new(MemBuffer::from_bytes(data))), s)
+}
+
+/// A load of whatever `f` carries into the destination with every section.
+pub(crate) fn load_all_from(f: &mut QemuFile) -> savevm::Result<savevm::LoadReport> {
+    load_from(f, ALL)
+}
+
+/// A load of the stream in memory into the destination with every section.
+pub(crate) fn load_all(data: &[u8]) -> savevm::Result<savevm::LoadReport> {
+    try_load(data, ALL)
+}
+
+fn load_from(f: &mut QemuFile, s: Sections) -> savevm::Result<savevm::LoadReport> {
     let mut vm = vm(Memory::destination(), s);
-    vm.load(&mut QemuFile::new(Box::new(MemBuffer::from_bytes(data))))
+    vm.load(f)
 }
 
 fn load(data: &[u8], s: Sections) {
