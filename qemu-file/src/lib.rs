@@ -46,7 +46,7 @@ pub use private_socket::bind_private;
 pub use qemu_file::{KeepAlive, QemuFile};
 pub use rate_limit::RateLimiter;
 pub use shown::{SHOWN_CHARS, shown};
-pub use tls::{TlsCreds, TlsEndpoint, TlsTransport, connect_tls};
+pub use tls::{DEFAULT_HANDSHAKE_TIMEOUT, TlsCreds, TlsEndpoint, TlsTransport, connect_tls};
 pub use transport::{
     ExecTransport, FdTransport, ShutdownHandle, TcpTransport, Transport, UnixTransport, UnsentProbe,
 };

@@ -67,6 +67,7 @@ pub enum TlsEndpoint {
 pub struct TlsCreds {
     dir: PathBuf,
     verify_peer: bool,
+    handshake_timeout: Duration,
     roots: Arc<RootCertStore>,
     authz: Option<Arc<Authz>>,
     config: Config,
@@ -94,6 +95,10 @@ fn tls_error(peer: &str, reason: impl Into<String>) -> Error {
         reason: reason.into(),
     }
 }
+
+/// How long a handshake waits for the peer's next message, unless set otherwise: a
+/// migration's handshake takes milliseconds.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// ring (it builds with the C compiler alone), whose key exchanges are classical: QEMU
 /// 7.2's GnuTLS peers negotiate those too.
@@ -148,6 +153,7 @@ impl TlsCreds {
         Ok(TlsCreds {
             dir: dir.to_path_buf(),
             verify_peer,
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             roots,
             authz: None,
             config,
@@ -185,6 +191,14 @@ impl TlsCreds {
             config: Config::Server(config),
             ..self.clone()
         })
+    }
+
+    /// How long a handshake with these credentials waits for the peer's next message
+    /// ([`DEFAULT_HANDSHAKE_TIMEOUT`] unless set): a peer that connects and says nothing
+    /// (a port scan, a client holding the one connection a destination takes) is refused
+    /// after it rather than waited for.
+    pub fn set_handshake_timeout(&mut self, timeout: Duration) {
+        self.handshake_timeout = timeout;
     }
 
     /// The side these credentials are for.
@@ -459,7 +473,7 @@ impl TlsTransport {
 }
 
 /// Why a handshake failed, in words an operator can act on.
-fn handshake_error(peer: &str, side: TlsEndpoint, e: io::Error) -> Error {
+fn handshake_error(peer: &str, side: TlsEndpoint, waited: Duration, e: io::Error) -> Error {
     let them = match side {
         TlsEndpoint::Client => "the destination's certificate",
         TlsEndpoint::Server => "the source's certificate",
@@ -498,6 +512,13 @@ fn handshake_error(peer: &str, side: TlsEndpoint, e: io::Error) -> Error {
         None if e.kind() == io::ErrorKind::UnexpectedEof => {
             "the peer closed the connection during the handshake (it does not speak TLS, or refused us)"
                 .to_string()
+        }
+        None if matches!(
+            e.kind(),
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+        ) =>
+        {
+            format!("the peer said nothing for {waited:?} during the handshake")
         }
         None => e.to_string(),
     };
@@ -624,6 +645,8 @@ where
 }
 
 fn wrap(creds: &TlsCreds, sock: Socket, host: Option<&str>, uri: String) -> Result<TlsTransport> {
+    sock.set_read_timeout(Some(creds.handshake_timeout))
+        .map_err(|e| Error::open("set a handshake timeout on", &uri, e))?;
     let mut sock = Wire::new(sock);
     let session = match &creds.config {
         Config::Client(c) => {
@@ -637,23 +660,30 @@ fn wrap(creds: &TlsCreds, sock: Socket, host: Option<&str>, uri: String) -> Resu
                 .map_err(|_| tls_error(&uri, format!("{host:?} is not a host name")))?;
             let mut conn = ClientConnection::new(c.clone(), name)
                 .map_err(|e| tls_error(&uri, e.to_string()))?;
-            handshake(&mut conn, &mut sock)
-                .map_err(|e| handshake_error(&uri, TlsEndpoint::Client, e))?;
+            handshake(&mut conn, &mut sock).map_err(|e| {
+                handshake_error(&uri, TlsEndpoint::Client, creds.handshake_timeout, e)
+            })?;
             Session::Client(StreamOwned::new(conn, sock))
         }
         Config::Server(c) => {
             let mut conn =
                 ServerConnection::new(c.clone()).map_err(|e| tls_error(&uri, e.to_string()))?;
-            handshake(&mut conn, &mut sock)
-                .map_err(|e| handshake_error(&uri, TlsEndpoint::Server, e))?;
+            handshake(&mut conn, &mut sock).map_err(|e| {
+                handshake_error(&uri, TlsEndpoint::Server, creds.handshake_timeout, e)
+            })?;
             Session::Server(StreamOwned::new(conn, sock))
         }
     };
-    Ok(TlsTransport {
+    let t = TlsTransport {
         session,
         uri,
         read_timeout: None,
-    })
+    };
+    // From here on reads wait as long as the transport's user says.
+    t.sock()
+        .set_read_timeout(None)
+        .map_err(|e| Error::open("clear the handshake timeout on", &t.uri, e))?;
+    Ok(t)
 }
 
 /// Connects to `uri` (`tcp:` or `unix:`) and completes a TLS handshake as a client,

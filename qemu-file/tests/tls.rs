@@ -393,3 +393,20 @@ fn multifd_channels_complete_tls_side_by_side_before_they_are_told_apart() {
     let e = reason(&rx.join().unwrap().unwrap_err());
     assert!(e.contains("not signed by our CA"), "{e}");
 }
+
+#[test]
+fn a_peer_that_says_nothing_is_refused_after_the_handshake_timeout() {
+    let s = good("silent");
+    let mut creds = TlsCreds::load(&s.server, TlsEndpoint::Server, true).unwrap();
+    creds.set_handshake_timeout(std::time::Duration::from_millis(300));
+    let l = Listener::bind(&MigrationUri::parse("tcp:127.0.0.1:0").unwrap()).unwrap();
+    let uri = l.local_uri();
+    let rx = thread::spawn(move || l.accept_tls(&creds).map(|_| ()));
+    // Connected, and silent.
+    let _silent = connect(&uri).unwrap();
+    let e = reason(&rx.join().unwrap().unwrap_err());
+    assert!(
+        e.contains("said nothing for 300ms during the handshake"),
+        "{e}"
+    );
+}
