@@ -313,12 +313,15 @@ impl SaveVm {
             .write_to(SectionType::Full, f);
             let mut w = FieldWriter::new(f);
             h.save(&mut w).map_err(section_error(&e.info, "save"))?;
+            let fields = w
+                .into_fields()
+                .map_err(|err| section_error(&e.info, "save")(err.into()))?;
             devices.push(DeviceDescription {
                 name: e.info.idstr.clone(),
                 instance_id: e.info.instance_id,
                 vmsd_name: e.info.idstr.clone(),
                 version: e.info.version_id,
-                fields: w.into_fields(),
+                fields,
                 subsections: Vec::new(),
             });
             Footer::write_to(e.section_id, f);

@@ -116,10 +116,16 @@ impl VmDescription {
 }
 
 /// Writes a device's fields and records their description.
+///
+/// What a [`FieldReader`] would refuse is refused here too, so nothing is saved that
+/// cannot be loaded: a `buffer` longer than [`MAX_FIELD_LEN`] writes nothing and fails
+/// the device's save, naming the field.
 #[derive(Debug)]
 pub struct FieldWriter<'a> {
     f: &'a mut QemuFile,
     fields: Vec<FieldDesc>,
+    /// The first field refused; the save fails with it.
+    refused: Option<FieldError>,
 }
 
 impl<'a> FieldWriter<'a> {
@@ -127,11 +133,16 @@ impl<'a> FieldWriter<'a> {
         FieldWriter {
             f,
             fields: Vec::new(),
+            refused: None,
         }
     }
 
-    pub(crate) fn into_fields(self) -> Vec<FieldDesc> {
-        self.fields
+    /// The fields written, or the first one refused.
+    pub(crate) fn into_fields(self) -> Result<Vec<FieldDesc>, FieldError> {
+        match self.refused {
+            Some(e) => Err(e),
+            None => Ok(self.fields),
+        }
     }
 
     fn describe(&mut self, name: &str, ty: FieldType, size: usize) {
@@ -186,8 +197,20 @@ impl<'a> FieldWriter<'a> {
         self.f.put_be64(v as u64);
     }
 
-    /// Writes raw bytes as a `buffer`.
+    /// Writes raw bytes as a `buffer`: at most [`MAX_FIELD_LEN`], what a reader takes.
+    /// A longer one is not written, and the device's save fails naming it.
     pub fn buffer(&mut self, name: &str, data: &[u8]) {
+        if data.len() > MAX_FIELD_LEN {
+            self.refused.get_or_insert_with(|| FieldError::Invalid {
+                field: name.to_string(),
+                reason: format!(
+                    "{} bytes, more than the {MAX_FIELD_LEN} a reader takes (MAX_FIELD_LEN): \
+                     saved, it could not be loaded",
+                    data.len()
+                ),
+            });
+            return;
+        }
         self.describe(name, FieldType::Buffer, data.len());
         self.f.put_buffer(data);
     }
@@ -324,6 +347,32 @@ mod tests {
     use qemu_file::MemBuffer;
 
     #[test]
+    fn what_a_reader_refuses_is_not_written() {
+        let b = MemBuffer::new();
+        let mut f = QemuFile::new(Box::new(b.clone()));
+        let mut w = FieldWriter::new(&mut f);
+        w.u32("count", 200_000);
+        w.buffer("items", &vec![7u8; MAX_FIELD_LEN]);
+        w.buffer("more", &vec![7u8; MAX_FIELD_LEN + 1]);
+        w.buffer("even_more", &vec![7u8; 2 * MAX_FIELD_LEN]);
+        let e = w.into_fields().unwrap_err().to_string();
+        assert!(
+            e.contains("\"more\"") && e.contains("could not be loaded"),
+            "{e}"
+        );
+        f.flush().unwrap();
+        // The field at the limit went out, the longer ones not.
+        assert_eq!(b.contents().len(), 4 + MAX_FIELD_LEN);
+        let mut f = QemuFile::new(Box::new(b.clone()));
+        let mut r = FieldReader::new(&mut f);
+        assert_eq!(r.u32("count").unwrap(), 200_000);
+        assert_eq!(
+            r.buffer("items", MAX_FIELD_LEN).unwrap().len(),
+            MAX_FIELD_LEN
+        );
+    }
+
+    #[test]
     fn fields_golden_bytes_and_description() {
         let b = MemBuffer::new();
         let mut f = QemuFile::new(Box::new(b.clone()));
@@ -336,7 +385,7 @@ mod tests {
         w.i32("delta", -2);
         w.i64("offset", -1);
         w.buffer("fifo", b"ab");
-        let fields = w.into_fields();
+        let fields = w.into_fields().unwrap();
         f.flush().unwrap();
         #[rustfmt::skip]
         let golden: &[u8] = &[
