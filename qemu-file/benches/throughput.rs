@@ -10,10 +10,12 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use qemu_file::{KeepAlive, QemuFile, UnixTransport};
+use qemu_file::{QemuFile, UnixTransport};
 
-const PAGE: usize = 4096;
-const TOTAL: usize = 1 << 30;
+#[path = "common/pages.rs"]
+mod pages;
+use pages::{PAGE, TOTAL, send_pages};
+
 const SOURCE: usize = 256 << 20;
 const ROUNDS: usize = 5;
 
@@ -46,20 +48,9 @@ fn plain(mem: &[u8]) -> Duration {
 fn qemu_file(mem: &Arc<Vec<u8>>) -> Duration {
     let (a, b) = UnixStream::pair().unwrap();
     let d = drain(b);
-    let owner: KeepAlive = mem.clone();
     let mut f = QemuFile::new(Box::new(UnixTransport::new(a, "bench".into())));
-    f.set_chunk_budget(1 << 20);
     let t = Instant::now();
-    for i in 0..TOTAL / PAGE {
-        let off = (i * PAGE) % mem.len();
-        f.put_be64((off as u64) | 0x08);
-        // SAFETY: `mem` outlives the file and is kept alive by `owner`.
-        unsafe { f.put_buffer_external(mem.as_ptr().add(off), PAGE, &owner) };
-        if f.budget_exhausted() {
-            f.flush().unwrap();
-        }
-    }
-    f.finish().unwrap();
+    send_pages(&mut f, mem);
     drop(f);
     let expect = (TOTAL / PAGE * (PAGE + 8)) as u64;
     assert_eq!(d.join().unwrap(), expect);

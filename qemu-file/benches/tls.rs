@@ -11,13 +11,13 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use qemu_file::{
-    KeepAlive, Listener, MigrationUri, QemuFile, TlsCreds, TlsEndpoint, connect, connect_tls,
-};
+use qemu_file::{Listener, MigrationUri, QemuFile, TlsCreds, TlsEndpoint, connect, connect_tls};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 
-const PAGE: usize = 4096;
-const TOTAL: usize = 1 << 30;
+#[path = "common/pages.rs"]
+mod pages;
+use pages::{PAGE, TOTAL, send_pages};
+
 const SOURCE: usize = 256 << 20;
 const ROUNDS: usize = 7;
 
@@ -68,20 +68,9 @@ fn run(mem: &Arc<Vec<u8>>, tls: Option<(&TlsCreds, &TlsCreds)>) -> Duration {
         Some((_, c)) => connect_tls(&uri, c, None).unwrap(),
         None => connect(&uri).unwrap(),
     };
-    let owner: KeepAlive = mem.clone();
     let mut f = QemuFile::new(t);
-    f.set_chunk_budget(1 << 20);
     let start = Instant::now();
-    for i in 0..TOTAL / PAGE {
-        let off = (i * PAGE) % mem.len();
-        f.put_be64((off as u64) | 0x08);
-        // SAFETY: `mem` outlives the file and is kept alive by `owner`.
-        unsafe { f.put_buffer_external(mem.as_ptr().add(off), PAGE, &owner) };
-        if f.budget_exhausted() {
-            f.flush().unwrap();
-        }
-    }
-    f.finish().unwrap();
+    send_pages(&mut f, mem);
     assert_eq!(reader.join().unwrap(), TOTAL as u64);
     start.elapsed()
 }

@@ -48,6 +48,7 @@ pub use rate_limit::RateLimiter;
 pub use shown::{SHOWN_CHARS, shown};
 pub use tls::{DEFAULT_HANDSHAKE_TIMEOUT, TlsCreds, TlsEndpoint, TlsTransport, connect_tls};
 pub use transport::{
-    ExecTransport, FdTransport, ShutdownHandle, TcpTransport, Transport, UnixTransport, UnsentProbe,
+    ExecTransport, FdTransport, ShutdownHandle, SocketTransport, StreamSocket, TcpTransport,
+    Transport, UnixTransport, UnsentProbe,
 };
 pub use uri::MigrationUri;

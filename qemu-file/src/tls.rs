@@ -50,7 +50,7 @@ use rustls::{
 
 use crate::authz::Authz;
 use crate::dn::subject_name;
-use crate::transport::{ShutdownHandle, Transport, UnsentProbe};
+use crate::transport::{ShutdownHandle, StreamSocket, Transport, UnsentProbe};
 use crate::{Error, MigrationUri, Result};
 
 /// Which side of the handshake credentials are for (QEMU's `endpoint=`).
@@ -325,63 +325,7 @@ fn key(dir: &Path, name: &str) -> Result<PrivateKeyDer<'static>> {
 }
 
 /// The socket under a TLS session.
-#[derive(Debug)]
-enum Socket {
-    Tcp(TcpStream),
-    Unix(UnixStream),
-}
-
-impl Socket {
-    fn as_fd(&self) -> BorrowedFd<'_> {
-        match self {
-            Socket::Tcp(s) => s.as_fd(),
-            Socket::Unix(s) => s.as_fd(),
-        }
-    }
-
-    fn shutdown(&self, how: Shutdown) -> io::Result<()> {
-        match self {
-            Socket::Tcp(s) => s.shutdown(how),
-            Socket::Unix(s) => s.shutdown(how),
-        }
-    }
-
-    fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
-        match self {
-            Socket::Tcp(s) => s.set_read_timeout(t),
-            Socket::Unix(s) => s.set_read_timeout(t),
-        }
-    }
-}
-
-impl Read for Socket {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self {
-            Socket::Tcp(s) => s.read(buf),
-            Socket::Unix(s) => s.read(buf),
-        }
-    }
-}
-
-impl Write for Socket {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match self {
-            Socket::Tcp(s) => s.write(buf),
-            Socket::Unix(s) => s.write(buf),
-        }
-    }
-
-    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-        match self {
-            Socket::Tcp(s) => s.write_vectored(bufs),
-            Socket::Unix(s) => s.write_vectored(bufs),
-        }
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
+type Socket = Box<dyn StreamSocket>;
 
 /// The socket as TLS sees it: reads come from a large buffer filled by one `read` at a
 /// time (rustls asks for 4 KiB at most: without it, a syscall per 4 KiB), writes go
@@ -702,11 +646,11 @@ pub fn connect_tls(
             let s = TcpStream::connect((host.as_str(), *port))
                 .map_err(|e| Error::open("connect to", &text, e))?;
             let _ = s.set_nodelay(true);
-            (Socket::Tcp(s), Some(host.as_str()))
+            (Box::new(s) as Socket, Some(host.as_str()))
         }
         MigrationUri::Unix(path) => {
             let s = UnixStream::connect(path).map_err(|e| Error::open("connect to", &text, e))?;
-            (Socket::Unix(s), None)
+            (Box::new(s) as Socket, None)
         }
         other => {
             return Err(tls_error(
@@ -731,7 +675,7 @@ pub(crate) fn accept_tcp(
     uri: String,
 ) -> Result<Box<dyn Transport>> {
     let _ = s.set_nodelay(true);
-    server(creds, Socket::Tcp(s), uri)
+    server(creds, Box::new(s), uri)
 }
 
 /// As [`accept_tcp`], on a unix socket.
@@ -740,7 +684,7 @@ pub(crate) fn accept_unix(
     s: UnixStream,
     uri: String,
 ) -> Result<Box<dyn Transport>> {
-    server(creds, Socket::Unix(s), uri)
+    server(creds, Box::new(s), uri)
 }
 
 fn server(creds: &TlsCreds, sock: Socket, uri: String) -> Result<Box<dyn Transport>> {

@@ -146,20 +146,53 @@ impl fmt::Debug for ShutdownHandle {
     }
 }
 
-/// A TCP connection (`tcp:HOST:PORT`).
+/// A connected stream socket, TCP or unix: what [`SocketTransport`] (and TLS) run on.
+pub trait StreamSocket: Read + Write + AsFd + Send + fmt::Debug {
+    /// Shuts down one or both directions.
+    fn shutdown(&self, how: Shutdown) -> io::Result<()>;
+    /// SO_RCVTIMEO.
+    fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()>;
+}
+
+impl StreamSocket for TcpStream {
+    fn shutdown(&self, how: Shutdown) -> io::Result<()> {
+        TcpStream::shutdown(self, how)
+    }
+    fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        TcpStream::set_read_timeout(self, timeout)
+    }
+}
+
+impl StreamSocket for UnixStream {
+    fn shutdown(&self, how: Shutdown) -> io::Result<()> {
+        UnixStream::shutdown(self, how)
+    }
+    fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        UnixStream::set_read_timeout(self, timeout)
+    }
+}
+
+/// A stream socket connection in the clear: `tcp:HOST:PORT` ([`TcpTransport`]) or
+/// `unix:PATH` ([`UnixTransport`]).
 #[derive(Debug)]
-pub struct TcpTransport {
-    stream: TcpStream,
+pub struct SocketTransport<S> {
+    stream: S,
     uri: String,
     read_timeout: Option<Duration>,
 }
 
-impl TcpTransport {
+/// A TCP connection (`tcp:HOST:PORT`).
+pub type TcpTransport = SocketTransport<TcpStream>;
+
+/// A unix domain socket connection (`unix:PATH`).
+pub type UnixTransport = SocketTransport<UnixStream>;
+
+impl SocketTransport<TcpStream> {
     /// Wraps a connected stream. Nagle is turned off: the last small writes of a migration
     /// must not wait for the peer's delayed acknowledgement while the VM is stopped.
     pub fn new(stream: TcpStream, uri: String) -> Self {
         let _ = stream.set_nodelay(true);
-        TcpTransport {
+        SocketTransport {
             stream,
             uri,
             read_timeout: None,
@@ -167,50 +200,10 @@ impl TcpTransport {
     }
 }
 
-impl Transport for TcpTransport {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        timed(self.stream.read(buf), self.read_timeout)
-    }
-    fn read_vectored(&mut self, bufs: &mut [IoSliceMut<'_>]) -> io::Result<usize> {
-        timed(self.stream.read_vectored(bufs), self.read_timeout)
-    }
-    fn set_read_timeout(&mut self, timeout: Option<Duration>) -> io::Result<()> {
-        self.stream.set_read_timeout(timeout)?;
-        self.read_timeout = timeout;
-        Ok(())
-    }
-    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-        (self.stream.write_vectored(bufs)).map_err(|e| tls_alert_in_reply(&self.stream, e))
-    }
-    fn shutdown_handle(&self) -> Option<ShutdownHandle> {
-        ShutdownHandle::for_socket(&self.stream)
-    }
-    fn finish(&mut self) -> io::Result<()> {
-        half_close(self.stream.shutdown(Shutdown::Write))
-    }
-    fn limit_receive_buffer(&self, bytes: usize) -> io::Result<()> {
-        set_receive_buffer(&self.stream, bytes)
-    }
-    fn unsent_probe(&self) -> Option<UnsentProbe> {
-        UnsentProbe::for_socket(&self.stream)
-    }
-    fn describe(&self) -> String {
-        self.uri.clone()
-    }
-}
-
-/// A unix domain socket connection (`unix:PATH`).
-#[derive(Debug)]
-pub struct UnixTransport {
-    stream: UnixStream,
-    uri: String,
-    read_timeout: Option<Duration>,
-}
-
-impl UnixTransport {
+impl SocketTransport<UnixStream> {
     /// Wraps a connected stream.
     pub fn new(stream: UnixStream, uri: String) -> Self {
-        UnixTransport {
+        SocketTransport {
             stream,
             uri,
             read_timeout: None,
@@ -218,7 +211,7 @@ impl UnixTransport {
     }
 }
 
-impl Transport for UnixTransport {
+impl<S: StreamSocket> Transport for SocketTransport<S> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         timed(self.stream.read(buf), self.read_timeout)
     }
