@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
-use xtask::harness::{Qmp, Vmm};
+use vmm_harness::{Qmp, Vmm};
 
 use crate::certs::TestPki;
 use crate::memwatch::MemWatch;
@@ -444,7 +444,7 @@ pub(crate) fn guest_image(
 ) -> Result<PathBuf> {
     let image = dir.join("guest.img");
     let tsc = tsc_khz.map_or("auto".to_string(), |t| t.to_string());
-    let st = Command::new(xtask::harness::vmm())
+    let st = Command::new(vmm_harness::vmm())
         .args(["image", "--workload", workload, "--range-size", range])
         .args(["--rate", &rate.to_string(), "--tsc-khz", &tsc, "-o"])
         .arg(&image)
@@ -753,7 +753,7 @@ pub fn run(vmm: PathBuf, opts: &Options) -> Result<()> {
         let known: Vec<&str> = SCENARIOS.iter().map(|s| s.slug).collect();
         anyhow::bail!("no scenario {o:?}; there are: {}", known.join(", "));
     }
-    xtask::harness::set_vmm(&vmm);
+    vmm_harness::set_vmm(&vmm);
     std::fs::create_dir_all(&opts.out)?;
     let work = std::env::temp_dir().join(format!("vmm-bench-{}", std::process::id()));
     std::fs::create_dir_all(&work)?;

@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
 use serde_json::{Value, json};
-use xtask::harness::{Qmp, Vmm, scratch};
-use xtask::proxy::{Fault, FaultProxy};
+use vmm_harness::proxy::{Fault, FaultProxy};
+use vmm_harness::{Qmp, Vmm, scratch};
 
 use crate::migrate_test::{
     MEMORY, Measured, destination, disk_image_of, event, last_lines, qmp_source,

@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
 use serde_json::json;
-use xtask::harness::Vmm;
-use xtask::proxy::{Fault, FaultProxy};
+use vmm_harness::Vmm;
+use vmm_harness::proxy::{Fault, FaultProxy};
 
 use crate::migrate_test::{MEMORY, Measured, destination, disk_image_of, event, qmp_source};
 
@@ -58,7 +58,7 @@ const DISK: u64 = 16 << 20;
 /// Runs one case: `shared` puts both processes on one image (`migrate=off`), otherwise
 /// the destination gets its own copy over the stream.
 pub fn run(b: Break, shared: bool) -> Result<Measured> {
-    let dir = xtask::harness::scratch(&format!(
+    let dir = vmm_harness::scratch(&format!(
         "handover-{}-{}",
         b.name().replace([' ', ','], "-"),
         if shared { "shared" } else { "copied" }

@@ -24,7 +24,7 @@ use savevm::format::{
 };
 use serde_json::json;
 use vm_memory::MmapRegion;
-use xtask::harness::Qmp;
+use vmm_harness::Qmp;
 
 use crate::bench::{guest_image, qemu_start};
 use crate::certs::TestPki;

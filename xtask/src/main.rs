@@ -298,7 +298,7 @@ fn ci() -> Result<()> {
 /// (0 and 2 channels) into our destination, and its TLS destination's authz against the
 /// names vmm writes. `vmm` writes the guest's disk image.
 fn interop_all(qemu: &Path, vmm: &Path) -> Result<()> {
-    xtask::harness::set_vmm(vmm);
+    vmm_harness::set_vmm(vmm);
     let work = std::env::temp_dir().join(format!("vmm-interop-{}", std::process::id()));
     let pki = certs::make(&work.join("pki"))?;
     for (channels, zstd, tls) in [

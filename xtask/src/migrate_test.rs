@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
 use serde_json::{Value, json};
-use xtask::harness::{Qmp, Vmm, scratch};
+use vmm_harness::{Qmp, Vmm, scratch};
 
 use crate::faults::{Action, Phase, migrate_again};
 
@@ -555,7 +555,7 @@ fn run_case(case: &Case) -> Result<Measured> {
 /// # Errors
 /// A failed case.
 pub fn run(vmm: PathBuf, quick: bool, only: &[String]) -> Result<()> {
-    xtask::harness::set_vmm(vmm);
+    vmm_harness::set_vmm(vmm);
     let mut cases = cases(quick);
     if !only.is_empty() {
         cases.retain(|c| only.iter().any(|o| c.name().contains(o.as_str())));
@@ -566,7 +566,7 @@ pub fn run(vmm: PathBuf, quick: bool, only: &[String]) -> Result<()> {
     println!(
         "migrate-test: {} cases, guest memory {MEMORY}, accelerator {}\n",
         cases.len(),
-        xtask::harness::accel()
+        vmm_harness::accel()
     );
     println!("| case | result | total ms | real downtime ms | bytes | MB/s |");
     println!("|---|---|---:|---:|---:|---:|");

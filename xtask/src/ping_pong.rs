@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use anyhow::{Result, bail};
 use serde_json::{Value, json};
-use xtask::harness::{Qmp, Vmm, scratch};
+use vmm_harness::{Qmp, Vmm, scratch};
 
 use crate::migrate_test::{MEMORY, Measured, disk_image_of};
 

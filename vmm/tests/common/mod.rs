@@ -2,7 +2,7 @@
 //! module points it at the vmm binary cargo built for these tests.
 #![allow(dead_code)]
 
-pub use xtask::harness::*;
+pub use vmm_harness::*;
 
 /// The vmm binary of this build.
 pub const VMM: &str = env!("CARGO_BIN_EXE_vmm");

@@ -1,6 +1,9 @@
 //! Running vmm processes: spawning them with an event log, reading the log, talking QMP,
-//! and the checks of a completed migration. Used by `cargo xtask migrate-test` and bench,
-//! and by vmm's own end-to-end tests.
+//! and the checks of a completed migration; [`proxy`], a TCP proxy that injects faults.
+//! Used by `cargo xtask migrate-test` and bench, and by vmm's own end-to-end tests (a
+//! crate of its own so that vmm's tests build neither xtask nor what xtask needs).
+
+pub mod proxy;
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
