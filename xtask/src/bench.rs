@@ -23,6 +23,7 @@ use vmm_harness::{Qmp, Vmm};
 use crate::certs::TestPki;
 use crate::memwatch::MemWatch;
 use crate::plot;
+use crate::stats;
 
 /// A workload to migrate.
 #[derive(Debug, Clone, Copy)]
@@ -605,6 +606,58 @@ fn qemu_inner(
     Ok(())
 }
 
+/// How far each row's figures can be trusted: the range of every round, and a 90%
+/// bootstrap interval of the ratio of medians (ours / QEMU).
+fn spread_table(scenarios: &[&Scenario], runs: &[Run]) -> String {
+    let mut md = String::from(
+        "\nSpread of the rounds above (min–max of the completed rounds; ratio: 90% bootstrap \
+         interval of median ours / median QEMU):\n\n\
+         | scenario | limit ms | total ms ours | QEMU | ratio 90% | real downtime ms ours | QEMU | ratio 90% | throughput MB/s ours | QEMU | ratio 90% |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    let span = |v: &[f64], digits: usize| match stats::range(v) {
+        Some((a, b)) => format!("{a:.digits$}–{b:.digits$}"),
+        None => "-".into(),
+    };
+    let interval = |a: &[f64], b: &[f64]| match stats::ratio_interval(a, b) {
+        Some((lo, hi)) => format!("{lo:.2}–{hi:.2}"),
+        None => "-".into(),
+    };
+    for s in scenarios {
+        for &limit in s.limits {
+            let pick = |side: &str, f: &dyn Fn(&Run) -> f64| -> Vec<f64> {
+                runs.iter()
+                    .filter(|r| {
+                        r.side == side && r.scenario == s.slug && r.limit == limit && r.completed
+                    })
+                    .map(f)
+                    .collect()
+            };
+            let tput = |r: &Run| r.bytes as f64 / (r.total_ms / 1e3).max(1e-9) / 1e6;
+            let (ot, qt) = (pick("ours", &|r| r.total_ms), pick("qemu", &|r| r.total_ms));
+            let (od, qd) = (
+                pick("ours", &|r| r.downtime_ms),
+                pick("qemu", &|r| r.downtime_ms),
+            );
+            let (op, qp) = (pick("ours", &tput), pick("qemu", &tput));
+            md += &format!(
+                "| {} | {limit} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+                s.name,
+                span(&ot, 0),
+                span(&qt, 0),
+                interval(&ot, &qt),
+                span(&od, 1),
+                span(&qd, 1),
+                interval(&od, &qd),
+                span(&op, 0),
+                span(&qp, 0),
+                interval(&op, &qp),
+            );
+        }
+    }
+    md
+}
+
 /// Guest RAM of every scenario, bytes.
 const GUEST_BYTES: u64 = MEMORY_MIB << 20;
 const MIB: f64 = (1u64 << 20) as f64;
@@ -721,12 +774,8 @@ fn loopback_tcp_streams(streams: usize) -> Result<f64> {
     Ok(best)
 }
 
-fn median(mut v: Vec<f64>) -> Option<f64> {
-    if v.is_empty() {
-        return None;
-    }
-    v.sort_by(|a, b| a.total_cmp(b));
-    Some(v[v.len() / 2])
+fn median(v: Vec<f64>) -> Option<f64> {
+    stats::median(&v)
 }
 
 fn fmt(v: Option<f64>, digits: usize) -> String {
@@ -858,6 +907,17 @@ pub fn run(vmm: PathBuf, opts: &Options) -> Result<()> {
         let _ = std::fs::remove_dir_all(&dir);
     }
     let _ = std::fs::remove_dir_all(&work);
+    // The references again: a machine that changed under the run shows here.
+    let (mc_after, tcp_after) = (memcpy(), loopback_tcp()?);
+    let streams_after: Vec<(usize, f64)> = [1, 2, 4]
+        .into_iter()
+        .map(|n| loopback_tcp_streams(n).map(|b| (n, b)))
+        .collect::<Result<_>>()?;
+    eprintln!(
+        "bench: after the scenarios, memcpy {:.2} GB/s, loopback TCP {:.2} GB/s",
+        mc_after / 1e9,
+        tcp_after / 1e9
+    );
 
     // The report.
     let mut md = String::new();
@@ -943,6 +1003,7 @@ pub fn run(vmm: PathBuf, opts: &Options) -> Result<()> {
             );
         }
     }
+    md += &spread_table(&scenarios, &runs);
     md += "\nReal downtime against the limit (completed runs within it, and the worst):\n\n";
     md += "| scenario | limit ms | ours within | ours max ms | QEMU within | QEMU max ms |\n";
     md += "|---|---:|---:|---:|---:|---:|\n";
@@ -1006,9 +1067,17 @@ pub fn run(vmm: PathBuf, opts: &Options) -> Result<()> {
         );
     }
     md += &format!(
-        "\nPhysical references in the same run: memcpy {:.2} GB/s, loopback TCP {:.2} GB/s.",
+        "\nPhysical references in the same run, before the scenarios and after them: memcpy \
+         {:.2} and {:.2} GB/s, loopback TCP {:.2} and {:.2} GB/s; by connections, after: {}.",
         mc / 1e9,
-        tcp / 1e9
+        mc_after / 1e9,
+        tcp / 1e9,
+        tcp_after / 1e9,
+        streams_after
+            .iter()
+            .map(|(n, b)| format!("{n}: {:.2} GB/s", b / 1e9))
+            .collect::<Vec<_>>()
+            .join(", ")
     );
     if let Some(p) = best_fill_tput {
         md += &format!(
@@ -1087,6 +1156,8 @@ pub fn run(vmm: PathBuf, opts: &Options) -> Result<()> {
     std::fs::write(opts.out.join("report.md"), &md)?;
     let results = json!({
         "host": host(), "qemu": qemu_version, "memcpy_bps": mc, "loopback_tcp_bps": tcp,
+        "after": {"memcpy_bps": mc_after, "loopback_tcp_bps": tcp_after,
+                  "loopback_tcp_streams_bps": streams_after.iter().map(|(n, b)| json!({"streams": n, "bps": b})).collect::<Vec<_>>()},
         "loopback_tcp_streams_bps": streams.iter().map(|(n, b)| json!({"streams": n, "bps": b})).collect::<Vec<_>>(),
         "runs": runs.iter().map(Run::json).collect::<Vec<_>>(),
         "memory_runs": mem_runs.iter().map(Run::json).collect::<Vec<_>>(),

@@ -28,6 +28,7 @@ mod migrate_test;
 mod ping_pong;
 mod plot;
 mod qmp_conformance;
+mod stats;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
