@@ -124,16 +124,14 @@ mod tests {
 
     fn bytes(f: impl FnOnce(&mut QemuFile)) -> Vec<u8> {
         let b = MemBuffer::new();
-        let mut q = QemuFile::new(Box::new(b.clone()));
+        let mut q = b.file();
         f(&mut q);
         q.flush().unwrap();
         b.contents()
     }
 
     fn read(b: &[u8]) -> Result<Record> {
-        Record::read_from(&mut QemuFile::new(Box::new(MemBuffer::from_bytes(
-            b.to_vec(),
-        ))))
+        Record::read_from(&mut QemuFile::from_bytes(b.to_vec()))
     }
 
     #[test]
@@ -185,7 +183,7 @@ mod tests {
             Record::write_to(f, 524_288, BLK_MIG_FLAG_DEVICE_INFO, Some("a"));
         });
         assert_eq!(b, golden);
-        let mut f = QemuFile::new(Box::new(MemBuffer::from_bytes(golden.to_vec())));
+        let mut f = QemuFile::from_bytes(golden.to_vec());
         let recs: Vec<Record> = (0..4).map(|_| Record::read_from(&mut f).unwrap()).collect();
         assert_eq!(recs[0].flags, 9);
         assert_eq!((recs[1].flags, recs[1].value), (BLK_MIG_FLAG_PROGRESS, 100));

@@ -23,11 +23,11 @@
 //! let mut source = SaveVm::new("pc");
 //! source.register_live(BlockMigration::info(), Box::new(BlockMigration::new(vec![src], Arc::default())))?;
 //! let stream = MemBuffer::new();
-//! source.save_snapshot(&mut QemuFile::new(Box::new(stream.clone())))?;
+//! source.save_snapshot(&mut stream.file())?;
 //!
 //! let mut dest = SaveVm::new("pc");
 //! dest.register_live(BlockMigration::info(), Box::new(BlockMigration::new(vec![dst.clone()], Arc::default())))?;
-//! dest.load(&mut QemuFile::new(Box::new(MemBuffer::from_bytes(stream.contents()))))?;
+//! dest.load(&mut QemuFile::from_bytes(stream.contents()))?;
 //! let mut back = [0u8; 5];
 //! dst.read_at(&mut back, 3 << 20)?;
 //! assert_eq!(&back, b"hello");

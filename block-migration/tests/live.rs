@@ -79,7 +79,7 @@ fn live_copies_with_writes_between_iterations_end_identical() {
     }
     let (mut src, stats) = vm(vec![da.clone(), db.clone()]);
     let buf = MemBuffer::new();
-    let mut f = QemuFile::new(Box::new(buf.clone()));
+    let mut f = buf.file();
     src.save_header(&mut f);
     src.save_setup(&mut f).unwrap();
     let mut rounds = 0;
@@ -107,10 +107,7 @@ fn live_copies_with_writes_between_iterations_end_identical() {
 
     let (ta_d, tb_d) = (open(&ta, "disk-a"), open(&tb, "disk-b"));
     let (mut dst, dstats) = vm(vec![ta_d, tb_d]);
-    dst.load(&mut QemuFile::new(Box::new(MemBuffer::from_bytes(
-        buf.contents(),
-    ))))
-    .unwrap();
+    dst.load(&mut QemuFile::from_bytes(buf.contents())).unwrap();
     assert_eq!(contents(&ta), contents(&sa));
     assert_eq!(contents(&tb), contents(&sb));
     assert_eq!(dstats.snapshot().bulk_percent, 100);
@@ -129,8 +126,7 @@ fn stream_of(disks: &[(&str, u64)], d: &Path) -> Vec<u8> {
         .collect();
     let (mut src, _) = vm(ds);
     let buf = MemBuffer::new();
-    src.save_snapshot(&mut QemuFile::new(Box::new(buf.clone())))
-        .unwrap();
+    src.save_snapshot(&mut buf.file()).unwrap();
     buf.contents()
 }
 
@@ -146,9 +142,7 @@ fn refuse(stream: Vec<u8>, disks: &[(&str, u64)], d: &Path) -> (Error, bool) {
         .map(|((n, _), p)| open(p, n))
         .collect();
     let (mut dst, _) = vm(ds);
-    let e = dst
-        .load(&mut QemuFile::new(Box::new(MemBuffer::from_bytes(stream))))
-        .unwrap_err();
+    let e = dst.load(&mut QemuFile::from_bytes(stream)).unwrap_err();
     let touched = paths.iter().any(|p| contents(p).iter().any(|b| *b != 0));
     match e {
         savevm::Error::Section { source, .. } => (*source.downcast::<Error>().unwrap(), touched),
@@ -212,8 +206,7 @@ fn a_created_destination_takes_the_streams_size() {
     let mut dst = SaveVm::new("pc");
     dst.register_live(BlockMigration::info(), Box::new(mig))
         .unwrap();
-    dst.load(&mut QemuFile::new(Box::new(MemBuffer::from_bytes(s))))
-        .unwrap();
+    dst.load(&mut QemuFile::from_bytes(s)).unwrap();
     assert_eq!(disk.size(), 5 * MIB);
     assert_eq!(&contents(&p)[..4096], &[0x5a; 4096][..]);
     std::fs::remove_dir_all(&d).unwrap();
@@ -230,10 +223,8 @@ fn hostile_streams_are_refused_without_panics() {
         let p = image(&d, "t.dst", 2 * MIB);
         let (mut dst, _) = vm(vec![open(&p, "d0")]);
         assert!(
-            dst.load(&mut QemuFile::new(Box::new(MemBuffer::from_bytes(
-                s[..cut].to_vec()
-            ))))
-            .is_err(),
+            dst.load(&mut QemuFile::from_bytes(s[..cut].to_vec()))
+                .is_err(),
             "cut {cut}"
         );
     }
@@ -244,7 +235,7 @@ fn hostile_streams_are_refused_without_panics() {
         b[i] ^= 1 << (rng.next() % 8);
         let p = image(&d, "t.dst", 2 * MIB);
         let (mut dst, _) = vm(vec![open(&p, "d0")]);
-        let _ = dst.load(&mut QemuFile::new(Box::new(MemBuffer::from_bytes(b))));
+        let _ = dst.load(&mut QemuFile::from_bytes(b));
     }
     std::fs::remove_dir_all(&d).unwrap();
 }

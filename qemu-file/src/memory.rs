@@ -33,6 +33,12 @@ impl MemBuffer {
     pub fn contents(&self) -> Vec<u8> {
         lock(&self.inner).0.clone()
     }
+
+    /// A [`QemuFile`](crate::QemuFile) writing into (and reading from) this buffer; the
+    /// buffer keeps what it wrote for [`MemBuffer::contents`].
+    pub fn file(&self) -> crate::QemuFile {
+        crate::QemuFile::new(Box::new(self.clone()))
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {

@@ -81,6 +81,12 @@ impl fmt::Debug for QemuFile {
 }
 
 impl QemuFile {
+    /// A stream that reads `bytes` (a saved stream in memory, e.g. to load a snapshot
+    /// or in tests).
+    pub fn from_bytes(bytes: impl Into<Vec<u8>>) -> Self {
+        QemuFile::new(Box::new(crate::MemBuffer::from_bytes(bytes)))
+    }
+
     /// A stream over `transport`, unlimited bandwidth.
     pub fn new(transport: Box<dyn Transport>) -> Self {
         let name = transport.describe();
@@ -634,7 +640,7 @@ mod tests {
 
     fn written(f: impl FnOnce(&mut QemuFile)) -> Vec<u8> {
         let buf = MemBuffer::new();
-        let mut q = QemuFile::new(Box::new(buf.clone()));
+        let mut q = buf.file();
         f(&mut q);
         q.flush().unwrap();
         buf.contents()
@@ -655,7 +661,7 @@ mod tests {
                 0xab, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 3, b'r', b'a', b'm'
             ]
         );
-        let mut q = QemuFile::new(Box::new(MemBuffer::from_bytes(b)));
+        let mut q = QemuFile::from_bytes(b);
         assert_eq!(q.get_u8().unwrap(), 0xab);
         assert_eq!(q.get_be16().unwrap(), 0x0102);
         assert_eq!(q.get_be32().unwrap(), 0x0304_0506);
@@ -733,7 +739,7 @@ mod tests {
             q.put_counted_string("block");
         });
         for cut in 0..full.len() {
-            let mut q = QemuFile::new(Box::new(MemBuffer::from_bytes(full[..cut].to_vec())));
+            let mut q = QemuFile::from_bytes(full[..cut].to_vec());
             let r = (|| -> Result<()> {
                 q.get_be32()?;
                 q.get_be64()?;
@@ -751,7 +757,7 @@ mod tests {
 
     #[test]
     fn lengths_are_checked_before_allocating() {
-        let mut q = QemuFile::new(Box::new(MemBuffer::from_bytes(vec![0; 16])));
+        let mut q = QemuFile::from_bytes(vec![0; 16]);
         match q.get_bytes(u64::MAX, 1 << 20, "device state") {
             Err(Error::LengthTooLarge {
                 what,
@@ -770,7 +776,7 @@ mod tests {
 
     #[test]
     fn invalid_utf8_names_are_refused() {
-        let mut q = QemuFile::new(Box::new(MemBuffer::from_bytes(vec![2, 0xff, 0xfe])));
+        let mut q = QemuFile::from_bytes(vec![2, 0xff, 0xfe]);
         assert!(matches!(
             q.get_counted_string("RAM block name"),
             Err(Error::InvalidUtf8 {
@@ -783,7 +789,7 @@ mod tests {
     #[test]
     fn large_reads_bypass_the_buffer_and_stay_exact() {
         let data: Vec<u8> = (0..(3 * READ_BUF + 17)).map(|i| (i * 7) as u8).collect();
-        let mut q = QemuFile::new(Box::new(MemBuffer::from_bytes(data.clone())));
+        let mut q = QemuFile::from_bytes(data.clone());
         let mut a = [0u8; 5];
         q.get_buffer(&mut a).unwrap();
         let mut rest = vec![0u8; data.len() - 5];

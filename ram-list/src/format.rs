@@ -134,14 +134,14 @@ mod tests {
 
     fn bytes(f: impl FnOnce(&mut QemuFile)) -> Vec<u8> {
         let b = MemBuffer::new();
-        let mut q = QemuFile::new(Box::new(b.clone()));
+        let mut q = b.file();
         f(&mut q);
         q.flush().unwrap();
         b.contents()
     }
 
     fn reader(b: &[u8]) -> QemuFile {
-        QemuFile::new(Box::new(MemBuffer::from_bytes(b.to_vec())))
+        QemuFile::from_bytes(b.to_vec())
     }
 
     #[test]

@@ -25,10 +25,10 @@
 //! let (mut source, src_block) = ram("pc.ram");
 //! src_block.write_bytes(5 * 4096, b"hello");
 //! let stream = MemBuffer::new();
-//! source.save_snapshot(&mut QemuFile::new(Box::new(stream.clone())))?;
+//! source.save_snapshot(&mut stream.file())?;
 //!
 //! let (mut dest, dst_block) = ram("pc.ram");
-//! dest.load(&mut QemuFile::new(Box::new(MemBuffer::from_bytes(stream.contents()))))?;
+//! dest.load(&mut QemuFile::from_bytes(stream.contents()))?;
 //! let mut back = [0u8; 5];
 //! dst_block.read_bytes(5 * 4096, &mut back);
 //! assert_eq!(&back, b"hello");

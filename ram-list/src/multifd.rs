@@ -257,14 +257,14 @@ mod tests {
 
     fn bytes(f: impl FnOnce(&mut QemuFile)) -> Vec<u8> {
         let buf = MemBuffer::new();
-        let mut q = QemuFile::new(Box::new(buf.clone()));
+        let mut q = buf.file();
         f(&mut q);
         q.flush().unwrap();
         buf.contents()
     }
 
     fn reader(b: &[u8]) -> QemuFile {
-        QemuFile::new(Box::new(MemBuffer::from_bytes(b.to_vec())))
+        QemuFile::from_bytes(b.to_vec())
     }
 
     #[test]

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use qemu_file::{MemBuffer, QemuFile};
+use qemu_file::MemBuffer;
 use ram_list::{RamBlock, RamList, RamSection, RamStats, RamWalker};
 use savevm::{
     DeviceHandler, FieldReader, FieldWriter, SaveVm, SectionError, SectionInfo, dump_stream,
@@ -45,8 +45,7 @@ fn dump_of_a_ram_and_cpu_snapshot() {
     vm.register_device(SectionInfo::new("cpu", 0, 1), Box::new(Cpu))
         .unwrap();
     let buf = MemBuffer::new();
-    vm.save_snapshot(&mut QemuFile::new(Box::new(buf.clone())))
-        .unwrap();
+    vm.save_snapshot(&mut buf.file()).unwrap();
     let path = std::env::temp_dir().join(format!("ram-list-dump-{}", std::process::id()));
     std::fs::write(&path, buf.contents()).unwrap();
     let text = dump_stream(&path, &mut [&mut RamWalker::default()]).unwrap();

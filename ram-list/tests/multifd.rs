@@ -21,7 +21,7 @@ fn list() -> Arc<RamList> {
 /// A channel's bytes, built with the framing's own writers.
 fn channel(f: impl FnOnce(&mut QemuFile)) -> Box<dyn Transport> {
     let buf = MemBuffer::new();
-    let mut q = QemuFile::new(Box::new(buf.clone()));
+    let mut q = buf.file();
     f(&mut q);
     q.flush().unwrap();
     Box::new(MemBuffer::from_bytes(buf.contents()))
@@ -210,7 +210,7 @@ fn broken_channels_fail_the_round_with_the_reason() {
 fn truncated_channels_never_hang_or_panic() {
     let full = {
         let buf = MemBuffer::new();
-        let mut q = QemuFile::new(Box::new(buf.clone()));
+        let mut q = buf.file();
         init(0, [0; 16])(&mut q);
         pages(&mut q, 0, &[0x1000, 0x2000], 9);
         sync(&mut q, 1);

@@ -219,13 +219,11 @@ fn live_round_trip(seed: u64, fresh: bool) {
 fn live_round_trip_with(seed: u64, fresh: bool, protect: bool) {
     let src = vm_with(&SHAPE, protect);
     let buf = MemBuffer::new();
-    let f = QemuFile::new(Box::new(buf.clone()));
+    let f = buf.file();
     let src = migrate_live(src, f, seed);
     let mut dst = if fresh { vm_fresh(&SHAPE) } else { vm(&SHAPE) };
     dst.savevm
-        .load(&mut QemuFile::new(Box::new(MemBuffer::from_bytes(
-            buf.contents(),
-        ))))
+        .load(&mut QemuFile::from_bytes(buf.contents()))
         .unwrap();
     assert_eq!(memory(&dst), memory(&src), "seed {seed}");
 }
@@ -392,9 +390,7 @@ fn snapshot(shape: &[(&str, usize)]) -> Vec<u8> {
     let blocks = src.list.blocks();
     blocks[0].write_bytes(PAGE as u64, &[0xaa; PAGE]);
     let buf = MemBuffer::new();
-    src.savevm
-        .save_snapshot(&mut QemuFile::new(Box::new(buf.clone())))
-        .unwrap();
+    src.savevm.save_snapshot(&mut buf.file()).unwrap();
     buf.contents()
 }
 
@@ -402,7 +398,7 @@ fn load_err(shape: &[(&str, usize)], bytes: Vec<u8>) -> Error {
     let mut dst = vm(shape);
     let e = dst
         .savevm
-        .load(&mut QemuFile::new(Box::new(MemBuffer::from_bytes(bytes))))
+        .load(&mut QemuFile::from_bytes(bytes))
         .unwrap_err();
     match e {
         savevm::Error::Section { idstr, source, .. } => {
@@ -419,7 +415,7 @@ fn a_size_mismatch_is_refused_before_any_page_is_written() {
     let mut dst = vm(&[("pc.ram", 16)]);
     let e = savevm::error_chain(
         &dst.savevm
-            .load(&mut QemuFile::new(Box::new(MemBuffer::from_bytes(bytes))))
+            .load(&mut QemuFile::from_bytes(bytes))
             .unwrap_err(),
     );
     assert!(
@@ -513,9 +509,7 @@ fn every_truncation_is_refused() {
         let mut dst = vm(&[("pc.ram", 4), ("rom", 2)]);
         let r = dst
             .savevm
-            .load(&mut QemuFile::new(Box::new(MemBuffer::from_bytes(
-                bytes[..cut].to_vec(),
-            ))));
+            .load(&mut QemuFile::from_bytes(bytes[..cut].to_vec()));
         assert!(r.is_err(), "cut at {cut}");
     }
 }
@@ -529,9 +523,7 @@ fn random_corruption_never_panics() {
         let i = (rng.next() as usize) % b.len();
         b[i] = rng.next() as u8;
         let mut dst = vm(&[("pc.ram", 4), ("rom", 2)]);
-        let _ = dst
-            .savevm
-            .load(&mut QemuFile::new(Box::new(MemBuffer::from_bytes(b))));
+        let _ = dst.savevm.load(&mut QemuFile::from_bytes(b));
     }
 }
 

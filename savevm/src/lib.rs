@@ -26,11 +26,11 @@
 //! let mut source = SaveVm::new("pc");
 //! source.register_device(SectionInfo::new("counter", 0, 1), Box::new(Counter(42)))?;
 //! let stream = MemBuffer::new();
-//! source.save_snapshot(&mut QemuFile::new(Box::new(stream.clone())))?;
+//! source.save_snapshot(&mut stream.file())?;
 //!
 //! let mut dest = SaveVm::new("pc");
 //! dest.register_device(SectionInfo::new("counter", 0, 1), Box::new(Counter::default()))?;
-//! let report = dest.load(&mut QemuFile::new(Box::new(MemBuffer::from_bytes(stream.contents()))))?;
+//! let report = dest.load(&mut QemuFile::from_bytes(stream.contents()))?;
 //! assert_eq!(report.records, 1);
 //! # Ok::<(), savevm::Error>(())
 //! ```

@@ -102,27 +102,23 @@ mod tests {
             (false, [0, 1, 0, 4, 0, 0, 0, 1]),
         ] {
             let b = MemBuffer::new();
-            send_load_result(&mut QemuFile::new(Box::new(b.clone())), ok).unwrap();
+            send_load_result(&mut b.file(), ok).unwrap();
             assert_eq!(b.contents(), golden);
-            let r = wait_load_result(&mut QemuFile::new(Box::new(MemBuffer::from_bytes(golden))));
+            let r = wait_load_result(&mut QemuFile::from_bytes(golden));
             assert_eq!(r.is_ok(), ok);
             for cut in 0..golden.len() {
-                let r = wait_load_result(&mut QemuFile::new(Box::new(MemBuffer::from_bytes(
-                    &golden[..cut],
-                ))));
+                let r = wait_load_result(&mut QemuFile::from_bytes(&golden[..cut]));
                 assert!(matches!(r, Err(Error::Stream(_))), "{cut}: {r:?}");
             }
         }
-        let r = wait_load_result(&mut QemuFile::new(Box::new(MemBuffer::from_bytes([
-            0, 9, 0, 4, 0, 0, 0, 0,
-        ]))));
+        let r = wait_load_result(&mut QemuFile::from_bytes([0, 9, 0, 4, 0, 0, 0, 0]));
         assert!(matches!(r, Err(Error::BadReturnPath { ty: 9, len: 4 })));
     }
 
     #[test]
     fn a_reason_precedes_the_failure() {
         let b = MemBuffer::new();
-        send_load_failure(&mut QemuFile::new(Box::new(b.clone())), Some("too small")).unwrap();
+        send_load_failure(&mut b.file(), Some("too small")).unwrap();
         assert_eq!(
             b.contents(),
             [
@@ -132,9 +128,7 @@ mod tests {
             ]
             .concat()
         );
-        let r = wait_load_result(&mut QemuFile::new(Box::new(MemBuffer::from_bytes(
-            b.contents(),
-        ))));
+        let r = wait_load_result(&mut QemuFile::from_bytes(b.contents()));
         assert!(
             matches!(&r, Err(Error::DestinationFailed { status: 1, reason: Some(t) }) if t == "too small"),
             "{r:?}"
@@ -142,7 +136,7 @@ mod tests {
         assert!(r.unwrap_err().to_string().contains("too small"));
         // A reason too long, or a second one, is not a return path this side knows.
         let long = [&[0x7f, 0x01, 0x10, 0][..], &[b'x'; 4096]].concat();
-        let r = wait_load_result(&mut QemuFile::new(Box::new(MemBuffer::from_bytes(long))));
+        let r = wait_load_result(&mut QemuFile::from_bytes(long));
         assert!(matches!(r, Err(Error::BadReturnPath { .. })));
     }
 }

@@ -349,7 +349,7 @@ mod tests {
     #[test]
     fn what_a_reader_refuses_is_not_written() {
         let b = MemBuffer::new();
-        let mut f = QemuFile::new(Box::new(b.clone()));
+        let mut f = b.file();
         let mut w = FieldWriter::new(&mut f);
         w.u32("count", 200_000);
         w.buffer("items", &vec![7u8; MAX_FIELD_LEN]);
@@ -363,7 +363,7 @@ mod tests {
         f.flush().unwrap();
         // The field at the limit went out, the longer ones not.
         assert_eq!(b.contents().len(), 4 + MAX_FIELD_LEN);
-        let mut f = QemuFile::new(Box::new(b.clone()));
+        let mut f = b.file();
         let mut r = FieldReader::new(&mut f);
         assert_eq!(r.u32("count").unwrap(), 200_000);
         assert_eq!(
@@ -375,7 +375,7 @@ mod tests {
     #[test]
     fn fields_golden_bytes_and_description() {
         let b = MemBuffer::new();
-        let mut f = QemuFile::new(Box::new(b.clone()));
+        let mut f = b.file();
         let mut w = FieldWriter::new(&mut f);
         w.bool("enabled", true);
         w.u8("lcr", 0x03);
@@ -417,7 +417,7 @@ mod tests {
             ]
         );
         let read = |bytes: &[u8]| -> Result<_, FieldError> {
-            let mut f = QemuFile::new(Box::new(MemBuffer::from_bytes(bytes.to_vec())));
+            let mut f = QemuFile::from_bytes(bytes.to_vec());
             let mut r = FieldReader::new(&mut f);
             Ok((
                 r.bool("enabled")?,
@@ -451,14 +451,14 @@ mod tests {
 
     #[test]
     fn a_bool_that_is_not_0_or_1_is_refused() {
-        let mut f = QemuFile::new(Box::new(MemBuffer::from_bytes(vec![2])));
+        let mut f = QemuFile::from_bytes(vec![2]);
         let e = FieldReader::new(&mut f).bool("enabled").unwrap_err();
         assert!(e.to_string().contains("enabled"), "{e}");
     }
 
     #[test]
     fn a_huge_buffer_length_is_refused_before_allocating() {
-        let mut f = QemuFile::new(Box::new(MemBuffer::from_bytes(vec![0; 8])));
+        let mut f = QemuFile::from_bytes(vec![0; 8]);
         let e = FieldReader::new(&mut f)
             .buffer("msrs", usize::MAX)
             .unwrap_err();

@@ -5,7 +5,7 @@ mod common;
 use std::sync::{Arc, Mutex};
 
 use common::{Uart, UartSection, Words, WordsSection, WordsWalker};
-use qemu_file::{MemBuffer, QemuFile};
+use qemu_file::MemBuffer;
 use savevm::{SaveVm, SectionInfo, dump_stream};
 
 /// A deterministic live stream: setup, two iterations with writes between them, completion.
@@ -27,7 +27,7 @@ fn golden_stream() -> Vec<u8> {
     vm.register_device(SectionInfo::new("uart", 0, 1), Box::new(UartSection(uart)))
         .unwrap();
     let buf = MemBuffer::new();
-    let mut f = QemuFile::new(Box::new(buf.clone()));
+    let mut f = buf.file();
     vm.save_header(&mut f);
     vm.save_setup(&mut f).unwrap();
     f.flush().unwrap();

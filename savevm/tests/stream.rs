@@ -35,7 +35,7 @@ fn snapshot_bytes() -> (Vec<u8>, Vec<u64>, Uart) {
     }));
     let buf = MemBuffer::new();
     source_vm(&mem, &uart)
-        .save_snapshot(&mut QemuFile::new(Box::new(buf.clone())))
+        .save_snapshot(&mut buf.file())
         .unwrap();
     let u = uart.lock().unwrap().clone();
     (buf.contents(), mem.snapshot(), u)
@@ -48,9 +48,7 @@ fn load(bytes: &[u8]) -> (Result<savevm::LoadReport, Error>, Vec<u64>, Uart) {
     }
     let uart = Arc::new(Mutex::new(Uart::default()));
     let mut vm = source_vm(&mem, &uart);
-    let r = vm.load(&mut QemuFile::new(Box::new(MemBuffer::from_bytes(
-        bytes.to_vec(),
-    ))));
+    let r = vm.load(&mut QemuFile::from_bytes(bytes.to_vec()));
     let u = uart.lock().unwrap().clone();
     (r, mem.snapshot(), u)
 }
@@ -99,7 +97,7 @@ fn part_and_full_golden_framing() {
     let uart = Arc::new(Mutex::new(Uart::default()));
     let mut vm = source_vm(&mem, &uart);
     let buf = MemBuffer::new();
-    let mut f = QemuFile::new(Box::new(buf.clone()));
+    let mut f = buf.file();
     vm.save_header(&mut f);
     vm.save_setup(&mut f).unwrap();
     f.flush().unwrap();
@@ -293,9 +291,7 @@ fn a_section_missing_from_the_stream() {
         Box::new(UartSection(Default::default())),
     )
     .unwrap();
-    let e = vm
-        .load(&mut QemuFile::new(Box::new(MemBuffer::from_bytes(bytes))))
-        .unwrap_err();
+    let e = vm.load(&mut QemuFile::from_bytes(bytes)).unwrap_err();
     assert!(
         matches!(&e, Error::MissingSection { idstr, started: false, .. } if idstr == "rtc"),
         "{e}"

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use qemu_file::{MemBuffer, QemuFile, Transport};
+use qemu_file::{MemBuffer, Transport};
 use ram_list::multifd::{ChannelInit, MULTIFD_FLAG_SYNC, PacketHeader};
 use ram_list::multifd_zstd::{MULTIFD_FLAG_ZSTD, ZstdSend};
 use ram_list::{MultifdReceiver, RamBlock, RamList, RamStats, RecvTarget};
@@ -48,7 +48,7 @@ pub fn channel(data: &[u8]) {
 /// A channel with a plain packet, a SYNC, a zstd packet and a SYNC.
 pub fn seeds() -> Vec<Vec<u8>> {
     let buf = MemBuffer::new();
-    let mut f = QemuFile::new(Box::new(buf.clone()));
+    let mut f = buf.file();
     ChannelInit {
         uuid: [0; 16],
         id: 0,

@@ -187,7 +187,7 @@ impl DeviceHandler for Cpu {
 }
 
 fn try_load(data: &[u8], s: Sections) -> savevm::Result<savevm::LoadReport> {
-    load_from(&mut QemuFile::new(Box::new(MemBuffer::from_bytes(data))), s)
+    load_from(&mut QemuFile::from_bytes(data), s)
 }
 
 /// A load of whatever `f` carries into the destination with every section.
@@ -285,7 +285,7 @@ fn seeds(s: Sections) -> Vec<Vec<u8>> {
         }
         let mut vm = vm(&m, s);
         let buf = MemBuffer::new();
-        let mut f = QemuFile::new(Box::new(buf.clone()));
+        let mut f = buf.file();
         let r = if variant == 2 {
             live(&mut vm, &m, &mut f)
         } else {
