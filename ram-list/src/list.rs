@@ -160,6 +160,11 @@ impl RamList {
     }
 
     /// The block holding RAM address `addr`, and the offset of `addr` within it.
+    ///
+    /// A RAM address is QEMU's `ram_addr_t`: the blocks laid end to end in the order they
+    /// were added (each at its [`RamBlock::offset`]), not a guest physical address. A VMM
+    /// that maps blocks at other guest physical addresses (a hole below 4 GiB, several
+    /// regions) translates through its own memory map first.
     pub fn block_for_addr(&self, addr: u64) -> Option<(Arc<RamBlock>, u64)> {
         let mut g = self.lock();
         let contains = |b: &RamBlock| addr >= b.offset() && addr - b.offset() < b.used_length();
