@@ -957,9 +957,12 @@ fn a_destination_that_cannot_answer_holds_the_guest_for_the_operator() {
     dst.wait_event("listening");
     // A "source" that sends the whole stream and is gone before the answer: its socket
     // buffer holds all of it (root may force the size), so it closes while the
-    // destination is still reading.
+    // destination is still reading. And it will never read: its receiving side is shut
+    // first, so the answer fails whenever the destination sends it (a source that was
+    // slow to close would otherwise take the answer into its buffer, and the guest run).
     let bytes = std::fs::read(&snap).unwrap();
     let mut s = UnixStream::connect(&sock).unwrap();
+    s.shutdown(std::net::Shutdown::Read).unwrap();
     let size = libc::c_int::try_from(bytes.len() * 2).unwrap();
     // SAFETY: `size` outlives the call and its size is passed; the descriptor is open.
     let r = unsafe {
