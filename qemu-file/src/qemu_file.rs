@@ -2,6 +2,7 @@
 
 use std::fmt;
 use std::io::{self, IoSlice};
+use std::os::fd::{BorrowedFd, OwnedFd};
 use std::sync::Arc;
 
 use crate::{Error, RateLimiter, Result, ShutdownHandle, Transport};
@@ -272,6 +273,63 @@ impl QemuFile {
                 source: Arc::new(e),
             })),
         }
+    }
+
+    /// Writes `data`, a piece of the stream, after everything queued, with the descriptors
+    /// `fds` attached: the peer has them once it has read these bytes
+    /// ([`QemuFile::take_received_fds`]). Only a unix socket in the clear carries
+    /// descriptors.
+    ///
+    /// # Errors
+    /// The sticky error; [`Error::Write`] (which becomes sticky), `Unsupported` from a
+    /// transport that cannot pass descriptors.
+    pub fn put_buffer_with_fds(&mut self, data: &[u8], fds: &[BorrowedFd<'_>]) -> Result<()> {
+        self.flush()?;
+        if data.is_empty() {
+            return Ok(());
+        }
+        let mut sent = loop {
+            match self.transport.write_with_fds(data, fds) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                r => break r,
+            }
+        };
+        if let Some(n) = sent.as_ref().ok().copied().filter(|&n| n < data.len()) {
+            // The descriptors went with the first bytes; the rest is plain stream.
+            let rest = &data[n..];
+            sent = write_segments(
+                &mut *self.transport,
+                rest,
+                &[Segment::Local {
+                    start: 0,
+                    end: rest.len(),
+                }],
+            )
+            .map(|()| data.len());
+        }
+        match sent {
+            Ok(_) => {
+                self.total_put += data.len() as u64;
+                self.flushed += data.len() as u64;
+                self.rate.consume(data.len() as u64);
+                Ok(())
+            }
+            Err(e) => Err(self.set_error(Error::Write {
+                transport: self.name.clone(),
+                source: Arc::new(e),
+            })),
+        }
+    }
+
+    /// The descriptors the peer passed with the bytes read so far, oldest first
+    /// ([`QemuFile::put_buffer_with_fds`]); they are the caller's from now on.
+    pub fn take_received_fds(&mut self) -> Vec<OwnedFd> {
+        self.transport.take_received_fds()
+    }
+
+    /// The user id of the peer process, where the transport can say (a unix socket).
+    pub fn peer_uid(&self) -> Option<u32> {
+        self.transport.peer_uid()
     }
 
     /// Flushes and ends the outgoing direction (waits for an exec child, syncs a file,

@@ -4,7 +4,7 @@ use std::fmt;
 use std::fs::File;
 use std::io::{self, IoSlice, IoSliceMut, Read, Write};
 use std::net::{Shutdown, TcpStream};
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::process::{Child, ChildStdin, ChildStdout};
 use std::sync::{Arc, Mutex};
@@ -64,6 +64,30 @@ pub trait Transport: Send + fmt::Debug {
     fn limit_receive_buffer(&self, bytes: usize) -> io::Result<()> {
         let _ = bytes;
         Ok(())
+    }
+
+    /// Writes some of `data` with `fds` attached (SCM_RIGHTS); the peer receives them
+    /// with these bytes. Only a unix socket in the clear can; elsewhere `Unsupported`.
+    fn write_with_fds(&mut self, data: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<usize> {
+        let _ = (data, fds);
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            format!(
+                "{} cannot pass file descriptors: only a unix: socket without TLS can",
+                self.describe()
+            ),
+        ))
+    }
+
+    /// The descriptors the peer passed with the bytes read so far, oldest first; they are
+    /// the caller's from now on.
+    fn take_received_fds(&mut self) -> Vec<OwnedFd> {
+        Vec::new()
+    }
+
+    /// The user id of the peer process, where the transport can say (a unix socket).
+    fn peer_uid(&self) -> Option<u32> {
+        None
     }
 }
 
@@ -152,6 +176,25 @@ pub trait StreamSocket: Read + Write + AsFd + Send + fmt::Debug {
     fn shutdown(&self, how: Shutdown) -> io::Result<()>;
     /// SO_RCVTIMEO.
     fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()>;
+    /// Reads into `bufs`, keeping descriptors that came with the bytes in `fds` (a unix
+    /// socket; others have none).
+    fn read_keeping_fds(
+        &mut self,
+        bufs: &mut [IoSliceMut<'_>],
+        fds: &mut Vec<OwnedFd>,
+    ) -> io::Result<usize> {
+        let _ = fds;
+        self.read_vectored(bufs)
+    }
+    /// A unix socket's [`Transport::write_with_fds`]; `None` for a socket that cannot.
+    fn write_with_fds(&mut self, data: &[u8], fds: &[BorrowedFd<'_>]) -> Option<io::Result<usize>> {
+        let _ = (data, fds);
+        None
+    }
+    /// The user id of the peer process (a unix socket).
+    fn peer_uid(&self) -> Option<u32> {
+        None
+    }
 }
 
 impl StreamSocket for TcpStream {
@@ -170,6 +213,19 @@ impl StreamSocket for UnixStream {
     fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
         UnixStream::set_read_timeout(self, timeout)
     }
+    fn read_keeping_fds(
+        &mut self,
+        bufs: &mut [IoSliceMut<'_>],
+        fds: &mut Vec<OwnedFd>,
+    ) -> io::Result<usize> {
+        crate::fd_passing::recv_with_fds(self, bufs, fds)
+    }
+    fn write_with_fds(&mut self, data: &[u8], fds: &[BorrowedFd<'_>]) -> Option<io::Result<usize>> {
+        Some(crate::fd_passing::send_with_fds(self, data, fds))
+    }
+    fn peer_uid(&self) -> Option<u32> {
+        crate::fd_passing::peer_uid(self)
+    }
 }
 
 /// A stream socket connection in the clear: `tcp:HOST:PORT` ([`TcpTransport`]) or
@@ -179,6 +235,8 @@ pub struct SocketTransport<S> {
     stream: S,
     uri: String,
     read_timeout: Option<Duration>,
+    /// Descriptors the peer passed, not yet taken.
+    received: Vec<OwnedFd>,
 }
 
 /// A TCP connection (`tcp:HOST:PORT`).
@@ -196,6 +254,7 @@ impl SocketTransport<TcpStream> {
             stream,
             uri,
             read_timeout: None,
+            received: Vec::new(),
         }
     }
 }
@@ -207,16 +266,38 @@ impl SocketTransport<UnixStream> {
             stream,
             uri,
             read_timeout: None,
+            received: Vec::new(),
         }
     }
 }
 
 impl<S: StreamSocket> Transport for SocketTransport<S> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        timed(self.stream.read(buf), self.read_timeout)
+        self.read_vectored(&mut [IoSliceMut::new(buf)])
     }
     fn read_vectored(&mut self, bufs: &mut [IoSliceMut<'_>]) -> io::Result<usize> {
-        timed(self.stream.read_vectored(bufs), self.read_timeout)
+        timed(
+            self.stream.read_keeping_fds(bufs, &mut self.received),
+            self.read_timeout,
+        )
+    }
+    fn write_with_fds(&mut self, data: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<usize> {
+        match self.stream.write_with_fds(data, fds) {
+            Some(r) => r,
+            None => Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                format!(
+                    "{} cannot pass file descriptors: only a unix: socket can",
+                    self.uri
+                ),
+            )),
+        }
+    }
+    fn take_received_fds(&mut self) -> Vec<OwnedFd> {
+        std::mem::take(&mut self.received)
+    }
+    fn peer_uid(&self) -> Option<u32> {
+        self.stream.peer_uid()
     }
     fn set_read_timeout(&mut self, timeout: Option<Duration>) -> io::Result<()> {
         self.stream.set_read_timeout(timeout)?;
