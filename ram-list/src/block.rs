@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use dirty_bitmap::{DirtyBitmap, DirtyLogSource};
 
 use crate::format::TARGET_PAGE_SIZE;
-use crate::{Error, RamBacking, Result};
+use crate::{Error, RamBacking, Result, SharedMemory};
 
 /// A RAM block (QEMU's `RAMBlock`): a named range of guest RAM backed by host memory.
 ///
@@ -20,6 +20,10 @@ pub struct RamBlock {
     host: Arc<dyn RamBacking>,
     max_length: u64,
     page_size: usize,
+    /// The memory, when another process can map it (a local hand-over passes it).
+    shared: Option<Arc<dyn SharedMemory>>,
+    /// Guest-physical address of the block's start (QEMU's `mr->addr`).
+    guest_address: u64,
     // Lock: written only by `RamList` under its mutex (which also bumps the list's
     // version); read by anyone.
     offset: AtomicU64,
@@ -84,6 +88,8 @@ impl RamBlock {
             idstr,
             max_length: size,
             page_size: TARGET_PAGE_SIZE as usize,
+            shared: None,
+            guest_address: 0,
             offset: AtomicU64::new(0),
             used_length: AtomicU64::new(size),
             bitmap: DirtyBitmap::new(pages),
@@ -96,6 +102,30 @@ impl RamBlock {
     pub fn with_page_size(mut self, page_size: usize) -> Self {
         self.page_size = page_size;
         self
+    }
+
+    /// Declares the block's memory shared: with the `x-ignore-shared` capability its
+    /// pages are not sent but its memory handed over ([`SharedMemory`]).
+    pub fn with_shared(mut self, memory: Arc<dyn SharedMemory>) -> Self {
+        self.shared = Some(memory);
+        self
+    }
+
+    /// Sets the guest-physical address where the block starts (0 by default), which
+    /// `x-ignore-shared` streams carry and check.
+    pub fn with_guest_address(mut self, gpa: u64) -> Self {
+        self.guest_address = gpa;
+        self
+    }
+
+    /// The block's shared memory, if it is shared.
+    pub fn shared(&self) -> Option<&Arc<dyn SharedMemory>> {
+        self.shared.as_ref()
+    }
+
+    /// Guest-physical address of the block's start.
+    pub fn guest_address(&self) -> u64 {
+        self.guest_address
     }
 
     /// The block's name in the stream.

@@ -128,6 +128,14 @@ pub enum Error {
         #[source]
         source: dirty_bitmap::Error,
     },
+    /// Shared memory that cannot be handed over (`x-ignore-shared`).
+    #[error("handing over the memory of RAM block {idstr_shown}: {reason}", idstr_shown = qemu_file::shown(.idstr))]
+    HandOver {
+        /// The block.
+        idstr: String,
+        /// What is wrong.
+        reason: String,
+    },
     /// The stream failed.
     #[error(transparent)]
     Stream(#[from] qemu_file::Error),

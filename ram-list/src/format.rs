@@ -4,12 +4,17 @@
 //! of the target page size) ORed with flags in the low bits:
 //!
 //! ```text
-//! be64 total | MEM_SIZE, then per block: u8 len | idstr | be64 used_length   (START only)
+//! be64 total | MEM_SIZE, then per block: u8 len | idstr | be64 used_length
+//!                                   [| be64 guest address]  (START only)
 //! be64 offset | ZERO [| CONTINUE]  [u8 len | idstr]  u8 0                      zero page
 //! be64 offset | PAGE [| CONTINUE]  [u8 len | idstr]  4096 bytes                 page
 //! be64 EOS                                                                     end of payload
 //! ```
-//! CONTINUE means "same block as the previous record", so the idstr is left out.
+//! CONTINUE means "same block as the previous record", so the idstr is left out. The
+//! guest address is there when the `x-ignore-shared` capability is on: shared blocks
+//! then send no pages (the destination maps the same memory).
+
+use std::os::fd::BorrowedFd;
 
 use qemu_file::QemuFile;
 
@@ -34,21 +39,49 @@ pub const RAM_SAVE_FLAG_MULTIFD_FLUSH: u64 = 0x200;
 
 const FLAG_MASK: u64 = TARGET_PAGE_SIZE - 1;
 
-/// Writes the block list of a START payload: total size, then name and size of each block.
-pub fn write_block_list<'a>(
-    f: &mut QemuFile,
-    blocks: impl IntoIterator<Item = (&'a str, u64)> + Clone,
-) {
-    let total: u64 = blocks.clone().into_iter().map(|(_, len)| len).sum();
-    f.put_be64(total | RAM_SAVE_FLAG_MEM_SIZE);
-    for (idstr, len) in blocks {
-        f.put_counted_string(idstr);
-        f.put_be64(len);
-    }
+/// One entry of the block list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockEntry {
+    /// The block's name.
+    pub idstr: String,
+    /// Its used length in bytes.
+    pub used_length: u64,
+    /// Its guest-physical address (QEMU's `mr->addr`): in the list only when the
+    /// `x-ignore-shared` capability is on (on both sides: the stream does not say).
+    pub addr: Option<u64>,
 }
 
-/// Reads the entries of a block list whose header said `total` bytes. No more than
-/// `max_entries` entries are read, so a hostile total cannot make the loop run long.
+/// Writes the block list of a START payload: the total size of all blocks, then each
+/// block's name, size and (with `x-ignore-shared`) guest address. `fds` go with the
+/// list's first bytes (a local hand-over's shared memory); none: a plain write.
+///
+/// # Errors
+/// Only with `fds`: a transport that cannot pass them, or a failed write.
+pub fn write_block_list(
+    f: &mut QemuFile,
+    blocks: &[BlockEntry],
+    fds: &[BorrowedFd<'_>],
+) -> qemu_file::Result<()> {
+    let total: u64 = blocks.iter().map(|b| b.used_length).sum();
+    let header = total | RAM_SAVE_FLAG_MEM_SIZE;
+    if fds.is_empty() {
+        f.put_be64(header);
+    } else {
+        f.put_buffer_with_fds(&header.to_be_bytes(), fds)?;
+    }
+    for b in blocks {
+        f.put_counted_string(&b.idstr);
+        f.put_be64(b.used_length);
+        if let Some(addr) = b.addr {
+            f.put_be64(addr);
+        }
+    }
+    Ok(())
+}
+
+/// Reads the entries of a block list whose header said `total` bytes; `with_addr`: each
+/// entry has a guest address (`x-ignore-shared`). No more than `max_entries` entries are
+/// read, so a hostile total cannot make the loop run long.
 ///
 /// # Errors
 /// Entries that overshoot `total`, too many entries, or a stream error.
@@ -56,7 +89,8 @@ pub fn read_block_list(
     f: &mut QemuFile,
     total: u64,
     max_entries: usize,
-) -> Result<Vec<(String, u64)>> {
+    with_addr: bool,
+) -> Result<Vec<BlockEntry>> {
     let mut entries = Vec::new();
     let mut sum = 0u64;
     while sum < total {
@@ -75,7 +109,12 @@ pub fn read_block_list(
             .ok_or_else(|| Error::BadBlockList {
                 reason: format!("block {idstr:?} of {len} bytes goes past the total of {total}"),
             })?;
-        entries.push((idstr, len));
+        let addr = if with_addr { Some(f.get_be64()?) } else { None };
+        entries.push(BlockEntry {
+            idstr,
+            used_length: len,
+            addr,
+        });
     }
     Ok(entries)
 }
@@ -144,6 +183,20 @@ mod tests {
         QemuFile::from_bytes(b.to_vec())
     }
 
+    fn entries(list: &[(&str, u64, Option<u64>)]) -> Vec<BlockEntry> {
+        list.iter()
+            .map(|&(n, len, addr)| BlockEntry {
+                idstr: n.into(),
+                used_length: len,
+                addr,
+            })
+            .collect()
+    }
+
+    fn write(list: &[(&str, u64, Option<u64>)]) -> Vec<u8> {
+        bytes(|f| write_block_list(f, &entries(list), &[]).unwrap())
+    }
+
     #[test]
     fn block_list_golden_bytes() {
         #[rustfmt::skip]
@@ -154,8 +207,8 @@ mod tests {
             0x03, b'r', b'o', b'm',                         // "rom"
             0x00, 0x00, 0x00, 0x00, 0x00, 0x10, 0x00, 0x00, // 1 MiB
         ];
-        let list = [("pc.ram", 1u64 << 30), ("rom", 1 << 20)];
-        assert_eq!(bytes(|f| write_block_list(f, list.iter().copied())), golden);
+        let list = [("pc.ram", 1u64 << 30, None), ("rom", 1 << 20, None)];
+        assert_eq!(write(&list), golden);
         let mut r = reader(golden);
         let h = RecordHeader::read_from(&mut r).unwrap();
         assert_eq!(
@@ -163,32 +216,55 @@ mod tests {
             (RAM_SAVE_FLAG_MEM_SIZE, (1 << 30) + (1 << 20), None)
         );
         assert_eq!(
-            read_block_list(&mut r, h.offset, 8).unwrap(),
-            [
-                ("pc.ram".to_string(), 1 << 30),
-                ("rom".to_string(), 1 << 20)
-            ]
+            read_block_list(&mut r, h.offset, 8, false).unwrap(),
+            entries(&list)
         );
         for cut in 8..golden.len() {
             let mut r = reader(&golden[..cut]);
             r.get_be64().unwrap();
-            assert!(read_block_list(&mut r, h.offset, 8).is_err(), "cut {cut}");
+            assert!(
+                read_block_list(&mut r, h.offset, 8, false).is_err(),
+                "cut {cut}"
+            );
         }
     }
 
     #[test]
+    fn block_list_with_guest_addresses_golden_bytes() {
+        // QEMU 7.2's ram_save_setup with x-ignore-shared: each entry ends with mr->addr.
+        #[rustfmt::skip]
+        let golden: &[u8] = &[
+            0x00, 0x00, 0x00, 0x00, 0x40, 0x00, 0x00, 0x04, // total 1 GiB | MEM_SIZE
+            0x06, b'p', b'c', b'.', b'r', b'a', b'm',       // "pc.ram"
+            0x00, 0x00, 0x00, 0x00, 0x40, 0x00, 0x00, 0x00, // 1 GiB
+            0x00, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00, 0x00, // at 4 GiB
+        ];
+        let list = [("pc.ram", 1u64 << 30, Some(1u64 << 32))];
+        assert_eq!(write(&list), golden);
+        let mut r = reader(golden);
+        r.get_be64().unwrap();
+        assert_eq!(
+            read_block_list(&mut r, 1 << 30, 8, true).unwrap(),
+            entries(&list)
+        );
+        let mut r = reader(&golden[..golden.len() - 1]);
+        r.get_be64().unwrap();
+        assert!(read_block_list(&mut r, 1 << 30, 8, true).is_err());
+    }
+
+    #[test]
     fn block_list_that_overshoots_or_never_ends_is_refused() {
-        let b = bytes(|f| write_block_list(f, [("a", 8192u64), ("b", 8192)]));
+        let b = write(&[("a", 8192u64, None), ("b", 8192, None)]);
         let mut r = reader(&b);
         r.get_be64().unwrap();
         assert!(matches!(
-            read_block_list(&mut r, 4096, 8),
+            read_block_list(&mut r, 4096, 8, false),
             Err(Error::BadBlockList { .. })
         ));
         let mut r = reader(&b);
         r.get_be64().unwrap();
         assert!(matches!(
-            read_block_list(&mut r, !4095, 2),
+            read_block_list(&mut r, !4095, 2, false),
             Err(Error::BadBlockList { .. })
         ));
     }

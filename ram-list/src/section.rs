@@ -1,6 +1,7 @@
 //! `RamSection`: the live `"ram"` section, QEMU's RAM format version 4.
 
 use std::fmt;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -8,9 +9,9 @@ use qemu_file::{KeepAlive, QemuFile};
 use savevm::{SectionError, SectionHandler, SectionInfo};
 
 use crate::format::{
-    RAM_SAVE_FLAG_CONTINUE, RAM_SAVE_FLAG_EOS, RAM_SAVE_FLAG_MEM_SIZE, RAM_SAVE_FLAG_MULTIFD_FLUSH,
-    RAM_SAVE_FLAG_PAGE, RAM_SAVE_FLAG_ZERO, RecordHeader, TARGET_PAGE_SIZE, read_block_list,
-    write_block_list,
+    BlockEntry, RAM_SAVE_FLAG_CONTINUE, RAM_SAVE_FLAG_EOS, RAM_SAVE_FLAG_MEM_SIZE,
+    RAM_SAVE_FLAG_MULTIFD_FLUSH, RAM_SAVE_FLAG_PAGE, RAM_SAVE_FLAG_ZERO, RecordHeader,
+    TARGET_PAGE_SIZE, read_block_list, write_block_list,
 };
 use crate::multifd_recv::MultifdReceiver;
 use crate::multifd_send::MultifdSender;
@@ -55,11 +56,15 @@ pub struct RamSection {
     populated: Populated,
     /// With multifd: the channels that carry normal pages (zero pages stay here).
     multifd: Option<MultifdSender>,
+    /// `x-ignore-shared`: shared blocks are handed over, not sent (both sides).
+    ignore_shared: bool,
     // Load side.
     /// With multifd: the channels that load normal pages; each EOS waits for them.
     multifd_recv: Option<Arc<MultifdReceiver>>,
     load_listed: bool,
     load_block: Option<Arc<RamBlock>>,
+    /// Blocks whose memory the source handed over: no page may be loaded into them.
+    adopted: Vec<Arc<RamBlock>>,
     /// The destination's memory is all zero when the load starts (a new VM): pages no
     /// PAGE record wrote are known to be zero (tracked in the blocks' bitmaps).
     fresh: bool,
@@ -91,7 +96,9 @@ impl RamSection {
             logging: false,
             populated: Populated::new(),
             multifd: None,
+            ignore_shared: false,
             multifd_recv: None,
+            adopted: Vec::new(),
             load_listed: false,
             fresh: false,
             load_block: None,
@@ -117,6 +124,16 @@ impl RamSection {
     /// channel applied that round's pages.
     pub fn with_multifd_receiver(mut self, channels: Arc<MultifdReceiver>) -> Self {
         self.multifd_recv = Some(channels);
+        self
+    }
+
+    /// The `x-ignore-shared` capability (QEMU's name; set it on both sides): blocks
+    /// with [`SharedMemory`](crate::SharedMemory) send no pages; their memory is handed
+    /// over with the stream over a unix socket, to a process of the same user, and the
+    /// destination maps it in place of its own. The block list carries each block's
+    /// guest address, as QEMU's does.
+    pub fn with_ignore_shared(mut self, on: bool) -> Self {
+        self.ignore_shared = on;
         self
     }
 
@@ -176,6 +193,8 @@ impl RamSection {
     /// is still written, so the stream stays well-formed up to the failure).
     fn send_pages(&mut self, f: &mut QemuFile, limited: bool) -> Result<bool> {
         if self.blocks.is_empty() {
+            // Nothing to send (no blocks, or all handed over): the payload still ends.
+            f.put_be64(RAM_SAVE_FLAG_EOS);
             return Ok(true);
         }
         let mut failed = None;
@@ -338,26 +357,47 @@ impl RamSection {
                 reason: "the block list was sent twice".into(),
             });
         }
-        let entries = read_block_list(f, total, blocks.len())?;
-        for (idstr, len) in &entries {
-            let b =
-                blocks
-                    .iter()
-                    .find(|b| b.idstr() == idstr)
-                    .ok_or_else(|| Error::UnknownBlock {
-                        idstr: idstr.clone(),
-                    })?;
-            if b.used_length() != *len {
+        let entries = read_block_list(f, total, blocks.len(), self.ignore_shared)?;
+        // The descriptors of handed-over memory came with the list's first bytes.
+        let mut fds = std::collections::VecDeque::from(f.take_received_fds());
+        let mut adopt = Vec::new();
+        for e in &entries {
+            let b = blocks
+                .iter()
+                .find(|b| b.idstr() == e.idstr)
+                .ok_or_else(|| Error::UnknownBlock {
+                    idstr: e.idstr.clone(),
+                })?;
+            if b.used_length() != e.used_length {
                 return Err(Error::SizeMismatch {
-                    idstr: idstr.clone(),
+                    idstr: e.idstr.clone(),
                     local: b.used_length(),
-                    stream: *len,
+                    stream: e.used_length,
                 });
+            }
+            if let (Some(addr), Some(shared)) = (e.addr, b.shared()) {
+                if addr != b.guest_address() {
+                    return Err(Error::BadBlockList {
+                        reason: format!(
+                            "Mismatched GPAs for block {:?}: {addr:#x} in the stream, {:#x} here",
+                            e.idstr,
+                            b.guest_address()
+                        ),
+                    });
+                }
+                let fd = fds.pop_front().ok_or_else(|| Error::HandOver {
+                    idstr: e.idstr.clone(),
+                    reason: "the source passed no descriptor for it: its memory is not shared \
+                             (start both sides with the same memory backend), or the stream did \
+                             not come over a unix: socket"
+                        .into(),
+                })?;
+                adopt.push((b.clone(), shared.clone(), fd));
             }
         }
         if let Some(missing) = blocks
             .iter()
-            .find(|b| !entries.iter().any(|(n, _)| n == b.idstr()))
+            .find(|b| !entries.iter().any(|e| e.idstr == b.idstr()))
         {
             return Err(Error::BadBlockList {
                 reason: format!(
@@ -366,6 +406,30 @@ impl RamSection {
                 ),
             });
         }
+        if !fds.is_empty() {
+            return Err(Error::BadBlockList {
+                reason: format!(
+                    "the source handed over the memory of {} block(s) that this VM keeps private: \
+                     start both sides with the same memory backend",
+                    fds.len()
+                ),
+            });
+        }
+        if let Some((b, _, _)) = adopt.first() {
+            check_same_user(f, b.idstr(), "the descriptor comes from")?;
+        }
+        for (b, shared, fd) in adopt {
+            shared.adopt(fd).map_err(|e| Error::HandOver {
+                idstr: b.idstr().to_string(),
+                reason: e.to_string(),
+            })?;
+            self.adopted.push(b);
+        }
+        let total: u64 = blocks
+            .iter()
+            .filter(|b| !self.adopted.iter().any(|a| Arc::ptr_eq(a, b)))
+            .map(|b| b.used_length())
+            .sum();
         self.stats.reset(total);
         self.load_listed = true;
         Ok(())
@@ -386,6 +450,12 @@ impl RamSection {
             .load_block
             .as_ref()
             .ok_or_else(|| bad("CONTINUE with no previous block".into()))?;
+        if self.adopted.iter().any(|a| Arc::ptr_eq(a, block)) {
+            return Err(bad(format!(
+                "a page of block {:?}, whose memory the source handed over",
+                block.idstr()
+            )));
+        }
         // Offsets are page aligned, so this bound is exact and cannot overflow.
         if h.offset >= block.used_length() {
             return Err(bad(format!(
@@ -424,11 +494,64 @@ impl RamSection {
     }
 }
 
+/// The descriptors of the shared blocks `handed` for the destination, after checking
+/// that the stream can carry them to a process of this user.
+fn hand_over(f: &QemuFile, handed: &[Arc<RamBlock>]) -> Result<Vec<OwnedFd>> {
+    let Some(first) = handed.first() else {
+        return Ok(Vec::new());
+    };
+    check_same_user(f, first.idstr(), "the destination is")?;
+    handed
+        .iter()
+        .map(|b| {
+            let shared = b.shared().expect("only shared blocks are handed over");
+            shared.descriptor().map_err(|e| Error::HandOver {
+                idstr: b.idstr().to_string(),
+                reason: format!("duplicating its descriptor: {e}"),
+            })
+        })
+        .collect()
+}
+
+/// Memory goes only between processes of one user, over a unix socket.
+fn check_same_user(f: &QemuFile, idstr: &str, peer: &str) -> Result<()> {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    let refuse = |reason: String| Error::HandOver {
+        idstr: idstr.to_string(),
+        reason,
+    };
+    match f.peer_uid() {
+        Some(uid) if uid == me => Ok(()),
+        Some(uid) => Err(refuse(format!(
+            "{peer} a process of user {uid}, not of this one ({me}): memory is handed over only \
+             between processes of the same user"
+        ))),
+        None => Err(refuse(format!(
+            "x-ignore-shared passes the memory's descriptor, which only a unix: socket without TLS \
+             carries, not {}: migrate to a unix: URI, or turn x-ignore-shared off to copy the memory",
+            f.name()
+        ))),
+    }
+}
+
 impl SectionHandler for RamSection {
     fn setup(&mut self, f: &mut QemuFile) -> std::result::Result<(), SectionError> {
         let (blocks, version) = self.list.snapshot();
         self.version = version;
-        self.blocks = blocks
+        let entries: Vec<BlockEntry> = blocks
+            .iter()
+            .map(|b| BlockEntry {
+                idstr: b.idstr().to_string(),
+                used_length: b.used_length(),
+                addr: self.ignore_shared.then(|| b.guest_address()),
+            })
+            .collect();
+        let (handed, sent): (Vec<_>, Vec<_>) = blocks
+            .into_iter()
+            .partition(|b| self.ignore_shared && b.shared().is_some());
+        let fds = hand_over(f, &handed)?;
+        self.blocks = sent
             .into_iter()
             .map(|b| {
                 let owner: KeepAlive = b.clone();
@@ -458,12 +581,8 @@ impl SectionHandler for RamSection {
             }
         }
         self.logging = true;
-        write_block_list(
-            f,
-            self.blocks
-                .iter()
-                .map(|(b, _)| (b.idstr(), b.used_length())),
-        );
+        let borrowed: Vec<_> = fds.iter().map(|fd| fd.as_fd()).collect();
+        write_block_list(f, &entries, &borrowed).map_err(Error::from)?;
         if let Some(m) = &mut self.multifd {
             m.end_round()?;
         }
@@ -518,6 +637,7 @@ impl SectionHandler for RamSection {
     fn load_setup(&mut self) -> std::result::Result<(), SectionError> {
         self.load_listed = false;
         self.load_block = None;
+        self.adopted.clear();
         if self.fresh {
             // The bitmaps record what this load writes (a later migration resets them).
             for b in self.list.blocks() {

@@ -60,13 +60,16 @@ impl SectionWalker for RamWalker {
             let h = RecordHeader::read_from(f)?;
             let mut flags = h.flags;
             if flags & RAM_SAVE_FLAG_MEM_SIZE != 0 {
-                let list = read_block_list(f, h.offset, MAX_BLOCKS)?;
+                // A QEMU 7.2 stream does not say whether x-ignore-shared was on: the
+                // list is read without guest addresses.
+                let list = read_block_list(f, h.offset, MAX_BLOCKS, false)?;
                 out.line(format_args!(
                     "MEM_SIZE: {} bytes in {} blocks",
                     h.offset,
                     list.len()
                 ));
-                for (name, len) in list {
+                for b in list {
+                    let (name, len) = (b.idstr, b.used_length);
                     out.line(format_args!("    block {name:?}: {len} bytes"));
                     if !self.totals.iter().any(|t| t.0 == name) {
                         self.totals.push((name, len, 0, 0));
