@@ -125,6 +125,9 @@ pub struct MigrationParams {
     /// switchover, wait in `pre-switchover` for [`MigrationControl::continue_switchover`]
     /// (an orchestrator's moment to move what the VMM does not, e.g. network ports).
     pub pause_before_switchover: bool,
+    /// The `x-ignore-shared` capability (set on both sides): RAM in shared memory is
+    /// handed over instead of copied (a local migration over a unix socket).
+    pub ignore_shared: bool,
 }
 
 /// `multifd-compression`: QEMU's names.
@@ -166,6 +169,7 @@ impl Default for MigrationParams {
             multifd_zstd_level: 1,
             incoming_timeout: Duration::from_secs(120),
             pause_before_switchover: false,
+            ignore_shared: false,
         }
     }
 }

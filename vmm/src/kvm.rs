@@ -17,7 +17,7 @@ use zerocopy::IntoBytes;
 
 use crate::guest::LOAD_ADDR;
 use crate::machine::{Bus, Cpus};
-use crate::memory::GuestRam;
+use crate::memory::{GuestRam, MemoryBackend};
 use crate::throttle::Throttle;
 use crate::vcpu::Vcpu;
 use vmm::cpu_state::{VcpuState, read_struct, supported_msrs};
@@ -417,6 +417,6 @@ pub fn available() -> bool {
 ///
 /// # Errors
 /// As [`GuestRam::new`] and [`KvmVm::map_ram`].
-pub fn ram(vm: &KvmVm, size: u64, prefault: bool) -> Result<GuestRam> {
-    GuestRam::new(size, prefault, |region| vm.map_ram(region))
+pub fn ram(vm: &KvmVm, size: u64, backend: MemoryBackend, prefault: bool) -> Result<GuestRam> {
+    GuestRam::new(size, backend, prefault, |region| vm.map_ram(region))
 }

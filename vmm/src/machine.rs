@@ -15,7 +15,7 @@ use block_migration::Disk;
 use crate::disk::{BlockDevice, open_disks};
 use crate::global_state::GlobalState;
 use crate::guest::{self, GuestParams, LOAD_ADDR};
-use crate::memory::GuestRam;
+use crate::memory::{GuestRam, MemoryBackend};
 use crate::serial::{COM1, Console, Uart, new_uart};
 use crate::{kvm, soft};
 use vmm::spec::DriveSpec;
@@ -171,6 +171,8 @@ impl RunState {
 pub struct MachineConfig {
     /// Bytes of RAM.
     pub memory: u64,
+    /// Where RAM lives.
+    pub memory_backend: MemoryBackend,
     /// vCPUs (KVM; the software backend has one).
     pub vcpus: usize,
     /// The accelerator.
@@ -243,6 +245,16 @@ pub struct Machine {
     // Lock: with `verify`, the hashes of the shared disks taken at the switchover (the
     // migration thread writes, the verify report reads).
     shared_hashes: Mutex<Vec<(String, u64)>>,
+    /// The outgoing migration hands guest memory over (x-ignore-shared with a memfd):
+    /// set by the migration thread before it starts.
+    gives_memory: AtomicBool,
+    /// The last completed migration handed the guest's memory itself over: this copy
+    /// must never run again (the destination runs the guest on the same memory).
+    memory_given: AtomicBool,
+    // Lock: with `verify`, the hash of guest RAM and the guest's counters (pass, stale
+    // pages) taken at the switchover, before the destination could run on memory it
+    // shares (the migration thread writes).
+    switchover_hash: Mutex<Option<(u64, (u64, u64))>>,
 }
 
 impl Machine {
@@ -272,10 +284,17 @@ impl Machine {
         } else {
             None
         };
+        // A memfd destination does not allocate: a local hand-over replaces its memory.
+        let prefault =
+            cfg.incoming && cfg.prealloc && cfg.memory_backend == MemoryBackend::Anonymous;
         let ram = match &vm {
-            Some(vm) => kvm::ram(vm, cfg.memory, cfg.incoming && cfg.prealloc)?,
-            None => soft::ram(cfg.memory, cfg.incoming && cfg.prealloc)?,
+            Some(vm) => kvm::ram(vm, cfg.memory, cfg.memory_backend, prefault)?,
+            None => soft::ram(cfg.memory, cfg.memory_backend, prefault)?,
         };
+        if let (Some(m), false) = (&ram.memfd, cfg.incoming) {
+            // This process runs the guest on its memory.
+            m.try_lock().context("locking guest memory")?;
+        }
         let bus = Bus::new(Devices {
             uart: new_uart(cfg.serial, console.clone()),
             block: BlockDevice::new(disks.clone(), ram.mem.clone()),
@@ -335,6 +354,9 @@ impl Machine {
             verify: cfg.verify,
             fresh_memory: AtomicBool::new(cfg.incoming),
             shared_hashes: Mutex::new(Vec::new()),
+            gives_memory: AtomicBool::new(false),
+            memory_given: AtomicBool::new(false),
+            switchover_hash: Mutex::new(None),
         }))
     }
 
@@ -424,6 +446,22 @@ impl Machine {
         self.set_state(RunState::PostMigrate);
     }
 
+    /// Says whether the outgoing migration about to start hands the guest's memory over
+    /// (x-ignore-shared with memfd RAM): once it completes, this copy never runs again.
+    pub fn set_gives_memory(&self, on: bool) {
+        self.gives_memory
+            .store(on && self.ram.memfd.is_some(), Ordering::SeqCst);
+    }
+
+    /// The hash of guest RAM and the guest's counters taken at the switchover (`verify`
+    /// with memfd RAM).
+    pub fn switchover_hash(&self) -> Option<(u64, (u64, u64))> {
+        *self
+            .switchover_hash
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Runs the vCPUs (`cont`). On a source whose guest was migrated away (`postmigrate`)
     /// this is the operator's rollback, as QEMU allows it: the shared disks handed over
     /// must be locked here again first, so it fails while the destination holds them.
@@ -437,6 +475,13 @@ impl Machine {
         match state {
             RunState::InMigrate => bail!("the guest is still being loaded from a migration stream"),
             RunState::PostMigrate => {
+                if self.memory_given.load(Ordering::SeqCst) {
+                    bail!(
+                        "the guest's memory was handed over to the destination (x-ignore-shared): the guest \
+                         runs there on this same memory, so this copy, whose vCPU state is older, must not \
+                         run again"
+                    );
+                }
                 self.take_back_disks().map_err(|e| {
                     anyhow::anyhow!("{e}: the guest may be running elsewhere; stop it there first")
                 })?;
@@ -446,8 +491,23 @@ impl Machine {
         }
     }
 
-    /// Locks again the shared disks this source handed over at a switchover.
+    /// Locks again the guest memory (a memfd) and the shared disks this source released
+    /// at a switchover.
     fn take_back_disks(&self) -> std::result::Result<(), String> {
+        if let Some(m) = &self.ram.memfd {
+            m.try_lock().map_err(|e| {
+                format!("the guest's memory is in use by another process, which may run the guest on it ({e})")
+            })?;
+        }
+        let r = self.take_back_shared_disks();
+        if let (Err(_), Some(m)) = (&r, &self.ram.memfd) {
+            // All or none.
+            m.unlock();
+        }
+        r
+    }
+
+    fn take_back_shared_disks(&self) -> std::result::Result<(), String> {
         let mut handed = self.handed_over.lock().unwrap_or_else(|p| p.into_inner());
         let mut taken: Vec<Arc<Disk>> = Vec::new();
         for d in handed.iter() {
@@ -483,6 +543,18 @@ impl Machine {
                 }
                 std::thread::sleep(std::time::Duration::from_millis(5));
             }
+        }
+        if let Some(m) = &self.ram.memfd {
+            // A source that handed its memory over lets go of it at its switchover.
+            while let Err(e) = m.try_lock() {
+                if std::time::Instant::now() >= deadline {
+                    return Err(anyhow::Error::new(e).context(
+                        "the source still holds the guest's memory; the guest does not run here",
+                    ));
+                }
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            self.memory_given.store(false, Ordering::SeqCst);
         }
         // As QEMU: a guest its source had paused (or never started) stays so; a running
         // one is held by `-S` or a `stop` while incoming, until `cont`.
@@ -598,6 +670,9 @@ impl VmControl for Machine {
     type Guard<'a> = MutexGuard<'a, ()>;
 
     fn handed_over(&self) {
+        if self.gives_memory.load(Ordering::SeqCst) {
+            self.memory_given.store(true, Ordering::SeqCst);
+        }
         self.set_migrated();
     }
 
@@ -634,6 +709,19 @@ impl VmControl for Machine {
             }
             d.unlock();
             handed.push(d.clone());
+        }
+        if let Some(m) = &self.ram.memfd {
+            // The memory too: a destination it is handed to runs on it once it has the
+            // lock. `verify` hashes it first, while it is certainly the guest's as it
+            // stopped here.
+            if self.verify {
+                *self
+                    .switchover_hash
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()) =
+                    Some((self.ram.hash(), self.guest_status()));
+            }
+            m.unlock();
         }
         Ok(())
     }

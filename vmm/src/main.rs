@@ -35,6 +35,7 @@ use serde_json::json;
 use crate::events::EventLog;
 use crate::guest::{GuestParams, Workload};
 use crate::machine::{Accel, Machine, MachineConfig};
+use crate::memory::MemoryBackend;
 use crate::session::Session;
 use vmm::spec::{DriveSpec, parse_size};
 
@@ -106,6 +107,11 @@ pub struct RunArgs {
     /// Guest memory (K, M, G suffixes).
     #[arg(short, long, default_value = "256M", value_parser = parse_size)]
     pub memory: u64,
+    /// Where guest RAM lives: anonymous (private) memory, or a memfd mapped shared,
+    /// which --x-ignore-shared hands over to a destination over a unix: socket instead
+    /// of copying it (a live update of the VMM on one host).
+    #[arg(long, value_enum, default_value_t = MemoryBackend::Anonymous)]
+    pub memory_backend: MemoryBackend,
     /// vCPUs (KVM only; the software backend has one).
     #[arg(long, default_value_t = 1)]
     pub vcpus: usize,
@@ -194,6 +200,11 @@ pub struct RunArgs {
     /// max-bandwidth in bytes per second (K, M, G suffixes); 0 is unlimited.
     #[arg(long, default_value = "0", value_parser = parse_size)]
     pub max_bandwidth: u64,
+    /// x-ignore-shared: RAM in shared memory (--memory-backend memfd) is not copied but
+    /// handed over, its descriptor passed over the unix: socket to a process of the same
+    /// user (QEMU's capability; set it on both sides).
+    #[arg(long)]
+    pub x_ignore_shared: bool,
     /// auto-converge: throttle the vCPUs while the guest dirties memory faster than it
     /// can be sent (QEMU's capability, with its defaults: 20%, +10%, up to 99%).
     #[arg(long)]
@@ -383,6 +394,7 @@ fn run(a: &RunArgs) -> Result<i32> {
     let machine = Machine::new(
         MachineConfig {
             memory: a.memory,
+            memory_backend: a.memory_backend,
             vcpus: a.vcpus,
             accel: a.accel,
             image,
@@ -407,6 +419,7 @@ fn run(a: &RunArgs) -> Result<i32> {
         downtime_limit: Duration::from_millis(a.downtime_limit),
         max_bandwidth: a.max_bandwidth,
         auto_converge: a.auto_converge,
+        ignore_shared: a.x_ignore_shared,
         multifd: a.multifd_channels.is_some(),
         multifd_channels: a
             .multifd_channels

@@ -5,15 +5,28 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use dirty_bitmap::DirtyLogSource;
-use ram_list::{RamBlock, RamList};
+use ram_list::{MemfdMemory, RamBacking, RamBlock, RamList};
 use rayon::prelude::*;
-use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::bitmap::{AtomicBitmap, NewBitmap};
+use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
 
 /// The RAM block's name in the stream.
 pub const RAM_BLOCK: &str = "pc.ram";
 /// Largest guest: RAM stays below the 4 GiB boundary and the local APIC / IOAPIC pages.
 pub const MAX_MEMORY: u64 = 3 << 30;
+
+/// Where guest RAM lives (`--memory-backend`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum MemoryBackend {
+    /// Private anonymous memory (QEMU's `memory-backend-ram`).
+    #[default]
+    Anonymous,
+    /// A memfd mapped shared (QEMU's `memory-backend-memfd,share=on`): with the
+    /// `x-ignore-shared` capability a migration over a unix socket hands it over to the
+    /// destination instead of copying it.
+    Memfd,
+}
 
 /// The guest's memory and its RAM list.
 #[derive(Debug)]
@@ -24,6 +37,8 @@ pub struct GuestRam {
     pub list: Arc<RamList>,
     /// The `"pc.ram"` block.
     pub block: Arc<RamBlock>,
+    /// With `--memory-backend memfd`: the memfd, which a local migration hands over.
+    pub memfd: Option<Arc<MemfdMemory>>,
 }
 
 impl GuestRam {
@@ -34,6 +49,7 @@ impl GuestRam {
     /// A size that is not a multiple of 2 MiB or is too large, or a failed mapping.
     pub fn new(
         size: u64,
+        backend: MemoryBackend,
         prefault: bool,
         log: impl FnOnce(&Arc<GuestRegionMmap<AtomicBitmap>>) -> Result<Box<dyn DirtyLogSource>>,
     ) -> Result<Self> {
@@ -43,10 +59,18 @@ impl GuestRam {
             MAX_MEMORY >> 20,
             size
         );
-        let region = Arc::new(
-            GuestRegionMmap::<AtomicBitmap>::from_range(GuestAddress(0), size as usize, None)
-                .context("mapping guest memory")?,
-        );
+        let (region, memfd) = match backend {
+            MemoryBackend::Anonymous => (
+                GuestRegionMmap::<AtomicBitmap>::from_range(GuestAddress(0), size as usize, None)
+                    .context("mapping guest memory")?,
+                None,
+            ),
+            MemoryBackend::Memfd => {
+                let (region, memfd) = memfd_region(size as usize)?;
+                (region, Some(memfd))
+            }
+        };
+        let region = Arc::new(region);
         advise_huge_pages(&region);
         if prefault {
             prefault_region(&region)?;
@@ -54,8 +78,17 @@ impl GuestRam {
         let mem = GuestMemoryMmap::from_arc_regions(vec![region.clone()])
             .context("guest memory layout")?;
         let list = Arc::new(RamList::new());
-        let block = list.add(RamBlock::new(RAM_BLOCK, region.clone(), log(&region)?)?)?;
-        Ok(GuestRam { mem, list, block })
+        let mut block = RamBlock::new(RAM_BLOCK, region.clone(), log(&region)?)?;
+        if let Some(m) = &memfd {
+            block = block.with_shared(m.clone());
+        }
+        let block = list.add(block)?;
+        Ok(GuestRam {
+            mem,
+            list,
+            block,
+            memfd,
+        })
     }
 
     /// Bytes of guest RAM.
@@ -94,6 +127,29 @@ impl GuestRam {
             .collect();
         combine(&parts)
     }
+}
+
+/// Guest RAM in a memfd: the vm-memory region over [`MemfdMemory`]'s mapping.
+fn memfd_region(size: usize) -> Result<(GuestRegionMmap<AtomicBitmap>, Arc<MemfdMemory>)> {
+    let memfd =
+        Arc::new(MemfdMemory::new(RAM_BLOCK, size).context("creating the memfd for guest RAM")?);
+    // The region borrows the mapping, which must outlive every clone of the guest memory
+    // (vCPU threads, devices): it lives as long as the process, this reference is never
+    // dropped.
+    std::mem::forget(memfd.clone());
+    // SAFETY: the pointer is the start of the memfd's live mapping of `size` bytes, which
+    // is never unmapped (above); an adopted memory is mapped at the same address.
+    let builder = unsafe {
+        MmapRegionBuilder::new_with_bitmap(size, AtomicBitmap::with_len(size))
+            .with_raw_mmap_pointer(memfd.as_ptr())
+    };
+    let mmap = builder
+        .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+        .with_mmap_flags(libc::MAP_SHARED)
+        .build()
+        .context("guest memory region over the memfd")?;
+    let region = GuestRegionMmap::new(mmap, GuestAddress(0)).context("guest memory layout")?;
+    Ok((region, memfd))
 }
 
 /// Asks for transparent huge pages (MADV_HUGEPAGE), as QEMU does for guest RAM: fewer
@@ -159,7 +215,10 @@ mod tests {
 
     #[test]
     fn hash_sees_a_single_byte_change() {
-        let ram = GuestRam::new(4 << 20, false, |_| Ok(Box::new(()))).unwrap();
+        let ram = GuestRam::new(4 << 20, MemoryBackend::Anonymous, false, |_| {
+            Ok(Box::new(()))
+        })
+        .unwrap();
         let h0 = ram.hash();
         ram.write(3 << 20, &[1]).unwrap();
         let h1 = ram.hash();
@@ -170,8 +229,23 @@ mod tests {
 
     #[test]
     fn sizes_are_checked() {
-        assert!(GuestRam::new(3 << 20, false, |_| Ok(Box::new(()))).is_err());
-        assert!(GuestRam::new(5 << 20, false, |_| Ok(Box::new(()))).is_err());
-        assert!(GuestRam::new(4 << 30, false, |_| Ok(Box::new(()))).is_err());
+        assert!(
+            GuestRam::new(3 << 20, MemoryBackend::Anonymous, false, |_| Ok(Box::new(
+                ()
+            )))
+            .is_err()
+        );
+        assert!(
+            GuestRam::new(5 << 20, MemoryBackend::Anonymous, false, |_| Ok(Box::new(
+                ()
+            )))
+            .is_err()
+        );
+        assert!(
+            GuestRam::new(4 << 30, MemoryBackend::Anonymous, false, |_| Ok(Box::new(
+                ()
+            )))
+            .is_err()
+        );
     }
 }

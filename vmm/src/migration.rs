@@ -36,6 +36,7 @@ pub fn sections(
     disk_stats: Arc<BlockStats>,
     fresh_memory: bool,
     multifd: Multifd,
+    ignore_shared: bool,
 ) -> Result<SaveVm> {
     let mut s = SaveVm::new(machine_type(m));
     let mut block = BlockMigration::new(m.disks.clone(), disk_stats);
@@ -50,6 +51,8 @@ pub fn sections(
         // A destination's memory is untouched: zero pages it never wrote need no work.
         ram = ram.with_fresh_memory();
     }
+    // x-ignore-shared: memfd RAM goes by its descriptor, over a unix socket.
+    ram = ram.with_ignore_shared(ignore_shared);
     ram = match multifd {
         Multifd::Off => ram,
         Multifd::Send(channels) => ram.with_multifd(channels),
@@ -236,7 +239,8 @@ fn migrate(
     };
     let mut f = QemuFile::new(transport);
     let multifd = connect_channels(&uri, &params, ctl, tls.as_ref())?;
-    let mut savevm = sections(&machine, ram, disk, false, multifd)?;
+    let mut savevm = sections(&machine, ram, disk, false, multifd, params.ignore_shared)?;
+    machine.set_gives_memory(params.ignore_shared);
     // On success the guest runs at the destination (or lives in the file), never again
     // here: run_migration marks the machine post-migrate before it reports completion.
     let info = match run_migration(&mut savevm, &mut f, &*machine, ctl) {
@@ -287,8 +291,12 @@ pub fn ms(d: std::time::Duration) -> f64 {
 
 fn emit_hash(machine: &Machine, side: &str) {
     let t = Instant::now();
-    let hash = machine.ram.hash();
-    let (pass, mismatches) = machine.guest_status();
+    // A source whose memory may be shared with a destination that runs by now hashed it
+    // at the switchover.
+    let (hash, (pass, mismatches)) = match machine.switchover_hash() {
+        Some(at_switchover) if side == "source" => at_switchover,
+        _ => (machine.ram.hash(), machine.guest_status()),
+    };
     machine.events.emit(
         "ram-hash",
         json!({"side": side, "hash": format!("{hash:016x}"), "pass": pass, "mismatches": mismatches,
@@ -452,6 +460,12 @@ impl IncomingListener {
         let previous = self.previous;
         let r = load_incoming(machine, self, verify, params, tls, abort, on_connect);
         if r.is_err() {
+            if let Some(m) = &machine.ram.memfd {
+                // It may have taken the source's memory: it must not share it any more.
+                if let Err(e) = m.detach() {
+                    eprintln!("vmm: cannot let go of the source's memory: {e}");
+                }
+            }
             machine.incoming_failed(previous);
         }
         r
@@ -528,7 +542,14 @@ fn load_incoming(
         (Some(r), Some(l)) => Some(watch_extra(l, r.clone(), f.shutdown_handle())),
         _ => None,
     };
-    let mut savevm = sections(machine, stats, Arc::default(), fresh, multifd)?;
+    let mut savevm = sections(
+        machine,
+        stats,
+        Arc::default(),
+        fresh,
+        multifd,
+        params.ignore_shared,
+    )?;
     let answer = has_return_path(uri);
     let loaded = savevm.load(&mut f);
     // A channel's failure stops the main stream too: its error is the one to report.

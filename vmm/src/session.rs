@@ -231,6 +231,7 @@ impl Session {
             Capability::AutoConverge => self.params().auto_converge,
             Capability::Multifd => self.params().multifd,
             Capability::PauseBeforeSwitchover => self.params().pause_before_switchover,
+            Capability::IgnoreShared => self.params().ignore_shared,
         }
     }
 
@@ -245,6 +246,7 @@ impl Session {
             Capability::AutoConverge => p.auto_converge = on,
             Capability::Multifd => p.multifd = on,
             Capability::PauseBeforeSwitchover => p.pause_before_switchover = on,
+            Capability::IgnoreShared => p.ignore_shared = on,
         }
         self.set_params(p);
     }

@@ -16,7 +16,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::guest::{self, GuestParams, LOAD_ADDR, Workload};
 use crate::machine::{Bus, Cpus};
-use crate::memory::GuestRam;
+use crate::memory::{GuestRam, MemoryBackend};
 use crate::serial::COM1;
 use crate::throttle::Throttle;
 
@@ -29,8 +29,8 @@ const DISK_BUF: u64 = 0x9000;
 ///
 /// # Errors
 /// As [`GuestRam::new`].
-pub fn ram(size: u64, prefault: bool) -> Result<GuestRam> {
-    GuestRam::new(size, prefault, |region| {
+pub fn ram(size: u64, backend: MemoryBackend, prefault: bool) -> Result<GuestRam> {
+    GuestRam::new(size, backend, prefault, |region| {
         Ok(Box::new(VmmWriteLog::new(region.clone())))
     })
 }

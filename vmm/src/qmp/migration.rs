@@ -284,6 +284,9 @@ pub enum Capability {
     Multifd,
     /// `pause-before-switchover`: wait in `pre-switchover` for `migrate-continue`.
     PauseBeforeSwitchover,
+    /// `x-ignore-shared`: RAM in shared memory (`--memory-backend memfd`) is handed over
+    /// with its descriptor, not copied.
+    IgnoreShared,
 }
 
 impl Capability {
@@ -295,6 +298,7 @@ impl Capability {
             Capability::AutoConverge => "auto-converge",
             Capability::Multifd => "multifd",
             Capability::PauseBeforeSwitchover => "pause-before-switchover",
+            Capability::IgnoreShared => "x-ignore-shared",
         }
     }
 
@@ -305,6 +309,7 @@ impl Capability {
             Capability::AutoConverge,
             Capability::Multifd,
             Capability::PauseBeforeSwitchover,
+            Capability::IgnoreShared,
         ]
         .into_iter()
         .find(|c| c.as_str() == name)

@@ -70,7 +70,8 @@ pub struct Vmm {
 }
 
 impl Vmm {
-    /// Starts `vmm run` with `args` plus a log, serial output to a file and no progress line.
+    /// Starts `vmm run` with `args` plus a log, serial output to a file, no progress line
+    /// and the tests' accelerator (unless `args` name one).
     pub fn start(dir: &Path, name: &str, args: &[&str]) -> Vmm {
         Self::start_with(dir, name, args, |_| {})
     }
@@ -84,8 +85,11 @@ impl Vmm {
     ) -> Vmm {
         let log = dir.join(format!("{name}.jsonl"));
         let mut cmd = Command::new(vmm());
-        cmd.arg("run")
-            .args(["--accel", accel(), "--progress", "never"])
+        cmd.arg("run");
+        if !args.contains(&"--accel") {
+            cmd.args(["--accel", accel()]);
+        }
+        cmd.args(["--progress", "never"])
             .arg("--log-json")
             .arg(&log)
             .arg("--serial")
