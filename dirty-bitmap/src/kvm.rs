@@ -32,6 +32,8 @@ use crate::{DirtyBitmap, DirtyLogSource, Error, Result};
 pub struct KvmDirtyLog {
     vm: Arc<VmFd>,
     region: kvm_userspace_memory_region,
+    /// The block page the slot's first page is.
+    first_page: usize,
     /// Manual protect: the pages syncs reported and no clear re-protected yet.
     reported: Option<Vec<u64>>,
 }
@@ -55,8 +57,19 @@ impl KvmDirtyLog {
         KvmDirtyLog {
             vm,
             region,
+            first_page: 0,
             reported: None,
         }
+    }
+
+    /// This log, for a slot that holds part of a RAM block: its first page is page
+    /// `first_page` of the block (a multiple of 64), where syncs report its pages and
+    /// clears name them. A block in several slots (RAM below and above the 4 GiB hole)
+    /// merges their logs ([`MergedLog`](crate::MergedLog)).
+    pub fn at_page(mut self, first_page: usize) -> Self {
+        debug_assert_eq!(first_page % 64, 0);
+        self.first_page = first_page;
+        self
     }
 
     /// Whether this KVM offers manual dirty log protect with initially-set bitmaps.
@@ -149,7 +162,7 @@ impl DirtyLogSource for KvmDirtyLog {
                 slot: self.region.slot,
                 source: io::Error::from_raw_os_error(e.errno()),
             })?;
-        let newly = bitmap.merge_raw(0, &words)?;
+        let newly = bitmap.merge_raw(self.first_page, &words)?;
         if let Some(r) = &mut self.reported {
             for (r, w) in r.iter_mut().zip(&words) {
                 *r |= w;
@@ -169,7 +182,14 @@ impl DirtyLogSource for KvmDirtyLog {
         if self.region.flags & KVM_MEM_LOG_DIRTY_PAGES == 0 {
             return Ok(());
         }
+        // Block pages to this slot's: the part of the range inside the slot.
         let total = reported.len() * 64;
+        let end = (first_page + pages).min(self.first_page + total);
+        if first_page + pages <= self.first_page || first_page >= self.first_page + total {
+            return Ok(());
+        }
+        let first_page = first_page.max(self.first_page) - self.first_page;
+        let pages = end - self.first_page - first_page;
         if first_page % 64 != 0 || first_page >= total {
             return Err(Error::OutOfRange {
                 first_page,

@@ -12,12 +12,25 @@ use crate::{DirtyBitmap, DirtyLogSource, Result};
 /// marks its region's `AtomicBitmap` on every write, and a sync moves those bits over.
 pub struct VmmWriteLog {
     region: Arc<GuestRegionMmap<AtomicBitmap>>,
+    /// The block page the region's first page is.
+    first_page: usize,
 }
 
 impl VmmWriteLog {
-    /// The write log of one guest memory region (the region is one RAM block).
+    /// The write log of one guest memory region that is a whole RAM block.
     pub fn new(region: Arc<GuestRegionMmap<AtomicBitmap>>) -> Self {
-        VmmWriteLog { region }
+        VmmWriteLog {
+            region,
+            first_page: 0,
+        }
+    }
+
+    /// This log, for a region that holds part of a RAM block: its first page is page
+    /// `first_page` of the block (a multiple of 64).
+    pub fn at_page(mut self, first_page: usize) -> Self {
+        debug_assert_eq!(first_page % 64, 0);
+        self.first_page = first_page;
+        self
     }
 
     /// The region's whole bitmap (not the per-access slice vm-memory's region trait gives).
@@ -46,7 +59,7 @@ impl DirtyLogSource for VmmWriteLog {
 
     fn sync(&mut self, bitmap: &DirtyBitmap) -> Result<usize> {
         let words = self.bitmap().get_and_reset();
-        bitmap.merge_raw(0, &words)
+        bitmap.merge_raw(self.first_page, &words)
     }
 }
 
@@ -72,5 +85,21 @@ mod tests {
         assert_eq!(log.sync(&b).unwrap(), 3);
         assert_eq!(b.iter().collect::<Vec<_>>(), [3, 10, 11]);
         assert_eq!(log.sync(&b).unwrap(), 0, "a sync resets the source");
+    }
+
+    #[test]
+    fn a_region_that_is_part_of_a_block_reports_at_its_place_in_it() {
+        let region = Arc::new(
+            GuestRegionMmap::<AtomicBitmap>::from_range(GuestAddress(1 << 32), 64 * 4096, None)
+                .unwrap(),
+        );
+        let mem = GuestMemoryMmap::from_arc_regions(vec![region.clone()]).unwrap();
+        let mut log = VmmWriteLog::new(region).at_page(128);
+        let b = DirtyBitmap::new(192);
+        log.start().unwrap();
+        mem.write_obj(7u8, GuestAddress((1 << 32) + 5 * 4096))
+            .unwrap();
+        assert_eq!(log.sync(&b).unwrap(), 1);
+        assert_eq!(b.iter().collect::<Vec<_>>(), [133]);
     }
 }

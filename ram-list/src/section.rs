@@ -406,6 +406,13 @@ impl RamSection {
                 ),
             });
         }
+        if !fds.is_empty() && !self.ignore_shared {
+            return Err(Error::BadBlockList {
+                reason: "the source handed its memory over (x-ignore-shared), but this side's \
+                         x-ignore-shared capability is off: set it on both sides"
+                    .into(),
+            });
+        }
         if !fds.is_empty() {
             return Err(Error::BadBlockList {
                 reason: format!(

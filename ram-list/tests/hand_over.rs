@@ -135,6 +135,17 @@ fn a_stream_that_cannot_carry_descriptors_is_refused_at_setup() {
 }
 
 #[test]
+fn a_destination_without_the_capability_says_so() {
+    let mut dst = side(true, false);
+    let (r, _, _) = migrate(side(true, true), &mut dst);
+    let e = r.unwrap_err();
+    assert!(
+        e.contains("this side's x-ignore-shared capability is off"),
+        "{e}"
+    );
+}
+
+#[test]
 fn private_memory_on_either_side_is_refused_clearly() {
     // The destination keeps its RAM private: the memory handed over has nowhere to go.
     let mut dst = side(false, true);

@@ -96,6 +96,13 @@ impl GuestParams {
             (self.range_start + self.range_size) >> 20,
             memory >> 20
         );
+        ensure!(
+            self.range_start + self.range_size <= crate::memory::LOW_MEMORY,
+            "the workload range ends at {} MiB: the built-in guest works below {} MiB (RAM \
+             beyond that is seen from 4 GiB on, which it does not map)",
+            (self.range_start + self.range_size) >> 20,
+            crate::memory::LOW_MEMORY >> 20
+        );
         Ok(())
     }
 

@@ -11,13 +11,13 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{Kvm, VmFd};
 use savevm::{DeviceHandler, FieldReader, FieldWriter, SaveVm, SectionError, SectionInfo};
-use vm_memory::GuestRegionMmap;
+use vm_memory::GuestMemoryRegion as _;
 use vm_memory::bitmap::AtomicBitmap;
 use zerocopy::IntoBytes;
 
 use crate::guest::LOAD_ADDR;
 use crate::machine::{Bus, Cpus};
-use crate::memory::{GuestRam, MemoryBackend};
+use crate::memory::{GuestRam, MemoryBackend, RamSlot};
 use crate::throttle::Throttle;
 use crate::vcpu::Vcpu;
 use vmm::cpu_state::{VcpuState, read_struct, supported_msrs};
@@ -77,36 +77,39 @@ impl KvmVm {
         })
     }
 
-    /// Registers `region` as memory slot 0 and returns its dirty log: KVM's log of guest
-    /// writes merged with vm-memory's log of the VMM's own writes.
+    /// Registers the RAM slots as KVM memory slots 0, 1... and returns the block's dirty
+    /// log: KVM's log of guest writes in each merged with vm-memory's log of the VMM's
+    /// own writes.
     ///
     /// # Errors
     /// KVM refuses the slot.
-    pub fn map_ram(
-        &self,
-        region: &Arc<GuestRegionMmap<AtomicBitmap>>,
-    ) -> Result<Box<dyn DirtyLogSource>> {
-        let mmap: &vm_memory::MmapRegion<AtomicBitmap> = region;
-        let slot = kvm_userspace_memory_region {
-            slot: 0,
-            flags: 0,
-            guest_phys_addr: 0,
-            memory_size: mmap.size() as u64,
-            userspace_addr: mmap.as_ptr() as u64,
-        };
-        // SAFETY: the region is a live mapping of `memory_size` bytes, kept alive by the
-        // machine (its `GuestRam`) for as long as the VM exists.
-        unsafe { self.vm.set_user_memory_region(slot) }.context("KVM_SET_USER_MEMORY_REGION")?;
-        let log = KvmDirtyLog::new(self.vm.clone(), slot);
-        let log = if self.manual_protect {
-            log.manual_protect()
-        } else {
-            log
-        };
-        Ok(Box::new(MergedLog(vec![
-            Box::new(log),
-            Box::new(VmmWriteLog::new(region.clone())),
-        ])))
+    pub fn map_ram(&self, slots: &[RamSlot]) -> Result<Box<dyn DirtyLogSource>> {
+        let mut logs: Vec<Box<dyn DirtyLogSource>> = Vec::new();
+        for (i, s) in slots.iter().enumerate() {
+            let mmap: &vm_memory::MmapRegion<AtomicBitmap> = &s.region;
+            let slot = kvm_userspace_memory_region {
+                slot: i as u32,
+                flags: 0,
+                guest_phys_addr: s.region.start_addr().0,
+                memory_size: mmap.size() as u64,
+                userspace_addr: mmap.as_ptr() as u64,
+            };
+            // SAFETY: the region is a live mapping of `memory_size` bytes, kept alive by
+            // the machine (its `GuestRam`) for as long as the VM exists.
+            unsafe { self.vm.set_user_memory_region(slot) }
+                .context("KVM_SET_USER_MEMORY_REGION")?;
+            let log = KvmDirtyLog::new(self.vm.clone(), slot).at_page(s.first_page);
+            let log = if self.manual_protect {
+                log.manual_protect()
+            } else {
+                log
+            };
+            logs.push(Box::new(log));
+            logs.push(Box::new(
+                VmmWriteLog::new(s.region.clone()).at_page(s.first_page),
+            ));
+        }
+        Ok(Box::new(MergedLog(logs)))
     }
 
     /// Creates `count` vCPUs set up to enter a boot sector (real mode, CS=0, IP=0x7c00)
@@ -418,5 +421,5 @@ pub fn available() -> bool {
 /// # Errors
 /// As [`GuestRam::new`] and [`KvmVm::map_ram`].
 pub fn ram(vm: &KvmVm, size: u64, backend: MemoryBackend, prefault: bool) -> Result<GuestRam> {
-    GuestRam::new(size, backend, prefault, |region| vm.map_ram(region))
+    GuestRam::new(size, backend, prefault, |slots| vm.map_ram(slots))
 }

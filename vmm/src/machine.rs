@@ -196,6 +196,8 @@ pub struct MachineConfig {
     pub verify: bool,
     /// A destination allocates all guest RAM before the stream arrives.
     pub prealloc: bool,
+    /// Allocate all RAM at start on any side (QEMU's `-mem-prealloc`).
+    pub mem_prealloc: bool,
     /// How KVM's dirty log re-protects pages.
     pub dirty_protect: kvm::DirtyProtect,
 }
@@ -285,8 +287,8 @@ impl Machine {
             None
         };
         // A memfd destination does not allocate: a local hand-over replaces its memory.
-        let prefault =
-            cfg.incoming && cfg.prealloc && cfg.memory_backend == MemoryBackend::Anonymous;
+        let prefault = cfg.mem_prealloc
+            || (cfg.incoming && cfg.prealloc && cfg.memory_backend == MemoryBackend::Anonymous);
         let ram = match &vm {
             Some(vm) => kvm::ram(vm, cfg.memory, cfg.memory_backend, prefault)?,
             None => soft::ram(cfg.memory, cfg.memory_backend, prefault)?,

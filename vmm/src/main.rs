@@ -182,6 +182,10 @@ pub struct RunArgs {
     /// speed; this turns that off (RAM is then allocated as pages arrive).
     #[arg(long)]
     pub no_prealloc: bool,
+    /// Allocate all guest RAM at start, on a source too (QEMU's -mem-prealloc); a memfd
+    /// destination allocates nothing otherwise (a hand-over replaces its memory).
+    #[arg(long, conflicts_with = "no_prealloc")]
+    pub mem_prealloc: bool,
     /// How KVM's dirty log re-protects written pages: auto (manual where KVM offers it),
     /// manual (KVM_CLEAR_DIRTY_LOG per 64 MiB chunk just before its pages are sent),
     /// classic (each KVM_GET_DIRTY_LOG re-protects everything it reports).
@@ -405,6 +409,7 @@ fn run(a: &RunArgs) -> Result<i32> {
             paused: a.paused,
             verify: a.verify,
             prealloc: !a.no_prealloc,
+            mem_prealloc: a.mem_prealloc,
             dirty_protect: a.dirty_log_protect,
         },
         events.clone(),

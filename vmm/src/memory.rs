@@ -1,5 +1,7 @@
-//! Guest RAM: one vm-memory region at guest-physical 0, registered in a `RamList` as the
-//! block `"pc.ram"` (QEMU's name, so streams read alike).
+//! Guest RAM: one host mapping, registered in a `RamList` as the block `"pc.ram"` (QEMU's
+//! name, so streams read alike), and seen by the guest as QEMU's pc machine lays it out:
+//! up to 3 GiB at guest-physical 0, the rest from 4 GiB (the hole between holds the local
+//! APIC and IOAPIC pages).
 
 use std::sync::Arc;
 
@@ -9,12 +11,17 @@ use ram_list::{MemfdMemory, RamBacking, RamBlock, RamList};
 use rayon::prelude::*;
 use vm_memory::bitmap::{AtomicBitmap, NewBitmap};
 use vm_memory::mmap::MmapRegionBuilder;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 
 /// The RAM block's name in the stream.
 pub const RAM_BLOCK: &str = "pc.ram";
-/// Largest guest: RAM stays below the 4 GiB boundary and the local APIC / IOAPIC pages.
-pub const MAX_MEMORY: u64 = 3 << 30;
+/// RAM below the 4 GiB hole: up to this much sits at guest-physical 0 (QEMU's pc machine
+/// with more than 3.5 GiB uses the same split).
+pub const LOW_MEMORY: u64 = 3 << 30;
+/// Where RAM above the hole starts.
+pub const HIGH_MEMORY_START: u64 = 1 << 32;
+/// Largest guest.
+pub const MAX_MEMORY: u64 = 256 << 30;
 
 /// Where guest RAM lives (`--memory-backend`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -26,6 +33,17 @@ pub enum MemoryBackend {
     /// `x-ignore-shared` capability a migration over a unix socket hands it over to the
     /// destination instead of copying it.
     Memfd,
+}
+
+/// One contiguous piece of guest-physical RAM: a vm-memory region over part of the
+/// block's mapping, and the block page it starts at (what a memory slot and its dirty
+/// log cover).
+#[derive(Debug, Clone)]
+pub struct RamSlot {
+    /// The region (its guest address is where the guest sees it).
+    pub region: Arc<GuestRegionMmap<AtomicBitmap>>,
+    /// The block page of its first page.
+    pub first_page: usize,
 }
 
 /// The guest's memory and its RAM list.
@@ -43,7 +61,8 @@ pub struct GuestRam {
 
 impl GuestRam {
     /// Maps `size` bytes of guest RAM; `log` makes the block's dirty-log source from the
-    /// region (KVM's log plus the VMM's writes, or the VMM's alone).
+    /// slots (KVM's log plus the VMM's writes, or the VMM's alone). `prefault` allocates
+    /// every page now.
     ///
     /// # Errors
     /// A size that is not a multiple of 2 MiB or is too large, or a failed mapping.
@@ -51,34 +70,46 @@ impl GuestRam {
         size: u64,
         backend: MemoryBackend,
         prefault: bool,
-        log: impl FnOnce(&Arc<GuestRegionMmap<AtomicBitmap>>) -> Result<Box<dyn DirtyLogSource>>,
+        log: impl FnOnce(&[RamSlot]) -> Result<Box<dyn DirtyLogSource>>,
     ) -> Result<Self> {
         anyhow::ensure!(
             size >= 4 << 20 && size % (2 << 20) == 0 && size <= MAX_MEMORY,
-            "guest memory must be a multiple of 2 MiB from 4 MiB to {} MiB, not {} bytes",
-            MAX_MEMORY >> 20,
+            "guest memory must be a multiple of 2 MiB from 4 MiB to {} GiB, not {} bytes",
+            MAX_MEMORY >> 30,
             size
         );
-        let (region, memfd) = match backend {
+        let (host, memfd, flags): (Arc<dyn RamBacking>, _, _) = match backend {
             MemoryBackend::Anonymous => (
-                GuestRegionMmap::<AtomicBitmap>::from_range(GuestAddress(0), size as usize, None)
-                    .context("mapping guest memory")?,
+                Arc::new(MmapRegion::<()>::new(size as usize).context("mapping guest memory")?),
                 None,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
             ),
             MemoryBackend::Memfd => {
-                let (region, memfd) = memfd_region(size as usize)?;
-                (region, Some(memfd))
+                let m = Arc::new(
+                    MemfdMemory::new(RAM_BLOCK, size as usize)
+                        .context("creating the memfd for guest RAM")?,
+                );
+                (m.clone(), Some(m), libc::MAP_SHARED)
             }
         };
-        let region = Arc::new(region);
-        advise_huge_pages(&region);
+        // The regions borrow the mapping, which must outlive every clone of the guest
+        // memory (vCPU threads, devices): it lives as long as the process, this
+        // reference is never dropped.
+        std::mem::forget(host.clone());
+        advise_huge_pages(&*host);
         if prefault {
-            prefault_region(&region)?;
+            prefault_memory(&*host)?;
         }
-        let mem = GuestMemoryMmap::from_arc_regions(vec![region.clone()])
-            .context("guest memory layout")?;
+        let low = size.min(LOW_MEMORY);
+        let mut slots = vec![slot(&*host, flags, 0, low, 0)?];
+        if size > low {
+            slots.push(slot(&*host, flags, low, size - low, HIGH_MEMORY_START)?);
+        }
+        let mem =
+            GuestMemoryMmap::from_arc_regions(slots.iter().map(|s| s.region.clone()).collect())
+                .context("guest memory layout")?;
         let list = Arc::new(RamList::new());
-        let mut block = RamBlock::new(RAM_BLOCK, region.clone(), log(&region)?)?;
+        let mut block = RamBlock::new(RAM_BLOCK, host, log(&slots)?)?;
         if let Some(m) = &memfd {
             block = block.with_shared(m.clone());
         }
@@ -129,49 +160,47 @@ impl GuestRam {
     }
 }
 
-/// Guest RAM in a memfd: the vm-memory region over [`MemfdMemory`]'s mapping.
-fn memfd_region(size: usize) -> Result<(GuestRegionMmap<AtomicBitmap>, Arc<MemfdMemory>)> {
-    let memfd =
-        Arc::new(MemfdMemory::new(RAM_BLOCK, size).context("creating the memfd for guest RAM")?);
-    // The region borrows the mapping, which must outlive every clone of the guest memory
-    // (vCPU threads, devices): it lives as long as the process, this reference is never
-    // dropped.
-    std::mem::forget(memfd.clone());
-    // SAFETY: the pointer is the start of the memfd's live mapping of `size` bytes, which
-    // is never unmapped (above); an adopted memory is mapped at the same address.
+/// The region of `len` bytes at byte `offset` of `host`, seen by the guest at `gpa`, with
+/// a dirty bitmap of its own for the VMM's writes.
+fn slot(host: &dyn RamBacking, flags: i32, offset: u64, len: u64, gpa: u64) -> Result<RamSlot> {
+    let len = len as usize;
+    // SAFETY: the range is inside `host`'s mapping, which is never unmapped (see
+    // `GuestRam::new`); an adopted memfd is mapped at the same address.
     let builder = unsafe {
-        MmapRegionBuilder::new_with_bitmap(size, AtomicBitmap::with_len(size))
-            .with_raw_mmap_pointer(memfd.as_ptr())
+        MmapRegionBuilder::new_with_bitmap(len, AtomicBitmap::with_len(len))
+            .with_raw_mmap_pointer(host.as_ptr().add(offset as usize))
     };
     let mmap = builder
         .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-        .with_mmap_flags(libc::MAP_SHARED)
+        .with_mmap_flags(flags)
         .build()
-        .context("guest memory region over the memfd")?;
-    let region = GuestRegionMmap::new(mmap, GuestAddress(0)).context("guest memory layout")?;
-    Ok((region, memfd))
+        .context("guest memory region")?;
+    let region = GuestRegionMmap::new(mmap, GuestAddress(gpa)).context("guest memory layout")?;
+    Ok(RamSlot {
+        region: Arc::new(region),
+        first_page: (offset / 4096) as usize,
+    })
 }
 
 /// Asks for transparent huge pages (MADV_HUGEPAGE), as QEMU does for guest RAM: fewer
 /// faults and TLB misses for the guest, and never-touched memory reads as the huge zero
 /// page, one fault per 2 MiB, when migration scans it. Best effort.
-fn advise_huge_pages(region: &GuestRegionMmap<AtomicBitmap>) {
-    let mmap: &vm_memory::MmapRegion<AtomicBitmap> = region;
-    // SAFETY: advice on the region's own anonymous mapping; it changes no contents.
+fn advise_huge_pages(host: &dyn RamBacking) {
+    // SAFETY: advice on the block's own mapping; it changes no contents.
     unsafe {
-        libc::madvise(mmap.as_ptr().cast(), mmap.size(), libc::MADV_HUGEPAGE);
+        libc::madvise(host.as_ptr().cast(), host.size(), libc::MADV_HUGEPAGE);
     }
 }
 
-/// Allocates every page of `region` now (MADV_POPULATE_WRITE), before it is given to KVM:
-/// a destination that will receive the whole of RAM then loads it at memory speed, and
-/// steadily, instead of taking a first-touch fault per page during the migration (costly
-/// under a shadow-paging hypervisor, and variable with the host's supply of huge pages).
-fn prefault_region(region: &GuestRegionMmap<AtomicBitmap>) -> Result<()> {
-    let mmap: &vm_memory::MmapRegion<AtomicBitmap> = region;
-    // SAFETY: the range is exactly the region's own private anonymous mapping; populating
-    // it changes no contents (the pages read as zero either way).
-    let r = unsafe { libc::madvise(mmap.as_ptr().cast(), mmap.size(), libc::MADV_POPULATE_WRITE) };
+/// Allocates every page of guest RAM now (MADV_POPULATE_WRITE), before it is given to
+/// KVM: a destination that will receive the whole of RAM then loads it at memory speed,
+/// and steadily, instead of taking a first-touch fault per page during the migration
+/// (costly under a shadow-paging hypervisor, and variable with the host's supply of huge
+/// pages); a source (`--mem-prealloc`) has it all from the start.
+fn prefault_memory(host: &dyn RamBacking) -> Result<()> {
+    // SAFETY: the range is exactly the block's own mapping; populating it changes no
+    // contents (the pages read as they did).
+    let r = unsafe { libc::madvise(host.as_ptr().cast(), host.size(), libc::MADV_POPULATE_WRITE) };
     if r != 0 {
         // Older kernels lack the advice: the load then faults pages in as it goes.
         let e = std::io::Error::last_os_error();
@@ -242,10 +271,40 @@ mod tests {
             .is_err()
         );
         assert!(
-            GuestRam::new(4 << 30, MemoryBackend::Anonymous, false, |_| Ok(Box::new(
-                ()
-            )))
+            GuestRam::new(
+                MAX_MEMORY + (2 << 20),
+                MemoryBackend::Anonymous,
+                false,
+                |_| Ok(Box::new(()))
+            )
             .is_err()
         );
+    }
+
+    #[test]
+    fn memory_above_3_gib_is_seen_from_4_gib_on_as_on_qemus_pc() {
+        for backend in [MemoryBackend::Anonymous, MemoryBackend::Memfd] {
+            let mut seen = Vec::new();
+            let ram = GuestRam::new(5 << 30, backend, false, |slots| {
+                seen = slots
+                    .iter()
+                    .map(|s| (s.region.start_addr().0, s.region.len(), s.first_page))
+                    .collect();
+                Ok(Box::new(()))
+            })
+            .unwrap();
+            use vm_memory::GuestMemoryRegion as _;
+            assert_eq!(
+                seen,
+                [(0, 3 << 30, 0), (4 << 30, 2 << 30, (3 << 30) / 4096)],
+                "{backend:?}"
+            );
+            ram.write((4 << 30) + 8, b"high").unwrap();
+            let mut back = [0u8; 4];
+            ram.block.read_bytes((3 << 30) + 8, &mut back);
+            assert_eq!(&back, b"high", "{backend:?}");
+            assert!(ram.write(3 << 30, b"hole").is_err(), "{backend:?}");
+            assert_eq!(ram.memfd.is_some(), backend == MemoryBackend::Memfd);
+        }
     }
 }

@@ -9,7 +9,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use dirty_bitmap::VmmWriteLog;
+use dirty_bitmap::{DirtyLogSource, MergedLog, VmmWriteLog};
 use savevm::{DeviceHandler, FieldReader, FieldWriter, SaveVm, SectionError, SectionInfo};
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -30,8 +30,16 @@ const DISK_BUF: u64 = 0x9000;
 /// # Errors
 /// As [`GuestRam::new`].
 pub fn ram(size: u64, backend: MemoryBackend, prefault: bool) -> Result<GuestRam> {
-    GuestRam::new(size, backend, prefault, |region| {
-        Ok(Box::new(VmmWriteLog::new(region.clone())))
+    GuestRam::new(size, backend, prefault, |slots| {
+        Ok(Box::new(MergedLog(
+            slots
+                .iter()
+                .map(|s| {
+                    Box::new(VmmWriteLog::new(s.region.clone()).at_page(s.first_page))
+                        as Box<dyn DirtyLogSource>
+                })
+                .collect(),
+        )))
     })
 }
 

@@ -23,6 +23,7 @@ mod faults;
 mod fuzz;
 mod handover;
 mod interop;
+mod live_update;
 mod memwatch;
 mod migrate_test;
 mod ping_pong;
@@ -85,6 +86,19 @@ enum Cmd {
         #[arg(long, allow_hyphen_values = true)]
         vmm_arg: Vec<String>,
     },
+    /// Live update on one host: memfd RAM handed over (x-ignore-shared over a unix
+    /// socket) against a normal migration of the same guest, per guest size.
+    LiveUpdate {
+        /// Guest sizes in GiB (the source allocates all of it).
+        #[arg(long, value_delimiter = ',', default_values_t = [1u64, 4, 16])]
+        sizes: Vec<u64>,
+        /// Rounds per size (hand-over and copy alternating).
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+        /// Where the table goes.
+        #[arg(long, default_value = "target/bench/live-update.md")]
+        out: PathBuf,
+    },
     /// QEMU's migrations (multifd plain and zstd; TLS with 0 and 2 channels) loaded by our
     /// destination, checked page by page against QEMU's memory, and QEMU's TLS
     /// destination's authz against the names vmm writes. Needs qemu-system-x86_64.
@@ -140,6 +154,14 @@ fn main() -> Result<()> {
         Cmd::QmpConformance { qemu, no_qemu } => {
             let qemu = if no_qemu { None } else { qemu.find()? };
             qmp_conformance::run(build_vmm()?, qemu, &root().join("docs/qmp.md"))
+        }
+        Cmd::LiveUpdate { sizes, rounds, out } => {
+            let out = if out.is_absolute() {
+                out
+            } else {
+                root().join(out)
+            };
+            live_update::run(build_release_vmm()?, &sizes, rounds.max(1), &out)
         }
         Cmd::Interop { qemu } => {
             let Some(qemu) = qemu.find()? else {
