@@ -58,6 +58,8 @@ pub struct RamSection {
     multifd: Option<MultifdSender>,
     /// `x-ignore-shared`: shared blocks are handed over, not sent (both sides).
     ignore_shared: bool,
+    /// This migration's setup handed memory over.
+    handed_over: bool,
     // Load side.
     /// With multifd: the channels that load normal pages; each EOS waits for them.
     multifd_recv: Option<Arc<MultifdReceiver>>,
@@ -97,6 +99,7 @@ impl RamSection {
             populated: Populated::new(),
             multifd: None,
             ignore_shared: false,
+            handed_over: false,
             multifd_recv: None,
             adopted: Vec::new(),
             load_listed: false,
@@ -594,7 +597,13 @@ impl SectionHandler for RamSection {
             m.end_round()?;
         }
         f.put_be64(RAM_SAVE_FLAG_EOS);
+        self.handed_over = !fds.is_empty();
         Ok(())
+    }
+
+    fn setup_needs_acknowledgement(&self) -> bool {
+        // The destination maps the memory: not in the pause.
+        self.handed_over
     }
 
     fn prepare(&mut self, _budget: usize) -> std::result::Result<(), SectionError> {

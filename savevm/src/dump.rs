@@ -15,8 +15,8 @@ use std::path::Path;
 use qemu_file::{FdTransport, QemuFile};
 
 use crate::format::{
-    Configuration, FileHeader, Footer, FullHeader, QEMU_VM_FILE_MAGIC, QEMU_VM_SUBSECTION,
-    QEMU_VM_VMDESCRIPTION, SectionType,
+    Configuration, FileHeader, Footer, FullHeader, MIG_CMD_OPEN_RETURN_PATH, MIG_CMD_PING,
+    QEMU_VM_FILE_MAGIC, QEMU_VM_SUBSECTION, QEMU_VM_VMDESCRIPTION, SectionType,
 };
 use crate::vmstate::{DeviceDescription, FieldDesc, VmDescription};
 use crate::{Error, Result, SectionError};
@@ -253,7 +253,17 @@ fn dump_records(
             }
             SectionType::Command => {
                 let command = f.get_be16()?;
-                return Err(Error::UnsupportedCommand { command, offset });
+                let len = f.get_be16()?;
+                match (command, len) {
+                    (MIG_CMD_OPEN_RETURN_PATH, 0) => {
+                        out.line(format_args!("@{offset} COMMAND OPEN_RETURN_PATH"));
+                    }
+                    (MIG_CMD_PING, 4) => {
+                        let value = f.get_be32()?;
+                        out.line(format_args!("@{offset} COMMAND PING {value}"));
+                    }
+                    _ => return Err(Error::UnsupportedCommand { command, offset }),
+                }
             }
             SectionType::Start | SectionType::Full => {
                 let h = FullHeader::read_from(f)?;

@@ -34,8 +34,21 @@ pub const QEMU_VM_SUBSECTION: u8 = 0x05;
 pub const QEMU_VM_VMDESCRIPTION: u8 = 0x06;
 /// The configuration section (machine type).
 pub const QEMU_VM_CONFIGURATION: u8 = 0x07;
-/// A command (postcopy and similar); not used by this implementation.
+/// A command: `be16 command | be16 length | data` (QEMU's `qemu_savevm_command_send`).
+/// This implementation sends and takes [`MIG_CMD_OPEN_RETURN_PATH`] and [`MIG_CMD_PING`].
 pub const QEMU_VM_COMMAND: u8 = 0x08;
+/// Command: the destination opens the return path (no data).
+pub const MIG_CMD_OPEN_RETURN_PATH: u16 = 1;
+/// Command: the destination answers with a PONG carrying the same be32 on the return path.
+pub const MIG_CMD_PING: u16 = 2;
+/// Writes a QEMU_VM_COMMAND record.
+pub fn write_command(f: &mut QemuFile, command: u16, data: &[u8]) {
+    f.put_u8(QEMU_VM_COMMAND);
+    f.put_be16(command);
+    f.put_be16(data.len() as u16);
+    f.put_buffer(data);
+}
+
 /// The footer after every section's payload.
 pub const QEMU_VM_SECTION_FOOTER: u8 = 0x7e;
 

@@ -5,8 +5,8 @@ use std::time::{Duration, Instant};
 use qemu_file::QemuFile;
 
 use crate::format::{
-    Configuration, FileHeader, Footer, FullHeader, MAX_DESCRIPTION_LEN, QEMU_VM_VMDESCRIPTION,
-    SectionType,
+    Configuration, FileHeader, Footer, FullHeader, MAX_DESCRIPTION_LEN, MIG_CMD_OPEN_RETURN_PATH,
+    MIG_CMD_PING, QEMU_VM_VMDESCRIPTION, SectionType,
 };
 use crate::savevm::{Handler, section_error};
 use crate::vmstate::FieldReader;
@@ -121,7 +121,15 @@ impl SaveVm {
                 }
                 SectionType::Command => {
                     let command = f.get_be16()?;
-                    return Err(Error::UnsupportedCommand { command, offset });
+                    let len = f.get_be16()?;
+                    match (command, len) {
+                        (MIG_CMD_OPEN_RETURN_PATH, 0) => {}
+                        (MIG_CMD_PING, 4) => {
+                            let value = f.get_be32()?;
+                            crate::return_path::send_pong(f, value)?;
+                        }
+                        _ => return Err(Error::UnsupportedCommand { command, offset }),
+                    }
                 }
                 SectionType::Start | SectionType::Full => {
                     let h = FullHeader::read_from(f)?;

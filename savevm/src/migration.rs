@@ -17,6 +17,7 @@ use std::time::{Duration, Instant, SystemTime};
 use qemu_file::{QemuFile, ShutdownHandle};
 
 use crate::convergence::{Convergence, Verdict};
+use crate::format::{MIG_CMD_OPEN_RETURN_PATH, MIG_CMD_PING, write_command};
 use crate::switchover::Switchover;
 use crate::{Error, Result, SaveVm, SectionError, return_path};
 
@@ -686,6 +687,18 @@ fn refused_why(f: &mut QemuFile) -> Option<Error> {
     }
 }
 
+/// Sends QEMU's OPEN_RETURN_PATH and a PING, and waits at most `timeout` for the PONG.
+fn acknowledged_setup(f: &mut QemuFile, timeout: Duration) -> Result<()> {
+    const SETUP_PING: u32 = 1;
+    write_command(f, MIG_CMD_OPEN_RETURN_PATH, &[]);
+    write_command(f, MIG_CMD_PING, &SETUP_PING.to_be_bytes());
+    f.flush()?;
+    f.set_read_timeout(Some(timeout))?;
+    let r = return_path::wait_pong(f, SETUP_PING);
+    f.set_read_timeout(None)?;
+    r
+}
+
 /// Waits for the destination's answer at most `timeout` (the stall timeout): a
 /// destination that loaded answers at once, so silence that long is a lost answer.
 fn wait_answer(f: &mut QemuFile, ctl: &MigrationControl, timeout: Duration) -> Result<()> {
@@ -759,6 +772,12 @@ fn migrate<V: VmControl + ?Sized>(
     }
     f.flush()?;
     check_cancel(ctl)?;
+    if params.return_path && savevm.setup_needs_acknowledgement() {
+        // Work the destination does on the setup (mapping handed-over memory) is done
+        // before the guest stops, not in the pause.
+        acknowledged_setup(f, params.stall_timeout)?;
+        check_cancel(ctl)?;
+    }
     // The setup's sync is the first pass, as QEMU counts them.
     ctl.passed(1);
     let setup_time = t0.elapsed();

@@ -19,6 +19,8 @@ use crate::{Error, Result};
 
 /// QEMU's return-path message type "shut": the destination is done, with a status.
 pub const MIG_RP_MSG_SHUT: u16 = 1;
+/// The answer to a PING (`be32` value).
+pub const MIG_RP_MSG_PONG: u16 = 2;
 
 /// vmm's return-path message: why the load failed, as text (vmm sources only).
 pub const MIG_RP_MSG_X_REASON: u16 = 0x7f01;
@@ -64,6 +66,50 @@ pub fn send_load_result(f: &mut QemuFile, ok: bool) -> Result<()> {
     Ok(f.flush()?)
 }
 
+/// Answers a source's PING (QEMU's `migrate_send_rp_pong`).
+///
+/// # Errors
+/// The stream cannot be written (it has no reverse direction).
+pub fn send_pong(f: &mut QemuFile, value: u32) -> Result<()> {
+    f.put_be16(MIG_RP_MSG_PONG);
+    f.put_be16(4);
+    f.put_be32(value);
+    Ok(f.flush()?)
+}
+
+/// Waits for the PONG that answers the PING `value`: the destination has loaded
+/// everything before that PING.
+///
+/// # Errors
+/// [`Error::DestinationFailed`] when it reports a failure instead; a stream error when the
+/// connection ends or the answer is malformed.
+pub fn wait_pong(f: &mut QemuFile, value: u32) -> Result<()> {
+    let mut reason = None;
+    loop {
+        let ty = f.get_be16()?;
+        let len = f.get_be16()?;
+        match ty {
+            MIG_RP_MSG_PONG if len == 4 => {
+                if f.get_be32()? == value {
+                    return Ok(());
+                }
+            }
+            MIG_RP_MSG_X_REASON if usize::from(len) <= MAX_REASON && reason.is_none() => {
+                let text = f.get_bytes(len.into(), MAX_REASON, "the destination's reason")?;
+                reason = Some(String::from_utf8_lossy(&text).into_owned());
+            }
+            MIG_RP_MSG_SHUT if len == 4 => {
+                let status = f.get_be32()?;
+                return Err(Error::DestinationFailed {
+                    status: status.max(1),
+                    reason,
+                });
+            }
+            _ => return Err(Error::BadReturnPath { ty, len }),
+        }
+    }
+}
+
 /// Waits for the destination's verdict.
 ///
 /// # Errors
@@ -94,6 +140,23 @@ pub fn wait_load_result(f: &mut QemuFile) -> Result<()> {
 mod tests {
     use super::*;
     use qemu_file::MemBuffer;
+
+    #[test]
+    fn pong_golden_bytes_and_a_failure_instead() {
+        let b = MemBuffer::new();
+        send_pong(&mut b.file(), 7).unwrap();
+        assert_eq!(b.contents(), [0, 2, 0, 4, 0, 0, 0, 7]);
+        // An older PONG is skipped; the one asked for ends the wait.
+        let two = [&[0, 2, 0, 4, 0, 0, 0, 6][..], &b.contents()].concat();
+        wait_pong(&mut QemuFile::from_bytes(two), 7).unwrap();
+        let failed = QemuFile::from_bytes(vec![0x7f, 1, 0, 2, b'n', b'o', 0, 1, 0, 4, 0, 0, 0, 1]);
+        match wait_pong(&mut { failed }, 7) {
+            Err(Error::DestinationFailed { reason, .. }) => {
+                assert_eq!(reason.as_deref(), Some("no"))
+            }
+            other => panic!("{other:?}"),
+        }
+    }
 
     #[test]
     fn golden_bytes() {

@@ -249,6 +249,14 @@ impl SaveVm {
             .any(|e| matches!(&e.handler, Handler::Live(h) if h.blocks_completion()))
     }
 
+    /// Whether a live section wants its setup acknowledged by the destination before
+    /// the migration goes on ([`SectionHandler::setup_needs_acknowledgement`]).
+    pub fn setup_needs_acknowledgement(&self) -> bool {
+        self.entries
+            .iter()
+            .any(|e| matches!(&e.handler, Handler::Live(h) if h.setup_needs_acknowledgement()))
+    }
+
     /// The live sections' estimate of bytes still to send, without syncing.
     pub fn pending_estimate(&self) -> u64 {
         self.entries

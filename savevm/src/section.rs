@@ -67,6 +67,15 @@ pub trait SectionHandler: Send {
         false
     }
 
+    /// Whether the destination should have applied this section's setup before the
+    /// guest stops (RAM whose memory was handed over, which the destination maps in
+    /// place of its own, work that would otherwise fall into the pause). With a return
+    /// path the migration thread then waits for the answer to a PING (QEMU's
+    /// `MIG_CMD_PING`) before it goes on.
+    fn setup_needs_acknowledgement(&self) -> bool {
+        false
+    }
+
     /// Queues a PART payload: as much as [`QemuFile::budget_exhausted`] allows. Returns
     /// `true` when nothing known to be dirty remains.
     ///
