@@ -18,7 +18,7 @@ use qemu_file::{QemuFile, ShutdownHandle};
 
 use crate::convergence::{Convergence, Verdict};
 use crate::format::{MIG_CMD_OPEN_RETURN_PATH, MIG_CMD_PING, write_command};
-use crate::switchover::Switchover;
+use crate::switchover::{Approach, Switchover};
 use crate::{Error, Result, SaveVm, SectionError, return_path};
 
 /// What the migration thread needs from the VM.
@@ -129,6 +129,10 @@ pub struct MigrationParams {
     /// The `x-ignore-shared` capability (set on both sides): RAM in shared memory is
     /// handed over instead of copied (a local migration over a unix socket).
     pub ignore_shared: bool,
+    /// Once the pending bytes fit the limit, send further rounds while they shorten the
+    /// pause ([`crate::switchover::Approach`]; default on). Off: switch over at the first
+    /// moment that fits, as QEMU does.
+    pub approach: bool,
 }
 
 /// `multifd-compression`: QEMU's names.
@@ -171,6 +175,7 @@ impl Default for MigrationParams {
             incoming_timeout: Duration::from_secs(120),
             pause_before_switchover: false,
             ignore_shared: false,
+            approach: true,
         }
     }
 }
@@ -792,6 +797,9 @@ fn migrate<V: VmControl + ?Sized>(
     let mut prediction = Switchover::default();
     let mut convergence = Convergence::new(iter_start, iter_bytes);
     let mut threshold: u64 = 0;
+    // Once the pending bytes fit: rounds that shorten the pause.
+    let mut approach = Approach::default();
+    let mut written_at_sync = f.bytes_written();
     let mut iterations = 0u64;
     let mut syncs = 0u64;
     loop {
@@ -850,10 +858,13 @@ fn migrate<V: VmControl + ?Sized>(
         let mut verdict = Verdict::Continue;
         // Also once a period, so the convergence watch sees the guest's dirty rate while
         // a long round is still being sent.
-        if (pending <= threshold || convergence.due(Instant::now())) && !savevm.completion_blocked()
+        if (pending <= approach.sync_point(threshold) || convergence.due(Instant::now()))
+            && !savevm.completion_blocked()
         {
             let before = pending;
+            let sent = f.bytes_written() - written_at_sync;
             pending = savevm.pending_exact()?;
+            written_at_sync = f.bytes_written();
             syncs += 1;
             ctl.passed(syncs + 1);
             verdict = convergence.synced(
@@ -864,7 +875,18 @@ fn migrate<V: VmControl + ?Sized>(
                 threshold,
                 &params,
             );
-            if pending <= threshold {
+            if pending <= threshold
+                && (!params.approach
+                    || approach.switch_now(
+                        pending,
+                        sent,
+                        pending.saturating_sub(before),
+                        prediction
+                            .expected(pending)
+                            .saturating_sub(prediction.overhead()),
+                        params.downtime_limit,
+                    ))
+            {
                 drop(guard);
                 ctl.update(|i| {
                     i.remaining = pending;

@@ -209,6 +209,11 @@ pub struct RunArgs {
     /// user (QEMU's capability; set it on both sides).
     #[arg(long)]
     pub x_ignore_shared: bool,
+    /// Switch over at the first moment the pending bytes fit the downtime limit, as QEMU
+    /// does, instead of sending further rounds while they shorten the pause (for A/B
+    /// measurements).
+    #[arg(long)]
+    pub x_first_fit_switchover: bool,
     /// auto-converge: throttle the vCPUs while the guest dirties memory faster than it
     /// can be sent (QEMU's capability, with its defaults: 20%, +10%, up to 99%).
     #[arg(long)]
@@ -425,6 +430,7 @@ fn run(a: &RunArgs) -> Result<i32> {
         max_bandwidth: a.max_bandwidth,
         auto_converge: a.auto_converge,
         ignore_shared: a.x_ignore_shared,
+        approach: !a.x_first_fit_switchover,
         multifd: a.multifd_channels.is_some(),
         multifd_channels: a
             .multifd_channels

@@ -285,6 +285,9 @@ pub struct Options {
     pub only: Vec<String>,
     /// Extra arguments for our vmm processes.
     pub vmm_args: Vec<String>,
+    /// An earlier results.json whose figures this run checks (and whose scenarios it
+    /// runs, unless `only` names others).
+    pub check: Option<PathBuf>,
 }
 
 /// Polls query-migrate every 50 ms until it ends; fills the run's series and result.
@@ -794,6 +797,20 @@ fn ratio(a: Option<f64>, b: Option<f64>) -> String {
 /// # Errors
 /// The output cannot be written, or vmm cannot be run.
 pub fn run(vmm: PathBuf, opts: &Options) -> Result<()> {
+    let old: Option<Value> = match &opts.check {
+        Some(p) => Some(
+            serde_json::from_str(
+                &std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
+            )
+            .with_context(|| format!("{} is not a bench's results.json", p.display()))?,
+        ),
+        None => None,
+    };
+    let mut opts = opts.clone();
+    if let (Some(old), true) = (&old, opts.only.is_empty()) {
+        opts.only = crate::check::scenarios(old);
+    }
+    let opts = &opts;
     if let Some(o) = opts
         .only
         .iter()
@@ -1151,6 +1168,13 @@ pub fn run(vmm: PathBuf, opts: &Options) -> Result<()> {
         md += &format!(
             "\nOur multifd throughput against our one stream (medians, same limit): {}.\n",
             against_one.join("; ")
+        );
+    }
+    if let (Some(old), Some(p)) = (&old, &opts.check) {
+        md += &format!(
+            "\nThe figures of {} against this run:\n\n{}",
+            p.display(),
+            crate::check::verdict(old, &runs)
         );
     }
     std::fs::write(opts.out.join("report.md"), &md)?;

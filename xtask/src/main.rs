@@ -19,6 +19,7 @@
 
 mod bench;
 mod certs;
+mod check;
 mod faults;
 mod fuzz;
 mod handover;
@@ -85,6 +86,11 @@ enum Cmd {
         /// --vmm-arg=--dirty-log-protect=classic); repeatable.
         #[arg(long, allow_hyphen_values = true)]
         vmm_arg: Vec<String>,
+        /// An earlier results.json (e.g. docs/perf/results.json, where the README's
+        /// figures come from): run its scenarios and say which of its figures fall
+        /// outside this run's intervals.
+        #[arg(long)]
+        check: Option<PathBuf>,
     },
     /// Live update on one host: memfd RAM handed over (x-ignore-shared over a unix
     /// socket) against a normal migration of the same guest, per guest size.
@@ -176,6 +182,7 @@ fn main() -> Result<()> {
             no_qemu,
             only,
             vmm_arg,
+            check,
         } => {
             let qemu = if no_qemu { None } else { qemu.find()? };
             let out = if out.is_absolute() {
@@ -191,6 +198,7 @@ fn main() -> Result<()> {
                     qemu,
                     only,
                     vmm_args: vmm_arg,
+                    check: check.map(|c| if c.is_absolute() { c } else { root().join(c) }),
                 },
             )
         }
