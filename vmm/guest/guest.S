@@ -5,7 +5,8 @@
  * loaded at 0x7c00 and entered in real mode, CS=0, IP=0x7c00. vmm loads the whole image
  * there; under a BIOS the boot sector reads sectors 2-4 to 0x7e00 with INT 13h (it checks
  * a marker first, so under vmm, which has no BIOS, nothing is read). The guest then goes
- * from real mode straight to long mode (identity map of the first 4 GiB with 2 MiB pages)
+ * from real mode straight to long mode (identity map with 2 MiB pages of the first 4 GiB,
+ * and of as many GiB beyond as the parameter block asks for)
  * and runs its workload at CPL 3, where kvm-pvm runs code natively. `out` faults at CPL 3
  * here, so a #GP handler at CPL 0 performs the faulting `out dx, al` or `out dx, eax` and
  * resumes after it; a `hlt` at CPL 3 makes the handler halt for good (idle). Nothing uses
@@ -31,8 +32,11 @@
  *
  * Memory used: 0x500 TSS, 0x600 IDT, 0x1000 PML4, 0x2000 PDPT, 0x3000-0x6fff page
  * directories, 0x7000-0x7bff kernel stack, 0x7c00-0x83ff this image, 0x8400-0x87ff user
- * stack, 0x8800 the disk request block, 0x9000-0x9fff the disk buffer. The workload
- * range must start at or above 1 MiB.
+ * stack, 0x8800 the disk request block, 0x9000-0x9fff the disk buffer, from 0x10000 the
+ * page directories of the GiBs beyond 4 (one 4 KiB page each). The workload range must
+ * start at or above 1 MiB. It counts RAM, not addresses: RAM from the hole's start on
+ * (3 GiB, as on QEMU's pc machine with more than 3.5 GiB) is at 4 GiB and above, and the
+ * range skips the hole.
  *
  * Regenerate guest.bin with `cargo xtask guest`.
  */
@@ -43,6 +47,7 @@
         .set PML4, 0x1000
         .set PDPT, 0x2000
         .set PD, 0x3000
+        .set HIGH_PD, 0x10000           /* page directories beyond 4 GiB */
         .set KSTACK, 0x7c00
         .set USTACK, 0x8800
         .set REQ, 0x8800
@@ -104,6 +109,7 @@ start:
         add     eax, 0x200000
         add     di, 4
         loop    3b
+        call    map_high
         lgdt    [gdtr]
         lidt    [idtr]                  /* a 32-bit base, still right in long mode */
         mov     eax, 0x20               /* CR4.PAE */
@@ -142,7 +148,7 @@ idtr:
 params:
         .ascii  "MIGT"                          /* magic */
 p_mode: .byte   2                               /* 0 idle, 1 fill, 2 dirty, 3 disk, 4 mixed */
-        .byte   2                               /* parameter block version */
+        .byte   3                               /* parameter block version */
 p_disk_port:
         .word   0x510                           /* port of disk 0 */
 p_start:
@@ -158,10 +164,47 @@ p_disk_blocks:
 s_pass: .quad   0                               /* status: passes completed */
 s_mismatch:
         .quad   0                               /* status: pages found stale / failed I/O */
+p_hole: .quad   0xc0000000                      /* where the 4 GiB hole starts (RAM goes on at 4 GiB) */
+p_map_gib:
+        .word   4                               /* GiB of addresses to map (at least 4) */
         .org    0x1fe
         .byte   0x55, 0xaa
 
 /* ============================================================= sectors 2-4 */
+/* Real mode: PDPT entries 4.. and their page directories (at HIGH_PD, one per GiB) for
+ * the GiBs below p_map_gib: 512 entries of 2 MiB each, present, writable, user, large. */
+map_high:
+        mov     si, 4                           /* the GiB */
+        mov     dx, HIGH_PD >> 4                /* its directory's segment */
+1:      cmp     si, [p_map_gib]
+        jae     3f
+        /* PDPT entry: the directory's address | 7 (the high half is already zero). */
+        movzx   ebx, si
+        movzx   eax, dx
+        shl     eax, 4
+        or      eax, 7
+        mov     [PDPT + ebx * 8], eax
+        /* Entries: address (GiB << 30 | n << 21) | 0x87, split into two dwords. */
+        mov     es, dx
+        xor     di, di
+        mov     ebp, ebx
+        shr     ebp, 2                          /* high dword: GiB / 4 */
+        shl     ebx, 30                         /* low dword of the GiB's address */
+        or      ebx, 0x87
+        mov     cx, 512
+2:      mov     eax, ebx
+        stosd
+        mov     eax, ebp
+        stosd
+        add     ebx, 0x200000
+        loop    2b
+        inc     si
+        add     dx, 0x100                       /* the next 4 KiB */
+        jmp     1b
+3:      xor     ax, ax
+        mov     es, ax
+        ret
+
         .code64
 /* Data segment registers are ignored in long mode; SS is loaded by iretq. */
 long_entry:
@@ -211,7 +254,18 @@ idle:
         hlt                                     /* faults: the handler halts for good */
 
 fill:
+        mov     rdx, [rip + p_hole]
+        lea     r12, [rdi + rcx]                /* the range's end, counted in RAM */
+        cmp     r12, rdx
+        jbe     1f
+        sub     r12, rdx                        /* RAM beyond the hole's start... */
+        mov     rcx, rdx
+        sub     rcx, rdi
         mov     al, 0xa5
+        rep stosb                               /* ...after the part below it */
+        mov     rdi, 0x100000000
+        mov     rcx, r12
+1:      mov     al, 0xa5
         rep stosb
         mov     al, 'F'
         call    putc
@@ -220,7 +274,13 @@ fill:
 /* dirty (2), disk (3), mixed (4): pass after pass over the range, the disk, or both. */
 passes:
         mov     r10, rdi                        /* range start */
-        lea     r11, [rdi + rcx]                /* range end */
+        lea     r11, [rdi + rcx]                /* range end, counted in RAM... */
+        mov     rax, [rip + p_hole]
+        cmp     r11, rax
+        jbe     1f
+        mov     rdx, 0x100000000
+        sub     rdx, rax
+        add     r11, rdx                        /* ...as an address past the hole */
 1:      inc     r14
         xor     r15d, r15d                      /* mismatches this pass */
         cmp     bl, 3
@@ -243,7 +303,10 @@ dirty_range:
         inc     r15d
 7:      mov     [rdi], r14
         add     rdi, 4096
-        call    pace
+        cmp     rdi, [rip + p_hole]
+        jne     8f
+        mov     rdi, 0x100000000                /* over the hole */
+8:      call    pace
         cmp     rdi, r11
         jb      4b
         ret

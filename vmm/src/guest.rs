@@ -9,6 +9,8 @@
 
 use anyhow::{Result, bail, ensure};
 
+use crate::memory::{HIGH_MEMORY_START, LOW_MEMORY};
+
 /// The assembled guest.
 pub const IMAGE: &[u8; 2048] = include_bytes!("../guest/guest.bin");
 /// Where a boot sector is loaded and entered.
@@ -25,6 +27,10 @@ pub const STATUS_OFFSET: usize = 0x1b0;
 pub const DISK_PORT: u16 = 0x510;
 /// Lowest range start: below 1 MiB live the guest's tables, code and stacks.
 pub const MIN_RANGE_START: u64 = 1 << 20;
+/// Offset in the parameter block of where the hole starts (u64).
+const HOLE_OFFSET: usize = 0x40;
+/// Offset in the parameter block of the GiB count to map (u16).
+const MAP_OFFSET: usize = 0x48;
 
 const PAGE: u64 = 4096;
 
@@ -97,11 +103,10 @@ impl GuestParams {
             memory >> 20
         );
         ensure!(
-            self.range_start + self.range_size <= crate::memory::LOW_MEMORY,
-            "the workload range ends at {} MiB: the built-in guest works below {} MiB (RAM \
-             beyond that is seen from 4 GiB on, which it does not map)",
-            (self.range_start + self.range_size) >> 20,
-            crate::memory::LOW_MEMORY >> 20
+            self.range_start < LOW_MEMORY,
+            "the workload range must start below {} MiB (it counts RAM, which goes on at \
+             4 GiB)",
+            LOW_MEMORY >> 20
         );
         Ok(())
     }
@@ -138,7 +143,21 @@ impl GuestParams {
         p[28..32].copy_from_slice(&self.tsc_khz.to_le_bytes());
         p[32..40].copy_from_slice(&self.ticks_per_page().to_le_bytes());
         p[40..48].copy_from_slice(&self.disk_blocks.to_le_bytes());
+        p[HOLE_OFFSET..HOLE_OFFSET + 8].copy_from_slice(&LOW_MEMORY.to_le_bytes());
+        p[MAP_OFFSET..MAP_OFFSET + 2].copy_from_slice(&self.map_gib().to_le_bytes());
         Ok(())
+    }
+
+    /// The guest-physical address of page `i` of the range, which counts RAM: past the
+    /// hole's start it goes on at 4 GiB.
+    pub fn page_address(&self, i: u64) -> u64 {
+        ram_to_address(self.range_start + i * PAGE)
+    }
+
+    /// GiB of addresses the guest maps: enough for the range, at least 4.
+    fn map_gib(&self) -> u16 {
+        let end = ram_to_address(self.range_start + self.range_size);
+        u16::try_from(end.div_ceil(1 << 30).max(4)).unwrap_or(u16::MAX)
     }
 
     /// Reads the parameters from an image (None without the block).
@@ -163,6 +182,16 @@ impl GuestParams {
             tsc_khz: u32_at(28),
             disk_blocks: u64_at(40),
         })
+    }
+}
+
+/// Where RAM at offset `offset` is seen by the guest: below the hole as is, from the
+/// hole's start on at 4 GiB and above (QEMU's pc layout, and vmm's).
+pub fn ram_to_address(offset: u64) -> u64 {
+    if offset >= LOW_MEMORY {
+        offset - LOW_MEMORY + HIGH_MEMORY_START
+    } else {
+        offset
     }
 }
 

@@ -410,10 +410,10 @@ impl Worker {
             Workload::Idle => {}
             Workload::Fill => {
                 let chunk = 256.min(units - self.st.next_page);
-                let addr = p.range_start + self.st.next_page * PAGE;
-                let _ = self
-                    .mem
-                    .write_slice(&vec![0xa5; (chunk * PAGE) as usize], GuestAddress(addr));
+                let page = [0xa5; PAGE as usize];
+                for i in self.st.next_page..self.st.next_page + chunk {
+                    let _ = self.mem.write_slice(&page, GuestAddress(p.page_address(i)));
+                }
                 self.st.next_page += chunk;
                 if self.st.next_page >= units {
                     self.putc(b'F');
@@ -443,7 +443,7 @@ impl Worker {
     /// As the guest does: checks that page `i` of the range holds the previous pass, then
     /// writes this one.
     fn dirty_page(&mut self, p: &GuestParams, i: u64) {
-        let addr = GuestAddress(p.range_start + i * PAGE);
+        let addr = GuestAddress(p.page_address(i));
         let old = self.mem.read_obj::<u64>(addr).unwrap_or(0);
         if old != self.st.pass - 1 {
             self.mismatch();

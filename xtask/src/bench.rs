@@ -49,6 +49,8 @@ pub struct Scenario {
     zstd: bool,
     /// TLS on every connection (x509 both ways, as QEMU's tls-creds-x509 sets it up).
     tls: bool,
+    /// Guest RAM, MiB.
+    memory_mib: u64,
 }
 
 /// What scenarios share unless they say otherwise: the fill of 1 GiB, no cap, one
@@ -66,6 +68,7 @@ const BASE: Scenario = Scenario {
     multifd: 0,
     zstd: false,
     tls: false,
+    memory_mib: 1024,
 };
 
 /// A fill of 1 GiB with multifd, at `bandwidth` (0: unlimited).
@@ -85,6 +88,23 @@ const fn multifd_fill(
         limits: if bandwidth == 0 { LIMITS } else { &[300] },
         multifd,
         zstd,
+        ..BASE
+    }
+}
+
+/// A fill of a `gib` GiB guest, all of it but the guest's first 4 MiB, at 300 ms.
+const fn scaled_fill(name: &'static str, slug: &'static str, gib: u64) -> Scenario {
+    Scenario {
+        name,
+        slug,
+        range: match gib {
+            2 => "2044M",
+            4 => "4092M",
+            _ => "8188M",
+        },
+        memory_mib: gib * 1024,
+        limits: &[300],
+        timeout: Duration::from_secs(120),
         ..BASE
     }
 }
@@ -130,6 +150,11 @@ const SCENARIOS: &[Scenario] = &[
         timeout: Duration::from_secs(240),
         ..BASE
     },
+    // Scaling: the fill of 1 GiB above, then of 2, 4 and 8 GiB guests (RAM beyond 3 GiB
+    // is at 4 GiB and above, on both sides).
+    scaled_fill("fill 2 GiB", "fill-2g", 2),
+    scaled_fill("fill 4 GiB", "fill-4g", 4),
+    scaled_fill("fill 8 GiB", "fill-8g", 8),
     multifd_fill("fill 1 GiB, multifd 2", "fill-mfd2", 0, 2, false),
     // TLS 1.3 with certificates on both sides; ours (rustls) beside QEMU's (GnuTLS).
     Scenario {
@@ -212,7 +237,6 @@ fn multifd_setup(q: &mut Qmp, s: &Scenario) {
 }
 
 const LIMITS: &[u64] = &[300, 30];
-const MEMORY_MIB: u64 = 1024;
 const TIMEOUT: Duration = Duration::from_secs(60);
 
 /// One migration run.
@@ -340,7 +364,7 @@ fn ours(
     pki: &TestPki,
 ) -> Run {
     let mut run = Run::new("ours", s, limit, round);
-    let mem = format!("{MEMORY_MIB}M");
+    let mem = format!("{}M", s.memory_mib);
     let rate = s.rate.to_string();
     let mut guest = vec![
         "--memory",
@@ -404,8 +428,13 @@ fn ours(
         json!({"capabilities": [{"capability": "auto-converge", "state": s.auto_converge}]}),
     );
     multifd_setup(&mut q, s);
-    let w =
-        watch.then(|| MemWatch::start(vec![src.child.id(), dst.child.id()], GUEST_BYTES, SAMPLE));
+    let w = watch.then(|| {
+        MemWatch::start(
+            vec![src.child.id(), dst.child.id()],
+            s.memory_mib << 20,
+            SAMPLE,
+        )
+    });
     q.cmd("migrate", json!({"uri": uri}));
     follow(&mut q, &mut run, s.timeout);
     run.mem = w.map(|w| peaks(&w.stop()));
@@ -465,6 +494,7 @@ pub(crate) fn qemu_start(
     dir: &Path,
     name: &str,
     image: &Path,
+    memory_mib: u64,
     extra: &[String],
 ) -> Result<(Qemu, Qmp)> {
     let qmp = dir.join(format!("{name}.qmp"));
@@ -483,7 +513,7 @@ pub(crate) fn qemu_start(
             "-display",
             "none",
             "-m",
-            &MEMORY_MIB.to_string(),
+            &memory_mib.to_string(),
         ])
         .arg("-drive")
         .arg(format!("file={},format=raw,if=ide", image.display()))
@@ -546,6 +576,7 @@ fn qemu_inner(
         dir,
         "qemu-dst",
         &image,
+        s.memory_mib,
         &["-incoming".into(), "defer".into()],
     )?;
     // Capabilities are set before the destination listens.
@@ -555,7 +586,7 @@ fn qemu_inner(
         "migrate-incoming",
         json!({"uri": format!("tcp:127.0.0.1:{port}")}),
     );
-    let (src, mut sq) = qemu_start(bin, dir, "qemu-src", &image, &[])?;
+    let (src, mut sq) = qemu_start(bin, dir, "qemu-src", &image, s.memory_mib, &[])?;
     let serial = dir.join("qemu-src-serial.txt");
     let t = Instant::now();
     while std::fs::metadata(&serial).map(|m| m.len()).unwrap_or(0) < ready_bytes(s) {
@@ -579,7 +610,8 @@ fn qemu_inner(
     );
     multifd_setup(&mut sq, s);
     qemu_tls(&mut sq, s, &pki.client, "client");
-    let w = watch.then(|| MemWatch::start(vec![src.0.id(), dst.0.id()], GUEST_BYTES, SAMPLE));
+    let w =
+        watch.then(|| MemWatch::start(vec![src.0.id(), dst.0.id()], s.memory_mib << 20, SAMPLE));
     sq.cmd("migrate", json!({"uri": format!("tcp:127.0.0.1:{port}")}));
     follow(&mut sq, run, s.timeout);
     run.mem = w.map(|w| peaks(&w.stop()));
@@ -662,7 +694,6 @@ fn spread_table(scenarios: &[&Scenario], runs: &[Run]) -> String {
 }
 
 /// Guest RAM of every scenario, bytes.
-const GUEST_BYTES: u64 = MEMORY_MIB << 20;
 const MIB: f64 = (1u64 << 20) as f64;
 /// How often a memory run samples the processes.
 const SAMPLE: Duration = Duration::from_millis(20);
@@ -1055,11 +1086,11 @@ pub fn run(vmm: PathBuf, opts: &Options) -> Result<()> {
         }
     }
     md += &format!(
-        "\nMemory beyond guest RAM, peak while migrating (MiB; resident outside the 1 GiB \
-         guest mapping, sampled every {} ms; the target is the dirty bitmaps, {} KiB \
-         each, + 64 MiB):\n\n",
+        "\nMemory beyond guest RAM, peak while migrating (MiB; resident outside the guest \
+         RAM mapping, sampled every {} ms; the target is the dirty bitmaps, {} KiB \
+         each per GiB of guest, + 64 MiB):\n\n",
         SAMPLE.as_millis(),
-        GUEST_BYTES / 4096 / 8 / 1024
+        (1u64 << 30) / 4096 / 8 / 1024
     );
     md += "| scenario | ours source | ours destination | QEMU source | QEMU destination |\n";
     md += "|---|---:|---:|---:|---:|\n";
@@ -1190,6 +1221,22 @@ pub fn run(vmm: PathBuf, opts: &Options) -> Result<()> {
         opts.out.join("results.json"),
         serde_json::to_string_pretty(&results)?,
     )?;
+    // Total time by guest size, where the run has fills of several sizes.
+    let fills: Vec<&&Scenario> = scenarios
+        .iter()
+        .filter(|s| s.workload == "fill" && s.bandwidth == 0 && s.multifd == 0 && !s.tls)
+        .collect();
+    if fills.len() > 1 {
+        let points: Vec<(&str, f64, f64)> = runs
+            .iter()
+            .filter(|r| r.completed && r.limit == 300)
+            .filter_map(|r| {
+                let s = fills.iter().find(|s| s.slug == r.scenario)?;
+                Some((r.side, s.memory_mib as f64 / 1024.0, r.total_ms))
+            })
+            .collect();
+        plot::scaling(&opts.out.join("scaling.svg"), &points)?;
+    }
     for s in &scenarios {
         let pick = |side: &str| {
             runs.iter()

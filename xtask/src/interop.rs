@@ -29,6 +29,9 @@ use vmm_harness::Qmp;
 use crate::bench::{guest_image, qemu_start};
 use crate::certs::TestPki;
 
+/// QEMU's guest RAM here, MiB (the bench's 1 GiB guest).
+const QEMU_MIB: u64 = 1024;
+
 const PAGE: usize = 4096;
 /// The legacy VGA and BIOS area, which `pmemsave` reads as ROM and MMIO, not pc.ram.
 const LEGACY_HOLE: std::ops::Range<usize> = 0xa0000..0x100000;
@@ -48,7 +51,7 @@ pub fn run(
 ) -> Result<()> {
     std::fs::create_dir_all(work)?;
     let image = guest_image(work, "fill", "256M", 0, None)?;
-    let (_src, mut sq) = qemu_start(qemu, work, "interop-src", &image, &[])?;
+    let (_src, mut sq) = qemu_start(qemu, work, "interop-src", &image, QEMU_MIB, &[])?;
     let serial = work.join("interop-src-serial.txt");
     let t = Instant::now();
     while std::fs::metadata(&serial).map(|m| m.len()).unwrap_or(0) < 2 {
@@ -269,6 +272,7 @@ pub fn authz_names_match_qemus(qemu: &Path, work: &Path, pki: &TestPki) -> Resul
             work,
             name,
             &image,
+            QEMU_MIB,
             &["-incoming".into(), "defer".into()],
         )?;
         q.cmd(

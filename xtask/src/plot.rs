@@ -70,3 +70,58 @@ pub fn scenario(path: &Path, title: &str, ours: Option<&Run>, qemu: Option<&Run>
     root.present()?;
     Ok(())
 }
+
+/// Draws total time against guest size: one line per side through the medians, every
+/// round as a dot. `points` are (side, GiB, total ms).
+///
+/// # Errors
+/// The file cannot be written.
+pub fn scaling(path: &Path, points: &[(&str, f64, f64)]) -> Result<()> {
+    let root = SVGBackend::new(path, (640, 400)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let xmax = points.iter().map(|p| p.1).fold(1.0, f64::max);
+    let ymax = points.iter().map(|p| p.2).fold(1.0, f64::max);
+    let mut chart = ChartBuilder::on(&root)
+        .caption("fill: total time by guest size", ("sans-serif", 18))
+        .margin(10)
+        .x_label_area_size(35)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0.0..xmax * 1.05, 0.0..ymax * 1.1)?;
+    chart
+        .configure_mesh()
+        .x_desc("guest GiB")
+        .y_desc("total ms")
+        .draw()?;
+    for (side, color, name) in [("ours", BLUE, "ours"), ("qemu", RED, "QEMU")] {
+        let mine: Vec<(f64, f64)> = points
+            .iter()
+            .filter(|p| p.0 == side)
+            .map(|p| (p.1, p.2))
+            .collect();
+        let mut sizes: Vec<f64> = mine.iter().map(|p| p.0).collect();
+        sizes.sort_by(f64::total_cmp);
+        sizes.dedup();
+        let medians: Vec<(f64, f64)> = sizes
+            .iter()
+            .filter_map(|&g| {
+                let at: Vec<f64> = mine.iter().filter(|p| p.0 == g).map(|p| p.1).collect();
+                crate::stats::median(&at).map(|m| (g, m))
+            })
+            .collect();
+        chart
+            .draw_series(LineSeries::new(medians, color.stroke_width(2)))?
+            .label(name)
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2))
+            });
+        chart.draw_series(mine.iter().map(|&p| Circle::new(p, 3, color.filled())))?;
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()?;
+    root.present()?;
+    Ok(())
+}
