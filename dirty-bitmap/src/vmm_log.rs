@@ -3,25 +3,50 @@
 use std::fmt;
 use std::sync::Arc;
 
-use vm_memory::GuestRegionMmap;
 use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestRegionMmap};
 
 use crate::{DirtyBitmap, DirtyLogSource, Result};
 
 /// Pages the VMM wrote through vm-memory (device DMA, the software vCPU backend): vm-memory
 /// marks its region's `AtomicBitmap` on every write, and a sync moves those bits over.
 pub struct VmmWriteLog {
-    region: Arc<GuestRegionMmap<AtomicBitmap>>,
+    region: Region,
     /// The block page the region's first page is.
     first_page: usize,
+}
+
+/// Where the region comes from.
+enum Region {
+    /// A region the VMM holds.
+    Own(Arc<GuestRegionMmap<AtomicBitmap>>),
+    /// Region `index` of a guest memory (whose clone keeps it).
+    Of(GuestMemoryMmap<AtomicBitmap>, usize),
 }
 
 impl VmmWriteLog {
     /// The write log of one guest memory region that is a whole RAM block.
     pub fn new(region: Arc<GuestRegionMmap<AtomicBitmap>>) -> Self {
         VmmWriteLog {
-            region,
+            region: Region::Own(region),
             first_page: 0,
+        }
+    }
+
+    /// The write log of region `index` (in address order) of a guest memory as the VMM
+    /// built it (`RamList::from_guest_memory` makes one block of each region); None past
+    /// the last region.
+    pub fn for_region(mem: &GuestMemoryMmap<AtomicBitmap>, index: usize) -> Option<Self> {
+        (index < mem.num_regions()).then(|| VmmWriteLog {
+            region: Region::Of(mem.clone(), index),
+            first_page: 0,
+        })
+    }
+
+    fn region(&self) -> &GuestRegionMmap<AtomicBitmap> {
+        match &self.region {
+            Region::Own(r) => r,
+            Region::Of(mem, i) => mem.iter().nth(*i).expect("checked at creation"),
         }
     }
 
@@ -35,7 +60,7 @@ impl VmmWriteLog {
 
     /// The region's whole bitmap (not the per-access slice vm-memory's region trait gives).
     fn bitmap(&self) -> &AtomicBitmap {
-        let mmap: &vm_memory::MmapRegion<AtomicBitmap> = &self.region;
+        let mmap: &vm_memory::MmapRegion<AtomicBitmap> = self.region();
         mmap.bitmap()
     }
 }
@@ -43,7 +68,7 @@ impl VmmWriteLog {
 impl fmt::Debug for VmmWriteLog {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("VmmWriteLog")
-            .field("start", &self.region.start_addr())
+            .field("start", &self.region().start_addr())
             .finish()
     }
 }
@@ -66,7 +91,7 @@ impl DirtyLogSource for VmmWriteLog {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+    use vm_memory::{Bytes, GuestAddress};
 
     #[test]
     fn writes_through_vm_memory_show_up_in_the_next_sync() {

@@ -24,7 +24,7 @@ pub unsafe trait RamBacking: Send + Sync + fmt::Debug {
     }
 }
 
-fn private_anonymous<B: Bitmap>(m: &MmapRegion<B>) -> bool {
+pub(crate) fn private_anonymous<B: Bitmap>(m: &MmapRegion<B>) -> bool {
     m.file_offset().is_none()
         && m.flags() & libc::MAP_ANONYMOUS != 0
         && m.flags() & libc::MAP_PRIVATE != 0

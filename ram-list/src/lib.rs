@@ -3,7 +3,16 @@
 //! QEMU's RAM format version 4 (QEMU's `ram_save_*` / `ram_load`).
 //!
 //! A block is named host memory ([`RamBacking`], e.g. a vm-memory region) with a
-//! migration bitmap and a dirty-log source (dirty-bitmap's `DirtyLogSource`).
+//! migration bitmap and a dirty-log source (dirty-bitmap's `DirtyLogSource`). A VMM with
+//! a vm-memory `GuestMemoryMmap` gets one block per region from
+//! [`RamList::from_guest_memory`]. Guest RAM in a memfd ([`MemfdMemory`]) can be handed
+//! over to a destination on the same host instead of copied ([`SharedMemory`], QEMU's
+//! `x-ignore-shared`).
+//!
+//! Examples, run by `cargo xtask ci`: `examples/snapshot.rs` saves and restores a VM of
+//! two memory regions and a device of its own; `examples/live_migration.rs` migrates one
+//! between two threads while its guest writes, with the VMM's own `VmControl` and the
+//! destination's answer on the same connection.
 //!
 //! ```
 //! use std::sync::Arc;
@@ -39,6 +48,7 @@ mod backing;
 mod block;
 mod error;
 pub mod format;
+mod guest_memory;
 mod list;
 mod memfd;
 pub mod multifd;
@@ -55,6 +65,7 @@ mod zero;
 pub use backing::RamBacking;
 pub use block::RamBlock;
 pub use error::{Error, Result};
+pub use guest_memory::RegionBacking;
 pub use list::RamList;
 pub use memfd::MemfdMemory;
 pub use multifd_recv::{MultifdReceiver, RecvTarget};

@@ -310,6 +310,12 @@ fn ci() -> Result<()> {
     test.args(["test", "--workspace", "--all-features"])
         .env("INSTA_UPDATE", "no");
     run("cargo test --workspace", test)?;
+    // The examples a VMM team would start from: built by the tests, run here.
+    for example in ["snapshot", "live_migration"] {
+        let mut ex = cargo();
+        ex.args(["run", "--quiet", "-p", "ram-list", "--example", example]);
+        run(&format!("example {example}"), ex)?;
+    }
     eprintln!("==> cargo xtask migrate-test --quick");
     let vmm = build_vmm()?;
     migrate_test::run(vmm.clone(), true, &[])?;
