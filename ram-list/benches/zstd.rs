@@ -10,7 +10,7 @@
 use std::time::Instant;
 
 use ram_list::multifd::PAGES_PER_PACKET;
-use ram_list::multifd_zstd::{ZstdRecv, ZstdSend};
+use ram_list::multifd::zstd::{ZstdRecv, ZstdSend};
 
 const PAGE: usize = 4096;
 /// Guest memory compressed per case.

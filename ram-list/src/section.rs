@@ -13,8 +13,8 @@ use crate::format::{
     RAM_SAVE_FLAG_MULTIFD_FLUSH, RAM_SAVE_FLAG_PAGE, RAM_SAVE_FLAG_ZERO, RecordHeader,
     TARGET_PAGE_SIZE, read_block_list, write_block_list,
 };
-use crate::multifd_recv::MultifdReceiver;
-use crate::multifd_send::MultifdSender;
+use crate::multifd::recv::MultifdReceiver;
+use crate::multifd::send::MultifdSender;
 use crate::populated::Populated;
 use crate::{Error, RamBlock, RamList, RamStats, Result};
 

@@ -4,8 +4,9 @@
 use std::sync::Arc;
 
 use qemu_file::{MemBuffer, Transport};
+use ram_list::multifd::MULTIFD_FLAG_ZSTD;
+use ram_list::multifd::zstd::ZstdSend;
 use ram_list::multifd::{ChannelInit, MULTIFD_FLAG_SYNC, PacketHeader};
-use ram_list::multifd_zstd::{MULTIFD_FLAG_ZSTD, ZstdSend};
 use ram_list::{MultifdReceiver, RamBlock, RamList, RamStats, RecvTarget};
 use savevm::error_chain;
 use vm_memory::MmapRegion;

@@ -3,18 +3,12 @@
 //! is flushed at the packet's end, so the packet's compressed bytes (its
 //! `next_packet_size`) decompress on their own given the stream before them.
 
-use zstd::stream::raw::{Decoder, Encoder, InBuffer, Operation, OutBuffer};
+use ::zstd::stream::raw::{Decoder, Encoder, InBuffer, Operation, OutBuffer};
 
+use super::MULTIFD_PACKET_SIZE;
 use crate::format::TARGET_PAGE_SIZE;
-use crate::multifd::MULTIFD_PACKET_SIZE;
 use crate::{Error, Result};
 
-/// A packet's compression field (QEMU's `MULTIFD_FLAG_COMPRESSION_MASK`).
-pub const MULTIFD_FLAG_COMPRESSION_MASK: u32 = 0xf << 1;
-/// Pages compressed with zlib (not supported here).
-pub const MULTIFD_FLAG_ZLIB: u32 = 1 << 1;
-/// Pages compressed with zstd.
-pub const MULTIFD_FLAG_ZSTD: u32 = 2 << 1;
 /// Most compressed bytes a packet may carry (QEMU's `zbuff_len`: twice the packet).
 pub const MAX_COMPRESSED: usize = 2 * MULTIFD_PACKET_SIZE;
 /// The kernel receive buffer of a destination's channel carrying compressed pages: a

@@ -15,8 +15,22 @@
 use qemu_file::QemuFile;
 
 use crate::format::TARGET_PAGE_SIZE;
-use crate::multifd_zstd::{MULTIFD_FLAG_COMPRESSION_MASK, MULTIFD_FLAG_ZLIB, MULTIFD_FLAG_ZSTD};
 use crate::{Error, Result};
+
+pub mod recv;
+pub mod send;
+#[cfg(feature = "zstd")]
+pub mod zstd;
+#[cfg(not(feature = "zstd"))]
+#[path = "zstd_off.rs"]
+pub mod zstd;
+
+/// A packet's compression field (QEMU's `MULTIFD_FLAG_COMPRESSION_MASK`).
+pub const MULTIFD_FLAG_COMPRESSION_MASK: u32 = 0xf << 1;
+/// Pages compressed with zlib (not supported here).
+pub const MULTIFD_FLAG_ZLIB: u32 = 1 << 1;
+/// Pages compressed with zstd.
+pub const MULTIFD_FLAG_ZSTD: u32 = 2 << 1;
 
 /// First word of every multifd message.
 pub const MULTIFD_MAGIC: u32 = 0x1122_3344;

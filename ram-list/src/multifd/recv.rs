@@ -14,11 +14,10 @@ use std::thread::JoinHandle;
 
 use qemu_file::{QemuFile, ShutdownHandle, Transport};
 
+use super::zstd::{COMPRESSED_SOCKET_BUFFER, ZstdRecv};
+use super::{MULTIFD_FLAG_COMPRESSION_MASK, MULTIFD_FLAG_ZSTD};
 use crate::format::TARGET_PAGE_SIZE;
 use crate::multifd::{ChannelInit, MULTIFD_FLAG_SYNC, PACKET_HEADER_LEN, PacketHeader};
-use crate::multifd_zstd::{
-    COMPRESSED_SOCKET_BUFFER, MULTIFD_FLAG_COMPRESSION_MASK, MULTIFD_FLAG_ZSTD, ZstdRecv,
-};
 use crate::{Error, RamBlock, RamList, RamStats, Result};
 
 const PAGE: usize = TARGET_PAGE_SIZE as usize;

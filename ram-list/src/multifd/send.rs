@@ -19,12 +19,13 @@ use std::time::{Duration, Instant};
 use qemu_file::{KeepAlive, QemuFile, RateLimiter, ShutdownHandle, Transport, UnsentProbe};
 use savevm::MultifdCompression;
 
+use super::MULTIFD_FLAG_ZSTD;
+use super::zstd::ZstdSend;
 use crate::format::TARGET_PAGE_SIZE;
 use crate::multifd::{
     ChannelInit, MULTIFD_FLAG_SYNC, MULTIFD_PACKET_SIZE, PACKET_HEADER_LEN, PAGES_PER_PACKET,
     PacketHeader,
 };
-use crate::multifd_zstd::{MULTIFD_FLAG_ZSTD, ZstdSend};
 use crate::{Error, RamBlock, Result};
 
 /// Batches all channels together may have queued or in writing: two of the RAM
