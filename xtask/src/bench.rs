@@ -23,6 +23,7 @@ use vmm_harness::{Qmp, Vmm};
 use crate::certs::TestPki;
 use crate::memwatch::MemWatch;
 use crate::plot;
+use crate::run::Run;
 use crate::stats;
 
 /// A workload to migrate.
@@ -239,63 +240,6 @@ fn multifd_setup(q: &mut Qmp, s: &Scenario) {
 const LIMITS: &[u64] = &[300, 30];
 const TIMEOUT: Duration = Duration::from_secs(60);
 
-/// One migration run.
-#[derive(Debug, Clone)]
-pub struct Run {
-    /// `ours` or `qemu`.
-    pub side: &'static str,
-    /// Scenario slug.
-    pub scenario: &'static str,
-    /// downtime-limit, ms.
-    pub limit: u64,
-    /// Round number.
-    pub round: usize,
-    /// Whether it completed.
-    pub completed: bool,
-    /// query-migrate's total-time, ms.
-    pub total_ms: f64,
-    /// Destination running minus source stopped, ms.
-    pub downtime_ms: f64,
-    /// Stream bytes.
-    pub bytes: u64,
-    /// What went wrong.
-    pub error: Option<String>,
-    /// (ms since migrate, remaining bytes, dirty pages/s).
-    pub series: Vec<(f64, u64, u64)>,
-    /// The highest cpu-throttle-percentage seen.
-    pub throttle: u64,
-    /// Peak memory beyond guest RAM of the source and the destination, bytes (memory
-    /// runs only).
-    pub mem: Option<(u64, u64)>,
-}
-
-impl Run {
-    fn new(side: &'static str, s: &Scenario, limit: u64, round: usize) -> Self {
-        Run {
-            side,
-            scenario: s.slug,
-            limit,
-            round,
-            completed: false,
-            total_ms: 0.0,
-            downtime_ms: 0.0,
-            bytes: 0,
-            error: None,
-            series: Vec::new(),
-            throttle: 0,
-            mem: None,
-        }
-    }
-
-    fn json(&self) -> Value {
-        json!({"side": self.side, "scenario": self.scenario, "limit_ms": self.limit, "round": self.round,
-               "completed": self.completed, "total_ms": self.total_ms, "downtime_ms": self.downtime_ms,
-               "bytes": self.bytes, "throttle_max": self.throttle,
-               "mem_overhead": self.mem.map(|(s, d)| json!({"source": s, "destination": d})),
-               "error": self.error})
-    }
-}
-
 /// Options of the bench.
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -363,7 +307,7 @@ fn ours(
     extra: &[String],
     pki: &TestPki,
 ) -> Run {
-    let mut run = Run::new("ours", s, limit, round);
+    let mut run = Run::new("ours", s.slug, limit, round);
     let mem = format!("{}M", s.memory_mib);
     let rate = s.rate.to_string();
     let mut guest = vec![
@@ -552,7 +496,7 @@ fn qemu(
     watch: bool,
     pki: &TestPki,
 ) -> Run {
-    let mut run = Run::new("qemu", s, limit, round);
+    let mut run = Run::new("qemu", s.slug, limit, round);
     if let Err(e) = qemu_inner(bin, s, dir, tsc_khz, watch, pki, &mut run) {
         run.error = Some(format!("{e:#}"));
         run.completed = false;
@@ -928,7 +872,7 @@ pub fn run(vmm: PathBuf, opts: &Options) -> Result<()> {
         // goes on.
         let guarded = |side: &'static str, f: &dyn Fn() -> Run| {
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|p| {
-                let mut r = Run::new(side, s, limit, round);
+                let mut r = Run::new(side, s.slug, limit, round);
                 r.error = Some(
                     p.downcast_ref::<String>()
                         .cloned()

@@ -8,7 +8,7 @@
 
 use serde_json::Value;
 
-use crate::bench::Run;
+use crate::run::Run;
 use crate::stats::{median, range, ratio_interval};
 
 /// A claimed ratio and the samples on either side of it.

@@ -30,6 +30,7 @@ mod migrate_test;
 mod ping_pong;
 mod plot;
 mod qmp_conformance;
+mod run;
 mod stats;
 
 use std::path::{Path, PathBuf};

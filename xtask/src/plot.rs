@@ -6,7 +6,7 @@ use std::path::Path;
 use anyhow::Result;
 use plotters::prelude::*;
 
-use crate::bench::Run;
+use crate::run::Run;
 
 /// Draws one scenario: remaining MiB (left) and dirty pages/s (right) over time.
 ///
