@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use savevm::{DeviceHandler, FieldReader, FieldWriter, SectionError, SectionInfo};
 
-use crate::machine::RunState;
+use crate::run_state::RunState;
 
 /// The runstate name's buffer (QEMU's `GlobalState.runstate`).
 const RUNSTATE_LEN: usize = 100;

@@ -15,8 +15,9 @@ use vm_memory::GuestMemoryRegion as _;
 use vm_memory::bitmap::AtomicBitmap;
 use zerocopy::IntoBytes;
 
+use crate::bus::Bus;
+use crate::cpus::Cpus;
 use crate::guest::LOAD_ADDR;
-use crate::machine::{Bus, Cpus};
 use crate::memory::{GuestRam, MemoryBackend, RamSlot};
 use crate::throttle::Throttle;
 use crate::vcpu::Vcpu;

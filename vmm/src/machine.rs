@@ -6,117 +6,22 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use anyhow::{Context, Result, bail};
-use savevm::{SaveVm, SectionError, VmControl};
+use savevm::{SectionError, VmControl};
 use serde_json::json;
 
 use crate::events::EventLog;
 use block_migration::Disk;
 
+use crate::bus::{Bus, Devices};
+use crate::cpus::Cpus;
 use crate::disk::{BlockDevice, open_disks};
 use crate::global_state::GlobalState;
 use crate::guest::{self, GuestParams, LOAD_ADDR};
 use crate::memory::{GuestRam, MemoryBackend};
-use crate::serial::{COM1, Console, Uart, new_uart};
+pub use crate::run_state::RunState;
+use crate::serial::{Console, new_uart};
 use crate::{kvm, soft};
 use vmm::spec::DriveSpec;
-
-/// The devices the vCPUs reach through port I/O.
-pub struct Devices {
-    /// COM1.
-    pub uart: Uart,
-    /// The disks' doorbells.
-    pub block: BlockDevice,
-}
-
-/// The VM lock and the device models behind it.
-pub struct Bus {
-    /// The VM lock (QEMU's big lock): a vCPU thread takes it to emulate an access, the
-    /// migration thread to ask for pending bytes, to collect a chunk and through the
-    /// completion, the monitor to act on the VM. Lock order: `vm_lock`, then `devices`.
-    pub vm_lock: Mutex<()>,
-    /// Lock: the device models; taken after `vm_lock` (a device section saving under the
-    /// held VM lock takes only this one).
-    pub devices: Mutex<Devices>,
-}
-
-impl Bus {
-    /// A bus with these devices.
-    pub fn new(devices: Devices) -> Arc<Self> {
-        Arc::new(Bus {
-            vm_lock: Mutex::new(()),
-            devices: Mutex::new(devices),
-        })
-    }
-
-    /// The device models (the caller holds the VM lock, or needs no consistency with it).
-    pub fn devices(&self) -> MutexGuard<'_, Devices> {
-        self.devices.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// A guest `out`, under the VM lock.
-    pub fn io_out(&self, port: u16, data: &[u8]) {
-        let _vm = self.vm_lock.lock().unwrap_or_else(|p| p.into_inner());
-        self.devices().io_out(port, data);
-    }
-
-    /// A guest `in`, under the VM lock.
-    pub fn io_in(&self, port: u16, data: &mut [u8]) {
-        let _vm = self.vm_lock.lock().unwrap_or_else(|p| p.into_inner());
-        self.devices().io_in(port, data);
-    }
-}
-
-impl Devices {
-    /// A guest `out`.
-    pub fn io_out(&mut self, port: u16, data: &[u8]) {
-        if (COM1..COM1 + 8).contains(&port) && data.len() == 1 {
-            // The UART's only error is a failing interrupt trigger, and ours cannot fail.
-            let _ = self.uart.write((port - COM1) as u8, data[0]);
-        } else if let (Some(i), Ok(addr)) = (self.block.disk_at(port), <[u8; 4]>::try_from(data)) {
-            self.block.request(i, u64::from(u32::from_le_bytes(addr)));
-        }
-    }
-
-    /// A guest `in`: the UART, or 0xff for ports nobody decodes.
-    pub fn io_in(&mut self, port: u16, data: &mut [u8]) {
-        if (COM1..COM1 + 8).contains(&port) && data.len() == 1 {
-            data[0] = self.uart.read((port - COM1) as u8);
-        } else {
-            data.fill(0xff);
-        }
-    }
-}
-
-/// What runs the guest's code: KVM vCPU threads or the software backend's thread.
-pub trait Cpus: Send + Sync {
-    /// `kvm` or `soft`.
-    fn name(&self) -> &'static str;
-    /// The host thread id of each vCPU, in vCPU order.
-    fn thread_ids(&self) -> Vec<i32>;
-    /// Lets the vCPUs run.
-    fn resume(&self);
-    /// Stops every vCPU; returns when all are out of KVM_RUN with their I/O completed.
-    ///
-    /// # Errors
-    /// A vCPU that cannot be stopped.
-    fn pause(&self) -> Result<()>;
-    /// Why the guest cannot run any more, if so.
-    fn fault(&self) -> Option<String>;
-    /// Throttles the vCPUs to run `100 - percent` percent of the time; 0 ends it.
-    fn set_throttle(&self, percent: u8);
-    /// The throttle in effect, percent.
-    fn throttle(&self) -> u8;
-    /// Registers the vCPU (and in-kernel device) sections.
-    ///
-    /// # Errors
-    /// A duplicate registration.
-    fn register_sections(&self, savevm: &mut SaveVm) -> Result<()>;
-    /// Applies state the sections loaded (the destination, after the whole stream).
-    ///
-    /// # Errors
-    /// KVM refused the state.
-    fn apply_loaded(&self) -> Result<()>;
-}
 
 /// The accelerator.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -127,44 +32,6 @@ pub enum Accel {
     Kvm,
     /// The software backend: the workload runs on a host thread.
     Soft,
-}
-
-/// The VM's run state, with QEMU's names (`query-status`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RunState {
-    /// Started with `--paused` (QEMU's `-S`): never run yet, waiting for `cont`.
-    Prelaunch,
-    /// The vCPUs run.
-    Running,
-    /// Stopped by the user (`stop`).
-    Paused,
-    /// A destination waiting for, or loading, a migration stream.
-    InMigrate,
-    /// Stopped by the migration thread for the switchover.
-    FinishMigrate,
-    /// Migrated away: this copy must not run again.
-    PostMigrate,
-    /// The guest crashed (triple fault, KVM entry failure).
-    GuestPanicked,
-    /// The process is ending (`quit`, a signal): stopped for good, without a STOP event
-    /// (QEMU sends SHUTDOWN only).
-    Shutdown,
-}
-
-impl RunState {
-    /// QEMU's name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RunState::Prelaunch => "prelaunch",
-            RunState::Running => "running",
-            RunState::Paused => "paused",
-            RunState::InMigrate => "inmigrate",
-            RunState::FinishMigrate => "finish-migrate",
-            RunState::PostMigrate => "postmigrate",
-            RunState::GuestPanicked => "guest-panicked",
-            RunState::Shutdown => "shutdown",
-        }
-    }
 }
 
 /// What a machine is made of.

@@ -3,6 +3,8 @@
 //! `vmm` alone runs the demo; `vmm run` runs a VM (a source, or a destination with
 //! `--incoming`); `vmm analyze FILE` prints a migration stream as text.
 
+mod bus;
+mod cpus;
 mod demo;
 mod disk;
 mod events;
@@ -14,10 +16,13 @@ mod memory;
 mod migration;
 mod monitor;
 mod progress;
+mod run_state;
 mod serial;
+mod serial_section;
 mod session;
 mod soft;
 mod throttle;
+mod units;
 mod vcpu;
 
 use std::io::{IsTerminal, Write};

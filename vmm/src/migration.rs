@@ -18,7 +18,7 @@ use serde_json::json;
 use crate::events::unix_us;
 use crate::global_state::GlobalStateSection;
 use crate::machine::{Machine, RunState};
-use crate::serial::SerialSection;
+use crate::serial_section::SerialSection;
 
 /// The machine type in the stream: both sides must run the same accelerator.
 pub fn machine_type(m: &Machine) -> String {

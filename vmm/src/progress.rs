@@ -11,22 +11,7 @@ use savevm::{MigrationInfo, MigrationParams, MigrationStatus};
 
 use crate::migration::ms;
 use crate::session::Session;
-
-/// Formats a byte count with a binary unit.
-pub fn bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
-}
+use crate::units::bytes;
 
 fn rate(pages: u64) -> String {
     if pages >= 10_000 {

@@ -414,7 +414,7 @@ impl Session {
                 match &r {
                     Ok(rep) => eprintln!(
                         "vmm: loaded {} in {:.1} ms; the guest {} here now",
-                        crate::progress::bytes(rep.bytes),
+                        crate::units::bytes(rep.bytes),
                         rep.load_time.as_secs_f64() * 1e3,
                         if me.machine.run_state() == RunState::Running {
                             "runs"

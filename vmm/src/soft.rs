@@ -14,8 +14,9 @@ use savevm::{DeviceHandler, FieldReader, FieldWriter, SaveVm, SectionError, Sect
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
+use crate::bus::Bus;
+use crate::cpus::Cpus;
 use crate::guest::{self, GuestParams, LOAD_ADDR, Workload};
-use crate::machine::{Bus, Cpus};
 use crate::memory::{GuestRam, MemoryBackend};
 use crate::serial::COM1;
 use crate::throttle::Throttle;

@@ -14,7 +14,7 @@ use std::time::Duration;
 use anyhow::{Result, anyhow};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
-use crate::machine::Bus;
+use crate::bus::Bus;
 use vmm::cpu_state::VcpuState;
 
 /// What the vCPU's owner wants it to do.

@@ -18,9 +18,7 @@ use serde_json::{Value, json};
 use vmm_harness::proxy::{Fault, FaultProxy};
 use vmm_harness::{Qmp, Vmm, scratch};
 
-use crate::migrate_test::{
-    MEMORY, Measured, destination, disk_image_of, event, last_lines, qmp_source,
-};
+use crate::e2e::{MEMORY, Measured, destination, disk_image_of, event, last_lines, qmp_source};
 
 /// Where in the migration the fault lands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -17,7 +17,7 @@ use serde_json::json;
 use vmm_harness::Vmm;
 use vmm_harness::proxy::{Fault, FaultProxy};
 
-use crate::migrate_test::{MEMORY, Measured, destination, disk_image_of, event, qmp_source};
+use crate::e2e::{MEMORY, Measured, destination, disk_image_of, event, qmp_source};
 
 /// How the link breaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -20,6 +20,7 @@
 mod bench;
 mod certs;
 mod check;
+mod e2e;
 mod faults;
 mod fuzz;
 mod handover;

@@ -15,9 +15,12 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
-use serde_json::{Value, json};
-use vmm_harness::{Qmp, Vmm, scratch};
+use serde_json::json;
+use vmm_harness::{Vmm, scratch};
 
+use crate::e2e::{
+    MEMORY, Measured, destination, disk_image_of, event, guest_args, last_lines, qmp_source, refs,
+};
 use crate::faults::{Action, Phase, migrate_again};
 
 /// How a case moves its stream.
@@ -120,15 +123,6 @@ impl Case {
     }
 }
 
-/// What a case measured.
-#[derive(Debug, Default)]
-pub struct Measured {
-    pub total_ms: Option<f64>,
-    pub downtime_ms: Option<f64>,
-    pub bytes: Option<u64>,
-}
-
-pub const MEMORY: &str = "256M";
 const DISK_SIZE: u64 = 64 << 20;
 
 fn cases(quick: bool) -> Vec<Case> {
@@ -217,48 +211,6 @@ fn cases(quick: bool) -> Vec<Case> {
 /// A 64 MiB image with data in three chunks of four (the rest zero, as real disks).
 fn disk_image(path: &Path) -> Result<()> {
     disk_image_of(path, DISK_SIZE)
-}
-
-/// An image of `size` bytes (whole MiB) with data in three chunks of four.
-pub fn disk_image_of(path: &Path, size: u64) -> Result<()> {
-    use std::io::Write;
-    let mut f = std::fs::File::create(path)?;
-    let mut buf = vec![0u8; 1 << 20];
-    for chunk in 0..size >> 20 {
-        let fill = if chunk % 4 == 3 { 0 } else { (chunk as u8) | 1 };
-        buf.fill(fill);
-        f.write_all(&buf)?;
-    }
-    Ok(())
-}
-
-fn guest_args(workload: &str) -> Vec<String> {
-    guest_args_with(workload, MEMORY)
-}
-
-fn guest_args_with(workload: &str, memory: &str) -> Vec<String> {
-    let range = if workload == "fill" { "192M" } else { "64M" };
-    [
-        "--memory",
-        memory,
-        "--workload",
-        workload,
-        "--range-size",
-        range,
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
-}
-
-fn refs(v: &[String]) -> Vec<&str> {
-    v.iter().map(String::as_str).collect()
-}
-
-pub fn event(v: &Vmm, name: &str, side: Option<&str>) -> Option<Value> {
-    v.events()
-        .into_iter()
-        .find(|e| e["event"] == name && side.is_none_or(|s| e["side"] == s))
 }
 
 /// Runs one migration case and checks it.
@@ -415,38 +367,6 @@ fn migrate(
         downtime_ms: downtime,
         bytes: sw["transferred"].as_u64(),
     })
-}
-
-pub fn last_lines(s: &str) -> String {
-    let lines: Vec<&str> = s.lines().collect();
-    lines[lines.len().saturating_sub(3)..].join(" / ")
-}
-
-/// A source driven over QMP, its guest past its first pass.
-pub fn qmp_source(dir: &Path, workload: &str, extra: &[&str]) -> (Vmm, Qmp) {
-    let qmp = dir.join("qmp.sock");
-    let arg = format!("unix:{}", qmp.display());
-    let g = guest_args(workload);
-    let mut args = refs(&g);
-    args.extend(["--qmp", &arg, "--verify"]);
-    args.extend_from_slice(extra);
-    let src = Vmm::start(dir, "source", &args);
-    let mut q = Qmp::connect(&qmp);
-    q.wait_guest_pass(1);
-    (src, q)
-}
-
-/// A destination listening on TCP, and its URI.
-pub fn destination(dir: &Path, name: &str, memory: &str, extra: &[&str]) -> (Vmm, String) {
-    // The destination's own parameters do not matter (its guest comes from the stream),
-    // but a range that fits its memory keeps them valid.
-    let g = guest_args_with("idle", memory);
-    let mut args = refs(&g);
-    args.extend(["--incoming", "tcp:127.0.0.1:0"]);
-    args.extend_from_slice(extra);
-    let mut d = Vmm::start(dir, name, &args);
-    let uri = d.listening_uri();
-    (d, uri)
 }
 
 fn cancel_then_retry() -> Result<Measured> {

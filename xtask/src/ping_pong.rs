@@ -11,7 +11,7 @@ use anyhow::{Result, bail};
 use serde_json::{Value, json};
 use vmm_harness::{Qmp, Vmm, scratch};
 
-use crate::migrate_test::{MEMORY, Measured, disk_image_of};
+use crate::e2e::{MEMORY, Measured, disk_image_of};
 
 const DISK_SIZE: u64 = 32 << 20;
 
