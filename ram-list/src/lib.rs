@@ -12,7 +12,8 @@
 //! Examples, run by `cargo xtask ci`: `examples/snapshot.rs` saves and restores a VM of
 //! two memory regions and a device of its own; `examples/live_migration.rs` migrates one
 //! between two threads while its guest writes, with the VMM's own `VmControl` and the
-//! destination's answer on the same connection.
+//! destination's answer on the same connection; `examples/tcp_migration.rs` does the same
+//! between two processes over TCP.
 //!
 //! ```
 //! use std::sync::Arc;

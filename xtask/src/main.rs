@@ -317,7 +317,7 @@ fn ci() -> Result<()> {
     bare.args(["test", "-p", "ram-list", "--no-default-features", "--lib"]);
     run("cargo test -p ram-list --no-default-features", bare)?;
     // The examples a VMM team would start from: built by the tests, run here.
-    for example in ["snapshot", "live_migration"] {
+    for example in ["snapshot", "live_migration", "tcp_migration"] {
         let mut ex = cargo();
         ex.args(["run", "--quiet", "-p", "ram-list", "--example", example]);
         run(&format!("example {example}"), ex)?;

@@ -1,0 +1,147 @@
+//! What the migration examples share: a VM of two memory regions, its `VmControl`, its
+//! "vCPU" (a thread writing counters into its pages) and its sections.
+// Each example uses part of it.
+#![allow(dead_code)]
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use dirty_bitmap::VmmWriteLog;
+use ram_list::{RamList, RamSection, RamStats};
+use savevm::{SaveVm, SectionError, VmControl};
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+pub type Memory = GuestMemoryMmap<AtomicBitmap>;
+
+/// Where the guest lives: 32 MiB below the hole, 8 MiB above it.
+pub const LAYOUT: [(GuestAddress, usize); 2] = [
+    (GuestAddress(0), 32 << 20),
+    (GuestAddress(4 << 30), 8 << 20),
+];
+
+/// The source VM as the migration thread sees it.
+pub struct Vm {
+    /// The VMM's lock around device emulation (held for short moments by the migration).
+    pub lock: Mutex<()>,
+    /// Held by the vCPU while it runs an instruction; taken to know it stopped.
+    pub vcpu: Mutex<()>,
+    pub stopped: AtomicBool,
+}
+
+impl VmControl for Vm {
+    type Guard<'a> = MutexGuard<'a, ()>;
+
+    fn lock(&self) -> MutexGuard<'_, ()> {
+        self.lock.lock().unwrap()
+    }
+    fn stop_vcpus(&self) -> Result<(), SectionError> {
+        self.stopped.store(true, Ordering::SeqCst);
+        // Whatever the vCPU was doing is done once its lock is free.
+        drop(self.vcpu.lock().unwrap());
+        Ok(())
+    }
+    fn resume_vcpus(&self) -> Result<(), SectionError> {
+        self.stopped.store(false, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+/// The guest: writes a counter into page after page of both regions, for ever. Writes go
+/// through vm-memory, whose bitmaps are the dirty log here (KVM's would add to them).
+pub fn run_guest(mem: Memory, vm: Arc<Vm>, quit: Arc<AtomicBool>, writes: Arc<AtomicU64>) {
+    let pages: Vec<u64> = LAYOUT
+        .iter()
+        .flat_map(|(at, len)| (0..*len as u64 / 4096).map(move |p| at.0 + p * 4096))
+        .collect();
+    for n in 0u64.. {
+        if quit.load(Ordering::SeqCst) {
+            return;
+        }
+        let _running = vm.vcpu.lock().unwrap();
+        if vm.stopped.load(Ordering::SeqCst) {
+            drop(_running);
+            std::thread::sleep(Duration::from_millis(1));
+            continue;
+        }
+        let at = pages[(n.wrapping_mul(7919) % pages.len() as u64) as usize];
+        mem.write_obj(n, GuestAddress(at)).unwrap();
+        writes.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// The sections of a VM with memory `mem`: one RAM block per region, each with the
+/// vm-memory log of its region.
+pub fn sections(mem: &Memory) -> SaveVm {
+    let list = RamList::from_guest_memory(mem, |i, _| {
+        Box::new(VmmWriteLog::for_region(mem, i).expect("the region exists"))
+    })
+    .expect("RAM blocks");
+    let mut savevm = SaveVm::new("example-vmm");
+    savevm
+        .register_live(
+            RamSection::info(),
+            Box::new(RamSection::new(
+                Arc::new(list),
+                Arc::new(RamStats::default()),
+            )),
+        )
+        .expect("one RAM section");
+    savevm
+}
+
+/// A running guest: its VM, and what stops its thread.
+pub struct Running {
+    /// The VM the migration drives.
+    pub vm: Arc<Vm>,
+    quit: Arc<AtomicBool>,
+    /// Writes so far.
+    pub writes: Arc<AtomicU64>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+/// Starts the guest on `mem`.
+pub fn start_guest(mem: &Memory) -> Running {
+    let vm = Arc::new(Vm {
+        lock: Mutex::new(()),
+        vcpu: Mutex::new(()),
+        stopped: AtomicBool::new(false),
+    });
+    let (quit, writes) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicU64::new(0)),
+    );
+    let thread = {
+        let (mem, vm, quit, writes) = (mem.clone(), vm.clone(), quit.clone(), writes.clone());
+        std::thread::spawn(move || run_guest(mem, vm, quit, writes))
+    };
+    std::thread::sleep(Duration::from_millis(50));
+    Running {
+        vm,
+        quit,
+        writes,
+        thread,
+    }
+}
+
+impl Running {
+    /// Ends the guest's thread.
+    pub fn end(self) {
+        self.quit.store(true, Ordering::SeqCst);
+        self.thread.join().unwrap();
+    }
+}
+
+/// A hash of all of `mem`, region by region.
+pub fn hash(mem: &Memory) -> u64 {
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    for (at, len) in LAYOUT {
+        let mut buf = vec![0u8; len];
+        mem.read_slice(&mut buf, at).unwrap();
+        for w in buf.chunks_exact(8) {
+            h = (h ^ u64::from_le_bytes(w.try_into().unwrap())).wrapping_mul(0x100_0000_01b3);
+        }
+    }
+    h
+}
