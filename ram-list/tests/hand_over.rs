@@ -55,22 +55,19 @@ fn unix_pair() -> (QemuFile, QemuFile) {
 fn migrate(mut src: Side, dst: &mut Side) -> (Result<(), String>, u64, Side) {
     let (mut tx, mut rx) = unix_pair();
     let t = std::thread::spawn(move || {
-        let r = src.vm.save_snapshot(&mut tx).map_err(|e| chain(&e));
+        let r = src
+            .vm
+            .save_snapshot(&mut tx)
+            .map_err(|e| savevm::error_chain(&e));
         (r, tx.bytes_written(), src)
     });
-    let loaded = dst.vm.load(&mut rx).map(|_| ()).map_err(|e| chain(&e));
+    let loaded = dst
+        .vm
+        .load(&mut rx)
+        .map(|_| ())
+        .map_err(|e| savevm::error_chain(&e));
     let (saved, bytes, src) = t.join().unwrap();
     (saved.and(loaded), bytes, src)
-}
-
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s += &format!(": {c}");
-        cur = c.source();
-    }
-    s
 }
 
 #[test]
@@ -127,7 +124,7 @@ fn without_the_capability_memfd_memory_is_copied() {
 fn a_stream_that_cannot_carry_descriptors_is_refused_at_setup() {
     let mut src = side(true, true);
     let buf = MemBuffer::new();
-    let e = chain(&src.vm.save_snapshot(&mut buf.file()).unwrap_err());
+    let e = savevm::error_chain(&src.vm.save_snapshot(&mut buf.file()).unwrap_err());
     assert!(
         e.contains("only a unix: socket without TLS carries") && e.contains("x-ignore-shared off"),
         "{e}"

@@ -103,7 +103,13 @@ fn runs_on(mut src: Vmm, mut q: Qmp) {
     assert!(src.wait().success());
 }
 
-fn failed_because(q: &mut Qmp) -> String {
+/// Migrates with x-ignore-shared to `uri`, which must fail; returns why.
+fn hand_over_fails(q: &mut Qmp, uri: &str) -> String {
+    q.cmd(
+        "migrate-set-capabilities",
+        json!({"capabilities": [{"capability": "x-ignore-shared", "state": true}]}),
+    );
+    q.cmd("migrate", json!({"uri": uri}));
     let m: Value = q.wait_status("failed");
     m["error-desc"].as_str().unwrap_or_default().to_string()
 }
@@ -119,12 +125,7 @@ fn the_hand_over_is_refused_over_tcp_and_the_source_runs_on() {
         &[&["--incoming", "tcp:127.0.0.1:0"][..], &hand_over()].concat(),
     );
     let uri = dst.listening_uri();
-    q.cmd(
-        "migrate-set-capabilities",
-        json!({"capabilities": [{"capability": "x-ignore-shared", "state": true}]}),
-    );
-    q.cmd("migrate", json!({"uri": uri}));
-    let why = failed_because(&mut q);
+    let why = hand_over_fails(&mut q, &uri);
     assert!(
         why.contains("only a unix: socket without TLS carries")
             && why.contains("turn x-ignore-shared off"),
@@ -161,12 +162,7 @@ fn the_hand_over_is_refused_to_another_user_and_the_source_runs_on() {
         },
     );
     let uri = dst.listening_uri();
-    q.cmd(
-        "migrate-set-capabilities",
-        json!({"capabilities": [{"capability": "x-ignore-shared", "state": true}]}),
-    );
-    q.cmd("migrate", json!({"uri": uri}));
-    let why = failed_because(&mut q);
+    let why = hand_over_fails(&mut q, &uri);
     assert!(
         why.contains("the destination is a process of user 65534, not of this one (0)"),
         "{why}"
