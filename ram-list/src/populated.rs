@@ -33,14 +33,16 @@ impl Populated {
         }
     }
 
-    /// Forgets what was read (a chunk was re-armed: what the window says may predate it).
+    /// Forgets what was read (a chunk was re-armed, or a sync folded new writes into
+    /// bits still set: what the window says may predate them).
     pub(crate) fn invalidate(&mut self) {
         self.window = None;
     }
 
     /// Whether the page at host address `addr` was never populated, reading ahead up to
     /// `ahead` pages (which must all be armed for dirty logging already: a page written
-    /// after the read is then logged and sent again). False when unknown.
+    /// after the read is then logged and sent again, as long as the window is forgotten
+    /// at the next sync). False when unknown.
     pub(crate) fn never_populated(&mut self, addr: usize, ahead: usize) -> bool {
         let Some(pagemap) = &self.pagemap else {
             return false;

@@ -298,6 +298,10 @@ impl RamSection {
 
     fn sync(&mut self) -> Result<u64> {
         self.check_version()?;
+        // A sync folds writes into bits that may still be set from before, so a page
+        // written since the pagemap window was read goes only once: the window must not
+        // say it was never populated.
+        self.populated.invalidate();
         let mut newly = 0u64;
         for (b, _) in &self.blocks {
             newly += b.sync_dirty_log()? as u64;
