@@ -48,6 +48,11 @@ impl VmControl for Vm {
     }
 }
 
+/// How many writes the guest makes between two 1 ms naps: at most 64k pages a second
+/// (256 MB/s dirtied), like a busy guest rather than a thread spinning as fast as the
+/// host's memory goes, so the migration converges on any machine with the 30 ms limit.
+const WRITES_PER_MS: u64 = 64;
+
 /// The guest: writes a counter into page after page of both regions, for ever. Writes go
 /// through vm-memory, whose bitmaps are the dirty log here (KVM's would add to them).
 pub fn run_guest(mem: Memory, vm: Arc<Vm>, quit: Arc<AtomicBool>, writes: Arc<AtomicU64>) {
@@ -58,6 +63,9 @@ pub fn run_guest(mem: Memory, vm: Arc<Vm>, quit: Arc<AtomicBool>, writes: Arc<At
     for n in 0u64.. {
         if quit.load(Ordering::SeqCst) {
             return;
+        }
+        if n % WRITES_PER_MS == 0 {
+            std::thread::sleep(Duration::from_millis(1));
         }
         let _running = vm.vcpu.lock().unwrap();
         if vm.stopped.load(Ordering::SeqCst) {
