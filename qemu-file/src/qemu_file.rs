@@ -13,6 +13,8 @@ pub type KeepAlive = Arc<dyn Send + Sync>;
 /// Most slices one `writev` takes (Linux's `IOV_MAX`).
 const IOV_MAX: usize = 1024;
 /// Size of the read buffer.
+/// The most [`QemuFile::peek`] looks ahead.
+const PEEK_MAX: usize = 4096;
 const READ_BUF: usize = 256 * 1024;
 /// Queued bytes beyond which a put flushes by itself.
 const DEFAULT_AUTO_FLUSH: usize = 8 * 1024 * 1024;
@@ -644,6 +646,35 @@ impl QemuFile {
         Ok(())
     }
 
+    /// Looks at the next bytes without consuming them (QEMU's `qemu_peek_buffer`): up to
+    /// `n` of them, fewer only where the stream ends first. `n` is at most 4096.
+    ///
+    /// # Errors
+    /// [`Error::Read`] on I/O failure.
+    ///
+    /// # Panics
+    /// If `n` is more than 4096.
+    pub fn peek(&mut self, n: usize) -> Result<&[u8]> {
+        assert!(n <= PEEK_MAX, "a peek of {n} bytes, more than {PEEK_MAX}");
+        self.check()?;
+        if self.rend - self.rpos < n {
+            // Keep what is buffered at the front and read behind it.
+            self.rbuf.copy_within(self.rpos..self.rend, 0);
+            self.rend -= self.rpos;
+            self.rpos = 0;
+            while self.rend < n {
+                match self.transport.read(&mut self.rbuf[self.rend..]) {
+                    Ok(0) => break,
+                    Ok(k) => self.rend += k,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(self.read_error(e)),
+                }
+            }
+        }
+        let end = self.rend.min(self.rpos + n);
+        Ok(&self.rbuf[self.rpos..end])
+    }
+
     /// Reads and discards `n` bytes.
     ///
     /// # Errors
@@ -830,6 +861,44 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn a_peek_reads_ahead_without_consuming_across_short_reads() {
+        // A transport that hands out 3 bytes per read.
+        #[derive(Debug)]
+        struct Trickle(std::collections::VecDeque<u8>);
+        impl Transport for Trickle {
+            fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+                let n = buf.len().min(3).min(self.0.len());
+                for b in &mut buf[..n] {
+                    *b = self.0.pop_front().expect("counted");
+                }
+                Ok(n)
+            }
+            fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+                Ok(bufs.iter().map(|b| b.len()).sum())
+            }
+            fn describe(&self) -> String {
+                "trickle".into()
+            }
+        }
+        let mut q = QemuFile::new(Box::new(Trickle((0..20u8).collect())));
+        assert_eq!(q.get_u8().unwrap(), 0);
+        assert_eq!(q.peek(10).unwrap(), &[1, 2, 3, 4, 5, 6, 7, 8, 9, 10]);
+        assert_eq!(q.get_u8().unwrap(), 1);
+        assert_eq!(q.bytes_read(), 2);
+        assert_eq!(q.peek(2).unwrap(), &[2, 3]);
+        q.skip(15).unwrap();
+        assert_eq!(
+            q.peek(10).unwrap(),
+            &[17, 18, 19],
+            "the end cuts a peek short"
+        );
+        let mut rest = [0; 3];
+        q.get_buffer(&mut rest).unwrap();
+        assert_eq!(rest, [17, 18, 19]);
+        assert_eq!(q.peek(1).unwrap(), &[] as &[u8]);
     }
 
     #[test]

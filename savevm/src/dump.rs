@@ -18,13 +18,13 @@ use crate::format::{
     Configuration, FileHeader, Footer, FullHeader, MIG_CMD_OPEN_RETURN_PATH, MIG_CMD_PING,
     QEMU_VM_FILE_MAGIC, QEMU_VM_SUBSECTION, QEMU_VM_VMDESCRIPTION, SectionType,
 };
-use crate::vmstate::{DeviceDescription, FieldDesc, VmDescription};
+use crate::vmstate::{DeviceDescription, FieldDesc, StructDesc, VmDescription};
 use crate::{Error, Result, SectionError};
 
 /// Largest single field a dump reads.
 const MAX_DUMP_FIELD: u64 = 64 << 20;
 /// Most field entries a dump walks (a hostile trailer's `array_len` must not loop forever).
-const MAX_DUMP_ENTRIES: u64 = 1 << 20;
+const MAX_DUMP_ENTRIES: u64 = 1 << 25;
 /// Deepest nesting of structs and subsections a dump follows.
 const MAX_DUMP_DEPTH: usize = 32;
 /// How far from the end the description is looked for (as QEMU's analyzer does).
@@ -357,7 +357,7 @@ fn walk_device(f: &mut QemuFile, d: &DeviceDescription, out: &mut DumpSink) -> R
 fn walk_struct(
     f: &mut QemuFile,
     fields: &[FieldDesc],
-    subsections: &[DeviceDescription],
+    subsections: &[StructDesc],
     out: &mut DumpSink,
     budget: &mut Budget,
 ) -> Result<()> {
@@ -373,7 +373,7 @@ fn walk_struct(
 
 fn walk_subsections(
     f: &mut QemuFile,
-    subs: &[DeviceDescription],
+    subs: &[StructDesc],
     out: &mut DumpSink,
     budget: &mut Budget,
 ) -> Result<()> {
@@ -409,10 +409,10 @@ fn walk_fields(
                 .entries
                 .checked_sub(1)
                 .ok_or_else(|| too_much("more than a million fields"))?;
-            let name = if field.array_len.is_some() {
-                format!("{}[{index}]", field.name)
-            } else {
-                field.name.clone()
+            let name = match (field.array_len, field.index) {
+                (Some(_), _) => format!("{}[{index}]", field.name),
+                (None, Some(i)) => format!("{}[{i}]", field.name),
+                (None, None) => field.name.clone(),
             };
             if let Some(nested) = &field.nested {
                 out.line(format_args!("{name}: struct"));

@@ -35,14 +35,17 @@
 //! # Ok::<(), savevm::Error>(())
 //! ```
 
+// The derive names `::savevm::…`, which this crate's own tests and examples use too.
+extern crate self as savevm;
+
 pub mod convergence;
 mod dump;
 mod error;
 pub mod format;
 mod load;
 mod migration;
+mod registry;
 pub mod return_path;
-mod savevm;
 mod section;
 pub mod switchover;
 mod vmstate;
@@ -54,9 +57,12 @@ pub use migration::{
     CompletionTimes, MigrationControl, MigrationInfo, MigrationParams, MigrationStatus,
     MultifdCompression, VmControl, WINDOW, run_migration,
 };
-pub use savevm::{SaveVm, TARGET_PAGE_SIZE};
+pub use registry::{SaveVm, TARGET_PAGE_SIZE};
+/// `#[derive(VmState)]`: see [`VmState`] (feature `derive`, on by default).
+#[cfg(feature = "derive")]
+pub use savevm_derive::VmState;
 pub use section::{DeviceHandler, SectionError, SectionHandler, SectionInfo};
 pub use vmstate::{
-    DeviceDescription, FieldDesc, FieldError, FieldReader, FieldType, FieldWriter, MAX_FIELD_LEN,
-    StructDesc, VmDescription,
+    DeviceDescription, FieldDesc, FieldError, FieldReader, FieldType, FieldWriter, MAX_ELEMENTS,
+    MAX_FIELD_LEN, StructDesc, VmDescription, VmField, VmState, check_version,
 };

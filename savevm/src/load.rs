@@ -8,7 +8,7 @@ use crate::format::{
     Configuration, FileHeader, Footer, FullHeader, MAX_DESCRIPTION_LEN, MIG_CMD_OPEN_RETURN_PATH,
     MIG_CMD_PING, QEMU_VM_VMDESCRIPTION, SectionType,
 };
-use crate::savevm::{Handler, section_error};
+use crate::registry::{Handler, section_error};
 use crate::vmstate::FieldReader;
 use crate::{Error, Result, SaveVm};
 

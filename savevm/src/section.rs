@@ -2,7 +2,7 @@
 
 use qemu_file::QemuFile;
 
-use crate::{FieldReader, FieldWriter};
+use crate::{FieldReader, FieldWriter, VmState};
 
 /// The error a section handler returns; savevm wraps it with the section's name and the
 /// operation.
@@ -29,6 +29,19 @@ impl SectionInfo {
             instance_id,
             version_id: version,
             minimum_version_id: version,
+        }
+    }
+}
+
+impl SectionInfo {
+    /// The section of a device whose state is a [`VmState`]: its versions are the
+    /// struct's.
+    pub fn for_state<T: VmState + ?Sized>(idstr: impl Into<String>, instance_id: u32) -> Self {
+        SectionInfo {
+            idstr: idstr.into(),
+            instance_id,
+            version_id: T::VERSION,
+            minimum_version_id: T::MINIMUM_VERSION,
         }
     }
 }
@@ -146,4 +159,19 @@ pub trait DeviceHandler: Send {
     /// # Errors
     /// A truncated or inconsistent state.
     fn load(&mut self, r: &mut FieldReader<'_>, version_id: u32) -> Result<(), SectionError>;
+}
+
+/// A device whose whole state is a [`VmState`] value behind a mutex: register a clone of
+/// the `Arc` (with [`SectionInfo::for_state`]) and the section saves and loads the value.
+impl<T: VmState + Send> DeviceHandler for std::sync::Arc<std::sync::Mutex<T>> {
+    fn save(&mut self, w: &mut FieldWriter<'_>) -> Result<(), SectionError> {
+        w.state(&*self.lock().unwrap_or_else(|p| p.into_inner()));
+        Ok(())
+    }
+
+    fn load(&mut self, r: &mut FieldReader<'_>, version_id: u32) -> Result<(), SectionError> {
+        let mut state = self.lock().unwrap_or_else(|p| p.into_inner());
+        r.state(&mut *state, version_id)?;
+        Ok(())
+    }
 }

@@ -321,16 +321,20 @@ impl SaveVm {
             .write_to(SectionType::Full, f);
             let mut w = FieldWriter::new(f);
             h.save(&mut w).map_err(section_error(&e.info, "save"))?;
-            let fields = w
-                .into_fields()
+            let desc = w
+                .into_description()
                 .map_err(|err| section_error(&e.info, "save")(err.into()))?;
             devices.push(DeviceDescription {
                 name: e.info.idstr.clone(),
                 instance_id: e.info.instance_id,
-                vmsd_name: e.info.idstr.clone(),
+                vmsd_name: if desc.vmsd_name.is_empty() {
+                    e.info.idstr.clone()
+                } else {
+                    desc.vmsd_name
+                },
                 version: e.info.version_id,
-                fields,
-                subsections: Vec::new(),
+                fields: desc.fields,
+                subsections: desc.subsections,
             });
             Footer::write_to(e.section_id, f);
         }
