@@ -502,3 +502,58 @@ fn qemu_analyze_migration_names_every_field() {
     assert_eq!(uart["ier"], "0x0f");
     assert_eq!(uart["uart/fifo"]["bytes"], "68 65 6c 6c 6f");
 }
+
+#[test]
+fn a_fields_own_bound_holds_on_save_and_on_load() {
+    #[derive(VmState, Default)]
+    #[vmstate(name = "msrs")]
+    struct Bounded {
+        #[vmstate(max_len = 4)]
+        list: Vec<u16>,
+    }
+    #[derive(VmState, Default)]
+    #[vmstate(name = "msrs")]
+    struct Unbounded {
+        list: Vec<u16>,
+    }
+    let mut vm = SaveVm::new("pc");
+    vm.register_device(
+        SectionInfo::for_state::<Bounded>("msrs", 0),
+        Box::new(Arc::new(Mutex::new(Bounded { list: vec![1; 5] }))),
+    )
+    .unwrap();
+    let e = vm.save_snapshot(&mut MemBuffer::new().file()).unwrap_err();
+    let chain = savevm::error_chain(&e);
+    assert!(
+        chain.contains("\"list\"") && chain.contains("more than the 4"),
+        "{chain}"
+    );
+
+    let five = snapshot(
+        SectionInfo::for_state::<Unbounded>("msrs", 0),
+        Box::new(Arc::new(Mutex::new(Unbounded { list: vec![1; 5] }))),
+    );
+    let e = load(
+        &five,
+        SectionInfo::for_state::<Bounded>("msrs", 0),
+        Box::new(Arc::new(Mutex::new(Bounded::default()))),
+    )
+    .unwrap_err();
+    let chain = savevm::error_chain(&e);
+    assert!(
+        chain.contains("list_len") && chain.contains("more than the 4"),
+        "{chain}"
+    );
+    let four = snapshot(
+        SectionInfo::for_state::<Unbounded>("msrs", 0),
+        Box::new(Arc::new(Mutex::new(Unbounded { list: vec![1; 4] }))),
+    );
+    let dest = Arc::new(Mutex::new(Bounded::default()));
+    load(
+        &four,
+        SectionInfo::for_state::<Bounded>("msrs", 0),
+        Box::new(dest.clone()),
+    )
+    .unwrap();
+    assert_eq!(dest.lock().unwrap().list, [1; 4]);
+}

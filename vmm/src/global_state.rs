@@ -6,7 +6,7 @@
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use savevm::{DeviceHandler, FieldReader, FieldWriter, SectionError, SectionInfo};
+use savevm::{DeviceHandler, FieldReader, FieldWriter, SectionError, SectionInfo, VmState};
 
 use crate::run_state::RunState;
 
@@ -45,6 +45,14 @@ impl GlobalState {
     }
 }
 
+/// QEMU's `vmstate_globalstate`, field for field.
+#[derive(VmState)]
+#[vmstate(name = "globalstate")]
+struct Fields {
+    size: u32,
+    runstate: [u8; RUNSTATE_LEN],
+}
+
 /// The `globalstate` section of a machine.
 #[derive(Debug)]
 pub struct GlobalStateSection(pub Arc<GlobalState>);
@@ -52,7 +60,7 @@ pub struct GlobalStateSection(pub Arc<GlobalState>);
 impl GlobalStateSection {
     /// How it registers (QEMU's name, instance 0, version 1).
     pub fn info() -> SectionInfo {
-        SectionInfo::new("globalstate", 0, 1)
+        SectionInfo::for_state::<Fields>("globalstate", 0)
     }
 }
 
@@ -63,17 +71,22 @@ impl DeviceHandler for GlobalStateSection {
             Some(RunState::Prelaunch) => "prelaunch",
             Some(_) => "paused",
         };
-        let mut buf = [0u8; RUNSTATE_LEN];
-        buf[..name.len()].copy_from_slice(name.as_bytes());
-        w.u32("size", name.len() as u32 + 1);
-        w.buffer("runstate", &buf);
+        let mut f = Fields {
+            size: name.len() as u32 + 1,
+            runstate: [0; RUNSTATE_LEN],
+        };
+        f.runstate[..name.len()].copy_from_slice(name.as_bytes());
+        w.state(&f);
         Ok(())
     }
 
-    fn load(&mut self, r: &mut FieldReader<'_>, _version: u32) -> Result<(), SectionError> {
-        let size = r.u32("size")? as usize;
-        let mut buf = [0u8; RUNSTATE_LEN];
-        r.buffer_into("runstate", &mut buf)?;
+    fn load(&mut self, r: &mut FieldReader<'_>, version: u32) -> Result<(), SectionError> {
+        let mut f = Fields {
+            size: 0,
+            runstate: [0; RUNSTATE_LEN],
+        };
+        r.state(&mut f, version)?;
+        let (size, buf) = (f.size as usize, f.runstate);
         if size == 0 || size > RUNSTATE_LEN {
             return Err(format!(
                 "globalstate: a runstate of {size} bytes (at most {RUNSTATE_LEN})"

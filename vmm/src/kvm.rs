@@ -5,15 +5,11 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result};
 use dirty_bitmap::{DirtyLogSource, KvmDirtyLog, MergedLog, VmmWriteLog};
-use kvm_bindings::{
-    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MAX_CPUID_ENTRIES,
-    kvm_clock_data, kvm_irqchip, kvm_pit_config, kvm_pit_state2, kvm_userspace_memory_region,
-};
+use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, kvm_pit_config, kvm_userspace_memory_region};
 use kvm_ioctls::{Kvm, VmFd};
 use savevm::{DeviceHandler, FieldReader, FieldWriter, SaveVm, SectionError, SectionInfo};
 use vm_memory::GuestMemoryRegion as _;
 use vm_memory::bitmap::AtomicBitmap;
-use zerocopy::IntoBytes;
 
 use crate::bus::Bus;
 use crate::cpus::Cpus;
@@ -21,7 +17,7 @@ use crate::guest::LOAD_ADDR;
 use crate::memory::{GuestRam, MemoryBackend, RamSlot};
 use crate::throttle::Throttle;
 use crate::vcpu::Vcpu;
-use vmm::cpu_state::{VcpuState, read_struct, supported_msrs};
+use savevm_kvm::{Clock, CpuFields, IRQCHIPS, Irqchip, Pit, VcpuState, supported_msrs};
 
 /// Where KVM puts the real-mode TSS on Intel (three pages below the BIOS area).
 const TSS_ADDR: usize = 0xfffb_d000;
@@ -166,9 +162,9 @@ impl KvmVm {
 /// Loaded, not yet applied state (the destination applies it after the whole stream).
 #[derive(Default)]
 struct Pending {
-    chips: Vec<(u32, kvm_irqchip)>,
-    pit: Option<kvm_pit_state2>,
-    clock: Option<kvm_clock_data>,
+    chips: Vec<Irqchip>,
+    pit: Option<Pit>,
+    clock: Option<Clock>,
     cpus: Vec<(usize, VcpuState)>,
 }
 
@@ -228,36 +224,25 @@ impl Cpus for KvmBackend {
     }
 
     fn register_sections(&self, savevm: &mut SaveVm) -> Result<()> {
-        for (id, name) in [
-            (KVM_IRQCHIP_PIC_MASTER, "kvm-pic"),
-            (KVM_IRQCHIP_PIC_SLAVE, "kvm-pic"),
-        ] {
+        for (name, instance, chip) in IRQCHIPS {
             savevm.register_device(
-                SectionInfo::new(name, id, 1),
+                SectionInfo::for_state::<Irqchip>(name, instance),
                 Box::new(ChipSection {
                     vm: self.vm.clone(),
                     pending: self.pending.clone(),
-                    chip: id,
+                    chip,
                 }),
             )?;
         }
         savevm.register_device(
-            SectionInfo::new("kvm-ioapic", 0, 1),
-            Box::new(ChipSection {
-                vm: self.vm.clone(),
-                pending: self.pending.clone(),
-                chip: KVM_IRQCHIP_IOAPIC,
-            }),
-        )?;
-        savevm.register_device(
-            SectionInfo::new("kvm-pit", 0, 1),
+            SectionInfo::for_state::<Pit>("kvm-pit", 0),
             Box::new(PitSection {
                 vm: self.vm.clone(),
                 pending: self.pending.clone(),
             }),
         )?;
         savevm.register_device(
-            SectionInfo::new("kvmclock", 0, 1),
+            SectionInfo::for_state::<Clock>("kvmclock", 0),
             Box::new(ClockSection {
                 vm: self.vm.clone(),
                 pending: self.pending.clone(),
@@ -265,7 +250,7 @@ impl Cpus for KvmBackend {
         )?;
         for i in 0..self.vcpus.len() {
             savevm.register_device(
-                SectionInfo::new("cpu", i as u32, 1),
+                SectionInfo::for_state::<CpuFields>("cpu", i as u32),
                 Box::new(CpuSection {
                     vcpus: self.vcpus.clone(),
                     index: i,
@@ -279,14 +264,13 @@ impl Cpus for KvmBackend {
     fn apply_loaded(&self) -> Result<()> {
         let p = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|p| p.into_inner()));
         if let Some(pit) = p.pit {
-            self.vm.set_pit2(&pit).context("KVM_SET_PIT2")?;
+            pit.restore(&self.vm)?;
         }
-        for (_, chip) in &p.chips {
-            self.vm.set_irqchip(chip).context("KVM_SET_IRQCHIP")?;
+        for chip in &p.chips {
+            chip.restore(&self.vm)?;
         }
-        if let Some(mut clock) = p.clock {
-            clock.flags = 0;
-            self.vm.set_clock(&clock).context("KVM_SET_CLOCK")?;
+        if let Some(clock) = p.clock {
+            clock.restore(&self.vm)?;
         }
         for (i, st) in p.cpus {
             self.vcpus[i].load_state(st)?;
@@ -308,24 +292,20 @@ struct ChipSection {
 
 impl DeviceHandler for ChipSection {
     fn save(&mut self, w: &mut FieldWriter<'_>) -> Result<(), SectionError> {
-        let mut c = kvm_irqchip {
-            chip_id: self.chip,
-            ..Default::default()
-        };
-        self.vm
-            .get_irqchip(&mut c)
-            .map_err(|e| format!("KVM_GET_IRQCHIP: {e}"))?;
-        w.buffer("irqchip", c.as_bytes());
+        w.state(&Irqchip::save(&self.vm, self.chip)?);
         Ok(())
     }
-    fn load(&mut self, r: &mut FieldReader<'_>, _v: u32) -> Result<(), SectionError> {
-        let c: kvm_irqchip = read_struct(r, "irqchip")?;
-        if c.chip_id != self.chip {
-            return Err(
-                format!("the stream's chip {} is not chip {}", c.chip_id, self.chip).into(),
-            );
+    fn load(&mut self, r: &mut FieldReader<'_>, version: u32) -> Result<(), SectionError> {
+        let mut c = Irqchip::default();
+        r.state(&mut c, version)?;
+        if c.irqchip.0.chip_id != self.chip {
+            return Err(format!(
+                "the stream's chip {} is not chip {}",
+                c.irqchip.0.chip_id, self.chip
+            )
+            .into());
         }
-        lock(&self.pending).chips.push((self.chip, c));
+        lock(&self.pending).chips.push(c);
         Ok(())
     }
 }
@@ -338,15 +318,13 @@ struct PitSection {
 
 impl DeviceHandler for PitSection {
     fn save(&mut self, w: &mut FieldWriter<'_>) -> Result<(), SectionError> {
-        let p = self
-            .vm
-            .get_pit2()
-            .map_err(|e| format!("KVM_GET_PIT2: {e}"))?;
-        w.buffer("pit", p.as_bytes());
+        w.state(&Pit::save(&self.vm)?);
         Ok(())
     }
-    fn load(&mut self, r: &mut FieldReader<'_>, _v: u32) -> Result<(), SectionError> {
-        lock(&self.pending).pit = Some(read_struct(r, "pit")?);
+    fn load(&mut self, r: &mut FieldReader<'_>, version: u32) -> Result<(), SectionError> {
+        let mut p = Pit::default();
+        r.state(&mut p, version)?;
+        lock(&self.pending).pit = Some(p);
         Ok(())
     }
 }
@@ -359,22 +337,13 @@ struct ClockSection {
 
 impl DeviceHandler for ClockSection {
     fn save(&mut self, w: &mut FieldWriter<'_>) -> Result<(), SectionError> {
-        let c = self
-            .vm
-            .get_clock()
-            .map_err(|e| format!("KVM_GET_CLOCK: {e}"))?;
-        w.u64("clock", c.clock);
-        w.u32("flags", c.flags);
+        w.state(&Clock::save(&self.vm)?);
         Ok(())
     }
-    fn load(&mut self, r: &mut FieldReader<'_>, _v: u32) -> Result<(), SectionError> {
-        let clock = r.u64("clock")?;
-        let flags = r.u32("flags")?;
-        lock(&self.pending).clock = Some(kvm_clock_data {
-            clock,
-            flags,
-            ..Default::default()
-        });
+    fn load(&mut self, r: &mut FieldReader<'_>, version: u32) -> Result<(), SectionError> {
+        let mut c = Clock::default();
+        r.state(&mut c, version)?;
+        lock(&self.pending).clock = Some(c);
         Ok(())
     }
 }
@@ -394,8 +363,8 @@ impl DeviceHandler for CpuSection {
         st.write_fields(w);
         Ok(())
     }
-    fn load(&mut self, r: &mut FieldReader<'_>, _v: u32) -> Result<(), SectionError> {
-        let st = VcpuState::read_fields(r)?;
+    fn load(&mut self, r: &mut FieldReader<'_>, version: u32) -> Result<(), SectionError> {
+        let st = VcpuState::read_fields(r, version)?;
         lock(&self.pending).cpus.push((self.index, st));
         Ok(())
     }

@@ -3,7 +3,7 @@
 use std::io;
 use std::sync::Arc;
 
-use savevm::{DeviceHandler, FieldReader, FieldWriter, SectionError, SectionInfo};
+use savevm::{DeviceHandler, FieldReader, FieldWriter, SectionError, SectionInfo, VmState};
 use vm_superio::Serial;
 use vm_superio::serial::{NoEvents, SerialState};
 
@@ -15,6 +15,57 @@ pub struct SerialSection {
     bus: Arc<Bus>,
 }
 
+/// The 16550's state in the stream, declared once: registers, then the receive FIFO
+/// with its length field. Version 2: version 1 had a one-byte FIFO length.
+#[derive(VmState, Default, Debug, PartialEq)]
+#[vmstate(name = "serial", version = 2)]
+struct UartState {
+    divisor_low: u8,
+    divisor_high: u8,
+    ier: u8,
+    iir: u8,
+    lcr: u8,
+    lsr: u8,
+    mcr: u8,
+    msr: u8,
+    scr: u8,
+    rx_fifo: Vec<u8>,
+}
+
+impl From<&SerialState> for UartState {
+    fn from(s: &SerialState) -> Self {
+        UartState {
+            divisor_low: s.baud_divisor_low,
+            divisor_high: s.baud_divisor_high,
+            ier: s.interrupt_enable,
+            iir: s.interrupt_identification,
+            lcr: s.line_control,
+            lsr: s.line_status,
+            mcr: s.modem_control,
+            msr: s.modem_status,
+            scr: s.scratch,
+            rx_fifo: s.in_buffer.clone(),
+        }
+    }
+}
+
+impl From<UartState> for SerialState {
+    fn from(s: UartState) -> Self {
+        SerialState {
+            baud_divisor_low: s.divisor_low,
+            baud_divisor_high: s.divisor_high,
+            interrupt_enable: s.ier,
+            interrupt_identification: s.iir,
+            line_control: s.lcr,
+            line_status: s.lsr,
+            modem_control: s.mcr,
+            modem_status: s.msr,
+            scratch: s.scr,
+            in_buffer: s.rx_fifo,
+        }
+    }
+}
+
 impl SerialSection {
     /// The section for the UART on `bus`. It is saved and loaded under the VM lock, so it
     /// takes only the devices' own lock.
@@ -24,48 +75,25 @@ impl SerialSection {
 
     /// How it registers.
     pub fn info() -> SectionInfo {
-        SectionInfo::new("serial", 0, 1)
+        SectionInfo::for_state::<UartState>("serial", 0)
     }
 }
 
 impl DeviceHandler for SerialSection {
     fn save(&mut self, w: &mut FieldWriter<'_>) -> Result<(), SectionError> {
-        let s = self.bus.devices().uart.state();
-        w.u8("divisor_low", s.baud_divisor_low);
-        w.u8("divisor_high", s.baud_divisor_high);
-        w.u8("ier", s.interrupt_enable);
-        w.u8("iir", s.interrupt_identification);
-        w.u8("lcr", s.line_control);
-        w.u8("lsr", s.line_status);
-        w.u8("mcr", s.modem_control);
-        w.u8("msr", s.modem_status);
-        w.u8("scr", s.scratch);
-        w.u8("rx_len", s.in_buffer.len() as u8);
-        w.buffer("rx_fifo", &s.in_buffer);
+        w.state(&UartState::from(&self.bus.devices().uart.state()));
         Ok(())
     }
 
-    fn load(&mut self, r: &mut FieldReader<'_>, _version: u32) -> Result<(), SectionError> {
-        let mut s = SerialState {
-            baud_divisor_low: r.u8("divisor_low")?,
-            baud_divisor_high: r.u8("divisor_high")?,
-            interrupt_enable: r.u8("ier")?,
-            interrupt_identification: r.u8("iir")?,
-            line_control: r.u8("lcr")?,
-            line_status: r.u8("lsr")?,
-            modem_control: r.u8("mcr")?,
-            modem_status: r.u8("msr")?,
-            scratch: r.u8("scr")?,
-            in_buffer: Vec::new(),
-        };
-        let len = r.u8("rx_len")? as usize;
-        s.in_buffer = r.buffer("rx_fifo", len)?;
+    fn load(&mut self, r: &mut FieldReader<'_>, version: u32) -> Result<(), SectionError> {
+        let mut s = UartState::default();
+        r.state(&mut s, version)?;
         let mut dev = self.bus.devices();
         // Rebuild the UART around the same output.
         let placeholder = new_uart(Box::new(io::sink()), Arc::new(Console::default()));
         let old = std::mem::replace(&mut dev.uart, placeholder);
         let out = old.into_writer();
-        dev.uart = Serial::from_state(&s, NoInterrupt, NoEvents, out)
+        dev.uart = Serial::from_state(&s.into(), NoInterrupt, NoEvents, out)
             .map_err(|e| format!("the serial state does not fit a 16550: {e:?}"))?;
         Ok(())
     }

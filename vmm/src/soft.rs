@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use dirty_bitmap::{DirtyLogSource, MergedLog, VmmWriteLog};
-use savevm::{DeviceHandler, FieldReader, FieldWriter, SaveVm, SectionError, SectionInfo};
+use savevm::{DeviceHandler, FieldReader, FieldWriter, SaveVm, SectionError, SectionInfo, VmState};
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -44,8 +44,9 @@ pub fn ram(size: u64, backend: MemoryBackend, prefault: bool) -> Result<GuestRam
     })
 }
 
-/// Where the workload stands; what migrates.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// Where the workload stands; what migrates (section `"soft-cpu"`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, VmState)]
+#[vmstate(name = "soft-cpu")]
 pub struct SoftState {
     /// 0: not started, 1: working, 2: halted.
     pub phase: u8,
@@ -54,6 +55,7 @@ pub struct SoftState {
     /// Next page of the range to write.
     pub next_page: u64,
     /// A stale page was found in this pass.
+    #[vmstate(rename = "bad_pass")]
     pub bad: bool,
 }
 
@@ -196,7 +198,7 @@ impl Cpus for SoftBackend {
 
     fn register_sections(&self, savevm: &mut SaveVm) -> Result<()> {
         savevm.register_device(
-            SectionInfo::new("soft-cpu", 0, 1),
+            SectionInfo::for_state::<SoftState>("soft-cpu", 0),
             Box::new(SoftSection {
                 shared: self.shared.clone(),
                 pending: self.pending.clone(),
@@ -230,20 +232,13 @@ impl DeviceHandler for SoftSection {
         if !c.parked {
             return Err("the software vCPU is not stopped".into());
         }
-        w.u8("phase", c.state.phase);
-        w.u64("pass", c.state.pass);
-        w.u64("next_page", c.state.next_page);
-        w.bool("bad_pass", c.state.bad);
+        w.state(&c.state);
         Ok(())
     }
 
-    fn load(&mut self, r: &mut FieldReader<'_>, _v: u32) -> Result<(), SectionError> {
-        let st = SoftState {
-            phase: r.u8("phase")?,
-            pass: r.u64("pass")?,
-            next_page: r.u64("next_page")?,
-            bad: r.bool("bad_pass")?,
-        };
+    fn load(&mut self, r: &mut FieldReader<'_>, version: u32) -> Result<(), SectionError> {
+        let mut st = SoftState::default();
+        r.state(&mut st, version)?;
         if st.phase > 2 {
             return Err(format!("phase {} does not exist", st.phase).into());
         }

@@ -15,7 +15,7 @@ use anyhow::{Result, anyhow};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
 use crate::bus::Bus;
-use vmm::cpu_state::VcpuState;
+use savevm_kvm::VcpuState;
 
 /// What the vCPU's owner wants it to do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -368,7 +368,7 @@ fn control(fd: &mut VcpuFd, s: &VcpuShared, msrs: &[u32]) -> bool {
                 Command::Load(st) => st.restore(fd).map(|_| Reply::Loaded),
             };
             c = s.lock();
-            c.reply = Some(reply.map_err(|e| format!("{e:#}")));
+            c.reply = Some(reply.map_err(|e| savevm::error_chain(&e)));
             s.cond.notify_all();
             continue;
         }

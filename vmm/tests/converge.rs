@@ -93,8 +93,10 @@ fn auto_converge_throttles_a_guest_that_outruns_the_link_and_the_migration_compl
     assert_eq!(e["desc"], "There's a migration process in progress", "{e}");
     let (m, throttle) = follow(&mut q);
     assert_eq!(m["status"], "completed", "{m}");
-    // 1 - 10/80: the throttle that brings 80 MB/s under half of 20 MB/s.
-    assert!(throttle >= 75, "throttled only {throttle}%: {m}");
+    // A guest at its full 80 MB/s needs 1 - 10/80 = 75% to fall under half of the
+    // link's 20 MB/s; one slowed by a busy host needs less, but always more than the
+    // first step (cpu-throttle-initial, 20%): the throttle must have been raised.
+    assert!(throttle > 20, "throttled only {throttle}%: {m}");
     let _ = q.try_cmd("quit", json!({}));
     assert!(src.wait().success());
     assert!(dst.wait().success(), "{}", dst.stderr());

@@ -12,6 +12,9 @@
 //!   read so far;
 //! - `#[vmstate(subsection)]` on an `Option<T>` (`T: VmState + Default`): a subsection
 //!   named `<name>/<field>`, written when `Some`, `None` when a stream lacks it;
+//! - `#[vmstate(max_len = N)]` (any `usize` expression): no `Vec` in the field longer
+//!   than N, refused on save
+//!   and on load alike;
 //! - `#[vmstate(rename = "…")]`: the field's name in the stream's description;
 //! - `#[vmstate(skip)]`: not migrated (loading leaves it as it was).
 //!
@@ -48,6 +51,7 @@ struct FieldAttrs {
     version: Option<(u32, proc_macro2::Span)>,
     exists: Option<syn::Path>,
     rename: Option<String>,
+    max_len: Option<syn::Expr>,
 }
 
 fn container(input: &DeriveInput) -> syn::Result<Container> {
@@ -102,9 +106,11 @@ fn field_attrs(field: &syn::Field) -> syn::Result<FieldAttrs> {
                 a.exists = Some(meta.value()?.parse::<syn::Path>()?);
             } else if meta.path.is_ident("rename") {
                 a.rename = Some(meta.value()?.parse::<LitStr>()?.value());
+            } else if meta.path.is_ident("max_len") {
+                a.max_len = Some(meta.value()?.parse::<syn::Expr>()?);
             } else {
                 return Err(meta.error(
-                    "expected skip, subsection, version = N, exists = path or rename = \"…\"",
+                    "expected skip, subsection, version = N, exists = path, max_len = N or rename = \"…\"",
                 ));
             }
             Ok(())
@@ -173,11 +179,23 @@ fn expand(input: &DeriveInput) -> syn::Result<Tokens> {
         }
         let ty = &field.ty;
         same_layout.push(quote_spanned! {ty.span()=> <#ty as ::savevm::VmField>::SAME_LAYOUT });
-        let put = quote_spanned! {ty.span()=>
-            ::savevm::VmField::save_field(&self.#ident, #name, w);
-        };
-        let get = quote_spanned! {ty.span()=>
-            ::savevm::VmField::load_field(&mut self.#ident, #name, r)?;
+        let (put, get) = match a.max_len {
+            None => (
+                quote_spanned! {ty.span()=>
+                    ::savevm::VmField::save_field(&self.#ident, #name, w);
+                },
+                quote_spanned! {ty.span()=>
+                    ::savevm::VmField::load_field(&mut self.#ident, #name, r)?;
+                },
+            ),
+            Some(ref n) => (
+                quote_spanned! {ty.span()=>
+                    w.with_max_elements(#n, |w| ::savevm::VmField::save_field(&self.#ident, #name, w));
+                },
+                quote_spanned! {ty.span()=>
+                    r.with_max_elements(#n, |r| ::savevm::VmField::load_field(&mut self.#ident, #name, r))?;
+                },
+            ),
         };
         match (&a.version, &a.exists) {
             (Some(_), Some(_)) => {

@@ -96,26 +96,34 @@ const LOAD_CHUNK: usize = 1 << 16;
 
 /// A `Vec`: a `uint32` field `<name>_len`, then the elements as an array (QEMU's
 /// `VMSTATE_VARRAY_UINT32` with its length field). At most
-/// [`MAX_ELEMENTS`](super::MAX_ELEMENTS) elements, on both sides.
+/// [`MAX_ELEMENTS`](super::MAX_ELEMENTS) elements, or a field's own bound
+/// (`#[vmstate(max_len = N)]`), on both sides.
 impl<T: VmField + Default> VmField for Vec<T> {
     const SAME_LAYOUT: bool = false;
 
     fn save_field(&self, name: &str, w: &mut FieldWriter<'_>) {
         let len_name = format!("{name}_len");
         match u32::try_from(self.len()) {
-            Ok(n) if self.len() <= super::MAX_ELEMENTS => {
+            Ok(n) if self.len() <= w.max_elements() => {
                 w.u32(&len_name, n);
                 T::save_array(self, name, w);
             }
-            _ => w.refuse(
-                name,
-                format!(
-                    "{} elements, more than the {} a reader takes (MAX_ELEMENTS): saved, it \
-                     could not be loaded",
-                    self.len(),
-                    super::MAX_ELEMENTS
-                ),
-            ),
+            _ => {
+                let max = w.max_elements();
+                w.refuse(
+                    name,
+                    format!(
+                        "{} elements, more than the {max} a reader takes{}: saved, it could \
+                         not be loaded",
+                        self.len(),
+                        if max == super::MAX_ELEMENTS {
+                            " (MAX_ELEMENTS)"
+                        } else {
+                            ""
+                        }
+                    ),
+                );
+            }
         }
     }
 

@@ -41,11 +41,17 @@ impl FieldError {
 #[derive(Debug)]
 pub struct FieldReader<'a> {
     f: &'a mut QemuFile,
+    /// The longest array accepted here: [`MAX_ELEMENTS`], or less inside a field that
+    /// says so.
+    max_elements: usize,
 }
 
 impl<'a> FieldReader<'a> {
     pub(crate) fn new(f: &'a mut QemuFile) -> Self {
-        FieldReader { f }
+        FieldReader {
+            f,
+            max_elements: MAX_ELEMENTS,
+        }
     }
 
     fn wrap<T>(name: &str, r: qemu_file::Result<T>) -> Result<T, FieldError> {
@@ -53,6 +59,16 @@ impl<'a> FieldReader<'a> {
             field: name.to_string(),
             source,
         })
+    }
+
+    /// Runs `body` with arrays bounded to `n` elements, the bound the writer applied
+    /// ([`FieldWriter::with_max_elements`](super::FieldWriter::with_max_elements)).
+    pub fn with_max_elements<R>(&mut self, n: usize, body: impl FnOnce(&mut Self) -> R) -> R {
+        let outer = self.max_elements;
+        self.max_elements = n.min(outer);
+        let r = body(self);
+        self.max_elements = outer;
+        r
     }
 
     /// Reads a `bool`; a byte other than 0 or 1 is refused.
@@ -164,16 +180,25 @@ impl<'a> FieldReader<'a> {
     }
 
     /// Reads the element count of an array that follows (a `uint32` field `name`):
-    /// more than [`MAX_ELEMENTS`] is refused, as the writer refuses to write it.
+    /// more than [`MAX_ELEMENTS`] (or the bound of the field being read) is refused, as
+    /// the writer refuses to write it.
     ///
     /// # Errors
     /// [`FieldError`] naming the field.
     pub fn count(&mut self, name: &str) -> Result<usize, FieldError> {
         let n = self.u32(name)? as usize;
-        if n > MAX_ELEMENTS {
+        if n > self.max_elements {
             return Err(FieldError::invalid(
                 name,
-                format!("{n} elements, more than the {MAX_ELEMENTS} accepted (MAX_ELEMENTS)"),
+                format!(
+                    "{n} elements, more than the {} accepted{}",
+                    self.max_elements,
+                    if self.max_elements == MAX_ELEMENTS {
+                        " (MAX_ELEMENTS)"
+                    } else {
+                        ""
+                    }
+                ),
             ));
         }
         Ok(n)

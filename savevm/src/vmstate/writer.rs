@@ -27,6 +27,9 @@ pub struct FieldWriter<'a> {
     /// Inside the second and later elements of a compressed array: fields are written,
     /// not described.
     quiet: u32,
+    /// The longest array allowed here: [`MAX_ELEMENTS`], or less inside a field that
+    /// says so.
+    max_elements: usize,
     /// The first field refused; the save fails with it.
     refused: Option<FieldError>,
 }
@@ -38,6 +41,7 @@ impl<'a> FieldWriter<'a> {
             current: StructDesc::default(),
             outer: Vec::new(),
             quiet: 0,
+            max_elements: MAX_ELEMENTS,
             refused: None,
         }
     }
@@ -72,6 +76,21 @@ impl<'a> FieldWriter<'a> {
             field: field.to_string(),
             reason: reason.into(),
         });
+    }
+
+    /// The longest array (`Vec`) a field may hold here: what a reader takes.
+    pub fn max_elements(&self) -> usize {
+        self.max_elements
+    }
+
+    /// Runs `body` with arrays bounded to `n` elements (a field's own bound, which its
+    /// reader applies too: [`FieldReader::with_max_elements`](super::FieldReader::with_max_elements)).
+    pub fn with_max_elements<R>(&mut self, n: usize, body: impl FnOnce(&mut Self) -> R) -> R {
+        let outer = self.max_elements;
+        self.max_elements = n.min(outer);
+        let r = body(self);
+        self.max_elements = outer;
+        r
     }
 
     /// Writes a `bool` (one byte, 0 or 1).
@@ -157,12 +176,13 @@ impl<'a> FieldWriter<'a> {
         same_layout: bool,
         mut each: impl FnMut(&mut Self, usize),
     ) {
-        if n > MAX_ELEMENTS {
+        if n > self.max_elements {
             self.refuse(
                 name,
                 format!(
-                    "{n} elements, more than the {MAX_ELEMENTS} a reader takes (MAX_ELEMENTS): \
-                     saved, it could not be loaded"
+                    "{n} elements, more than the {} a reader takes: saved, it could not be \
+                     loaded",
+                    self.max_elements
                 ),
             );
             return;

@@ -2,24 +2,21 @@
 //!
 //! The destination is shaped like a vmm's, small so the fuzzer reaches real offsets: two
 //! RAM blocks, a disk whose last chunk is partial, and the vmm's device sections (the
-//! `"cpu"` state and the KVM devices' raw structures) parsed by the vmm's own code.
+//! `"cpu"` state and the KVM devices' structures) parsed by savevm-kvm's code, which the
+//! vmm uses.
 
 use std::io::Write;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use block_migration::{BlockMigration, BlockWalker, Disk, DiskOptions};
-use kvm_bindings::{
-    kvm_debugregs, kvm_fpu, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_pit_state2, kvm_regs,
-    kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
-};
+use kvm_bindings::{kvm_irqchip, kvm_regs, kvm_xcrs};
 use qemu_file::{MemBuffer, QemuFile};
 use ram_list::{RamBlock, RamList, RamSection, RamWalker};
 use savevm::{
     DeviceHandler, FieldReader, FieldWriter, SaveVm, SectionError, SectionInfo, error_chain,
 };
+use savevm_kvm::{Clock, CpuFields, IRQCHIPS, Irqchip, Pit, Raw, VcpuState};
 use vm_memory::MmapRegion;
-use vmm::cpu_state::{VcpuState, read_struct};
-use zerocopy::{FromBytes, Immutable, IntoBytes};
 
 use crate::MAX_ERROR_LEN;
 use crate::memfd::MemFile;
@@ -96,67 +93,40 @@ fn vm(m: &Memory, s: Sections) -> SaveVm {
         .expect("register block");
     }
     if s.devices {
-        let mut dev = |name: &str, id: u32, h: Box<dyn DeviceHandler>| {
-            vm.register_device(SectionInfo::new(name, id, 1), h)
-                .expect("register device");
+        for (name, instance, chip) in IRQCHIPS {
+            let c = Irqchip {
+                irqchip: Raw(kvm_irqchip {
+                    chip_id: chip,
+                    ..Default::default()
+                }),
+            };
+            vm.register_device(
+                SectionInfo::for_state::<Irqchip>(name, instance),
+                Box::new(Arc::new(Mutex::new(c))),
+            )
+            .expect("register irqchip");
+        }
+        vm.register_device(
+            SectionInfo::for_state::<Pit>("kvm-pit", 0),
+            Box::new(Arc::new(Mutex::new(Pit::default()))),
+        )
+        .expect("register pit");
+        let clock = Clock {
+            clock: 123_456_789,
+            flags: 0,
         };
-        dev("kvm-pic", 0, Box::new(Raw::<kvm_irqchip>::new("irqchip")));
-        dev("kvm-pic", 1, Box::new(Raw::<kvm_irqchip>::new("irqchip")));
-        dev(
-            "kvm-ioapic",
-            0,
-            Box::new(Raw::<kvm_irqchip>::new("irqchip")),
-        );
-        dev("kvm-pit", 0, Box::new(Raw::<kvm_pit_state2>::new("pit")));
-        dev("kvmclock", 0, Box::new(Clock));
-        dev("cpu", 0, Box::new(Cpu));
+        vm.register_device(
+            SectionInfo::for_state::<Clock>("kvmclock", 0),
+            Box::new(Arc::new(Mutex::new(clock))),
+        )
+        .expect("register clock");
+        vm.register_device(SectionInfo::for_state::<CpuFields>("cpu", 0), Box::new(Cpu))
+            .expect("register cpu");
     }
     vm
 }
 
-/// A KVM structure carried as its raw bytes (the vmm's irqchip and PIT sections).
-struct Raw<T> {
-    field: &'static str,
-    _t: std::marker::PhantomData<T>,
-}
-
-impl<T> Raw<T> {
-    fn new(field: &'static str) -> Self {
-        Raw {
-            field,
-            _t: std::marker::PhantomData,
-        }
-    }
-}
-
-impl<T: FromBytes + IntoBytes + Immutable + Default + Send> DeviceHandler for Raw<T> {
-    fn save(&mut self, w: &mut FieldWriter<'_>) -> Result<(), SectionError> {
-        w.buffer(self.field, T::default().as_bytes());
-        Ok(())
-    }
-    fn load(&mut self, r: &mut FieldReader<'_>, _version: u32) -> Result<(), SectionError> {
-        read_struct::<T>(r, self.field)?;
-        Ok(())
-    }
-}
-
-/// The vmm's `"kvmclock"` fields.
-struct Clock;
-
-impl DeviceHandler for Clock {
-    fn save(&mut self, w: &mut FieldWriter<'_>) -> Result<(), SectionError> {
-        w.u64("clock", 123_456_789);
-        w.u32("flags", 0);
-        Ok(())
-    }
-    fn load(&mut self, r: &mut FieldReader<'_>, _version: u32) -> Result<(), SectionError> {
-        r.u64("clock")?;
-        r.u32("flags")?;
-        Ok(())
-    }
-}
-
-/// The vmm's `"cpu"` section, parsed by the vmm's [`VcpuState::read_fields`].
+/// The vmm's `"cpu"` section, parsed by savevm-kvm's [`VcpuState::read_fields`].
 struct Cpu;
 
 impl DeviceHandler for Cpu {
@@ -167,21 +137,16 @@ impl DeviceHandler for Cpu {
                 rflags: 2,
                 ..Default::default()
             },
-            sregs: kvm_sregs::default(),
-            fpu: kvm_fpu::default(),
-            xsave: Some(Box::new(kvm_xsave::default())),
+            xsave: Some(Box::default()),
             xcrs: Some(kvm_xcrs::default()),
             msrs: vec![(0x10, 77), (0xc000_0080, 0x500)],
-            lapic: kvm_lapic_state::default(),
-            events: kvm_vcpu_events::default(),
-            mp_state: kvm_mp_state::default(),
-            debugregs: kvm_debugregs::default(),
+            ..VcpuState::default()
         };
         st.write_fields(w);
         Ok(())
     }
-    fn load(&mut self, r: &mut FieldReader<'_>, _version: u32) -> Result<(), SectionError> {
-        VcpuState::read_fields(r)?;
+    fn load(&mut self, r: &mut FieldReader<'_>, version: u32) -> Result<(), SectionError> {
+        VcpuState::read_fields(r, version)?;
         Ok(())
     }
 }
