@@ -38,30 +38,35 @@
 // The derive names `::savevm::…`, which this crate's own tests and examples use too.
 extern crate self as savevm;
 
+mod control;
 pub mod convergence;
 mod dump;
 mod error;
 pub mod format;
 mod load;
 mod migration;
+mod params;
 mod registry;
 pub mod return_path;
 mod section;
+mod status;
 pub mod switchover;
+mod vm_control;
 mod vmstate;
 
+pub use control::MigrationControl;
 pub use dump::{DumpSink, SectionWalker, dump_stream, dump_stream_to};
 pub use error::{Error, Result, error_chain};
 pub use load::LoadReport;
-pub use migration::{
-    CompletionTimes, MigrationControl, MigrationInfo, MigrationParams, MigrationStatus,
-    MultifdCompression, VmControl, WINDOW, run_migration,
-};
+pub use migration::{WINDOW, run_migration};
+pub use params::{MigrationParams, MultifdCompression};
 pub use registry::{SaveVm, TARGET_PAGE_SIZE};
 /// `#[derive(VmState)]`: see [`VmState`] (feature `derive`, on by default).
 #[cfg(feature = "derive")]
 pub use savevm_derive::VmState;
 pub use section::{DeviceHandler, SectionError, SectionHandler, SectionInfo};
+pub use status::{CompletionTimes, MigrationInfo, MigrationStatus};
+pub use vm_control::{VmControl, VmLock};
 pub use vmstate::{
     DeviceDescription, FieldDesc, FieldError, FieldReader, FieldType, FieldWriter, MAX_ELEMENTS,
     MAX_FIELD_LEN, StructDesc, VmDescription, VmField, VmState, check_version,

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use anyhow::{Context, Result, bail};
-use savevm::{SectionError, VmControl};
+use savevm::{SectionError, VmControl, VmLock};
 use serde_json::json;
 
 use crate::events::EventLog;
@@ -536,8 +536,6 @@ impl Machine {
 }
 
 impl VmControl for Machine {
-    type Guard<'a> = MutexGuard<'a, ()>;
-
     fn handed_over(&self) {
         if self.gives_memory.load(Ordering::SeqCst) {
             self.memory_given.store(true, Ordering::SeqCst);
@@ -545,8 +543,8 @@ impl VmControl for Machine {
         self.set_migrated();
     }
 
-    fn lock(&self) -> MutexGuard<'_, ()> {
-        self.bus.vm_lock.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> VmLock<'_> {
+        VmLock::holding(self.bus.vm_lock.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     fn stop_vcpus(&self) -> Result<(), SectionError> {

@@ -4,7 +4,7 @@
 #![allow(dead_code)]
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use dirty_bitmap::VmmWriteLog;
@@ -21,21 +21,15 @@ pub const LAYOUT: [(GuestAddress, usize); 2] = [
     (GuestAddress(4 << 30), 8 << 20),
 ];
 
-/// The source VM as the migration thread sees it.
+/// The source VM as the migration thread sees it (no device emulation here, so no VM
+/// lock: `VmControl::lock` keeps its default).
 pub struct Vm {
-    /// The VMM's lock around device emulation (held for short moments by the migration).
-    pub lock: Mutex<()>,
     /// Held by the vCPU while it runs an instruction; taken to know it stopped.
     pub vcpu: Mutex<()>,
     pub stopped: AtomicBool,
 }
 
 impl VmControl for Vm {
-    type Guard<'a> = MutexGuard<'a, ()>;
-
-    fn lock(&self) -> MutexGuard<'_, ()> {
-        self.lock.lock().unwrap()
-    }
     fn stop_vcpus(&self) -> Result<(), SectionError> {
         self.stopped.store(true, Ordering::SeqCst);
         // Whatever the vCPU was doing is done once its lock is free.
@@ -112,7 +106,6 @@ pub struct Running {
 /// Starts the guest on `mem`.
 pub fn start_guest(mem: &Memory) -> Running {
     let vm = Arc::new(Vm {
-        lock: Mutex::new(()),
         vcpu: Mutex::new(()),
         stopped: AtomicBool::new(false),
     });

@@ -3,7 +3,7 @@
 #![allow(dead_code)]
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -11,7 +11,7 @@ use qemu_file::QemuFile;
 use savevm::format::SectionType;
 use savevm::{
     DeviceHandler, DumpSink, FieldReader, FieldWriter, SectionError, SectionHandler, SectionWalker,
-    VmControl,
+    VmControl, VmLock,
 };
 
 /// Record layout of the "words" section: `be64 index | be64 value`, ended by `be64 !0`;
@@ -302,10 +302,8 @@ impl FakeVm {
 }
 
 impl VmControl for FakeVm {
-    type Guard<'a> = MutexGuard<'a, ()>;
-
-    fn lock(&self) -> MutexGuard<'_, ()> {
-        self.lock.lock().unwrap()
+    fn lock(&self) -> VmLock<'_> {
+        VmLock::holding(self.lock.lock().unwrap())
     }
 
     fn stop_vcpus(&self) -> Result<(), SectionError> {

@@ -1,0 +1,247 @@
+//! `MigrationControl`: the handle through which the monitor sees and steers a running
+//! migration, and the migration thread publishes its progress.
+
+use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::Instant;
+
+use qemu_file::ShutdownHandle;
+
+use crate::{Error, MigrationInfo, MigrationParams, MigrationStatus, Result};
+
+type Observer = Box<dyn Fn(&MigrationInfo) + Send + Sync>;
+type PassObserver = Box<dyn Fn(u64) + Send + Sync>;
+
+/// The handle through which others see and steer a running migration: the monitor reads
+/// [`MigrationControl::info`], changes parameters and cancels; the migration thread
+/// publishes its progress here.
+pub struct MigrationControl {
+    // Lock: written by the migration thread (each window and at each status change), read
+    // by anyone; `wake` is signalled on cancel and at the end.
+    info: Mutex<MigrationInfo>,
+    wake: Condvar,
+    // Lock: written by the monitor (migrate-set-parameters); read by the migration thread
+    // at the start of each window.
+    params: Mutex<MigrationParams>,
+    cancel: AtomicBool,
+    /// Set once the whole stream is written: from then on the destination may run the
+    /// guest, so a cancel must not make the source run it too.
+    committed: AtomicBool,
+    // Lock: the streams' interrupters: the main stream's, set by the migration thread
+    // while it owns it, and any other connection's (multifd channels), added by whoever
+    // opened it; all taken by `cancel` to interrupt blocked writes, cleared at the end.
+    pub(crate) shutdown: Mutex<Vec<ShutdownHandle>>,
+    // Lock: set before the migration starts; called (without other locks held) on every
+    // status change.
+    observer: Mutex<Option<Observer>>,
+    // Lock: set before the migration starts; called (without other locks held) with the
+    // count after every dirty sync (QEMU's MIGRATION_PASS).
+    pass_observer: Mutex<Option<PassObserver>>,
+    /// Set by `continue_switchover`, read by the thread waiting in `pre-switchover`.
+    continued: AtomicBool,
+}
+
+impl fmt::Debug for MigrationControl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MigrationControl")
+            .field("info", &self.info())
+            .field("params", &self.params())
+            .finish()
+    }
+}
+
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl MigrationControl {
+    /// A control for a migration with `params`.
+    pub fn new(params: MigrationParams) -> Self {
+        MigrationControl {
+            info: Mutex::new(MigrationInfo::default()),
+            wake: Condvar::new(),
+            params: Mutex::new(params),
+            cancel: AtomicBool::new(false),
+            committed: AtomicBool::new(false),
+            shutdown: Mutex::new(Vec::new()),
+            observer: Mutex::new(None),
+            pass_observer: Mutex::new(None),
+            continued: AtomicBool::new(false),
+        }
+    }
+
+    /// A snapshot of the migration's progress.
+    pub fn info(&self) -> MigrationInfo {
+        lock(&self.info).clone()
+    }
+
+    /// The current parameters.
+    pub fn params(&self) -> MigrationParams {
+        lock(&self.params).clone()
+    }
+
+    /// Changes the parameters; a running migration applies them at its next window.
+    pub fn set_params(&self, params: MigrationParams) {
+        *lock(&self.params) = params;
+    }
+
+    /// Calls `f` with the new info at every status change (MIGRATION events).
+    pub fn set_observer(&self, f: impl Fn(&MigrationInfo) + Send + Sync + 'static) {
+        *lock(&self.observer) = Some(Box::new(f));
+    }
+
+    /// Calls `f` with the dirty-sync count after every sync of the dirty log (each pass
+    /// over RAM: QEMU's MIGRATION_PASS event).
+    pub fn set_pass_observer(&self, f: impl Fn(u64) + Send + Sync + 'static) {
+        *lock(&self.pass_observer) = Some(Box::new(f));
+    }
+
+    pub(crate) fn passed(&self, syncs: u64) {
+        if let Some(o) = lock(&self.pass_observer).as_ref() {
+            o(syncs);
+        }
+    }
+
+    /// Lets a migration waiting in `pre-switchover` go on (`migrate-continue`); `state`
+    /// is the state the caller believes it is in, as QEMU checks it.
+    ///
+    /// # Errors
+    /// The migration is not in `state`, or `state` is not `pre-switchover`.
+    pub fn continue_switchover(&self, state: &str) -> std::result::Result<(), String> {
+        let info = lock(&self.info);
+        if info.status.as_str() != state || info.status != MigrationStatus::PreSwitchover {
+            return Err(format!(
+                "Migration not in expected state: {}",
+                info.status.as_str()
+            ));
+        }
+        self.continued.store(true, Ordering::SeqCst);
+        drop(info);
+        self.wake.notify_all();
+        Ok(())
+    }
+
+    /// Waits in `pre-switchover` for `continue_switchover`, or a cancel.
+    pub(crate) fn wait_continue(&self) -> Result<()> {
+        let mut info = lock(&self.info);
+        while !self.continued.load(Ordering::SeqCst) {
+            if self.cancelled() {
+                return Err(Error::Cancelled);
+            }
+            info = self.wake.wait(info).unwrap_or_else(|p| p.into_inner());
+        }
+        Ok(())
+    }
+
+    /// Requests a cancel: the thread stops at once, even inside a blocked write, and the
+    /// source VM runs on. Returns false, doing nothing, once the migration ended or the
+    /// whole stream was written (the destination may already be running the guest).
+    pub fn cancel(&self) -> bool {
+        // The flag first, then the check: `commit` does the reverse, so one of the two
+        // always sees the other.
+        self.cancel.store(true, Ordering::SeqCst);
+        if self.committed.load(Ordering::SeqCst) {
+            self.cancel.store(false, Ordering::SeqCst);
+            return false;
+        }
+        let snapshot = {
+            let mut info = lock(&self.info);
+            if info.status.is_terminal() {
+                return false;
+            }
+            // Announced once, as QEMU does (a second cancel changes nothing).
+            let announce = !matches!(
+                info.status,
+                MigrationStatus::None | MigrationStatus::Cancelling
+            );
+            if info.status != MigrationStatus::None {
+                info.status = MigrationStatus::Cancelling;
+            }
+            announce.then(|| info.clone())
+        };
+        for h in lock(&self.shutdown).iter() {
+            h.shutdown();
+        }
+        self.wake.notify_all();
+        if let (Some(info), Some(o)) = (snapshot, lock(&self.observer).as_ref()) {
+            o(&info);
+        }
+        true
+    }
+
+    /// Registers another connection of this migration (a multifd channel), so that a
+    /// cancel interrupts its blocked writes too; forgotten when the migration ends. A
+    /// cancel that already happened shuts it down at once.
+    pub fn add_shutdown_handle(&self, h: ShutdownHandle) {
+        if self.cancelled() {
+            h.shutdown();
+        }
+        lock(&self.shutdown).push(h);
+    }
+
+    /// Passes the point of no return; false if a cancel came first.
+    pub(crate) fn commit(&self) -> bool {
+        self.committed.store(true, Ordering::SeqCst);
+        if self.cancel.load(Ordering::SeqCst) {
+            self.committed.store(false, Ordering::SeqCst);
+            return false;
+        }
+        true
+    }
+
+    pub(crate) fn cancelled(&self) -> bool {
+        self.cancel.load(Ordering::SeqCst)
+    }
+
+    /// Marks a migration that could not even start (e.g. the destination refused the
+    /// connection) as failed, so that observers and `query-migrate` see why.
+    pub fn fail_to_start(&self, error: String) {
+        self.set_status(MigrationStatus::Failed, |i| i.error = Some(error));
+    }
+
+    /// Blocks until the migration has ended and returns its final info.
+    pub fn wait(&self) -> MigrationInfo {
+        let mut info = lock(&self.info);
+        while !info.status.is_terminal() {
+            info = self.wake.wait(info).unwrap_or_else(|p| p.into_inner());
+        }
+        info.clone()
+    }
+
+    pub(crate) fn update(&self, f: impl FnOnce(&mut MigrationInfo)) {
+        f(&mut lock(&self.info));
+    }
+
+    pub(crate) fn set_status(&self, status: MigrationStatus, f: impl FnOnce(&mut MigrationInfo)) {
+        let snapshot = {
+            let mut info = lock(&self.info);
+            // A cancel in flight keeps showing as such until the thread reaches an end.
+            if info.status != MigrationStatus::Cancelling || status.is_terminal() {
+                info.status = status;
+            }
+            f(&mut info);
+            info.clone()
+        };
+        self.wake.notify_all();
+        if let Some(o) = lock(&self.observer).as_ref() {
+            o(&snapshot);
+        }
+    }
+
+    /// Sleeps until `deadline` or a cancel.
+    pub(crate) fn sleep_until(&self, deadline: Instant) {
+        let mut info = lock(&self.info);
+        while !self.cancelled() {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            info = self
+                .wake
+                .wait_timeout(info, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+}

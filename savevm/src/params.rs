@@ -1,0 +1,102 @@
+//! `MigrationParams`: the parameters and capabilities of an outgoing migration, with
+//! QEMU's names.
+
+use std::time::Duration;
+
+/// Migration parameters, with QEMU's names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MigrationParams {
+    /// `downtime-limit`: the longest pause the switchover may cause (default 300 ms).
+    pub downtime_limit: Duration,
+    /// `max-bandwidth` in bytes per second; 0 is unlimited (the default).
+    pub max_bandwidth: u64,
+    /// Bytes collected per hold of the VM lock before they are written (default 2 MiB).
+    pub chunk_bytes: usize,
+    /// Whether the destination answers on the reverse direction of the stream, and the
+    /// source keeps its VM until it says it loaded everything (sockets; not exec or file).
+    pub return_path: bool,
+    /// The `auto-converge` capability: throttle vCPUs that dirty memory faster than it
+    /// can be sent (see [`crate::convergence`]).
+    pub auto_converge: bool,
+    /// `cpu-throttle-initial`: the first throttle, percent (default 20).
+    pub cpu_throttle_initial: u8,
+    /// `cpu-throttle-increment`: added at each further step, percent (default 10).
+    pub cpu_throttle_increment: u8,
+    /// `max-cpu-throttle`: the most the vCPUs are throttled, percent (default 99).
+    pub max_cpu_throttle: u8,
+    /// `throttle-trigger-threshold`: the dirtied bytes of a period, as a percentage of
+    /// those sent, above which the guest counts as dirtying too fast (default 50).
+    pub throttle_trigger_threshold: u8,
+    /// `x-stall-timeout`: how long the pending bytes may stay without dropping (and no
+    /// throttle rise) before the migration fails as unable to converge (default 30 s).
+    pub stall_timeout: Duration,
+    /// The `multifd` capability: RAM pages travel over `multifd_channels` extra
+    /// connections besides the main stream (tcp and unix only).
+    pub multifd: bool,
+    /// `multifd-channels`: how many (default 2, as QEMU).
+    pub multifd_channels: u8,
+    /// `multifd-compression`: how each batch of pages is compressed (default none).
+    pub multifd_compression: MultifdCompression,
+    /// `multifd-zstd-level`: zstd's level, 0 to 20 (default 1).
+    pub multifd_zstd_level: u8,
+    /// `x-incoming-timeout`: how long a destination's read of the stream may wait without
+    /// a byte before the load fails (default 120 s: a link that moves at all delivers
+    /// something far more often; a source held in `pre-switchover` longer needs more).
+    pub incoming_timeout: Duration,
+    /// The `pause-before-switchover` capability: once the guest is stopped for the
+    /// switchover, wait in `pre-switchover` for [`MigrationControl::continue_switchover`]
+    /// (an orchestrator's moment to move what the VMM does not, e.g. network ports).
+    pub pause_before_switchover: bool,
+    /// The `x-ignore-shared` capability (set on both sides): RAM in shared memory is
+    /// handed over instead of copied (a local migration over a unix socket).
+    pub ignore_shared: bool,
+    /// Once the pending bytes fit the limit, send further rounds while they shorten the
+    /// pause ([`crate::switchover::Approach`]; default on). Off: switch over at the first
+    /// moment that fits, as QEMU does.
+    pub approach: bool,
+}
+
+/// `multifd-compression`: QEMU's names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MultifdCompression {
+    /// `none`: pages as they are.
+    #[default]
+    None,
+    /// `zstd`: each channel one zstd stream, flushed at the end of every packet.
+    Zstd,
+}
+
+impl MultifdCompression {
+    /// QEMU's name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MultifdCompression::None => "none",
+            MultifdCompression::Zstd => "zstd",
+        }
+    }
+}
+
+impl Default for MigrationParams {
+    fn default() -> Self {
+        MigrationParams {
+            downtime_limit: Duration::from_millis(300),
+            max_bandwidth: 0,
+            chunk_bytes: 2 << 20,
+            return_path: false,
+            auto_converge: false,
+            cpu_throttle_initial: 20,
+            cpu_throttle_increment: 10,
+            max_cpu_throttle: 99,
+            throttle_trigger_threshold: 50,
+            stall_timeout: Duration::from_secs(30),
+            multifd: false,
+            multifd_channels: 2,
+            multifd_compression: MultifdCompression::None,
+            multifd_zstd_level: 1,
+            incoming_timeout: Duration::from_secs(120),
+            pause_before_switchover: false,
+            ignore_shared: false,
+            approach: true,
+        }
+    }
+}
