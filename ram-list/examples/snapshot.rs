@@ -10,32 +10,17 @@ use std::sync::{Arc, Mutex};
 
 use qemu_file::{MigrationUri, QemuFile, connect};
 use ram_list::{RamList, RamSection, RamStats};
-use savevm::{DeviceHandler, FieldReader, FieldWriter, SaveVm, SectionError, SectionInfo};
+use savevm::{SaveVm, SectionInfo, VmState};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-/// The VMM's own device.
-#[derive(Debug, Default, Clone, PartialEq)]
+/// The VMM's own device, its state declared once: written, read and described (QEMU's
+/// analyzer names `ticks`, `armed` and each of `history`) from this declaration.
+#[derive(Debug, Default, Clone, PartialEq, VmState)]
+#[vmstate(name = "timer")]
 struct Timer {
     ticks: u64,
     armed: bool,
-}
-
-/// Its section: the fields it saves, by name and type, in order.
-struct TimerState(Arc<Mutex<Timer>>);
-
-impl DeviceHandler for TimerState {
-    fn save(&mut self, w: &mut FieldWriter<'_>) -> Result<(), SectionError> {
-        let t = self.0.lock().unwrap();
-        w.u64("ticks", t.ticks);
-        w.bool("armed", t.armed);
-        Ok(())
-    }
-    fn load(&mut self, r: &mut FieldReader<'_>, _version: u32) -> Result<(), SectionError> {
-        let mut t = self.0.lock().unwrap();
-        t.ticks = r.u64("ticks")?;
-        t.armed = r.bool("armed")?;
-        Ok(())
-    }
+    history: Vec<u32>,
 }
 
 /// A VM: its memory, its device, and the sections that save and load them.
@@ -59,9 +44,10 @@ fn vm() -> (GuestMemoryMmap, Arc<Mutex<Timer>>, SaveVm) {
         )
         .expect("one RAM section");
     savevm
+        // A device behind a mutex is a section as it is.
         .register_device(
-            SectionInfo::new("timer", 0, 1),
-            Box::new(TimerState(timer.clone())),
+            SectionInfo::for_state::<Timer>("timer", 0),
+            Box::new(timer.clone()),
         )
         .expect("one timer");
     (mem, timer, savevm)
@@ -76,6 +62,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     *timer.lock().unwrap() = Timer {
         ticks: 42,
         armed: true,
+        history: vec![7, 11, 13],
     };
     savevm.save_snapshot(&mut QemuFile::new(connect(&MigrationUri::File(
         path.clone(),
@@ -99,7 +86,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         *timer2.lock().unwrap(),
         Timer {
             ticks: 42,
-            armed: true
+            armed: true,
+            history: vec![7, 11, 13],
         }
     );
     println!(

@@ -44,7 +44,7 @@ pub struct MigrationParams {
     /// something far more often; a source held in `pre-switchover` longer needs more).
     pub incoming_timeout: Duration,
     /// The `pause-before-switchover` capability: once the guest is stopped for the
-    /// switchover, wait in `pre-switchover` for [`MigrationControl::continue_switchover`]
+    /// switchover, wait in `pre-switchover` for [`MigrationControl::continue_switchover`](crate::MigrationControl::continue_switchover)
     /// (an orchestrator's moment to move what the VMM does not, e.g. network ports).
     pub pause_before_switchover: bool,
     /// The `x-ignore-shared` capability (set on both sides): RAM in shared memory is

@@ -322,6 +322,7 @@ fn ci() -> Result<()> {
         ex.args(["run", "--quiet", "-p", "ram-list", "--example", example]);
         run(&format!("example {example}"), ex)?;
     }
+    outside_vmm()?;
     eprintln!("==> cargo xtask migrate-test --quick");
     let vmm = build_vmm()?;
     migrate_test::run(vmm.clone(), true, &[])?;
@@ -335,6 +336,35 @@ fn ci() -> Result<()> {
     qmp_conformance::run(vmm, qemu, &root().join("docs/qmp.md"))?;
     eprintln!("==> ci passed in {:.0?}", t.elapsed());
     Ok(())
+}
+
+/// The VMM outside the workspace (examples/outside-vmm, its own workspace and lock
+/// file): formatted, free of clippy warnings, and run, as its users would build it.
+fn outside_vmm() -> Result<()> {
+    let manifest = root().join("examples/outside-vmm/Cargo.toml");
+    let target = target_dir().join("outside-vmm");
+    let mut fmt = cargo();
+    fmt.args(["fmt", "--manifest-path"])
+        .arg(&manifest)
+        .args(["--", "--check"]);
+    run("outside-vmm: cargo fmt --check", fmt)?;
+    let mut clippy = cargo();
+    clippy
+        .args(["clippy", "--quiet", "--manifest-path"])
+        .arg(&manifest);
+    clippy
+        .args(["--", "-D", "warnings"])
+        .env("CARGO_TARGET_DIR", &target);
+    run("outside-vmm: cargo clippy -D warnings", clippy)?;
+    let mut example = cargo();
+    example
+        .args(["run", "--quiet", "--manifest-path"])
+        .arg(&manifest);
+    example.env("CARGO_TARGET_DIR", &target);
+    run(
+        "outside-vmm: snapshot, migration between threads, over TCP",
+        example,
+    )
 }
 
 /// Every interop run with QEMU 7.2: its multifd source (plain, zstd) and its TLS source
