@@ -1,5 +1,16 @@
 //! KVM's dirty log of guest writes (`KVM_GET_DIRTY_LOG` per memory slot), optionally
 //! with manual protect (`KVM_CLEAR_DIRTY_LOG`).
+//!
+//! Turning logging on or off means registering the slot again with
+//! `KVM_MEM_LOG_DIRTY_PAGES` added or removed. The log does that itself from the region it
+//! was given ([`KvmDirtyLog::new`]), or asks the VMM that owns its slots
+//! ([`KvmDirtyLog::with_slot_flags`] and [`SlotFlags`]).
+//!
+//! The dirty ring (`KVM_CAP_DIRTY_LOG_RING`) is the other way KVM reports writes; a VM
+//! that enabled it cannot use `KVM_GET_DIRTY_LOG`. A VMM with rings implements
+//! [`DirtyLogSource`] over its harvest instead: `sync` reads the rings' entries of the
+//! slot, sets their pages with [`DirtyBitmap::set`], and resets the rings
+//! (`KVM_RESET_DIRTY_RINGS`); `start`/`stop` toggle the slot's flag as here.
 
 use std::fmt;
 use std::io;
@@ -31,7 +42,12 @@ use crate::{DirtyBitmap, DirtyLogSource, Error, Result};
 /// on pages not yet sent.
 pub struct KvmDirtyLog {
     vm: Arc<VmFd>,
-    region: kvm_userspace_memory_region,
+    slot: u32,
+    memory_size: u64,
+    /// Who turns the slot's logging flag on and off.
+    flags: Box<dyn SlotFlags>,
+    /// Whether logging is on (KVM then has a log to read).
+    logging: bool,
     /// The block page the slot's first page is.
     first_page: usize,
     /// Manual protect: the pages syncs reported and no clear re-protected yet.
@@ -51,12 +67,74 @@ const KVM_CLEAR_DIRTY_LOG: libc::c_ulong = (3 << 30)
 const MANUAL_PROTECT_FLAGS: u64 =
     (KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE | KVM_DIRTY_LOG_INITIALLY_SET) as u64;
 
+/// Turns dirty logging on and off for one memory slot the VMM registered: the VMM
+/// registers the slot again with `KVM_MEM_LOG_DIRTY_PAGES` added or removed, keeping
+/// whatever else it set (read-only, guest_memfd ...). Any `FnMut(bool) -> io::Result<()>`
+/// is one.
+pub trait SlotFlags: Send {
+    /// Registers the slot again with dirty logging `on` or off.
+    ///
+    /// # Errors
+    /// The VMM's (KVM's) error.
+    fn set_dirty_logging(&mut self, on: bool) -> io::Result<()>;
+}
+
+impl<F: FnMut(bool) -> io::Result<()> + Send> SlotFlags for F {
+    fn set_dirty_logging(&mut self, on: bool) -> io::Result<()> {
+        self(on)
+    }
+}
+
+/// The slot registered again by the log from the region it was given.
+struct ReRegister {
+    vm: Arc<VmFd>,
+    region: kvm_userspace_memory_region,
+}
+
+impl SlotFlags for ReRegister {
+    fn set_dirty_logging(&mut self, on: bool) -> io::Result<()> {
+        let mut r = self.region;
+        if on {
+            r.flags |= KVM_MEM_LOG_DIRTY_PAGES;
+        } else {
+            r.flags &= !KVM_MEM_LOG_DIRTY_PAGES;
+        }
+        // SAFETY: the region is the one the VMM registered for this slot: its host memory is
+        // mapped and stays mapped while the VM exists (the caller's contract in `new`). Only
+        // the logging flag changes.
+        unsafe { self.vm.set_user_memory_region(r) }
+            .map_err(|e| io::Error::from_raw_os_error(e.errno()))?;
+        self.region = r;
+        Ok(())
+    }
+}
+
 impl KvmDirtyLog {
-    /// The log of the slot `region` (as registered with `KVM_SET_USER_MEMORY_REGION`).
+    /// The log of the slot `region` (as registered with `KVM_SET_USER_MEMORY_REGION`),
+    /// which the log registers again itself to turn logging on and off.
     pub fn new(vm: Arc<VmFd>, region: kvm_userspace_memory_region) -> Self {
+        let flags = ReRegister {
+            vm: vm.clone(),
+            region,
+        };
+        KvmDirtyLog::with_slot_flags(vm, region.slot, region.memory_size, flags)
+    }
+
+    /// The log of slot `slot` of `memory_size` bytes, which the VMM registered and
+    /// registers again when `flags` asks (logging on at the migration's start, off at
+    /// its end).
+    pub fn with_slot_flags(
+        vm: Arc<VmFd>,
+        slot: u32,
+        memory_size: u64,
+        flags: impl SlotFlags + 'static,
+    ) -> Self {
         KvmDirtyLog {
             vm,
-            region,
+            slot,
+            memory_size,
+            flags: Box::new(flags),
+            logging: false,
             first_page: 0,
             reported: None,
         }
@@ -99,36 +177,38 @@ impl KvmDirtyLog {
 
     /// This log, for a VM with manual protect enabled.
     pub fn manual_protect(mut self) -> Self {
-        let pages = (self.region.memory_size as usize).div_ceil(4096);
+        let pages = (self.memory_size as usize).div_ceil(4096);
         self.reported = Some(vec![0; pages.div_ceil(64)]);
         self
     }
 
-    fn set_flags(&mut self, flags: u32, op: &'static str) -> Result<()> {
-        let mut r = self.region;
-        r.flags = flags;
-        // SAFETY: the region is the one the VMM registered for this slot: its host memory is
-        // mapped and stays mapped while the VM exists (the caller's contract in `new`). Only
-        // the logging flag changes.
-        unsafe { self.vm.set_user_memory_region(r) }.map_err(|e| Error::Kvm {
-            op,
-            slot: r.slot,
-            source: io::Error::from_raw_os_error(e.errno()),
-        })?;
-        self.region = r;
+    fn set_logging(&mut self, on: bool, op: &'static str) -> Result<()> {
+        self.flags
+            .set_dirty_logging(on)
+            .map_err(|source| Error::Kvm {
+                op,
+                slot: self.slot,
+                source,
+            })?;
+        self.logging = on;
         Ok(())
+    }
+
+    fn kvm_error(&self, op: &'static str, e: kvm_ioctls::Error) -> Error {
+        Error::Kvm {
+            op,
+            slot: self.slot,
+            source: io::Error::from_raw_os_error(e.errno()),
+        }
     }
 }
 
 impl fmt::Debug for KvmDirtyLog {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("KvmDirtyLog")
-            .field("slot", &self.region.slot)
-            .field("size", &self.region.memory_size)
-            .field(
-                "logging",
-                &(self.region.flags & KVM_MEM_LOG_DIRTY_PAGES != 0),
-            )
+            .field("slot", &self.slot)
+            .field("size", &self.memory_size)
+            .field("logging", &self.logging)
             .field("manual_protect", &self.reported.is_some())
             .finish()
     }
@@ -136,8 +216,7 @@ impl fmt::Debug for KvmDirtyLog {
 
 impl DirtyLogSource for KvmDirtyLog {
     fn start(&mut self) -> Result<()> {
-        let flags = self.region.flags | KVM_MEM_LOG_DIRTY_PAGES;
-        self.set_flags(flags, "enable dirty logging")?;
+        self.set_logging(true, "enable dirty logging")?;
         if let Some(r) = &mut self.reported {
             // A fresh log starts all set, nothing protected: it is all "reported".
             r.fill(!0);
@@ -146,22 +225,17 @@ impl DirtyLogSource for KvmDirtyLog {
     }
 
     fn stop(&mut self) -> Result<()> {
-        let flags = self.region.flags & !KVM_MEM_LOG_DIRTY_PAGES;
-        self.set_flags(flags, "disable dirty logging")
+        self.set_logging(false, "disable dirty logging")
     }
 
     fn sync(&mut self, bitmap: &DirtyBitmap) -> Result<usize> {
-        if self.region.flags & KVM_MEM_LOG_DIRTY_PAGES == 0 {
+        if !self.logging {
             return Ok(0);
         }
         let words = self
             .vm
-            .get_dirty_log(self.region.slot, self.region.memory_size as usize)
-            .map_err(|e| Error::Kvm {
-                op: "get dirty log",
-                slot: self.region.slot,
-                source: io::Error::from_raw_os_error(e.errno()),
-            })?;
+            .get_dirty_log(self.slot, self.memory_size as usize)
+            .map_err(|e| self.kvm_error("get dirty log", e))?;
         let newly = bitmap.merge_raw(self.first_page, &words)?;
         if let Some(r) = &mut self.reported {
             for (r, w) in r.iter_mut().zip(&words) {
@@ -179,7 +253,7 @@ impl DirtyLogSource for KvmDirtyLog {
         let Some(reported) = &mut self.reported else {
             return Ok(());
         };
-        if self.region.flags & KVM_MEM_LOG_DIRTY_PAGES == 0 {
+        if !self.logging {
             return Ok(());
         }
         // Block pages to this slot's: the part of the range inside the slot.
@@ -202,10 +276,10 @@ impl DirtyLogSource for KvmDirtyLog {
             return Ok(());
         }
         // KVM wants a multiple of 64 pages, or the range up to the slot's end.
-        let slot_pages = (self.region.memory_size as usize).div_ceil(4096);
+        let slot_pages = (self.memory_size as usize).div_ceil(4096);
         let num_pages = (words.len() * 64).min(slot_pages - first_page);
         let mut arg = kvm_clear_dirty_log {
-            slot: self.region.slot,
+            slot: self.slot,
             num_pages: num_pages as u32,
             first_page: first_page as u64,
             ..Default::default()
@@ -218,7 +292,7 @@ impl DirtyLogSource for KvmDirtyLog {
         if ret != 0 {
             return Err(Error::Kvm {
                 op: "clear dirty log",
-                slot: self.region.slot,
+                slot: self.slot,
                 source: io::Error::last_os_error(),
             });
         }

@@ -38,6 +38,6 @@ mod vmm_log;
 pub use bitmap::{DirtyBitmap, DirtyPages, DirtyRanges};
 pub use error::{Error, Result};
 #[cfg(feature = "kvm")]
-pub use kvm::KvmDirtyLog;
+pub use kvm::{KvmDirtyLog, SlotFlags};
 pub use source::{DirtyLogSource, ManualLog, MergedLog};
 pub use vmm_log::VmmWriteLog;
