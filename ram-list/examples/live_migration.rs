@@ -36,11 +36,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mem = Memory::from_ranges(&LAYOUT)?;
     let guest = start_guest(&mem);
 
-    let ctl = MigrationControl::new(MigrationParams {
-        downtime_limit: Duration::from_millis(30),
-        return_path: true,
-        ..MigrationParams::default()
-    });
+    let mut params = MigrationParams::default();
+    params.downtime_limit = Duration::from_millis(30);
+    params.return_path = true;
+    let ctl = MigrationControl::new(params);
     let mut f = QemuFile::new(Box::new(UnixTransport::new(a, "unix:destination".into())));
     let info = run_migration(&mut sections(&mem), &mut f, &*guest.vm, &ctl)?;
     let at_switchover = guest.writes.load(Ordering::SeqCst);

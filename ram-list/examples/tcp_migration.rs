@@ -52,11 +52,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         stream,
         format!("tcp:127.0.0.1:{port}"),
     )));
-    let ctl = MigrationControl::new(MigrationParams {
-        downtime_limit: Duration::from_millis(30),
-        return_path: true,
-        ..MigrationParams::default()
-    });
+    let mut params = MigrationParams::default();
+    params.downtime_limit = Duration::from_millis(30);
+    params.return_path = true;
+    let ctl = MigrationControl::new(params);
     let info = run_migration(&mut sections(&mem), &mut f, &*guest.vm, &ctl)?;
     guest.end();
     let theirs = lines.next().ok_or("the destination printed no hash")??;

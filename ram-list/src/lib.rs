@@ -67,6 +67,7 @@ pub use error::{Error, Result};
 pub use guest_memory::RegionBacking;
 pub use list::RamList;
 pub use memfd::MemfdMemory;
+pub use multifd::MultifdCompression;
 pub use multifd::recv::{MultifdReceiver, RecvTarget};
 pub use multifd::send::{MultifdSender, QUEUED_BATCHES};
 pub use section::{RAM_SECTION_VERSION, RamSection};

@@ -7,9 +7,10 @@ use std::sync::Mutex;
 use dirty_bitmap::{DirtyBitmap, DirtyLogSource, ManualLog};
 use qemu_file::{MemBuffer, MemTransport, QemuFile, Transport, mem_channel};
 use ram_list::{
-    Error, MultifdReceiver, MultifdSender, RamBlock, RamList, RamSection, RamStats, RecvTarget,
+    Error, MultifdCompression, MultifdReceiver, MultifdSender, RamBlock, RamList, RamSection,
+    RamStats, RecvTarget,
 };
-use savevm::{MultifdCompression, SaveVm};
+use savevm::SaveVm;
 use vm_memory::MmapRegion;
 
 const PAGE: usize = 4096;

@@ -62,7 +62,7 @@ pub use dump::{DumpSink, SectionWalker, dump_stream, dump_stream_to};
 pub use error::{Error, Result, error_chain};
 pub use load::LoadReport;
 pub use migration::{WINDOW, run_migration};
-pub use params::{MigrationParams, MultifdCompression};
+pub use params::MigrationParams;
 pub use registry::{SaveVm, TARGET_PAGE_SIZE};
 /// `#[derive(VmState)]`: see [`VmState`] (feature `derive`, on by default).
 #[cfg(feature = "derive")]

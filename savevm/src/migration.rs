@@ -403,7 +403,7 @@ fn migrate<V: VmControl + ?Sized>(
         ctl.update(|i| {
             i.total_time = t0.elapsed();
             i.transferred = f.bytes_written();
-            i.multifd_bytes = f.bytes_elsewhere();
+            i.bytes_elsewhere = f.bytes_elsewhere();
         });
         if f.rate_limiter().exceeded() {
             let end = f.rate_limiter().window_end();
@@ -481,7 +481,7 @@ fn migrate<V: VmControl + ?Sized>(
     times.total = t_stop.elapsed();
     ctl.update(|i| {
         i.downtime_bytes = f.bytes_written() - bytes_at_stop;
-        i.multifd_bytes = f.bytes_elsewhere();
+        i.bytes_elsewhere = f.bytes_elsewhere();
         i.downtime = Some(times.total);
         i.completion = Some(times);
         i.dirty_syncs = syncs + 1;

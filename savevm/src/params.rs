@@ -3,8 +3,13 @@
 
 use std::time::Duration;
 
-/// Migration parameters, with QEMU's names.
+/// The migration thread's parameters, with QEMU's names. What other sections need (RAM's
+/// multifd channels, say) is theirs to hold.
+///
+/// New parameters come with new releases: start from [`MigrationParams::default`] and
+/// set what you need.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct MigrationParams {
     /// `downtime-limit`: the longest pause the switchover may cause (default 300 ms).
     pub downtime_limit: Duration,
@@ -30,15 +35,6 @@ pub struct MigrationParams {
     /// `x-stall-timeout`: how long the pending bytes may stay without dropping (and no
     /// throttle rise) before the migration fails as unable to converge (default 30 s).
     pub stall_timeout: Duration,
-    /// The `multifd` capability: RAM pages travel over `multifd_channels` extra
-    /// connections besides the main stream (tcp and unix only).
-    pub multifd: bool,
-    /// `multifd-channels`: how many (default 2, as QEMU).
-    pub multifd_channels: u8,
-    /// `multifd-compression`: how each batch of pages is compressed (default none).
-    pub multifd_compression: MultifdCompression,
-    /// `multifd-zstd-level`: zstd's level, 0 to 20 (default 1).
-    pub multifd_zstd_level: u8,
     /// `x-incoming-timeout`: how long a destination's read of the stream may wait without
     /// a byte before the load fails (default 120 s: a link that moves at all delivers
     /// something far more often; a source held in `pre-switchover` longer needs more).
@@ -47,33 +43,10 @@ pub struct MigrationParams {
     /// switchover, wait in `pre-switchover` for [`MigrationControl::continue_switchover`](crate::MigrationControl::continue_switchover)
     /// (an orchestrator's moment to move what the VMM does not, e.g. network ports).
     pub pause_before_switchover: bool,
-    /// The `x-ignore-shared` capability (set on both sides): RAM in shared memory is
-    /// handed over instead of copied (a local migration over a unix socket).
-    pub ignore_shared: bool,
     /// Once the pending bytes fit the limit, send further rounds while they shorten the
     /// pause ([`crate::switchover::Approach`]; default on). Off: switch over at the first
     /// moment that fits, as QEMU does.
     pub approach: bool,
-}
-
-/// `multifd-compression`: QEMU's names.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum MultifdCompression {
-    /// `none`: pages as they are.
-    #[default]
-    None,
-    /// `zstd`: each channel one zstd stream, flushed at the end of every packet.
-    Zstd,
-}
-
-impl MultifdCompression {
-    /// QEMU's name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            MultifdCompression::None => "none",
-            MultifdCompression::Zstd => "zstd",
-        }
-    }
 }
 
 impl Default for MigrationParams {
@@ -89,13 +62,8 @@ impl Default for MigrationParams {
             max_cpu_throttle: 99,
             throttle_trigger_threshold: 50,
             stall_timeout: Duration::from_secs(30),
-            multifd: false,
-            multifd_channels: 2,
-            multifd_compression: MultifdCompression::None,
-            multifd_zstd_level: 1,
             incoming_timeout: Duration::from_secs(120),
             pause_before_switchover: false,
-            ignore_shared: false,
             approach: true,
         }
     }

@@ -97,8 +97,9 @@ pub struct MigrationInfo {
     pub expected_downtime: Duration,
     /// Stream bytes produced so far (multifd channels' included).
     pub transferred: u64,
-    /// The part of `transferred` the multifd channels carried.
-    pub multifd_bytes: u64,
+    /// The part of `transferred` that connections other than the main stream carried
+    /// (RAM's multifd channels: QEMU's `multifd-bytes`).
+    pub bytes_elsewhere: u64,
     /// The part of `transferred` sent with the guest stopped, once completed.
     pub downtime_bytes: u64,
     /// Bytes the live sections still have to send (last estimate).

@@ -76,12 +76,11 @@ fn destination(
 }
 
 fn params(return_path: bool) -> MigrationParams {
-    MigrationParams {
-        downtime_limit: Duration::from_millis(50),
-        chunk_bytes: 64 << 10,
-        return_path,
-        ..MigrationParams::default()
-    }
+    let mut p = MigrationParams::default();
+    p.downtime_limit = Duration::from_millis(50);
+    p.chunk_bytes = 64 << 10;
+    p.return_path = return_path;
+    p
 }
 
 #[test]
@@ -134,11 +133,9 @@ fn cancel_during_iteration_leaves_the_source_running_and_a_retry_succeeds() {
     let (a, b) = mem_channel(64 << 10);
     let dest = destination(b, false);
     // A guest that dirties faster than 200 KB/s lets the migration never converge.
-    let ctl = Arc::new(MigrationControl::new(MigrationParams {
-        max_bandwidth: 200_000,
-        downtime_limit: Duration::from_millis(1),
-        ..params(false)
-    }));
+    let mut p = params(false);
+    (p.max_bandwidth, p.downtime_limit) = (200_000, Duration::from_millis(1));
+    let ctl = Arc::new(MigrationControl::new(p));
     let c2 = ctl.clone();
     let canceller = thread::spawn(move || {
         let t = Instant::now();
@@ -392,10 +389,9 @@ fn a_lost_answer_leaves_the_source_stopped_whether_cut_or_silent() {
             }
             drop(f);
         });
-        let ctl = MigrationControl::new(MigrationParams {
-            stall_timeout: Duration::from_millis(500),
-            ..params(true)
-        });
+        let mut p = params(true);
+        p.stall_timeout = Duration::from_millis(500);
+        let ctl = MigrationControl::new(p);
         let t = std::time::Instant::now();
         let e = run_migration(&mut s.savevm, &mut QemuFile::new(Box::new(a)), &*s.vm, &ctl)
             .unwrap_err();

@@ -34,8 +34,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use qemu_file::MigrationUri;
-use savevm::{MigrationParams, MultifdCompression};
+use ram_list::MultifdCompression;
 use serde_json::json;
+use vmm::settings::Settings;
 
 use crate::events::EventLog;
 use crate::guest::{GuestParams, Workload};
@@ -430,24 +431,22 @@ fn run(a: &RunArgs) -> Result<i32> {
                "tsc_khz": machine.params.map(|p| p.tsc_khz),
                "workload": params.map(|p| p.workload), "range_size": a.range_size, "rate": a.rate}),
     );
-    let migration_params = MigrationParams {
-        downtime_limit: Duration::from_millis(a.downtime_limit),
-        max_bandwidth: a.max_bandwidth,
-        auto_converge: a.auto_converge,
-        ignore_shared: a.x_ignore_shared,
-        approach: !a.x_first_fit_switchover,
-        multifd: a.multifd_channels.is_some(),
-        multifd_channels: a
-            .multifd_channels
-            .unwrap_or(MigrationParams::default().multifd_channels),
-        multifd_compression: match a.multifd_compression {
-            Compression::None => MultifdCompression::None,
-            Compression::Zstd => MultifdCompression::Zstd,
-        },
-        multifd_zstd_level: a.multifd_zstd_level,
-        incoming_timeout: Duration::from_millis(a.incoming_timeout),
-        ..MigrationParams::default()
+    let mut migration_params = Settings::default();
+    let p = &mut migration_params.migration;
+    p.downtime_limit = Duration::from_millis(a.downtime_limit);
+    p.max_bandwidth = a.max_bandwidth;
+    p.auto_converge = a.auto_converge;
+    p.approach = !a.x_first_fit_switchover;
+    p.incoming_timeout = Duration::from_millis(a.incoming_timeout);
+    let ram = &mut migration_params.ram;
+    ram.ignore_shared = a.x_ignore_shared;
+    ram.multifd = a.multifd_channels.is_some();
+    ram.multifd_channels = a.multifd_channels.unwrap_or(ram.multifd_channels);
+    ram.multifd_compression = match a.multifd_compression {
+        Compression::None => MultifdCompression::None,
+        Compression::Zstd => MultifdCompression::Zstd,
     };
+    ram.multifd_zstd_level = a.multifd_zstd_level;
     let session = Session::new(machine.clone(), migration_params.clone(), a.verify);
     // Dropped last, however run() ends: the last replies and events go out, and the
     // socket file goes.
@@ -613,7 +612,13 @@ fn migrate_to(a: &RunArgs, session: &Arc<Session>, uri: &MigrationUri) -> Result
     if let Some((info, ram, disk)) = session.progress() {
         eprint!(
             "{}",
-            progress::summary(&uri.to_string(), &info, &ram, &disk, &session.params())
+            progress::summary(
+                &uri.to_string(),
+                &info,
+                &ram,
+                &disk,
+                &session.params().migration
+            )
         );
     }
     match result {

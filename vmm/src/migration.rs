@@ -9,16 +9,17 @@ use std::time::{Instant, SystemTime};
 use anyhow::{Context, Result, anyhow, bail};
 use block_migration::{BlockMigration, BlockStats};
 use qemu_file::{Listener, MigrationUri, QemuFile, connect};
-use ram_list::{MultifdReceiver, MultifdSender, RamSection, RamStats, RecvTarget};
-use savevm::{
-    MigrationControl, MigrationInfo, MigrationParams, SaveVm, return_path, run_migration,
+use ram_list::{
+    MultifdCompression, MultifdReceiver, MultifdSender, RamSection, RamStats, RecvTarget,
 };
+use savevm::{MigrationControl, MigrationInfo, SaveVm, return_path, run_migration};
 use serde_json::json;
 
 use crate::events::unix_us;
 use crate::global_state::GlobalStateSection;
 use crate::machine::{Machine, RunState};
 use crate::serial_section::SerialSection;
+use vmm::settings::{RamSettings, Settings};
 
 /// The machine type in the stream: both sides must run the same accelerator.
 pub fn machine_type(m: &Machine) -> String {
@@ -96,10 +97,10 @@ fn check_multifd_uri(uri: &MigrationUri) -> Result<()> {
     Ok(())
 }
 
-/// Connects a source's `params.multifd_channels` channels after its main stream.
+/// Connects a source's `ram.multifd_channels` channels after its main stream.
 fn connect_channels(
     uri: &MigrationUri,
-    params: &MigrationParams,
+    params: &RamSettings,
     ctl: &MigrationControl,
     tls: Option<&Tls>,
 ) -> Result<Multifd> {
@@ -165,12 +166,13 @@ impl Outgoing {
     pub fn start(
         machine: Arc<Machine>,
         uri: MigrationUri,
-        mut params: MigrationParams,
+        settings: Settings,
         return_path: bool,
         verify: bool,
         tls: Option<Tls>,
         observer: impl Fn(&MigrationInfo) + Send + Sync + 'static,
     ) -> Result<Self> {
+        let (mut params, ram_settings) = (settings.migration, settings.ram);
         params.return_path = return_path && has_return_path(&uri);
         let ctl = Arc::new(MigrationControl::new(params));
         ctl.set_observer(observer);
@@ -180,7 +182,7 @@ impl Outgoing {
         let thread = std::thread::Builder::new()
             .name("migration".into())
             .spawn(move || {
-                let result = migrate(machine, uri, &c, r, d, verify, tls);
+                let result = migrate(machine, uri, &c, &ram_settings, r, d, verify, tls);
                 if let Err(e) = &result {
                     // An error before the migration thread proper ran (no connection, no
                     // sections) still ends the migration.
@@ -218,17 +220,18 @@ impl Outgoing {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn migrate(
     machine: Arc<Machine>,
     uri: MigrationUri,
     ctl: &MigrationControl,
+    params: &RamSettings,
     ram: Arc<RamStats>,
     disk: Arc<BlockStats>,
     verify: bool,
     tls: Option<Tls>,
 ) -> Result<MigrationInfo> {
     let events = machine.events.clone();
-    let params = ctl.params();
     if params.multifd {
         check_multifd_uri(&uri)?;
     }
@@ -238,7 +241,7 @@ fn migrate(
         None => connect(&uri)?,
     };
     let mut f = QemuFile::new(transport);
-    let multifd = connect_channels(&uri, &params, ctl, tls.as_ref())?;
+    let multifd = connect_channels(&uri, params, ctl, tls.as_ref())?;
     let mut savevm = sections(&machine, ram, disk, false, multifd, params.ignore_shared)?;
     machine.set_gives_memory(params.ignore_shared);
     // On success the guest runs at the destination (or lives in the file), never again
@@ -452,7 +455,7 @@ impl IncomingListener {
         self,
         machine: &Arc<Machine>,
         verify: bool,
-        params: &MigrationParams,
+        params: &Settings,
         tls: Option<&Tls>,
         abort: &Abort,
         on_connect: impl FnOnce(),
@@ -476,20 +479,21 @@ fn load_incoming(
     machine: &Arc<Machine>,
     incoming: IncomingListener,
     verify: bool,
-    params: &MigrationParams,
+    settings: &Settings,
     tls: Option<&Tls>,
     abort: &Abort,
     on_connect: impl FnOnce(),
 ) -> Result<IncomingReport> {
+    let (params, ram) = (&settings.migration, &settings.ram);
     let events = &machine.events;
     let uri = &incoming.uri;
     eprintln!(
         "vmm: waiting for a migration stream on {}",
         incoming.local_uri()
     );
-    let channels = if params.multifd {
+    let channels = if ram.multifd {
         check_multifd_uri(uri)?;
-        usize::from(params.multifd_channels)
+        usize::from(ram.multifd_channels)
     } else {
         0
     };
@@ -523,7 +527,7 @@ fn load_incoming(
                 stats: stats.clone(),
                 fresh,
                 uuid: VM_UUID,
-                compressed: params.multifd_compression != savevm::MultifdCompression::None,
+                compressed: ram.multifd_compression != MultifdCompression::None,
             };
             Some(Arc::new(MultifdReceiver::start(
                 channels,
@@ -548,7 +552,7 @@ fn load_incoming(
         Arc::default(),
         fresh,
         multifd,
-        params.ignore_shared,
+        ram.ignore_shared,
     )?;
     let answer = has_return_path(uri);
     let loaded = savevm.load(&mut f);

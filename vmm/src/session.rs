@@ -10,6 +10,7 @@ use block_migration::BlockStatsSnapshot;
 use qemu_file::MigrationUri;
 use savevm::{MigrationInfo, MigrationParams, MigrationStatus};
 use serde_json::{Value, json};
+use vmm::settings::Settings;
 
 use crate::machine::{Machine, RunState};
 use crate::migration::{Abort, IncomingListener, Outgoing, Tls, ms};
@@ -37,7 +38,7 @@ pub struct Session {
     pub verify: bool,
     // Lock: the parameters for the next (and the running) migration; set by the CLI and
     // `migrate-set-parameters`.
-    params: Mutex<MigrationParams>,
+    params: Mutex<Settings>,
     /// The `return-path` capability: await the destination's answer on sockets.
     return_path: AtomicBool,
     /// The `events` capability: MIGRATION and MIGRATION_PASS events (off by default, as
@@ -79,7 +80,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Session {
     /// A session around `machine`. Its listeners hear STOP and RESUME whenever the guest
     /// stops or starts running, whoever caused it.
-    pub fn new(machine: Arc<Machine>, params: MigrationParams, verify: bool) -> Arc<Self> {
+    pub fn new(machine: Arc<Machine>, params: Settings, verify: bool) -> Arc<Self> {
         let s = Arc::new(Session {
             machine,
             verify,
@@ -228,10 +229,10 @@ impl Session {
         match c {
             Capability::Events => self.events.load(Ordering::SeqCst),
             Capability::ReturnPath => self.return_path(),
-            Capability::AutoConverge => self.params().auto_converge,
-            Capability::Multifd => self.params().multifd,
-            Capability::PauseBeforeSwitchover => self.params().pause_before_switchover,
-            Capability::IgnoreShared => self.params().ignore_shared,
+            Capability::AutoConverge => self.params().migration.auto_converge,
+            Capability::Multifd => self.params().ram.multifd,
+            Capability::PauseBeforeSwitchover => self.params().migration.pause_before_switchover,
+            Capability::IgnoreShared => self.params().ram.ignore_shared,
         }
     }
 
@@ -243,10 +244,10 @@ impl Session {
             // Off: the source does not wait for the destination's answer (for a
             // destination that never sends one).
             Capability::ReturnPath => return self.set_return_path(on),
-            Capability::AutoConverge => p.auto_converge = on,
-            Capability::Multifd => p.multifd = on,
-            Capability::PauseBeforeSwitchover => p.pause_before_switchover = on,
-            Capability::IgnoreShared => p.ignore_shared = on,
+            Capability::AutoConverge => p.migration.auto_converge = on,
+            Capability::Multifd => p.ram.multifd = on,
+            Capability::PauseBeforeSwitchover => p.migration.pause_before_switchover = on,
+            Capability::IgnoreShared => p.ram.ignore_shared = on,
         }
         self.set_params(p);
     }
@@ -263,20 +264,20 @@ impl Session {
         }
     }
 
-    /// The migration parameters.
-    pub fn params(&self) -> MigrationParams {
+    /// The migration settings.
+    pub fn params(&self) -> Settings {
         lock(&self.params).clone()
     }
 
-    /// Changes the parameters, for the next migration and the running one.
-    pub fn set_params(&self, p: MigrationParams) {
+    /// Changes the settings, for the next migration and the running one (whose RAM
+    /// settings, fixed at its start, stay).
+    pub fn set_params(&self, p: Settings) {
         *lock(&self.params) = p.clone();
         if let Some(o) = lock(&self.outgoing).as_ref() {
             if !o.finished() {
-                o.ctl.set_params(MigrationParams {
-                    return_path: o.ctl.params().return_path,
-                    ..p
-                });
+                let mut running = p.migration;
+                running.return_path = o.ctl.params().return_path;
+                o.ctl.set_params(running);
             }
         }
     }
@@ -508,7 +509,7 @@ impl Session {
             &o.ctl.info(),
             &o.ram.snapshot(),
             &o.disk.snapshot(),
-            &self.params(),
+            &self.params().migration,
         )
     }
 
@@ -628,7 +629,7 @@ pub fn query_migrate_json(
             "dirty-sync-count": ram.dirty_sync_count,
             "postcopy-requests": 0,
             "page-size": 4096,
-            "multifd-bytes": info.multifd_bytes,
+            "multifd-bytes": info.bytes_elsewhere,
             "pages-per-second": ram.pages_per_second,
             "precopy-bytes": info.transferred.saturating_sub(downtime_bytes),
             "downtime-bytes": downtime_bytes,

@@ -10,7 +10,7 @@
 //! delivered its sync packet.
 //!
 //! This module is the framing alone: golden bytes and the checks a hostile channel must
-//! pass. The channels are `multifd_send` (source) and `multifd_recv` (destination).
+//! pass. The channels are [`send`] (source) and [`recv`] (destination).
 
 use qemu_file::QemuFile;
 
@@ -24,6 +24,26 @@ pub mod zstd;
 #[cfg(not(feature = "zstd"))]
 #[path = "zstd_off.rs"]
 pub mod zstd;
+
+/// `multifd-compression`: QEMU's names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MultifdCompression {
+    /// `none`: pages as they are.
+    #[default]
+    None,
+    /// `zstd`: each channel one zstd stream, flushed at the end of every packet.
+    Zstd,
+}
+
+impl MultifdCompression {
+    /// QEMU's name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MultifdCompression::None => "none",
+            MultifdCompression::Zstd => "zstd",
+        }
+    }
+}
 
 /// A packet's compression field (QEMU's `MULTIFD_FLAG_COMPRESSION_MASK`).
 pub const MULTIFD_FLAG_COMPRESSION_MASK: u32 = 0xf << 1;

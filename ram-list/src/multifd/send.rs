@@ -17,10 +17,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use qemu_file::{KeepAlive, QemuFile, RateLimiter, ShutdownHandle, Transport, UnsentProbe};
-use savevm::MultifdCompression;
 
-use super::MULTIFD_FLAG_ZSTD;
 use super::zstd::ZstdSend;
+use super::{MULTIFD_FLAG_ZSTD, MultifdCompression};
 use crate::format::TARGET_PAGE_SIZE;
 use crate::multifd::{
     ChannelInit, MULTIFD_FLAG_SYNC, MULTIFD_PACKET_SIZE, PACKET_HEADER_LEN, PAGES_PER_PACKET,

@@ -5,7 +5,9 @@
 
 use std::time::Duration;
 
-use savevm::{MigrationParams, MultifdCompression};
+use ram_list::MultifdCompression;
+
+use crate::settings::Settings;
 use serde_json::{Map, Value, json};
 
 use super::QmpError;
@@ -55,9 +57,10 @@ pub enum Parameter {
 }
 
 impl Parameter {
-    /// Sets this parameter in `p` (the TLS ones are the session's, which holds the
+    /// Sets this parameter in `s` (the TLS ones are the session's, which holds the
     /// objects they name).
-    pub fn apply(self, p: &mut MigrationParams) {
+    pub fn apply(self, s: &mut Settings) {
+        let (p, ram) = (&mut s.migration, &mut s.ram);
         match self {
             Parameter::TlsCreds(_) | Parameter::TlsHostname(_) | Parameter::TlsAuthz(_) => {}
             Parameter::DowntimeLimit(d) => p.downtime_limit = d,
@@ -68,9 +71,9 @@ impl Parameter {
             Parameter::ThrottleTriggerThreshold(n) => p.throttle_trigger_threshold = n,
             Parameter::StallTimeout(d) => p.stall_timeout = d,
             Parameter::IncomingTimeout(d) => p.incoming_timeout = d,
-            Parameter::MultifdChannels(n) => p.multifd_channels = n,
-            Parameter::MultifdCompression(c) => p.multifd_compression = c,
-            Parameter::MultifdZstdLevel(n) => p.multifd_zstd_level = n,
+            Parameter::MultifdChannels(n) => ram.multifd_channels = n,
+            Parameter::MultifdCompression(c) => ram.multifd_compression = c,
+            Parameter::MultifdZstdLevel(n) => ram.multifd_zstd_level = n,
         }
     }
 }
@@ -243,7 +246,8 @@ pub struct TlsParams {
 }
 
 /// `query-migrate-parameters`' answer: every QEMU 7.2 parameter, in QEMU's order.
-pub fn query_parameters(p: &MigrationParams, tls: &TlsParams) -> Value {
+pub fn query_parameters(s: &Settings, tls: &TlsParams) -> Value {
+    let (p, ram) = (&s.migration, &s.ram);
     let defaults = unimplemented_defaults();
     let ours = json!({
         "tls-creds": tls.creds,
@@ -257,9 +261,9 @@ pub fn query_parameters(p: &MigrationParams, tls: &TlsParams) -> Value {
         "throttle-trigger-threshold": p.throttle_trigger_threshold,
         "x-stall-timeout": p.stall_timeout.as_millis() as u64,
         "x-incoming-timeout": p.incoming_timeout.as_millis() as u64,
-        "multifd-channels": p.multifd_channels,
-        "multifd-compression": p.multifd_compression.as_str(),
-        "multifd-zstd-level": p.multifd_zstd_level,
+        "multifd-channels": ram.multifd_channels,
+        "multifd-compression": ram.multifd_compression.as_str(),
+        "multifd-zstd-level": ram.multifd_zstd_level,
     });
     let mut out = Map::new();
     for member in MIGRATION_PARAMETERS.members {
@@ -392,7 +396,7 @@ mod tests {
         let e = parameters(&json!({"compress-threads": 2})).unwrap_err();
         assert!(e.desc.contains("zstd"), "{}", e.desc);
         // Every parameter QEMU has is listed, with vmm's values where it has them.
-        let q = query_parameters(&MigrationParams::default(), &TlsParams::default());
+        let q = query_parameters(&Settings::default(), &TlsParams::default());
         for m in MIGRATION_PARAMETERS.members {
             if m.name != "block-bitmap-mapping" {
                 assert!(q.get(m.name).is_some(), "{}", m.name);

@@ -325,7 +325,7 @@ mod tests {
             ),
             Ok(Request::SetParameters(vec![
                 Parameter::MultifdChannels(4),
-                Parameter::MultifdCompression(savevm::MultifdCompression::Zstd),
+                Parameter::MultifdCompression(ram_list::MultifdCompression::Zstd),
                 Parameter::MultifdZstdLevel(3)
             ]))
         );
