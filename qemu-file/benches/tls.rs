@@ -12,7 +12,6 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use qemu_file::{Listener, MigrationUri, QemuFile, TlsCreds, TlsEndpoint, connect, connect_tls};
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 
 #[path = "common/pages.rs"]
 mod pages;
@@ -23,24 +22,9 @@ const ROUNDS: usize = 7;
 
 /// A server and a client directory in QEMU's layout, from one CA.
 fn pki(dir: &Path) -> (PathBuf, PathBuf) {
-    let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
-    p.distinguished_name.push(DnType::CommonName, "bench CA");
-    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let key = KeyPair::generate().unwrap();
-    let ca_pem = p.self_signed(&key).unwrap().pem();
-    let ca = Issuer::new(p, key);
-    let side = |name: &str| {
-        let p = CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
-        let key = KeyPair::generate().unwrap();
-        let cert = p.signed_by(&key, &ca).unwrap();
-        let d = dir.join(name);
-        std::fs::create_dir_all(&d).unwrap();
-        std::fs::write(d.join("ca-cert.pem"), &ca_pem).unwrap();
-        std::fs::write(d.join(format!("{name}-cert.pem")), cert.pem()).unwrap();
-        std::fs::write(d.join(format!("{name}-key.pem")), key.serialize_pem()).unwrap();
-        d
-    };
-    (side("server"), side("client"))
+    vmm_harness::test_ca::TestCa::new("bench CA")
+        .write_pair(dir)
+        .unwrap()
 }
 
 /// Sends the pages (each behind an 8-byte header, as RAM records are) and returns how

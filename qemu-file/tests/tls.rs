@@ -9,38 +9,16 @@ use qemu_file::{
     Authz, AuthzFormat, AuthzPolicy, AuthzRule, Error, Listener, MigrationUri, QemuFile, TlsCreds,
     TlsEndpoint, connect, connect_tls, subject_name,
 };
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
-
-/// A CA and what it signs.
-struct Ca {
-    issuer: Issuer<'static, KeyPair>,
-    pem: String,
-}
-
-fn ca(name: &str) -> Ca {
-    let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
-    p.distinguished_name.push(DnType::CommonName, name);
-    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let key = KeyPair::generate().unwrap();
-    let cert = p.self_signed(&key).unwrap();
-    Ca {
-        pem: cert.pem(),
-        issuer: Issuer::new(p, key),
-    }
-}
+use vmm_harness::test_ca::rcgen::{self, CertificateParams, DnType};
+use vmm_harness::test_ca::{Leaf, Side, TestCa, params, write_creds};
 
 /// A certificate for `names` signed by `ca`, valid now unless `expired`.
-fn leaf(ca: &Ca, cn: &str, names: &[&str], expired: bool) -> (String, String) {
-    let mut p =
-        CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
-    p.distinguished_name.push(DnType::CommonName, cn);
+fn leaf(ca: &TestCa, cn: &str, names: &[&str], expired: bool) -> Leaf {
+    let mut p = params(cn, names);
     if expired {
-        p.not_before = rcgen::date_time_ymd(2000, 1, 1);
-        p.not_after = rcgen::date_time_ymd(2001, 1, 1);
+        vmm_harness::test_ca::expired(&mut p);
     }
-    let key = KeyPair::generate().unwrap();
-    let cert = p.signed_by(&key, &ca.issuer).unwrap();
-    (cert.pem(), key.serialize_pem())
+    ca.sign(p)
 }
 
 fn dir(name: &str) -> PathBuf {
@@ -50,13 +28,9 @@ fn dir(name: &str) -> PathBuf {
     d
 }
 
-/// A QEMU-style credentials directory: `ca-cert.pem` and `{side}-cert.pem`, `{side}-key.pem`.
-fn creds_dir(name: &str, ca_pem: &str, side: &str, cert: &(String, String)) -> PathBuf {
-    let d = dir(name);
-    std::fs::write(d.join("ca-cert.pem"), ca_pem).unwrap();
-    std::fs::write(d.join(format!("{side}-cert.pem")), &cert.0).unwrap();
-    std::fs::write(d.join(format!("{side}-key.pem")), &cert.1).unwrap();
-    d
+/// A QEMU-style credentials directory `name` for `side`: `cert`, trusting `ca_pem`.
+fn creds_dir(name: &str, ca_pem: &str, side: Side, cert: &Leaf) -> PathBuf {
+    write_creds(&dir(name), side, cert, ca_pem).unwrap()
 }
 
 struct Setup {
@@ -66,12 +40,12 @@ struct Setup {
 
 /// A server certificate for 127.0.0.1 and a client certificate, both from one CA.
 fn good(name: &str) -> Setup {
-    let ca = ca("test CA");
+    let ca = TestCa::new("test CA");
     let server = leaf(&ca, "destination", &["127.0.0.1", "localhost"], false);
     let client = leaf(&ca, "source", &[], false);
     Setup {
-        server: creds_dir(&format!("{name}-server"), &ca.pem, "server", &server),
-        client: creds_dir(&format!("{name}-client"), &ca.pem, "client", &client),
+        server: creds_dir(&format!("{name}-server"), ca.pem(), Side::Server, &server),
+        client: creds_dir(&format!("{name}-client"), ca.pem(), Side::Client, &client),
     }
 }
 
@@ -131,9 +105,9 @@ fn chain(e: &Error) -> String {
 
 #[test]
 fn tls_authz_lets_in_only_the_names_it_lists() {
-    let ca = ca("authz CA");
+    let ca = TestCa::new("authz CA");
     let server = leaf(&ca, "destination", &["127.0.0.1"], false);
-    let server = creds_dir("authz-server", &ca.pem, "server", &server);
+    let server = creds_dir("authz-server", ca.pem(), Side::Server, &server);
     // A subject of several RDNs (C, O, OU, CN in that order), with a comma to escape
     // and a country as a PrintableString (as openssl writes it).
     let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
@@ -147,25 +121,18 @@ fn tls_authz_lets_in_only_the_names_it_lists() {
     p.distinguished_name
         .push(DnType::OrganizationalUnitName, " migration ");
     p.distinguished_name.push(DnType::CommonName, "src.example");
-    let key = KeyPair::generate().unwrap();
-    let cert = p.signed_by(&key, &ca.issuer).unwrap();
+    let cert = ca.sign(p);
     // GnuTLS's order (the certificate's) and escapes, which QEMU's rules are written
     // against (`cargo xtask interop` checks it with QEMU).
     let name = "C=GB,O=Example\\, Ltd,OU=\\ migration\\ ,CN=src.example";
-    assert_eq!(subject_name(cert.der()).unwrap(), name);
+    assert_eq!(subject_name(&cert.der).unwrap(), name);
     // A country as a UTF8String is not what GnuTLS expects there: it shows the DER.
     let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
     p.distinguished_name = rcgen::DistinguishedName::new();
     p.distinguished_name.push(DnType::CountryName, "GB");
-    let k = KeyPair::generate().unwrap();
-    let utf8 = p.signed_by(&k, &ca.issuer).unwrap();
-    assert_eq!(subject_name(utf8.der()).unwrap(), "C=#0c024742");
-    let client = creds_dir(
-        "authz-client",
-        &ca.pem,
-        "client",
-        &(cert.pem(), key.serialize_pem()),
-    );
+    let utf8 = ca.sign(p);
+    assert_eq!(subject_name(&utf8.der).unwrap(), "C=#0c024742");
+    let client = creds_dir("authz-client", ca.pem(), Side::Client, &cert);
     let list = |pattern: &str, format| Authz {
         id: "auth0".into(),
         rules: vec![AuthzRule {
@@ -221,12 +188,12 @@ fn a_stream_goes_through_with_mutual_authentication() {
 #[test]
 fn each_failed_check_is_refused_with_its_reason() {
     let s = good("refusals");
-    let other = ca("another CA");
+    let other = TestCa::new("another CA");
     // The source's certificate comes from another CA: the destination refuses it.
     let stranger = creds_dir(
         "stranger-client",
         &std::fs::read_to_string(s.client.join("ca-cert.pem")).unwrap(),
-        "client",
+        Side::Client,
         &leaf(&other, "source", &[], false),
     );
     let (rx, tx) = exchange(&s.server, &stranger, None);
@@ -240,7 +207,7 @@ fn each_failed_check_is_refused_with_its_reason() {
     let rogue = creds_dir(
         "rogue-server",
         &std::fs::read_to_string(s.server.join("ca-cert.pem")).unwrap(),
-        "server",
+        Side::Server,
         &leaf(&other, "destination", &["127.0.0.1"], false),
     );
     let (_, tx) = exchange(&rogue, &s.client, None);
@@ -251,17 +218,17 @@ fn each_failed_check_is_refused_with_its_reason() {
     );
 
     // Expired.
-    let ca2 = ca("CA 2");
+    let ca2 = TestCa::new("CA 2");
     let old = creds_dir(
         "expired-server",
-        &ca2.pem,
-        "server",
+        ca2.pem(),
+        Side::Server,
         &leaf(&ca2, "destination", &["127.0.0.1"], true),
     );
     let client2 = creds_dir(
         "expired-client",
-        &ca2.pem,
-        "client",
+        ca2.pem(),
+        Side::Client,
         &leaf(&ca2, "source", &[], false),
     );
     let (_, tx) = exchange(&old, &client2, None);
@@ -376,11 +343,11 @@ fn multifd_channels_complete_tls_side_by_side_before_they_are_told_apart() {
 
     // A channel whose certificate another CA signed fails the whole accept, at once,
     // though the other channel never connects.
-    let other = ca("another CA");
+    let other = TestCa::new("another CA");
     let stranger = creds_dir(
         "channels-stranger",
         &std::fs::read_to_string(s.client.join("ca-cert.pem")).unwrap(),
-        "client",
+        Side::Client,
         &leaf(&other, "source", &[], false),
     );
     let stranger = TlsCreds::load(&stranger, TlsEndpoint::Client, true).unwrap();

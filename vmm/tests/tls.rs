@@ -9,31 +9,15 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::{Qmp, Vmm, scratch};
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 use serde_json::json;
+use vmm_harness::test_ca::rcgen::{CertificateParams, DnType};
+use vmm_harness::test_ca::{Side, TestCa, params};
 
 const GUEST: &[&str] = &["--memory", "128M", "--range-size", "32M"];
 
-struct Ca {
-    issuer: Issuer<'static, KeyPair>,
-    pem: String,
-}
-
-fn ca(name: &str) -> Ca {
-    let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
-    p.distinguished_name.push(DnType::CommonName, name);
-    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let key = KeyPair::generate().unwrap();
-    let cert = p.self_signed(&key).unwrap();
-    Ca {
-        pem: cert.pem(),
-        issuer: Issuer::new(p, key),
-    }
-}
-
-/// A QEMU-style directory `name` for `side` (server or client) with a certificate
-/// `signer` signed, and `trust` as its CA.
-fn creds(dir: &Path, name: &str, side: &str, signer: &Ca, trust: &Ca) -> PathBuf {
+/// A QEMU-style directory `name` for `side` with a certificate `signer` signed, and
+/// `trust` as its CA.
+fn creds(dir: &Path, name: &str, side: Side, signer: &TestCa, trust: &TestCa) -> PathBuf {
     creds_with(dir, name, side, signer, trust, |_| {})
 }
 
@@ -41,25 +25,20 @@ fn creds(dir: &Path, name: &str, side: &str, signer: &Ca, trust: &Ca) -> PathBuf
 fn creds_with(
     dir: &Path,
     name: &str,
-    side: &str,
-    signer: &Ca,
-    trust: &Ca,
+    side: Side,
+    signer: &TestCa,
+    trust: &TestCa,
     edit: impl FnOnce(&mut CertificateParams),
 ) -> PathBuf {
-    let d = dir.join(name);
-    std::fs::create_dir_all(&d).unwrap();
-    let mut p = CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
-    p.distinguished_name = rcgen::DistinguishedName::new();
+    let mut p = params(side.name(), &["127.0.0.1"]);
+    p.distinguished_name = vmm_harness::test_ca::rcgen::DistinguishedName::new();
     p.distinguished_name
         .push(DnType::OrganizationName, "Example");
-    p.distinguished_name.push(DnType::CommonName, side);
+    p.distinguished_name.push(DnType::CommonName, side.name());
     edit(&mut p);
-    let key = KeyPair::generate().unwrap();
-    let cert = p.signed_by(&key, &signer.issuer).unwrap();
-    std::fs::write(d.join("ca-cert.pem"), &trust.pem).unwrap();
-    std::fs::write(d.join(format!("{side}-cert.pem")), cert.pem()).unwrap();
-    std::fs::write(d.join(format!("{side}-key.pem")), key.serialize_pem()).unwrap();
-    d
+    trust
+        .write_creds(&dir.join(name), side, &signer.sign(p))
+        .unwrap()
 }
 
 fn object(dir: &Path, endpoint: &str) -> String {
@@ -146,9 +125,9 @@ fn completes(q: &mut Qmp, mut src: Vmm, mut dest: Vmm) {
 fn each_refusal_is_named_on_both_sides_and_the_source_runs_on() {
     common::init();
     let dir = scratch("tls-refusals");
-    let (good, other) = (ca("migration CA"), ca("another CA"));
-    let server = creds(&dir, "dest", "server", &good, &good);
-    let client = creds(&dir, "src", "client", &good, &good);
+    let (good, other) = (TestCa::new("migration CA"), TestCa::new("another CA"));
+    let server = creds(&dir, "dest", Side::Server, &good, &good);
+    let client = creds(&dir, "src", Side::Client, &good, &good);
     let (src, mut q) = source(&dir, "source");
 
     // A plaintext source: the destination refuses it before parsing a byte of stream.
@@ -156,7 +135,7 @@ fn each_refusal_is_named_on_both_sides_and_the_source_runs_on() {
     refused(&mut q, d, &uri, "it takes only TLS", "does not speak TLS");
 
     // A source certificate from another CA.
-    let stranger = creds(&dir, "src-stranger", "client", &other, &good);
+    let stranger = creds(&dir, "src-stranger", Side::Client, &other, &good);
     use_creds(&mut q, "stranger", &stranger);
     let (d, uri) = destination(&dir, "stranger", &server, None, None);
     refused(
@@ -168,10 +147,14 @@ fn each_refusal_is_named_on_both_sides_and_the_source_runs_on() {
     );
 
     // An expired source certificate.
-    let old = creds_with(&dir, "src-old", "client", &good, &good, |p| {
-        p.not_before = rcgen::date_time_ymd(2000, 1, 1);
-        p.not_after = rcgen::date_time_ymd(2001, 1, 1);
-    });
+    let old = creds_with(
+        &dir,
+        "src-old",
+        Side::Client,
+        &good,
+        &good,
+        vmm_harness::test_ca::expired,
+    );
     use_creds(&mut q, "old", &old);
     let (d, uri) = destination(&dir, "expired", &server, None, None);
     refused(&mut q, d, &uri, "has expired", "has expired");
@@ -225,9 +208,9 @@ fn each_refusal_is_named_on_both_sides_and_the_source_runs_on() {
 fn multifd_channels_migrate_over_tls() {
     common::init();
     let dir = scratch("tls-multifd");
-    let good = ca("migration CA");
-    let server = creds(&dir, "dest", "server", &good, &good);
-    let client = creds(&dir, "src", "client", &good, &good);
+    let good = TestCa::new("migration CA");
+    let server = creds(&dir, "dest", Side::Server, &good, &good);
+    let client = creds(&dir, "src", Side::Client, &good, &good);
     let (src, mut q) = source(&dir, "source");
     use_creds(&mut q, "tls0", &client);
     q.cmd(

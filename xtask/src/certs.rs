@@ -5,7 +5,8 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Result;
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+use vmm_harness::test_ca::rcgen::{self, DnType};
+use vmm_harness::test_ca::{Side, TestCa, params};
 
 /// The directories, and the source certificate's name as tls-authz matches it.
 pub struct TestPki {
@@ -25,16 +26,9 @@ pub struct TestPki {
 /// # Errors
 /// Key generation or a file write fails.
 pub fn make(dir: &Path) -> Result<TestPki> {
-    let mut p = CertificateParams::new(Vec::<String>::new())?;
-    p.distinguished_name = rcgen::DistinguishedName::new();
-    p.distinguished_name.push(DnType::CommonName, "vmm test CA");
-    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca_key = KeyPair::generate()?;
-    let ca_pem = p.self_signed(&ca_key)?.pem();
-    let ca = Issuer::new(p, ca_key);
-
-    let leaf = |side: &str, names: Vec<String>| -> Result<(PathBuf, Vec<u8>)> {
-        let mut p = CertificateParams::new(names)?;
+    let ca = TestCa::new("vmm test CA");
+    let leaf = |side: Side, names: &[&str]| -> Result<(PathBuf, Vec<u8>)> {
+        let mut p = params("", names);
         p.distinguished_name = rcgen::DistinguishedName::new();
         // A country as a UTF8String (GnuTLS shows it in hex), a comma and spaces to
         // escape: the corners of how GnuTLS writes a name.
@@ -44,18 +38,13 @@ pub fn make(dir: &Path) -> Result<TestPki> {
         p.distinguished_name
             .push(DnType::OrganizationalUnitName, " migration ");
         p.distinguished_name
-            .push(DnType::CommonName, format!("{side}.example"));
-        let key = KeyPair::generate()?;
-        let cert = p.signed_by(&key, &ca)?;
-        let d = dir.join(side);
-        std::fs::create_dir_all(&d)?;
-        std::fs::write(d.join("ca-cert.pem"), &ca_pem)?;
-        std::fs::write(d.join(format!("{side}-cert.pem")), cert.pem())?;
-        std::fs::write(d.join(format!("{side}-key.pem")), key.serialize_pem())?;
-        Ok((d, cert.der().to_vec()))
+            .push(DnType::CommonName, format!("{}.example", side.name()));
+        let cert = ca.sign(p);
+        let d = ca.write_creds(&dir.join(side.name()), side, &cert)?;
+        Ok((d, cert.der))
     };
-    let (server, _) = leaf("server", vec!["127.0.0.1".into(), "localhost".into()])?;
-    let (client, der) = leaf("client", Vec::new())?;
+    let (server, _) = leaf(Side::Server, &["127.0.0.1", "localhost"])?;
+    let (client, der) = leaf(Side::Client, &[])?;
     let client_name = qemu_file::subject_name(&der).map_err(anyhow::Error::msg)?;
     Ok(TestPki {
         server,

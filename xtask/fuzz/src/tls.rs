@@ -9,8 +9,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread;
 
 use qemu_file::{Listener, MigrationUri, QemuFile, TlsCreds, TlsEndpoint, connect_tls};
-use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
 use savevm::error_chain;
+use vmm_harness::test_ca::TestCa;
 
 use crate::MAX_ERROR_LEN;
 use crate::streams::{load_all, load_all_from};
@@ -25,25 +25,12 @@ fn creds() -> &'static (TlsCreds, TlsCreds) {
         // SAFETY: setting SIGPIPE's disposition to ignore touches no memory of ours.
         unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
         let dir = scratch().join("pki");
-        let mut p = CertificateParams::new(Vec::<String>::new()).expect("CA params");
-        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        let key = KeyPair::generate().expect("CA key");
-        let ca_pem = p.self_signed(&key).expect("CA").pem();
-        let ca = Issuer::new(p, key);
-        let side = |name: &str, endpoint| {
-            let p = CertificateParams::new(vec!["localhost".to_string()]).expect("params");
-            let key = KeyPair::generate().expect("key");
-            let cert = p.signed_by(&key, &ca).expect("certificate");
-            let d = dir.join(name);
-            std::fs::create_dir_all(&d).expect("credentials directory");
-            std::fs::write(d.join("ca-cert.pem"), &ca_pem).expect("write");
-            std::fs::write(d.join(format!("{name}-cert.pem")), cert.pem()).expect("write");
-            std::fs::write(d.join(format!("{name}-key.pem")), key.serialize_pem()).expect("write");
-            TlsCreds::load(&d, endpoint, true).expect("credentials")
-        };
+        let (server, client) = TestCa::new("fuzz CA")
+            .write_pair(&dir)
+            .expect("credentials");
         (
-            side("server", TlsEndpoint::Server),
-            side("client", TlsEndpoint::Client),
+            TlsCreds::load(&server, TlsEndpoint::Server, true).expect("server credentials"),
+            TlsCreds::load(&client, TlsEndpoint::Client, true).expect("client credentials"),
         )
     })
 }

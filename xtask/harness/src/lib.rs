@@ -1,9 +1,11 @@
 //! Running vmm processes: spawning them with an event log, reading the log, talking QMP,
-//! and the checks of a completed migration; [`proxy`], a TCP proxy that injects faults.
+//! and the checks of a completed migration; [`proxy`], a TCP proxy that injects faults;
+//! [`test_ca`], test certificates in QEMU's layout.
 //! Used by `cargo xtask migrate-test` and bench, and by vmm's own end-to-end tests (a
 //! crate of its own so that vmm's tests build neither xtask nor what xtask needs).
 
 pub mod proxy;
+pub mod test_ca;
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
