@@ -351,7 +351,7 @@ fn walk_device(f: &mut QemuFile, d: &DeviceDescription, out: &mut DumpSink) -> R
         entries: MAX_DUMP_ENTRIES,
         depth: 0,
     };
-    walk_struct(f, &d.fields, &d.subsections, out, &mut budget)
+    walk_struct(f, &d.state.fields, &d.state.subsections, out, &mut budget)
 }
 
 fn walk_struct(

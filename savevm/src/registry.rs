@@ -25,6 +25,16 @@ pub(crate) struct Entry {
     pub(crate) handler: Handler,
 }
 
+/// The START or FULL header of section `section_id`.
+fn header(section_id: u32, info: &SectionInfo) -> FullHeader {
+    FullHeader {
+        section_id,
+        idstr: info.idstr.clone(),
+        instance_id: info.instance_id,
+        version_id: info.version_id,
+    }
+}
+
 /// Wraps a handler's error with the section's name and the operation.
 pub(crate) fn section_error<'a>(
     info: &'a SectionInfo,
@@ -176,13 +186,7 @@ impl SaveVm {
             let Handler::Live(h) = &mut e.handler else {
                 continue;
             };
-            FullHeader {
-                section_id: e.section_id,
-                idstr: e.info.idstr.clone(),
-                instance_id: e.info.instance_id,
-                version_id: e.info.version_id,
-            }
-            .write_to(SectionType::Start, f);
+            header(e.section_id, &e.info).write_to(SectionType::Start, f);
             h.setup(f).map_err(section_error(&e.info, "setup"))?;
             Footer::write_to(e.section_id, f);
         }
@@ -312,29 +316,21 @@ impl SaveVm {
             let Handler::Device(h) = &mut e.handler else {
                 continue;
             };
-            FullHeader {
-                section_id: e.section_id,
-                idstr: e.info.idstr.clone(),
-                instance_id: e.info.instance_id,
-                version_id: e.info.version_id,
-            }
-            .write_to(SectionType::Full, f);
+            header(e.section_id, &e.info).write_to(SectionType::Full, f);
             let mut w = FieldWriter::new(f);
             h.save(&mut w).map_err(section_error(&e.info, "save"))?;
             let desc = w
                 .into_description()
                 .map_err(|err| section_error(&e.info, "save")(err.into()))?;
+            let mut state = desc;
+            if state.vmsd_name.is_empty() {
+                state.vmsd_name = e.info.idstr.clone();
+            }
+            state.version = e.info.version_id;
             devices.push(DeviceDescription {
                 name: e.info.idstr.clone(),
                 instance_id: e.info.instance_id,
-                vmsd_name: if desc.vmsd_name.is_empty() {
-                    e.info.idstr.clone()
-                } else {
-                    desc.vmsd_name
-                },
-                version: e.info.version_id,
-                fields: desc.fields,
-                subsections: desc.subsections,
+                state,
             });
             Footer::write_to(e.section_id, f);
         }

@@ -107,6 +107,29 @@ fn load(bytes: &[u8], info: SectionInfo, device: Box<dyn DeviceHandler>) -> save
         .map(|_| ())
 }
 
+/// A snapshot of one device, section `idstr`, whose state is `value`.
+fn save<T: VmState + Send + 'static>(idstr: &str, value: T) -> Vec<u8> {
+    snapshot(
+        SectionInfo::for_state::<T>(idstr, 0),
+        Box::new(Arc::new(Mutex::new(value))),
+    )
+}
+
+/// `bytes` loaded into a default `T`, section `idstr`.
+fn load_state<T: VmState + Default + Send + 'static>(
+    bytes: &[u8],
+    idstr: &str,
+) -> savevm::Result<T> {
+    let dest = Arc::new(Mutex::new(T::default()));
+    load(
+        bytes,
+        SectionInfo::for_state::<T>(idstr, 0),
+        Box::new(dest.clone()),
+    )?;
+    let state = std::mem::take(&mut *dest.lock().unwrap());
+    Ok(state)
+}
+
 /// The JSON description after the stream's EOF.
 fn description(bytes: &[u8]) -> VmDescription {
     let start = bytes
@@ -139,8 +162,9 @@ fn a_derived_device_round_trips_and_describes_every_field() {
 
     let desc = description(&bytes);
     let d = desc.device("uart", 0).unwrap();
-    assert_eq!((d.vmsd_name.as_str(), d.version), ("uart", 3));
+    assert_eq!((d.state.vmsd_name.as_str(), d.state.version), ("uart", 3));
     let fields: Vec<String> = d
+        .state
         .fields
         .iter()
         .map(|f| {
@@ -179,11 +203,11 @@ fn a_derived_device_round_trips_and_describes_every_field() {
             "ier uint8 1",
         ]
     );
-    let timer = d.fields[13].nested.as_ref().unwrap();
+    let timer = d.state.fields[13].nested.as_ref().unwrap();
     assert_eq!((timer.vmsd_name.as_str(), timer.version), ("timer", 1));
     assert_eq!(timer.fields.len(), 2);
-    assert_eq!(d.subsections.len(), 1);
-    let fifo = &d.subsections[0];
+    assert_eq!(d.state.subsections.len(), 1);
+    let fifo = &d.state.subsections[0];
     assert_eq!(fifo.vmsd_name, "uart/fifo");
     assert_eq!(fifo.fields[1].name, "bytes");
     assert_eq!(fifo.fields[1].ty, "buffer");
@@ -265,10 +289,7 @@ struct NicV2 {
 
 #[test]
 fn an_older_version_loads_without_its_newer_fields_and_a_newer_one_is_refused() {
-    let old = snapshot(
-        SectionInfo::for_state::<NicV1>("nic", 0),
-        Box::new(Arc::new(Mutex::new(NicV1 { mac: [1; 6] }))),
-    );
+    let old = save("nic", NicV1 { mac: [1; 6] });
     let dest = Arc::new(Mutex::new(NicV2 {
         mac: [0; 6],
         mtu: 1500,
@@ -288,19 +309,14 @@ fn an_older_version_loads_without_its_newer_fields_and_a_newer_one_is_refused() 
         "a field newer than the stream keeps its value"
     );
 
-    let new = snapshot(
-        SectionInfo::for_state::<NicV2>("nic", 0),
-        Box::new(Arc::new(Mutex::new(NicV2 {
+    let new = save(
+        "nic",
+        NicV2 {
             mac: [2; 6],
             mtu: 9000,
-        }))),
+        },
     );
-    let e = load(
-        &new,
-        SectionInfo::for_state::<NicV1>("nic", 0),
-        Box::new(Arc::new(Mutex::new(NicV1::default()))),
-    )
-    .unwrap_err();
+    let e = load_state::<NicV1>(&new, "nic").unwrap_err();
     assert!(e.to_string().contains("version 2"), "{e}");
 }
 
@@ -313,24 +329,19 @@ fn a_subsection_this_side_does_not_know_is_refused_naming_it() {
         #[vmstate(subsection)]
         extra: Option<Timer>,
     }
-    #[derive(VmState, Default)]
+    #[derive(VmState, Default, Debug)]
     #[vmstate(name = "dev")]
     struct Without {
         a: u8,
     }
-    let bytes = snapshot(
-        SectionInfo::for_state::<WithSub>("dev", 0),
-        Box::new(Arc::new(Mutex::new(WithSub {
+    let bytes = save(
+        "dev",
+        WithSub {
             a: 1,
             extra: Some(Timer::default()),
-        }))),
+        },
     );
-    let e = load(
-        &bytes,
-        SectionInfo::for_state::<Without>("dev", 0),
-        Box::new(Arc::new(Mutex::new(Without::default()))),
-    )
-    .unwrap_err();
+    let e = load_state::<Without>(&bytes, "dev").unwrap_err();
     let chain = savevm::error_chain(&e);
     assert!(
         chain.contains("dev/extra") && chain.contains("does not know"),
@@ -352,18 +363,8 @@ fn a_million_element_vec_round_trips() {
         entries: (0..1_000_000u64).map(|i| i * 0x9e37_79b9).collect(),
         tags: (0..1_000_000u32).map(|i| i as u8).collect(),
     };
-    let bytes = snapshot(
-        SectionInfo::for_state::<Table>("table", 0),
-        Box::new(Arc::new(Mutex::new(table))),
-    );
-    let dest = Arc::new(Mutex::new(Table::default()));
-    load(
-        &bytes,
-        SectionInfo::for_state::<Table>("table", 0),
-        Box::new(dest.clone()),
-    )
-    .unwrap();
-    let got = dest.lock().unwrap();
+    let bytes = save("table", table);
+    let got: Table = load_state(&bytes, "table").unwrap();
     assert_eq!(got.entries.len(), 1_000_000);
     assert!(
         got.entries
@@ -373,7 +374,7 @@ fn a_million_element_vec_round_trips() {
     );
     assert!(got.tags.iter().enumerate().all(|(i, v)| *v == i as u8));
     let d = description(&bytes);
-    let f = &d.device("table", 0).unwrap().fields[1];
+    let f = &d.device("table", 0).unwrap().state.fields[1];
     assert_eq!((f.name.as_str(), f.array_len), ("entries", Some(1_000_000)));
 }
 
@@ -404,18 +405,9 @@ fn what_cannot_be_loaded_cannot_be_saved() {
         entries: Vec::new(),
         tags: vec![7; MAX_FIELD_LEN],
     };
-    let bytes = snapshot(
-        SectionInfo::for_state::<Table>("table", 0),
-        Box::new(Arc::new(Mutex::new(largest))),
-    );
-    let dest = Arc::new(Mutex::new(Table::default()));
-    load(
-        &bytes,
-        SectionInfo::for_state::<Table>("table", 0),
-        Box::new(dest.clone()),
-    )
-    .unwrap();
-    assert_eq!(dest.lock().unwrap().tags.len(), MAX_FIELD_LEN);
+    let bytes = save("table", largest);
+    let got: Table = load_state(&bytes, "table").unwrap();
+    assert_eq!(got.tags.len(), MAX_FIELD_LEN);
 }
 
 /// A hand-written device claiming a length: the reader refuses what the writer would.
@@ -438,12 +430,7 @@ fn a_length_beyond_the_limit_is_refused_before_anything_is_allocated() {
         SectionInfo::new("table", 0, 1),
         Box::new(Claims(MAX_ELEMENTS as u32 + 1)),
     );
-    let e = load(
-        &bytes,
-        SectionInfo::for_state::<Table>("table", 0),
-        Box::new(Arc::new(Mutex::new(Table::default()))),
-    )
-    .unwrap_err();
+    let e = load_state::<Table>(&bytes, "table").unwrap_err();
     let chain = savevm::error_chain(&e);
     assert!(
         chain.contains("tags_len") && chain.contains("MAX_ELEMENTS"),
@@ -451,12 +438,7 @@ fn a_length_beyond_the_limit_is_refused_before_anything_is_allocated() {
     );
     // A length within the limit whose bytes never come is a clean error too.
     let bytes = snapshot(SectionInfo::new("table", 0, 1), Box::new(Claims(1000)));
-    let e = load(
-        &bytes,
-        SectionInfo::for_state::<Table>("table", 0),
-        Box::new(Arc::new(Mutex::new(Table::default()))),
-    )
-    .unwrap_err();
+    let e = load_state::<Table>(&bytes, "table").unwrap_err();
     assert!(savevm::error_chain(&e).contains("tags"), "{e}");
 }
 
@@ -468,10 +450,7 @@ fn qemu_analyze_migration_names_every_field() {
         eprintln!("SKIPPED: set QEMU_ANALYZE_MIGRATION=/path/to/analyze-migration.py");
         return;
     };
-    let bytes = snapshot(
-        SectionInfo::for_state::<Uart>("uart", 0),
-        Box::new(Arc::new(Mutex::new(Uart::sample()))),
-    );
+    let bytes = save("uart", Uart::sample());
     let path = std::env::temp_dir().join(format!("vmstate-analyze-{}", std::process::id()));
     std::fs::write(&path, &bytes).unwrap();
     let out = std::process::Command::new("python3")
@@ -505,7 +484,7 @@ fn qemu_analyze_migration_names_every_field() {
 
 #[test]
 fn a_fields_own_bound_holds_on_save_and_on_load() {
-    #[derive(VmState, Default)]
+    #[derive(VmState, Default, Debug)]
     #[vmstate(name = "msrs")]
     struct Bounded {
         #[vmstate(max_len = 4)]
@@ -529,25 +508,14 @@ fn a_fields_own_bound_holds_on_save_and_on_load() {
         "{chain}"
     );
 
-    let five = snapshot(
-        SectionInfo::for_state::<Unbounded>("msrs", 0),
-        Box::new(Arc::new(Mutex::new(Unbounded { list: vec![1; 5] }))),
-    );
-    let e = load(
-        &five,
-        SectionInfo::for_state::<Bounded>("msrs", 0),
-        Box::new(Arc::new(Mutex::new(Bounded::default()))),
-    )
-    .unwrap_err();
+    let five = save("msrs", Unbounded { list: vec![1; 5] });
+    let e = load_state::<Bounded>(&five, "msrs").unwrap_err();
     let chain = savevm::error_chain(&e);
     assert!(
         chain.contains("list_len") && chain.contains("more than the 4"),
         "{chain}"
     );
-    let four = snapshot(
-        SectionInfo::for_state::<Unbounded>("msrs", 0),
-        Box::new(Arc::new(Mutex::new(Unbounded { list: vec![1; 4] }))),
-    );
+    let four = save("msrs", Unbounded { list: vec![1; 4] });
     let dest = Arc::new(Mutex::new(Bounded::default()));
     load(
         &four,

@@ -89,7 +89,7 @@ pub struct StructDesc {
     pub subsections: Vec<StructDesc>,
 }
 
-/// One device of the VM description.
+/// One device of the VM description: its section, and its described state.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeviceDescription {
     /// The section idstr.
@@ -98,18 +98,10 @@ pub struct DeviceDescription {
     /// The section instance.
     #[serde(default)]
     pub instance_id: u32,
-    /// The VMState description's name.
-    #[serde(default)]
-    pub vmsd_name: String,
-    /// The section version.
-    #[serde(default)]
-    pub version: u32,
-    /// The fields in stream order.
-    #[serde(default)]
-    pub fields: Vec<FieldDesc>,
-    /// Subsections after the fields.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub subsections: Vec<StructDesc>,
+    /// The state: vmsd name, version (the section's), fields and subsections, written
+    /// inline as QEMU does.
+    #[serde(flatten)]
+    pub state: StructDesc,
 }
 
 /// The JSON trailer after EOF: `{"page_size": 4096, "devices": [...]}`.
@@ -141,32 +133,34 @@ mod tests {
             devices: vec![DeviceDescription {
                 name: "serial".into(),
                 instance_id: 0,
-                vmsd_name: "serial".into(),
-                version: 1,
-                fields: vec![
-                    FieldDesc {
-                        name: "lcr".into(),
-                        array_len: None,
-                        index: None,
-                        ty: "uint8".into(),
-                        nested: None,
-                        size: 1,
-                    },
-                    FieldDesc {
-                        name: "regs".into(),
-                        array_len: Some(4),
-                        index: None,
-                        ty: "uint32".into(),
-                        nested: None,
-                        size: 4,
-                    },
-                ],
-                subsections: vec![StructDesc {
-                    vmsd_name: "serial/fifo".into(),
+                state: StructDesc {
+                    vmsd_name: "serial".into(),
                     version: 1,
-                    fields: vec![],
-                    subsections: vec![],
-                }],
+                    fields: vec![
+                        FieldDesc {
+                            name: "lcr".into(),
+                            array_len: None,
+                            index: None,
+                            ty: "uint8".into(),
+                            nested: None,
+                            size: 1,
+                        },
+                        FieldDesc {
+                            name: "regs".into(),
+                            array_len: Some(4),
+                            index: None,
+                            ty: "uint32".into(),
+                            nested: None,
+                            size: 4,
+                        },
+                    ],
+                    subsections: vec![StructDesc {
+                        vmsd_name: "serial/fifo".into(),
+                        version: 1,
+                        fields: vec![],
+                        subsections: vec![],
+                    }],
+                },
             }],
         };
         let json = serde_json::to_string(&d).unwrap();
