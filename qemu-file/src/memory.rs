@@ -68,6 +68,14 @@ impl Transport for MemBuffer {
     }
 }
 
+impl crate::QemuFile {
+    /// A stream that reads `bytes` (a saved stream in memory, e.g. to load a snapshot
+    /// or in tests).
+    pub fn from_bytes(bytes: impl Into<Vec<u8>>) -> Self {
+        crate::QemuFile::new(Box::new(MemBuffer::from_bytes(bytes)))
+    }
+}
+
 /// One direction of a [`mem_channel`].
 #[derive(Debug)]
 struct Pipe {

@@ -84,12 +84,6 @@ impl fmt::Debug for QemuFile {
 }
 
 impl QemuFile {
-    /// A stream that reads `bytes` (a saved stream in memory, e.g. to load a snapshot
-    /// or in tests).
-    pub fn from_bytes(bytes: impl Into<Vec<u8>>) -> Self {
-        QemuFile::new(Box::new(crate::MemBuffer::from_bytes(bytes)))
-    }
-
     /// A stream over `transport`, unlimited bandwidth.
     pub fn new(transport: Box<dyn Transport>) -> Self {
         let name = transport.describe();

@@ -1,5 +1,6 @@
-//! The KVM backend: a VM with an in-kernel irqchip and PIT, guest RAM in memory slot 0,
-//! vCPU threads, and the migration sections of everything KVM holds.
+//! The KVM backend: a VM with an in-kernel irqchip and PIT, guest RAM in memory slots 0
+//! and 1 (below and above the 4 GiB hole), vCPU threads, and the migration sections of
+//! everything KVM holds (their state is savevm-kvm's).
 
 use std::sync::{Arc, Mutex};
 

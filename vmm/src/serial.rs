@@ -1,4 +1,5 @@
-//! The 16550 UART at 0x3f8 (vm-superio), its output sink and its migration section.
+//! The 16550 UART at 0x3f8 (vm-superio) and its output sink (its migration section is
+//! `serial_section.rs`).
 
 use std::collections::VecDeque;
 use std::io::{self, Write};

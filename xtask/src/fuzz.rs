@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 
-use crate::{cargo, root, run};
+use crate::cmd::{cargo, root, run};
 
 /// SanitizerCoverage as cargo-fuzz sets it up, minus the sanitizer (which needs nightly):
 /// libFuzzer gets edge counters, PC tables and comparison operands.

@@ -20,6 +20,7 @@
 mod bench;
 mod certs;
 mod check;
+mod cmd;
 mod e2e;
 mod faults;
 mod fuzz;
@@ -34,10 +35,12 @@ mod qmp_conformance;
 mod run;
 mod stats;
 
+use cmd::{build_release_vmm, build_vmm, cargo, root, run, target_dir};
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -205,53 +208,6 @@ fn main() -> Result<()> {
             )
         }
     }
-}
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("xtask lives in the workspace")
-        .to_path_buf()
-}
-
-fn cargo() -> Command {
-    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    c.current_dir(root());
-    c
-}
-
-fn run(step: &str, mut c: Command) -> Result<()> {
-    eprintln!("==> {step}");
-    let status = c.status().with_context(|| format!("starting {step}"))?;
-    if !status.success() {
-        bail!("{step} failed ({status})");
-    }
-    Ok(())
-}
-
-/// Where the builds of [`cargo`] go: `CARGO_TARGET_DIR` (a relative one is taken from the
-/// workspace root, where they run) or the workspace's `target`.
-fn target_dir() -> PathBuf {
-    match std::env::var_os("CARGO_TARGET_DIR") {
-        Some(d) => root().join(d),
-        None => root().join("target"),
-    }
-}
-
-/// Builds vmm (the optimised dev profile) and returns its path.
-fn build_vmm() -> Result<PathBuf> {
-    let mut b = cargo();
-    b.args(["build", "--quiet", "-p", "vmm"]);
-    run("cargo build -p vmm", b)?;
-    Ok(target_dir().join("debug/vmm"))
-}
-
-/// Builds vmm in release (the bench measures the shipped build) and returns its path.
-fn build_release_vmm() -> Result<PathBuf> {
-    let mut b = cargo();
-    b.args(["build", "--quiet", "--release", "-p", "vmm"]);
-    run("cargo build --release -p vmm", b)?;
-    Ok(target_dir().join("release/vmm"))
 }
 
 /// The QEMU to compare with: the given one, the one on the PATH, or (with `install`) the

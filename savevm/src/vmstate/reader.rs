@@ -2,7 +2,7 @@
 
 use qemu_file::QemuFile;
 
-use super::{MAX_ELEMENTS, MAX_FIELD_LEN, QEMU_VM_SUBSECTION, VmState};
+use super::{MAX_ELEMENTS, MAX_FIELD_LEN, QEMU_VM_SUBSECTION};
 
 /// An error reading (or writing) one field of a device.
 #[derive(Debug, thiserror::Error)]
@@ -231,20 +231,6 @@ impl<'a> FieldReader<'a> {
         Self::wrap(&name, self.f.skip(2 + len as u64))?;
         let version = self.u32(&name)?;
         Ok(Some((name, version)))
-    }
-
-    /// Reads a device's whole state written at `version`, refused outside
-    /// `T::MINIMUM_VERSION..=T::VERSION`.
-    ///
-    /// # Errors
-    /// [`FieldError`] naming the field.
-    pub fn state<T: VmState + ?Sized>(
-        &mut self,
-        state: &mut T,
-        version: u32,
-    ) -> Result<(), FieldError> {
-        check_version(T::NAME, version, T::MINIMUM_VERSION, T::VERSION)?;
-        state.load_state(self, version)
     }
 }
 

@@ -2,7 +2,7 @@
 //! declared once (usually by `#[derive(VmState)]`) and written, read and described from
 //! that one declaration.
 
-use super::{FieldError, FieldReader, FieldWriter};
+use super::{FieldError, FieldReader, FieldWriter, check_version};
 
 /// A struct described as QEMU describes device state (`VMStateDescription`): a name,
 /// a version and the oldest version it loads, fields in order (each possibly present only
@@ -57,4 +57,31 @@ pub trait VmState {
     /// # Errors
     /// [`FieldError`] naming the field.
     fn load_state(&mut self, r: &mut FieldReader<'_>, version: u32) -> Result<(), FieldError>;
+}
+
+impl FieldWriter<'_> {
+    /// Writes a device's whole state: its fields and subsections, the device described
+    /// under `T`'s name and version.
+    pub fn state<T: VmState + ?Sized>(&mut self, state: &T) {
+        if self.at_top() {
+            self.describe_as(T::NAME, T::VERSION);
+        }
+        state.save_state(self);
+    }
+}
+
+impl FieldReader<'_> {
+    /// Reads a device's whole state written at `version`, refused outside
+    /// `T::MINIMUM_VERSION..=T::VERSION`.
+    ///
+    /// # Errors
+    /// [`FieldError`] naming the field.
+    pub fn state<T: VmState + ?Sized>(
+        &mut self,
+        state: &mut T,
+        version: u32,
+    ) -> Result<(), FieldError> {
+        check_version(T::NAME, version, T::MINIMUM_VERSION, T::VERSION)?;
+        state.load_state(self, version)
+    }
 }

@@ -4,7 +4,6 @@ use qemu_file::QemuFile;
 
 use super::{
     FieldDesc, FieldError, FieldType, MAX_ELEMENTS, MAX_FIELD_LEN, QEMU_VM_SUBSECTION, StructDesc,
-    VmState,
 };
 
 /// Writes a device's fields and records their description, as QEMU's
@@ -54,6 +53,17 @@ impl<'a> FieldWriter<'a> {
             Some(e) => Err(e),
             None => Ok(self.current),
         }
+    }
+
+    /// Whether no struct or subsection is open: what is written is the device's own.
+    pub(super) fn at_top(&self) -> bool {
+        self.outer.is_empty()
+    }
+
+    /// Describes the device as `vmsd_name` at `version`.
+    pub(super) fn describe_as(&mut self, vmsd_name: &str, version: u32) {
+        self.current.vmsd_name = vmsd_name.to_string();
+        self.current.version = version;
     }
 
     fn describe(&mut self, name: &str, ty: FieldType, size: usize) {
@@ -274,15 +284,5 @@ impl<'a> FieldWriter<'a> {
                 }
             }
         }
-    }
-
-    /// Writes a device's whole state: its fields and subsections, the device described
-    /// under `T`'s name and version.
-    pub fn state<T: VmState + ?Sized>(&mut self, state: &T) {
-        if self.outer.is_empty() {
-            self.current.vmsd_name = T::NAME.to_string();
-            self.current.version = T::VERSION;
-        }
-        state.save_state(self);
     }
 }

@@ -243,7 +243,7 @@ impl JsonStreamer {
         if !discarding {
             out.push(Message::Error(format!(
                 "JSON parse error, stray '{}'",
-                super::bounded(&stray)
+                super::error::bounded(&stray)
             )));
         }
     }
@@ -341,7 +341,7 @@ impl Parser<'_> {
                 k => {
                     return Err(format!(
                         "invalid keyword '{}'",
-                        super::bounded(&String::from_utf8_lossy(k))
+                        super::error::bounded(&String::from_utf8_lossy(k))
                     ));
                 }
             },
@@ -366,7 +366,7 @@ impl Parser<'_> {
             }
             let v = self.value()?;
             if map.contains_key(&key) {
-                return Err(format!("duplicate key '{}'", super::bounded(&key)));
+                return Err(format!("duplicate key '{}'", super::error::bounded(&key)));
             }
             map.insert(key, v);
             match self.next()?.0 {
@@ -412,7 +412,7 @@ fn float(text: &[u8]) -> Result<Value, String> {
         .ok()
         .and_then(Number::from_f64)
         .map(Value::Number)
-        .ok_or_else(|| format!("invalid number '{}'", super::bounded(s)))
+        .ok_or_else(|| format!("invalid number '{}'", super::error::bounded(s)))
 }
 
 /// A string token's contents, escapes decoded, checked as UTF-8.

@@ -10,7 +10,7 @@ use ram_list::MultifdCompression;
 use crate::settings::Settings;
 use serde_json::{Map, Value, json};
 
-use super::QmpError;
+use super::error::QmpError;
 use super::schema::{MIGRATION_CAPABILITY, MIGRATION_PARAMETERS};
 
 /// Largest `downtime-limit` QEMU accepts, in milliseconds.
@@ -340,7 +340,7 @@ pub fn capabilities(args: &Value) -> Result<Vec<(Capability, bool)>, QmpError> {
             None => {
                 return Err(QmpError::generic(format!(
                     "Capability '{}' is not supported by vmm: {}",
-                    super::bounded(name),
+                    super::error::bounded(name),
                     missing_capability(name)
                 )));
             }

@@ -14,14 +14,17 @@
 //! assert_eq!(c.request.as_ref().unwrap_err().desc, "Parameter 'bogus' is unexpected");
 //! ```
 
+mod error;
 pub mod hmp;
 pub mod json;
 pub mod migration;
 pub mod schema;
 
 use qemu_file::MigrationUri;
-use serde_json::{Value, json};
+use serde_json::Value;
 
+pub use error::QmpError;
+pub(crate) use error::bounded;
 pub use migration::{Capability, MAX_DOWNTIME_LIMIT_MS, MIN_STALL_TIMEOUT_MS, Parameter};
 
 use json::{JsonStreamer, Message};
@@ -101,30 +104,6 @@ pub enum Target {
     Uri(MigrationUri),
     /// `fd:NAME`.
     NamedFd(String),
-}
-
-/// A refused command: QMP's error class and a readable description.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct QmpError {
-    /// `GenericError`, `CommandNotFound`, ...
-    pub class: &'static str,
-    /// What was wrong.
-    pub desc: String,
-}
-
-impl QmpError {
-    /// A `GenericError`.
-    pub fn generic(desc: impl std::fmt::Display) -> Self {
-        QmpError {
-            class: "GenericError",
-            desc: desc.to_string(),
-        }
-    }
-
-    /// The reply object, `{"error": {"class", "desc"}}`.
-    pub fn to_reply(&self) -> Value {
-        json!({"error": {"class": self.class, "desc": self.desc}})
-    }
 }
 
 /// One message of QMP input: the command's `id` (echoed in the reply) and the request or
@@ -297,18 +276,10 @@ fn fd_name(name: &str) -> Result<String, QmpError> {
     Ok(name.to_string())
 }
 
-/// A client-supplied name as echoed in an error: at most 64 characters.
-pub(crate) fn bounded(s: &str) -> String {
-    const MAX: usize = 64;
-    match s.char_indices().nth(MAX) {
-        Some((i, _)) => format!("{}...", &s[..i]),
-        None => s.to_string(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
     use std::time::Duration;
 
     fn req(s: &str) -> Result<Request, QmpError> {

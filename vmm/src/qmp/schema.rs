@@ -655,7 +655,7 @@ fn check_members(def: &ObjectDef, map: &Map<String, Value>, path: &str) -> Resul
     {
         return Err(format!(
             "Parameter '{}' is unexpected",
-            join(path, &super::bounded(k))
+            join(path, &super::error::bounded(k))
         ));
     }
     Ok(())
@@ -695,7 +695,7 @@ fn check_value(ty: &Type, v: &Value, path: &str) -> Result<(), String> {
             Some(s) if e.values.contains(&s) => Ok(()),
             Some(s) => Err(format!(
                 "Parameter '{path}' does not accept value '{}'",
-                super::bounded(s)
+                super::error::bounded(s)
             )),
             None => wrong("string"),
         },

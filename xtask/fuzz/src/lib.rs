@@ -12,11 +12,14 @@
 //! (t.run)(b"\xff{{{");
 //! ```
 
+mod bounded;
 mod memfd;
 mod multifd;
 mod streams;
 mod text;
 mod tls;
+
+pub use bounded::MAX_ERROR_LEN;
 
 /// One fuzz target.
 #[derive(Debug)]
@@ -87,7 +90,3 @@ pub const TARGETS: &[Target] = &[
 pub fn target(name: &str) -> Option<&'static Target> {
     TARGETS.iter().find(|t| t.name == name)
 }
-
-/// Longest error message a hostile input may produce: errors name what was wrong, they do
-/// not repeat the input.
-pub const MAX_ERROR_LEN: usize = 1024;

@@ -8,10 +8,9 @@ use ram_list::multifd::MULTIFD_FLAG_ZSTD;
 use ram_list::multifd::zstd::ZstdSend;
 use ram_list::multifd::{ChannelInit, MULTIFD_FLAG_SYNC, PacketHeader};
 use ram_list::{MultifdReceiver, RamBlock, RamList, RamStats, RecvTarget};
-use savevm::error_chain;
 use vm_memory::MmapRegion;
 
-use crate::MAX_ERROR_LEN;
+use crate::bounded::check_error;
 
 const PAGE: usize = 4096;
 const PAGES: usize = 32;
@@ -34,12 +33,7 @@ pub fn channel(data: &[u8]) {
     // Each round ends with the channel's SYNC; the input ends (or fails) within a few.
     for _ in 0..64 {
         if let Err(e) = r.sync() {
-            let msg = error_chain(&e);
-            assert!(
-                msg.len() <= MAX_ERROR_LEN,
-                "an error of {} bytes: {msg:.2000}",
-                msg.len()
-            );
+            check_error(&e);
             break;
         }
     }

@@ -12,13 +12,11 @@ use block_migration::{BlockMigration, BlockWalker, Disk, DiskOptions};
 use kvm_bindings::{kvm_irqchip, kvm_regs, kvm_xcrs};
 use qemu_file::{MemBuffer, QemuFile};
 use ram_list::{RamBlock, RamList, RamSection, RamWalker};
-use savevm::{
-    DeviceHandler, FieldReader, FieldWriter, SaveVm, SectionError, SectionInfo, error_chain,
-};
+use savevm::{DeviceHandler, FieldReader, FieldWriter, SaveVm, SectionError, SectionInfo};
 use savevm_kvm::{Clock, CpuFields, IRQCHIPS, Irqchip, Pit, Raw, VcpuState};
 use vm_memory::MmapRegion;
 
-use crate::MAX_ERROR_LEN;
+use crate::bounded::check_error;
 use crate::memfd::MemFile;
 
 /// The RAM blocks: name and size.
@@ -172,12 +170,7 @@ fn load_from(f: &mut QemuFile, s: Sections) -> savevm::Result<savevm::LoadReport
 
 fn load(data: &[u8], s: Sections) {
     if let Err(e) = try_load(data, s) {
-        let msg = error_chain(&e);
-        assert!(
-            msg.len() <= MAX_ERROR_LEN,
-            "an error of {} bytes: {msg:.2000}",
-            msg.len()
-        );
+        check_error(&e);
     }
 }
 
@@ -220,12 +213,7 @@ pub fn analyze(data: &[u8]) {
         (&m.file).write_all(data).expect("write");
         let (mut ram, mut block) = (RamWalker::default(), BlockWalker::default());
         if let Err(e) = savevm::dump_stream(&m.path(), &mut [&mut ram, &mut block]) {
-            let msg = error_chain(&e);
-            assert!(
-                msg.len() <= MAX_ERROR_LEN,
-                "an error of {} bytes",
-                msg.len()
-            );
+            check_error(&e);
         }
     });
 }

@@ -12,7 +12,7 @@ use qemu_file::{Listener, MigrationUri, QemuFile, TlsCreds, TlsEndpoint, connect
 use savevm::error_chain;
 use vmm_harness::test_ca::TestCa;
 
-use crate::MAX_ERROR_LEN;
+use crate::bounded::check_error;
 use crate::streams::{load_all, load_all_from};
 
 /// A destination's and a source's credentials from one CA, made once per process.
@@ -60,12 +60,7 @@ pub fn tls(data: &[u8]) {
     drop(f);
     let _ = source.join();
     if let Err(e) = &over_tls {
-        let msg = error_chain(e);
-        assert!(
-            msg.len() <= MAX_ERROR_LEN,
-            "an error of {} bytes: {msg:.2000}",
-            msg.len()
-        );
+        check_error(e);
     }
     let from_memory = load_all(data);
     assert_eq!(

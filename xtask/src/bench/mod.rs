@@ -179,14 +179,15 @@ pub fn run(vmm: PathBuf, opts: &Options) -> Result<()> {
     );
 
     report::write(report::Measured {
-        opts,
+        rounds: opts.rounds,
+        out: &opts.out,
+        check: old.zip(opts.check.as_deref()),
         scenarios,
         runs,
         mem_runs,
         before,
         after,
         qemu_version,
-        old,
     })?;
     eprintln!("bench: wrote {}", opts.out.display());
     Ok(())

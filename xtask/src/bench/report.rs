@@ -2,12 +2,12 @@
 //! downtime against the limit, memory, the references, throughput against them, the
 //! check of an earlier run), results.json, and the plots.
 
+use std::path::Path;
 use std::process::Command;
 
 use anyhow::Result;
 use serde_json::{Value, json};
 
-use super::Options;
 use super::drivers::SAMPLE;
 use super::references::References;
 use super::scenarios::Scenario;
@@ -17,31 +17,35 @@ use crate::stats;
 
 /// What a run measured, for the report.
 pub(super) struct Measured<'a> {
-    pub(super) opts: &'a Options,
+    /// Rounds per scenario and limit.
+    pub(super) rounds: usize,
+    /// Where the report goes.
+    pub(super) out: &'a Path,
+    /// The earlier results.json being checked, and its path.
+    pub(super) check: Option<(Value, &'a Path)>,
     pub(super) scenarios: Vec<&'a Scenario>,
     pub(super) runs: Vec<Run>,
     pub(super) mem_runs: Vec<Run>,
     pub(super) before: References,
     pub(super) after: References,
     pub(super) qemu_version: Option<String>,
-    /// The earlier results.json being checked.
-    pub(super) old: Option<Value>,
 }
 
-/// Writes report.md, results.json and the plots into `opts.out`, and prints report.md.
+/// Writes report.md, results.json and the plots into `out`, and prints report.md.
 ///
 /// # Errors
 /// A file cannot be written.
 pub(super) fn write(m: Measured<'_>) -> Result<()> {
     let Measured {
-        opts,
+        rounds,
+        out,
+        check,
         scenarios,
         runs,
         mem_runs,
         before,
         after,
         qemu_version,
-        old,
     } = m;
     let (mc, tcp, streams) = (before.memcpy, before.tcp, &before.streams);
     let (mc_after, tcp_after, streams_after) = (after.memcpy, after.tcp, &after.streams);
@@ -52,7 +56,7 @@ pub(super) fn write(m: Measured<'_>) -> Result<()> {
          tcp 127.0.0.1, bandwidth unlimited (QEMU's raised to 10 GB/s) unless the \
          scenario names a cap. {}\n\n",
         host(),
-        opts.rounds,
+        rounds,
         qemu_version
             .as_deref()
             .map_or("QEMU not run.".into(), |v| format!(
@@ -279,14 +283,14 @@ pub(super) fn write(m: Measured<'_>) -> Result<()> {
             against_one.join("; ")
         );
     }
-    if let (Some(old), Some(p)) = (&old, &opts.check) {
+    if let Some((old, p)) = &check {
         md += &format!(
             "\nThe figures of {} against this run:\n\n{}",
             p.display(),
             crate::check::verdict(old, &runs)
         );
     }
-    std::fs::write(opts.out.join("report.md"), &md)?;
+    std::fs::write(out.join("report.md"), &md)?;
     let results = json!({
         "host": host(), "qemu": qemu_version, "memcpy_bps": mc, "loopback_tcp_bps": tcp,
         "after": {"memcpy_bps": mc_after, "loopback_tcp_bps": tcp_after,
@@ -296,7 +300,7 @@ pub(super) fn write(m: Measured<'_>) -> Result<()> {
         "memory_runs": mem_runs.iter().map(Run::json).collect::<Vec<_>>(),
     });
     std::fs::write(
-        opts.out.join("results.json"),
+        out.join("results.json"),
         serde_json::to_string_pretty(&results)?,
     )?;
     // Total time by guest size, where the run has fills of several sizes.
@@ -313,7 +317,7 @@ pub(super) fn write(m: Measured<'_>) -> Result<()> {
                 Some((r.side, s.memory_mib as f64 / 1024.0, r.total_ms))
             })
             .collect();
-        plot::scaling(&opts.out.join("scaling.svg"), &points)?;
+        plot::scaling(&out.join("scaling.svg"), &points)?;
     }
     for s in &scenarios {
         let pick = |side: &str| {
@@ -321,7 +325,7 @@ pub(super) fn write(m: Measured<'_>) -> Result<()> {
                 .find(|r| r.side == side && r.scenario == s.slug && r.limit == 300)
         };
         plot::scenario(
-            &opts.out.join(format!("{}.svg", s.slug)),
+            &out.join(format!("{}.svg", s.slug)),
             s.name,
             pick("ours"),
             pick("qemu"),
