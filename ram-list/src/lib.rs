@@ -58,6 +58,7 @@ mod populated;
 mod section;
 mod shared;
 mod stats;
+mod uffd;
 mod walker;
 mod zero;
 
@@ -73,4 +74,5 @@ pub use multifd::send::{MultifdSender, QUEUED_BATCHES};
 pub use section::{RAM_SECTION_VERSION, RamSection};
 pub use shared::SharedMemory;
 pub use stats::{RamStats, RamStatsSnapshot};
+pub use uffd::{PageFault, Placed, Userfault};
 pub use walker::RamWalker;
