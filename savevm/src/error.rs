@@ -148,6 +148,14 @@ pub enum Error {
         /// Its position.
         offset: u64,
     },
+    /// A QEMU_VM_COMMAND whose payload is not what its command carries.
+    #[error("QEMU_VM_COMMAND {command}: {reason}")]
+    BadCommand {
+        /// The command number.
+        command: u16,
+        /// What is wrong.
+        reason: String,
+    },
     /// A section handler failed.
     #[error("section {idstr_shown} instance {instance_id}: {op} failed", idstr_shown = qemu_file::shown(.idstr))]
     Section {

@@ -49,6 +49,7 @@ pub mod format;
 mod load;
 mod migration;
 mod params;
+pub mod postcopy;
 mod registry;
 pub mod return_path;
 mod section;

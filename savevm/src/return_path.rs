@@ -12,6 +12,11 @@
 //!
 //! What the source does with the answer, or without one, is ARCHITECTURE.md's "The
 //! hand-over". The forward stream is unchanged, so QEMU tools still read it.
+//!
+//! Post-copy adds the destination's page requests (`REQ_PAGES`, `REQ_PAGES_ID` when the
+//! block changes), and for recovery its received bitmaps and the resume's
+//! acknowledgement; [`read_message`] reads any of them, as QEMU's
+//! `source_return_path_thread` does.
 
 use qemu_file::QemuFile;
 
@@ -21,6 +26,24 @@ use crate::{Error, Result};
 pub const MIG_RP_MSG_SHUT: u16 = 1;
 /// The answer to a PING (`be32` value).
 pub const MIG_RP_MSG_PONG: u16 = 2;
+
+/// A page request naming its block: `be64 start | be32 len | u8 n | name[n]`.
+pub const MIG_RP_MSG_REQ_PAGES_ID: u16 = 3;
+/// A page request in the block of the last one: `be64 start | be32 len`.
+pub const MIG_RP_MSG_REQ_PAGES: u16 = 4;
+/// The pages of a block the destination has: `u8 n | name[n]`, then outside the
+/// message `be64 size | size bytes of little-endian bitmap | be64` [`RECV_BITMAP_ENDING`].
+pub const MIG_RP_MSG_RECV_BITMAP: u16 = 5;
+/// The destination resumed a paused post-copy: `be32` [`RESUME_ACK_VALUE`].
+pub const MIG_RP_MSG_RESUME_ACK: u16 = 6;
+/// The end mark of a received bitmap.
+pub const RECV_BITMAP_ENDING: u64 = 0x0123_4567_89ab_cdef;
+/// The only value a resume's acknowledgement carries.
+pub const RESUME_ACK_VALUE: u32 = 1;
+/// The longest message a source takes (QEMU's return-path buffer).
+pub const MAX_MESSAGE: u16 = 512;
+/// The largest received bitmap read: 256 GiB of 4 KiB pages.
+pub const MAX_RECV_BITMAP: usize = 8 << 20;
 
 /// vmm's return-path message: why the load failed, as text (vmm sources only).
 pub const MIG_RP_MSG_X_REASON: u16 = 0x7f01;
@@ -75,6 +98,159 @@ pub fn send_pong(f: &mut QemuFile, value: u32) -> Result<()> {
     f.put_be16(4);
     f.put_be32(value);
     Ok(f.flush()?)
+}
+
+/// Asks for `len` bytes at `start` of block `block` (None: the block of the last
+/// request), as QEMU's `migrate_send_rp_message_req_pages`.
+///
+/// # Errors
+/// The stream cannot be written.
+pub fn send_req_pages(f: &mut QemuFile, block: Option<&str>, start: u64, len: u32) -> Result<()> {
+    match block {
+        Some(name) => {
+            debug_assert!(!name.is_empty() && name.len() < 256);
+            f.put_be16(MIG_RP_MSG_REQ_PAGES_ID);
+            f.put_be16(13 + name.len() as u16);
+            f.put_be64(start);
+            f.put_be32(len);
+            f.put_counted_string(name);
+        }
+        None => {
+            f.put_be16(MIG_RP_MSG_REQ_PAGES);
+            f.put_be16(12);
+            f.put_be64(start);
+            f.put_be32(len);
+        }
+    }
+    Ok(f.flush()?)
+}
+
+/// Sends which pages of block `block` this side has: `received` is the bitmap as
+/// little-endian bytes (page i is bit i % 8 of byte i / 8), padded here to whole
+/// 64-bit words.
+///
+/// # Errors
+/// The stream cannot be written.
+pub fn send_recv_bitmap(f: &mut QemuFile, block: &str, received: &[u8]) -> Result<()> {
+    f.put_be16(MIG_RP_MSG_RECV_BITMAP);
+    f.put_be16(1 + block.len() as u16);
+    f.put_counted_string(block);
+    let size = received.len().next_multiple_of(8);
+    f.put_be64(size as u64);
+    f.put_buffer(received);
+    f.put_buffer(&vec![0; size - received.len()]);
+    f.put_be64(RECV_BITMAP_ENDING);
+    Ok(f.flush()?)
+}
+
+/// Acknowledges a resume.
+///
+/// # Errors
+/// The stream cannot be written.
+pub fn send_resume_ack(f: &mut QemuFile) -> Result<()> {
+    f.put_be16(MIG_RP_MSG_RESUME_ACK);
+    f.put_be16(4);
+    f.put_be32(RESUME_ACK_VALUE);
+    Ok(f.flush()?)
+}
+
+/// One message of the return path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    /// The destination is done: 0 loaded, else failed.
+    Shut(u32),
+    /// The answer to a PING.
+    Pong(u32),
+    /// A page request: `len` bytes at `start` of `block` (None: the last request's).
+    ReqPages {
+        /// The block, when the request names one.
+        block: Option<String>,
+        /// The offset in the block.
+        start: u64,
+        /// How many bytes.
+        len: u32,
+    },
+    /// The pages of `block` the destination has, as little-endian bytes.
+    RecvBitmap {
+        /// The block.
+        block: String,
+        /// The bitmap (a multiple of 8 bytes).
+        bitmap: Vec<u8>,
+    },
+    /// The destination resumed.
+    ResumeAck,
+    /// Why the load failed (vmm destinations).
+    Reason(String),
+}
+
+/// Reads the next message, refusing what QEMU's source refuses: unknown types, lengths
+/// other than the type's, anything over [`MAX_MESSAGE`].
+///
+/// # Errors
+/// [`Error::BadReturnPath`], or the stream's.
+pub fn read_message(f: &mut QemuFile) -> Result<Message> {
+    let ty = f.get_be16()?;
+    let len = f.get_be16()?;
+    let bad = || Error::BadReturnPath { ty, len };
+    let fixed = match ty {
+        MIG_RP_MSG_SHUT | MIG_RP_MSG_PONG | MIG_RP_MSG_RESUME_ACK => Some(4),
+        MIG_RP_MSG_REQ_PAGES => Some(12),
+        MIG_RP_MSG_REQ_PAGES_ID | MIG_RP_MSG_RECV_BITMAP | MIG_RP_MSG_X_REASON => None,
+        _ => return Err(bad()),
+    };
+    if fixed.is_some_and(|n| n != len) || len > MAX_MESSAGE {
+        return Err(bad());
+    }
+    Ok(match ty {
+        MIG_RP_MSG_SHUT => Message::Shut(f.get_be32()?),
+        MIG_RP_MSG_PONG => Message::Pong(f.get_be32()?),
+        MIG_RP_MSG_RESUME_ACK => match f.get_be32()? {
+            RESUME_ACK_VALUE => Message::ResumeAck,
+            _ => return Err(bad()),
+        },
+        MIG_RP_MSG_REQ_PAGES => Message::ReqPages {
+            block: None,
+            start: f.get_be64()?,
+            len: f.get_be32()?,
+        },
+        MIG_RP_MSG_REQ_PAGES_ID => {
+            if len < 14 {
+                return Err(bad());
+            }
+            let (start, n) = (f.get_be64()?, f.get_be32()?);
+            let name = f.get_counted_string("RAM block name")?;
+            if usize::from(len) != 13 + name.len() {
+                return Err(bad());
+            }
+            Message::ReqPages {
+                block: Some(name),
+                start,
+                len: n,
+            }
+        }
+        MIG_RP_MSG_RECV_BITMAP => {
+            let name = f.get_counted_string("RAM block name")?;
+            if name.is_empty() || usize::from(len) != 1 + name.len() {
+                return Err(bad());
+            }
+            let size = f.get_be64()?;
+            if size % 8 != 0 {
+                return Err(bad());
+            }
+            let bitmap = f.get_bytes(size, MAX_RECV_BITMAP, "received bitmap")?;
+            if f.get_be64()? != RECV_BITMAP_ENDING {
+                return Err(bad());
+            }
+            Message::RecvBitmap {
+                block: name,
+                bitmap,
+            }
+        }
+        _ => {
+            let text = f.get_bytes(len.into(), MAX_REASON, "the destination's reason")?;
+            Message::Reason(String::from_utf8_lossy(&text).into_owned())
+        }
+    })
 }
 
 /// Waits for the PONG that answers the PING `value`: the destination has loaded
@@ -140,6 +316,68 @@ pub fn wait_load_result(f: &mut QemuFile) -> Result<()> {
 mod tests {
     use super::*;
     use qemu_file::MemBuffer;
+
+    #[test]
+    fn post_copy_messages_golden_bytes_and_read_back() {
+        let b = MemBuffer::new();
+        let mut f = b.file();
+        send_req_pages(&mut f, Some("pc.ram"), 0x5000, 0x1000).unwrap();
+        send_req_pages(&mut f, None, 0x9000, 0x1000).unwrap();
+        send_recv_bitmap(&mut f, "pc.ram", &[0b101]).unwrap();
+        send_resume_ack(&mut f).unwrap();
+        #[rustfmt::skip]
+        let golden: &[u8] = &[
+            0, 3, 0, 19, 0, 0, 0, 0, 0, 0, 0x50, 0, 0, 0, 0x10, 0,
+            6, b'p', b'c', b'.', b'r', b'a', b'm',
+            0, 4, 0, 12, 0, 0, 0, 0, 0, 0, 0x90, 0, 0, 0, 0x10, 0,
+            0, 5, 0, 7, 6, b'p', b'c', b'.', b'r', b'a', b'm',
+            0, 0, 0, 0, 0, 0, 0, 8, 0b101, 0, 0, 0, 0, 0, 0, 0,
+            0x01, 0x23, 0x45, 0x67, 0x89, 0xab, 0xcd, 0xef,
+            0, 6, 0, 4, 0, 0, 0, 1,
+        ];
+        assert_eq!(b.contents(), golden);
+        let mut f = QemuFile::from_bytes(golden.to_vec());
+        assert_eq!(
+            read_message(&mut f).unwrap(),
+            Message::ReqPages {
+                block: Some("pc.ram".into()),
+                start: 0x5000,
+                len: 0x1000
+            }
+        );
+        assert_eq!(
+            read_message(&mut f).unwrap(),
+            Message::ReqPages {
+                block: None,
+                start: 0x9000,
+                len: 0x1000
+            }
+        );
+        assert_eq!(
+            read_message(&mut f).unwrap(),
+            Message::RecvBitmap {
+                block: "pc.ram".into(),
+                bitmap: vec![0b101, 0, 0, 0, 0, 0, 0, 0]
+            }
+        );
+        assert_eq!(read_message(&mut f).unwrap(), Message::ResumeAck);
+    }
+
+    #[test]
+    fn misshapen_messages_are_refused() {
+        for bad in [
+            &[0, 7, 0, 0][..],                                           // an unknown type
+            &[0, 4, 0, 11, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],             // REQ_PAGES of 11 bytes
+            &[0, 3, 0, 20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, b'a'], // name too short
+            &[0, 6, 0, 4, 0, 0, 0, 2],                                   // a resume ack of 2
+            &[0x7f, 1, 2, 1],                                            // over 512 bytes
+        ] {
+            assert!(
+                read_message(&mut QemuFile::from_bytes(bad.to_vec())).is_err(),
+                "{bad:?}"
+            );
+        }
+    }
 
     #[test]
     fn pong_golden_bytes_and_a_failure_instead() {
