@@ -55,6 +55,12 @@ pub enum Error {
         reason: String,
     },
     /// A page record outside its block, or before the block list.
+    /// A post-copy page request that cannot be served.
+    #[error("a page request: {reason}")]
+    BadPageRequest {
+        /// What is wrong with it.
+        reason: String,
+    },
     #[error("RAM page record at stream byte {at}: {reason}")]
     BadPage {
         /// Stream offset of the record.

@@ -16,6 +16,7 @@ use crate::format::{
 use crate::multifd::recv::MultifdReceiver;
 use crate::multifd::send::MultifdSender;
 use crate::populated::Populated;
+use crate::requests::PageRequests;
 use crate::{Error, RamBlock, RamList, RamStats, Result};
 
 /// The version of QEMU's RAM format this section writes and reads.
@@ -60,6 +61,8 @@ pub struct RamSection {
     ignore_shared: bool,
     /// This migration's setup handed memory over.
     handed_over: bool,
+    /// Post-copy: pages the destination asked for, sent before the background pass.
+    requests: Option<Arc<PageRequests>>,
     // Load side.
     /// With multifd: the channels that load normal pages; each EOS waits for them.
     multifd_recv: Option<Arc<MultifdReceiver>>,
@@ -100,6 +103,7 @@ impl RamSection {
             multifd: None,
             ignore_shared: false,
             handed_over: false,
+            requests: None,
             multifd_recv: None,
             adopted: Vec::new(),
             load_listed: false,
@@ -138,6 +142,45 @@ impl RamSection {
     pub fn with_ignore_shared(mut self, on: bool) -> Self {
         self.ignore_shared = on;
         self
+    }
+
+    /// Serves the pages in `requests` (a post-copy destination's) before the dirty pages
+    /// of the background pass, each once (a page sent since it was asked for is not sent
+    /// again); the pass goes on after the last page served, as QEMU's does.
+    pub fn with_page_requests(mut self, requests: Arc<PageRequests>) -> Self {
+        self.requests = Some(requests);
+        self
+    }
+
+    /// The next requested page still to send, as (block, page).
+    ///
+    /// # Errors
+    /// A request for a block this migration does not send, or past its end.
+    fn next_requested(&self) -> Result<Option<(usize, usize)>> {
+        let Some(r) = &self.requests else {
+            return Ok(None);
+        };
+        while let Some((name, offset)) = r.pop() {
+            let Some(bi) = self.blocks.iter().position(|(b, _)| b.idstr() == name) else {
+                return Err(Error::BadPageRequest {
+                    reason: format!("no block {name:?} is migrated"),
+                });
+            };
+            let block = &self.blocks[bi].0;
+            if offset >= block.used_length() {
+                return Err(Error::BadPageRequest {
+                    reason: format!(
+                        "offset {offset:#x} is past the end of block {name:?} ({} bytes)",
+                        block.used_length()
+                    ),
+                });
+            }
+            let page = (offset / TARGET_PAGE_SIZE) as usize;
+            if block.bitmap.test(page) {
+                return Ok(Some((bi, page)));
+            }
+        }
+        Ok(None)
     }
 
     /// How the section registers: `"ram"`, instance 0, version 4.
@@ -212,7 +255,14 @@ impl RamSection {
             });
         }
         let done = loop {
-            let Some((bi, page)) = self.find_dirty() else {
+            let requested = match self.next_requested() {
+                Ok(r) => r,
+                Err(e) => {
+                    failed = Some(e);
+                    break false;
+                }
+            };
+            let Some((bi, page)) = requested.or_else(|| self.find_dirty()) else {
                 break true;
             };
             let (block, owner) = &self.blocks[bi];

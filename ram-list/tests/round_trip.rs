@@ -588,3 +588,90 @@ fn consecutive_pages_of_one_block_use_continue() {
     // Once in the block list, once for the first page record; every other record continues.
     assert_eq!(names, 2);
 }
+
+/// The RAM records of one PART section in `bytes`: (block, page) in stream order.
+fn part_pages(bytes: &[u8]) -> Vec<(String, u64)> {
+    let mut f = QemuFile::from_bytes(bytes.to_vec());
+    assert_eq!(f.get_u8().unwrap(), 0x02, "a PART section");
+    f.get_be32().unwrap();
+    let (mut out, mut block) = (Vec::new(), String::new());
+    loop {
+        let word = f.get_be64().unwrap();
+        let (offset, flags) = (word & !0xfff, word & 0xfff);
+        if flags & 0x10 != 0 {
+            return out;
+        }
+        if flags & 0x20 == 0 {
+            block = f.get_counted_string("block").unwrap();
+        }
+        if flags & 0x02 != 0 {
+            f.get_u8().unwrap();
+        } else {
+            f.skip(PAGE as u64).unwrap();
+        }
+        out.push((block.clone(), offset / PAGE as u64));
+    }
+}
+
+/// Post-copy's requested pages go before the background pass, each once.
+#[test]
+fn requested_pages_are_sent_first_and_once() {
+    let requests = Arc::new(ram_list::PageRequests::new());
+    let r = requests.clone();
+    let mut src = vm_custom(&SHAPE, false, |l, s| {
+        RamSection::new(l, s).with_page_requests(r)
+    });
+    let mut rng = Rng(3);
+    for (b, (_, pages)) in SHAPE.iter().enumerate() {
+        for p in 0..*pages {
+            guest_write(&src, &mut rng, b, p);
+        }
+    }
+    let buf = MemBuffer::new();
+    let mut f = buf.file();
+    src.savevm.save_header(&mut f);
+    src.savevm.save_setup(&mut f).unwrap();
+    f.flush().unwrap();
+    let setup_len = buf.contents().len();
+    requests
+        .push(Some("vga.vram"), 5 * PAGE as u64, PAGE as u64)
+        .unwrap();
+    requests
+        .push(Some("pc.ram"), 200 * PAGE as u64, 2 * PAGE as u64)
+        .unwrap();
+    // A budget of about four pages.
+    f.set_chunk_budget(4 * PAGE);
+    src.savevm.save_iterate(&mut f).unwrap();
+    f.flush().unwrap();
+    let first = part_pages(&buf.contents()[setup_len..]);
+    assert_eq!(
+        first[..3],
+        [
+            ("vga.vram".to_string(), 5),
+            ("pc.ram".to_string(), 200),
+            ("pc.ram".to_string(), 201)
+        ],
+        "{first:?}"
+    );
+    assert_eq!(
+        first[3],
+        ("pc.ram".to_string(), 202),
+        "the pass goes on from there"
+    );
+    // Asked again once sent: not sent again.
+    requests
+        .push(Some("pc.ram"), 200 * PAGE as u64, PAGE as u64)
+        .unwrap();
+    let before = buf.contents().len();
+    src.savevm.save_iterate(&mut f).unwrap();
+    f.flush().unwrap();
+    let second = part_pages(&buf.contents()[before..]);
+    assert!(!second.contains(&("pc.ram".to_string(), 200)), "{second:?}");
+    // A request past a block's end fails the migration, naming it.
+    requests
+        .push(Some("vga.vram"), 70 * PAGE as u64, PAGE as u64)
+        .unwrap();
+    let e = src.savevm.save_iterate(&mut f).unwrap_err();
+    assert!(savevm::error_chain(&e).contains("past the end"), "{e}");
+    src.savevm.save_cleanup();
+}
