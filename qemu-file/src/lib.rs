@@ -34,6 +34,7 @@ mod private_socket;
 mod qemu_file;
 mod rate_limit;
 mod shown;
+mod streaming;
 mod tls;
 mod transport;
 mod uri;
@@ -48,6 +49,7 @@ pub use private_socket::bind_private;
 pub use qemu_file::{KeepAlive, QemuFile};
 pub use rate_limit::RateLimiter;
 pub use shown::{SHOWN_CHARS, shown};
+pub use streaming::{copy_streaming, store_fence};
 pub use tls::{DEFAULT_HANDSHAKE_TIMEOUT, TlsCreds, TlsEndpoint, TlsTransport, connect_tls};
 pub use transport::{
     ExecTransport, FdTransport, ShutdownHandle, SocketTransport, StreamSocket, TcpTransport,

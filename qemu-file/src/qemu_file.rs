@@ -482,6 +482,36 @@ impl QemuFile {
         Ok(())
     }
 
+    /// As [`QemuFile::get_buffer`], for memory nobody reads soon (a destination's guest
+    /// pages): what is buffered is copied with non-temporal stores
+    /// ([`copy_streaming`](crate::copy_streaming)). The caller calls
+    /// [`store_fence`](crate::store_fence) before another thread may read `dst`.
+    ///
+    /// # Errors
+    /// As [`QemuFile::get_buffer`].
+    pub fn get_buffer_streaming(&mut self, dst: &mut [u8]) -> Result<()> {
+        self.check()?;
+        let mut done = 0;
+        while done < dst.len() {
+            if self.rpos < self.rend {
+                let n = (self.rend - self.rpos).min(dst.len() - done);
+                crate::copy_streaming(
+                    &mut dst[done..done + n],
+                    &self.rbuf[self.rpos..self.rpos + n],
+                );
+                self.rpos += n;
+                done += n;
+                self.consumed += n as u64;
+            } else if dst.len() - done >= self.rbuf.len() {
+                // Larger than the buffer: the kernel copies it in (as `get_buffer`).
+                return self.get_buffer(&mut dst[done..]);
+            } else if self.fill()? == 0 {
+                return Err(self.eof());
+            }
+        }
+        Ok(())
+    }
+
     /// Reads exactly `bufs`' lengths into them in order: what is buffered is copied, the
     /// rest read straight into them with vectored reads (a multifd packet's pages: no
     /// copy through the read buffer, one `readv` for many pages).

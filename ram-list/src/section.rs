@@ -548,7 +548,8 @@ impl RamSection {
             let dst = unsafe {
                 std::slice::from_raw_parts_mut(block.page_ptr(page), TARGET_PAGE_SIZE as usize)
             };
-            f.get_buffer(dst)?;
+            // Written once and not read until the guest runs: past the cache.
+            f.get_buffer_streaming(dst)?;
             if self.fresh {
                 block.bitmap.set(page);
             }
@@ -721,7 +722,11 @@ impl SectionHandler for RamSection {
         if version_id != RAM_SECTION_VERSION {
             return Err(Box::new(Error::Version(version_id)));
         }
-        Ok(self.load_records(f)?)
+        let loaded = self.load_records(f);
+        // Pages were written with non-temporal stores: ordered before whatever follows
+        // the load (the vCPUs, another thread's hash).
+        qemu_file::store_fence();
+        Ok(loaded?)
     }
 }
 

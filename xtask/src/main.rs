@@ -87,6 +87,10 @@ enum Cmd {
         /// fill-mfd4, fill-zstd, fill-1g, fill-1g-zstd.
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
+        /// The vmm binary to measure (default: this workspace's release build), e.g. an
+        /// older build for an A/B run.
+        #[arg(long)]
+        vmm: Option<PathBuf>,
         /// An extra argument for both of our vmm processes, for A/B runs (e.g.
         /// --vmm-arg=--dirty-log-protect=classic); repeatable.
         #[arg(long, allow_hyphen_values = true)]
@@ -186,17 +190,22 @@ fn main() -> Result<()> {
             qemu,
             no_qemu,
             only,
+            vmm,
             vmm_arg,
             check,
         } => {
             let qemu = if no_qemu { None } else { qemu.find()? };
+            let vmm = match vmm {
+                Some(v) => v,
+                None => build_release_vmm()?,
+            };
             let out = if out.is_absolute() {
                 out
             } else {
                 root().join(out)
             };
             bench::run(
-                build_release_vmm()?,
+                vmm,
                 &bench::Options {
                     rounds: rounds.max(1),
                     out,
