@@ -16,6 +16,7 @@ use crate::{Error, Result};
 
 /// How a disk is opened.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct DiskOptions {
     /// Whether the image is copied by block migration (`migrate=on`) or is shared storage
     /// that both sides reach (`migrate=off`: flushed at completion, not copied).

@@ -189,17 +189,9 @@ fn a_created_destination_takes_the_streams_size() {
     let d = dir("create");
     let s = stream_of(&[("d0", 5 * MIB)], &d);
     let p = d.join("new.img");
-    let disk = Arc::new(
-        Disk::open(
-            &p,
-            "d0",
-            &DiskOptions {
-                create: true,
-                ..Default::default()
-            },
-        )
-        .unwrap(),
-    );
+    let mut options = DiskOptions::default();
+    options.create = true;
+    let disk = Arc::new(Disk::open(&p, "d0", &options).unwrap());
     let stats = Arc::new(BlockStats::default());
     let mut mig = BlockMigration::new(vec![disk.clone()], stats);
     mig.allow_resize("d0");

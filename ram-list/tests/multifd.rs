@@ -57,13 +57,7 @@ fn sync(q: &mut QemuFile, num: u64) {
 }
 
 fn receive(list: &Arc<RamList>, channels: Vec<Box<dyn Transport>>) -> ram_list::Result<()> {
-    let target = RecvTarget {
-        list: list.clone(),
-        stats: Arc::new(RamStats::default()),
-        fresh: false,
-        uuid: [0; 16],
-        compressed: false,
-    };
+    let target = RecvTarget::new(list.clone(), Arc::new(RamStats::default()), [0; 16]);
     let r = MultifdReceiver::start(channels, target, None)?;
     let out = r.sync();
     r.finish();

@@ -296,13 +296,9 @@ fn multifd_round_trip(seed: u64, channels: usize, zstd: bool, fresh: bool) {
     let on_error = main_rx.shutdown_handle();
     let mut receiver = None;
     let dst = vm_custom(&SHAPE, false, |list, stats| {
-        let target = RecvTarget {
-            list: list.clone(),
-            stats: stats.clone(),
-            fresh,
-            uuid: [0; 16],
-            compressed: zstd,
-        };
+        let mut target = RecvTarget::new(list.clone(), stats.clone(), [0; 16]);
+        target.fresh = fresh;
+        target.compressed = zstd;
         let r = Arc::new(MultifdReceiver::start(boxed(rx), target, on_error).unwrap());
         receiver = Some(r.clone());
         let s = RamSection::new(list, stats).with_multifd_receiver(r);

@@ -55,15 +55,11 @@ pub fn open_disks(specs: &[DriveSpec], incoming: bool) -> Result<Vec<Arc<Disk>>>
         if disks.iter().any(|d| d.name() == s.id) {
             bail!("two drives are named {:?}", s.id);
         }
-        let d = Disk::open(
-            &s.path,
-            &s.id,
-            &DiskOptions {
-                migrate: s.migrate,
-                create: s.create,
-                lock: s.migrate || !incoming,
-            },
-        )?;
+        let mut options = DiskOptions::default();
+        options.migrate = s.migrate;
+        options.create = s.create;
+        options.lock = s.migrate || !incoming;
+        let d = Disk::open(&s.path, &s.id, &options)?;
         if d.size() % 512 != 0 {
             bail!(
                 "disk image {} is not a whole number of 512-byte sectors",

@@ -522,13 +522,9 @@ fn load_incoming(
     let receiver = match channels.is_empty() {
         true => None,
         false => {
-            let target = RecvTarget {
-                list: machine.ram.list.clone(),
-                stats: stats.clone(),
-                fresh,
-                uuid: VM_UUID,
-                compressed: ram.multifd_compression != MultifdCompression::None,
-            };
+            let mut target = RecvTarget::new(machine.ram.list.clone(), stats.clone(), VM_UUID);
+            target.fresh = fresh;
+            target.compressed = ram.multifd_compression != MultifdCompression::None;
             Some(Arc::new(MultifdReceiver::start(
                 channels,
                 target,

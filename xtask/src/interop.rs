@@ -198,13 +198,8 @@ fn load_ram(
         read_ram_sections(&mut f, &mut ram)?;
         return Ok(0);
     }
-    let target = RecvTarget {
-        list: list.clone(),
-        stats: stats.clone(),
-        fresh: false,
-        uuid: [0; 16],
-        compressed: zstd,
-    };
+    let mut target = RecvTarget::new(list.clone(), stats.clone(), [0; 16]);
+    target.compressed = zstd;
     let receiver = Arc::new(MultifdReceiver::start(extra, target, f.shutdown_handle())?);
     let mut ram = RamSection::new(list, stats).with_multifd_receiver(receiver.clone());
     ram.load_setup().map_err(|e| anyhow::anyhow!("{e}"))?;

@@ -52,8 +52,10 @@ impl Shared {
     }
 }
 
-/// Where a channel's pages go and what it checks.
+/// Where a channel's pages go and what it checks. Made with [`RecvTarget::new`];
+/// more fields may come.
 #[derive(Clone)]
+#[non_exhaustive]
 pub struct RecvTarget {
     /// The destination's RAM.
     pub list: Arc<RamList>,
@@ -67,6 +69,20 @@ pub struct RecvTarget {
     /// the channels' socket buffers are kept small, so that the source cannot think
     /// sent what this side still has to decompress.
     pub compressed: bool,
+}
+
+impl RecvTarget {
+    /// Pages into `list`, counted in `stats`, from channels that present `uuid`; memory
+    /// not known to be fresh, pages not compressed (set the fields to change that).
+    pub fn new(list: Arc<RamList>, stats: Arc<RamStats>, uuid: [u8; 16]) -> Self {
+        RecvTarget {
+            list,
+            stats,
+            fresh: false,
+            uuid,
+            compressed: false,
+        }
+    }
 }
 
 impl std::fmt::Debug for RecvTarget {

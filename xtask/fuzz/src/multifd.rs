@@ -21,13 +21,8 @@ pub fn channel(data: &[u8]) {
     let host = Arc::new(MmapRegion::<()>::new(PAGES * PAGE).expect("mmap"));
     list.add(RamBlock::new("pc.ram", host, Box::new(())).expect("block"))
         .expect("add");
-    let target = RecvTarget {
-        list,
-        stats: Arc::new(RamStats::default()),
-        fresh: true,
-        uuid: [0; 16],
-        compressed: false,
-    };
+    let mut target = RecvTarget::new(list, Arc::new(RamStats::default()), [0; 16]);
+    target.fresh = true;
     let t: Box<dyn Transport> = Box::new(MemBuffer::from_bytes(data.to_vec()));
     let r = MultifdReceiver::start(vec![t], target, None).expect("start");
     // Each round ends with the channel's SYNC; the input ends (or fails) within a few.
