@@ -55,6 +55,12 @@ pub enum Error {
         reason: String,
     },
     /// A page record outside its block, or before the block list.
+    /// Post-copy's RAM cannot do what was asked.
+    #[error("post-copy: {reason}")]
+    Postcopy {
+        /// What failed.
+        reason: String,
+    },
     /// A post-copy page request that cannot be served.
     #[error("a page request: {reason}")]
     BadPageRequest {
