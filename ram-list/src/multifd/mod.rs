@@ -17,8 +17,19 @@ use qemu_file::QemuFile;
 use crate::format::TARGET_PAGE_SIZE;
 use crate::{Error, Result};
 
+pub use target::RecvTarget;
+
+#[cfg(feature = "multifd")]
 pub mod recv;
+#[cfg(not(feature = "multifd"))]
+#[path = "recv_off.rs"]
+pub mod recv;
+#[cfg(feature = "multifd")]
 pub mod send;
+#[cfg(not(feature = "multifd"))]
+#[path = "send_off.rs"]
+pub mod send;
+mod target;
 #[cfg(feature = "zstd")]
 pub mod zstd;
 #[cfg(not(feature = "zstd"))]

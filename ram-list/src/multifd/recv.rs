@@ -17,8 +17,8 @@ use qemu_file::{QemuFile, ShutdownHandle, Transport};
 use super::zstd::{COMPRESSED_SOCKET_BUFFER, ZstdRecv};
 use super::{MULTIFD_FLAG_COMPRESSION_MASK, MULTIFD_FLAG_ZSTD};
 use crate::format::TARGET_PAGE_SIZE;
-use crate::multifd::{ChannelInit, MULTIFD_FLAG_SYNC, PACKET_HEADER_LEN, PacketHeader};
-use crate::{Error, RamBlock, RamList, RamStats, Result};
+use crate::multifd::{ChannelInit, MULTIFD_FLAG_SYNC, PACKET_HEADER_LEN, PacketHeader, RecvTarget};
+use crate::{Error, RamBlock, Result};
 
 const PAGE: usize = TARGET_PAGE_SIZE as usize;
 
@@ -49,47 +49,6 @@ struct State {
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-}
-
-/// Where a channel's pages go and what it checks. Made with [`RecvTarget::new`];
-/// more fields may come.
-#[derive(Clone)]
-#[non_exhaustive]
-pub struct RecvTarget {
-    /// The destination's RAM.
-    pub list: Arc<RamList>,
-    /// The load's counters.
-    pub stats: Arc<RamStats>,
-    /// Record written pages in the blocks' bitmaps (see `RamSection::with_fresh_memory`).
-    pub fresh: bool,
-    /// This VM's UUID: a channel must present it.
-    pub uuid: [u8; 16],
-    /// Pages are expected compressed (this side's `multifd-compression` is not none):
-    /// the channels' socket buffers are kept small, so that the source cannot think
-    /// sent what this side still has to decompress.
-    pub compressed: bool,
-}
-
-impl RecvTarget {
-    /// Pages into `list`, counted in `stats`, from channels that present `uuid`; memory
-    /// not known to be fresh, pages not compressed (set the fields to change that).
-    pub fn new(list: Arc<RamList>, stats: Arc<RamStats>, uuid: [u8; 16]) -> Self {
-        RecvTarget {
-            list,
-            stats,
-            fresh: false,
-            uuid,
-            compressed: false,
-        }
-    }
-}
-
-impl std::fmt::Debug for RecvTarget {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RecvTarget")
-            .field("fresh", &self.fresh)
-            .finish()
     }
 }
 
