@@ -34,6 +34,10 @@
 //! # std::fs::remove_dir_all(&dir)?;
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
+//!
+//! Whole VMs built on the crates: ram-list's `examples/` (a snapshot, a live migration
+//! between threads with a VMM's own `VmControl`, the same over TCP) and the repository's
+//! `examples/outside-vmm/`, a VMM outside the workspace doing all three in 150 lines.
 
 mod disk;
 mod error;

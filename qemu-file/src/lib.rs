@@ -22,6 +22,10 @@
 //! assert_eq!(inp.get_counted_string("block name")?, "pc.ram");
 //! # Ok::<(), qemu_file::Error>(())
 //! ```
+//!
+//! Whole VMs built on the crates: ram-list's `examples/` (a snapshot, a live migration
+//! between threads with a VMM's own `VmControl`, the same over TCP) and the repository's
+//! `examples/outside-vmm/`, a VMM outside the workspace doing all three in 150 lines.
 
 mod authz;
 mod channel;
