@@ -184,7 +184,8 @@ pub enum Message {
 }
 
 /// Reads the next message, refusing what QEMU's source refuses: unknown types, lengths
-/// other than the type's, anything over [`MAX_MESSAGE`].
+/// other than the type's, anything over [`MAX_MESSAGE`] (vmm's reason: over
+/// [`MAX_REASON`]).
 ///
 /// # Errors
 /// [`Error::BadReturnPath`], or the stream's.
@@ -198,7 +199,13 @@ pub fn read_message(f: &mut QemuFile) -> Result<Message> {
         MIG_RP_MSG_REQ_PAGES_ID | MIG_RP_MSG_RECV_BITMAP | MIG_RP_MSG_X_REASON => None,
         _ => return Err(bad()),
     };
-    if fixed.is_some_and(|n| n != len) || len > MAX_MESSAGE {
+    // QEMU's types fit its 512-byte buffer; vmm's reason has its own bound.
+    let max = if ty == MIG_RP_MSG_X_REASON {
+        MAX_REASON as u16
+    } else {
+        MAX_MESSAGE
+    };
+    if fixed.is_some_and(|n| n != len) || len > max {
         return Err(bad());
     }
     Ok(match ty {
@@ -361,6 +368,12 @@ mod tests {
             }
         );
         assert_eq!(read_message(&mut f).unwrap(), Message::ResumeAck);
+        // vmm's reason may be longer than QEMU's messages.
+        let long = [&[0x7f, 1, 3, 0][..], &[b'x'; 768]].concat();
+        assert_eq!(
+            read_message(&mut QemuFile::from_bytes(long)).unwrap(),
+            Message::Reason("x".repeat(768))
+        );
     }
 
     #[test]
