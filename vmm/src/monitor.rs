@@ -56,6 +56,9 @@ pub struct Monitor {
     // as in QEMU.
     fds: Mutex<HashMap<String, OwnedFd>>,
     next_client: AtomicU64,
+    // Lock: when a client's bytes last arrived; `close` lets a client finish writing
+    // what it was sending (the newline after a `quit`) before the process exits.
+    last_input: Mutex<Instant>,
 }
 
 /// What goes out to a client, in order.
@@ -113,6 +116,7 @@ impl Monitor {
             clients: Mutex::new(Vec::new()),
             fds: Mutex::new(HashMap::new()),
             next_client: AtomicU64::new(0),
+            last_input: Mutex::new(Instant::now()),
         });
         let weak = Arc::downgrade(&mon);
         session.listen(move |name, data| {
@@ -162,6 +166,14 @@ impl Monitor {
             let left = deadline.saturating_duration_since(Instant::now());
             let _ = rx.recv_timeout(left);
         }
+        // A client may still be writing the end of its last command (a client that
+        // writes `{...}` and its newline apart, as the qapi crate does: a process gone in
+        // between makes its write fail with EPIPE). Wait until clients are quiet for
+        // INPUT_QUIET, at most INPUT_GRACE.
+        let grace = Instant::now() + INPUT_GRACE;
+        while lock(&self.last_input).elapsed() < INPUT_QUIET && Instant::now() < grace {
+            std::thread::sleep(Duration::from_millis(2));
+        }
         let _ = fs::remove_file(&self.path);
     }
 
@@ -207,6 +219,7 @@ impl Monitor {
                 Ok(0) | Err(_) => return,
                 Ok(n) => n,
             };
+            *lock(&self.last_input) = Instant::now();
             streamer.feed(&buf[..n], &mut messages);
             for msg in messages.drain(..) {
                 let cmd = qmp::command(msg);
@@ -456,6 +469,11 @@ pub fn status_json(st: RunState) -> Value {
 fn qmp_name(s: &str) -> String {
     s.chars().take(64).collect()
 }
+
+/// At exit, how long clients must have sent nothing before the process goes.
+const INPUT_QUIET: Duration = Duration::from_millis(20);
+/// At exit, the most the process waits for clients to go quiet.
+const INPUT_GRACE: Duration = Duration::from_millis(200);
 
 /// How long a write to a client may block (its socket buffer full) before the client,
 /// which stopped reading, is disconnected.
