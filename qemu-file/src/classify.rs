@@ -270,4 +270,15 @@ impl Transport for Prefixed {
     fn limit_receive_buffer(&self, bytes: usize) -> io::Result<()> {
         self.inner.limit_receive_buffer(bytes)
     }
+
+    fn try_clone(&self) -> io::Result<Box<dyn Transport>> {
+        // The head was read from the socket: a second handle starts after it, which is
+        // right once this one handed it out (the caller moves what it buffered).
+        if self.taken < self.head.len() {
+            return Err(io::Error::other(
+                "the connection's first bytes are not read yet",
+            ));
+        }
+        self.inner.try_clone()
+    }
 }

@@ -118,6 +118,35 @@ impl QemuFile {
         self.transport.shutdown_handle()
     }
 
+    /// A second stream on the same connection, for another thread (QEMU's
+    /// `qemu_file_get_return_path`): a destination's writer of return-path messages
+    /// while its loader reads, or a source's reader of them while it writes. Bytes this
+    /// file has read ahead stay here; [`QemuFile::split_reader`] moves them.
+    ///
+    /// # Errors
+    /// A transport that cannot be shared (files, pipes, TLS), or the system's.
+    pub fn return_path(&self) -> Result<QemuFile> {
+        let t = self.transport.try_clone().map_err(|e| Error::Write {
+            transport: self.name.clone(),
+            source: Arc::new(e),
+        })?;
+        Ok(QemuFile::new(t))
+    }
+
+    /// A reader of the same connection for another thread, holding the bytes this one
+    /// read ahead: from now on only the new file reads (this one may go on writing).
+    ///
+    /// # Errors
+    /// As [`QemuFile::return_path`].
+    pub fn split_reader(&mut self) -> Result<QemuFile> {
+        let mut r = self.return_path()?;
+        let ahead = self.rend - self.rpos;
+        r.rbuf[..ahead].copy_from_slice(&self.rbuf[self.rpos..self.rend]);
+        r.rend = ahead;
+        self.rpos = self.rend;
+        Ok(r)
+    }
+
     // ---------------------------------------------------------------- errors
 
     /// The first error this stream met, if any.
@@ -748,6 +777,35 @@ fn write_segments(t: &mut dyn Transport, buf: &[u8], segments: &[Segment]) -> io
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_split_reader_takes_the_bytes_read_ahead_and_the_writer_stays() {
+        use std::io::{Read, Write};
+        let (a, mut peer) = std::os::unix::net::UnixStream::pair().unwrap();
+        let mut f = QemuFile::new(Box::new(crate::transport::UnixTransport::new(
+            a,
+            "unix:pair".into(),
+        )));
+        peer.write_all(b"abcdef").unwrap();
+        assert_eq!(f.get_u8().unwrap(), b'a');
+        let mut r = f.split_reader().unwrap();
+        peer.write_all(b"gh").unwrap();
+        let mut rest = [0u8; 7];
+        r.get_buffer(&mut rest).unwrap();
+        assert_eq!(&rest, b"bcdefgh");
+        // Both handles write to the same peer.
+        f.put_buffer(b"12");
+        f.flush().unwrap();
+        let mut w = f.return_path().unwrap();
+        w.put_buffer(b"34");
+        w.flush().unwrap();
+        let mut got = [0u8; 4];
+        peer.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"1234");
+        // A file has no second handle.
+        assert!(QemuFile::from_bytes(vec![1]).return_path().is_err());
+    }
+
     use super::*;
     use crate::{MemBuffer, mem_channel};
 

@@ -89,6 +89,20 @@ pub trait Transport: Send + fmt::Debug {
     fn peer_uid(&self) -> Option<u32> {
         None
     }
+
+    /// A second handle on the same connection, for another thread (QEMU's
+    /// `qemu_file_get_return_path`): one thread reads while another writes. A socket in
+    /// the clear can; elsewhere `Unsupported`.
+    fn try_clone(&self) -> io::Result<Box<dyn Transport>> {
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            format!(
+                "{} cannot be read and written by two threads at once (a tcp: or unix: socket \
+                 without TLS can)",
+                self.describe()
+            ),
+        ))
+    }
 }
 
 /// Sets SO_RCVBUF of the socket `fd`.
@@ -195,9 +209,16 @@ pub trait StreamSocket: Read + Write + AsFd + Send + fmt::Debug {
     fn peer_uid(&self) -> Option<u32> {
         None
     }
+    /// Another descriptor for the same socket.
+    fn duplicate(&self) -> io::Result<Self>
+    where
+        Self: Sized;
 }
 
 impl StreamSocket for TcpStream {
+    fn duplicate(&self) -> io::Result<Self> {
+        self.try_clone()
+    }
     fn shutdown(&self, how: Shutdown) -> io::Result<()> {
         TcpStream::shutdown(self, how)
     }
@@ -207,6 +228,9 @@ impl StreamSocket for TcpStream {
 }
 
 impl StreamSocket for UnixStream {
+    fn duplicate(&self) -> io::Result<Self> {
+        self.try_clone()
+    }
     fn shutdown(&self, how: Shutdown) -> io::Result<()> {
         UnixStream::shutdown(self, how)
     }
@@ -271,7 +295,15 @@ impl SocketTransport<UnixStream> {
     }
 }
 
-impl<S: StreamSocket> Transport for SocketTransport<S> {
+impl<S: StreamSocket + 'static> Transport for SocketTransport<S> {
+    fn try_clone(&self) -> io::Result<Box<dyn Transport>> {
+        Ok(Box::new(SocketTransport {
+            stream: self.stream.duplicate()?,
+            uri: self.uri.clone(),
+            read_timeout: None,
+            received: Vec::new(),
+        }))
+    }
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         self.read_vectored(&mut [IoSliceMut::new(buf)])
     }

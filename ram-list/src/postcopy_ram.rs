@@ -4,10 +4,11 @@
 //! request (QEMU's fault thread and `postcopy_request_page`), and each page that arrives,
 //! asked for or not, is placed atomically and marked received.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use dirty_bitmap::DirtyBitmap;
 
@@ -22,12 +23,85 @@ pub struct PostcopyRam {
     blocks: Vec<(Arc<RamBlock>, DirtyBitmap)>,
     /// Tells the fault thread to end.
     stop: Arc<AtomicBool>,
+    /// Faults that asked for a page, and what they waited (QEMU's blocktime).
+    waits: FaultWaits,
+}
+
+/// How long faults waited for their pages.
+#[derive(Debug, Default)]
+struct FaultWaits {
+    // Lock: the fault thread inserts (block, page) at its first fault; `place` removes
+    // it when the page arrives and records the wait.
+    waiting: Mutex<HashMap<(usize, usize), Instant>>,
+    // Lock: appended by `place`, read by whoever asks for the figures.
+    waited_us: Mutex<Vec<u32>>,
+    requests: AtomicU64,
+}
+
+/// What the faults of a post-copy destination waited, so far.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FaultWaitStats {
+    /// Pages asked for (one per fault on a page not there, repeats included).
+    pub requests: u64,
+    /// Faults whose page arrived, and the sum of their waits (QEMU's
+    /// `postcopy-blocktime`, per page rather than per vCPU).
+    pub resolved: u64,
+    /// The sum of the waits, microseconds.
+    pub total_us: u64,
+    /// The median, 99th percentile and longest wait, microseconds.
+    pub p50_us: u32,
+    /// 99th percentile.
+    pub p99_us: u32,
+    /// The longest.
+    pub max_us: u32,
+    /// Pages faulted on that have not arrived yet.
+    pub waiting: u64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn io_error(what: &str, e: std::io::Error) -> Error {
     Error::Postcopy {
         reason: format!("{what}: {e}"),
     }
+}
+
+/// Drops `len` bytes at `start` of `block` (whole pages inside it): they read as zero,
+/// or fault once the block is registered. Private memory goes with `MADV_DONTNEED`,
+/// shared memory with `MADV_REMOVE` (which frees its pages in the file too).
+pub(crate) fn drop_pages(b: &RamBlock, start: u64, len: u64) -> Result<()> {
+    let end = start.checked_add(len);
+    if start % TARGET_PAGE_SIZE != 0
+        || len % TARGET_PAGE_SIZE != 0
+        || end.is_none_or(|e| e > b.used_length())
+    {
+        return Err(Error::Postcopy {
+            reason: format!(
+                "a discard of {len:#x} bytes at {start:#x} of block {:?} ({} bytes)",
+                b.idstr(),
+                b.used_length()
+            ),
+        });
+    }
+    if len == 0 {
+        return Ok(());
+    }
+    let advice = if b.host().unpopulated_is_zero() {
+        libc::MADV_DONTNEED
+    } else {
+        libc::MADV_REMOVE
+    };
+    let first = (start / TARGET_PAGE_SIZE) as usize;
+    // SAFETY: the range lies inside the block's mapping (checked above); dropping its
+    // pages is what the source asked for, and the guest does not run meanwhile (or
+    // waits for them, registered).
+    let r = unsafe { libc::madvise(b.page_ptr(first).cast(), len as usize, advice) };
+    if r != 0 {
+        return Err(io_error("madvise", std::io::Error::last_os_error()));
+    }
+    Ok(())
 }
 
 impl PostcopyRam {
@@ -50,6 +124,7 @@ impl PostcopyRam {
             uffd,
             blocks,
             stop: Arc::new(AtomicBool::new(false)),
+            waits: FaultWaits::default(),
         })
     }
 
@@ -84,22 +159,7 @@ impl PostcopyRam {
     /// An unknown block, a range outside it or not of whole pages, or the kernel's.
     pub fn discard(&self, name: &str, start: u64, len: u64) -> Result<()> {
         let (b, received, first) = self.page_of(name, start)?;
-        if len % TARGET_PAGE_SIZE != 0 || start + len > b.used_length() {
-            return Err(Error::Postcopy {
-                reason: format!("a discard of {len:#x} bytes at {start:#x} of {name:?}"),
-            });
-        }
-        let advice = if b.host().unpopulated_is_zero() {
-            libc::MADV_DONTNEED
-        } else {
-            libc::MADV_REMOVE
-        };
-        // SAFETY: the range lies inside the block's mapping (checked above); dropping
-        // its pages is what the source asked for, and nothing of the guest runs yet.
-        let r = unsafe { libc::madvise(b.page_ptr(first).cast(), len as usize, advice) };
-        if r != 0 {
-            return Err(io_error("madvise", std::io::Error::last_os_error()));
-        }
+        drop_pages(b, start, len)?;
         for p in first..first + (len / TARGET_PAGE_SIZE) as usize {
             received.test_and_clear(p);
         }
@@ -125,7 +185,31 @@ impl PostcopyRam {
         }
         .map_err(|e| io_error("placing a page", e))?;
         received.set(page);
+        let bi = self.blocks.iter().position(|(x, _)| Arc::ptr_eq(x, b));
+        if let Some(since) = bi.and_then(|bi| lock(&self.waits.waiting).remove(&(bi, page))) {
+            let us = since.elapsed().as_micros().min(u32::MAX as u128) as u32;
+            lock(&self.waits.waited_us).push(us);
+        }
         Ok(placed)
+    }
+
+    /// What the faults waited so far.
+    pub fn fault_waits(&self) -> FaultWaitStats {
+        let mut w = lock(&self.waits.waited_us).clone();
+        w.sort_unstable();
+        let at = |q: f64| match w.len() {
+            0 => 0,
+            n => w[((n - 1) as f64 * q).round() as usize],
+        };
+        FaultWaitStats {
+            requests: self.waits.requests.load(Ordering::Relaxed),
+            resolved: w.len() as u64,
+            total_us: w.iter().map(|&x| u64::from(x)).sum(),
+            p50_us: at(0.5),
+            p99_us: at(0.99),
+            max_us: w.last().copied().unwrap_or(0),
+            waiting: lock(&self.waits.waiting).len() as u64,
+        }
     }
 
     /// Whether page `offset` of block `name` was placed (since the last discard of it).
@@ -152,8 +236,13 @@ impl PostcopyRam {
                         Ok(None) => continue,
                         Err(_) => return,
                     };
-                    if let Some((b, received, page)) = me.locate(fault.address) {
+                    if let Some((bi, page)) = me.locate(fault.address) {
+                        let (b, received) = &me.blocks[bi];
                         if !received.test(page) {
+                            lock(&me.waits.waiting)
+                                .entry((bi, page))
+                                .or_insert_with(Instant::now);
+                            me.waits.requests.fetch_add(1, Ordering::Relaxed);
                             request(b.idstr(), page as u64 * TARGET_PAGE_SIZE);
                         }
                     }
@@ -161,12 +250,12 @@ impl PostcopyRam {
             })
     }
 
-    /// The block and page of host address `addr`.
-    fn locate(&self, addr: u64) -> Option<(&Arc<RamBlock>, &DirtyBitmap, usize)> {
-        self.blocks.iter().find_map(|(b, received)| {
+    /// The index of the block and the page of host address `addr`.
+    fn locate(&self, addr: u64) -> Option<(usize, usize)> {
+        self.blocks.iter().enumerate().find_map(|(i, (b, _))| {
             let start = b.page_ptr(0) as u64;
             (addr >= start && addr < start + b.used_length())
-                .then(|| (b, received, ((addr - start) / TARGET_PAGE_SIZE) as usize))
+                .then(|| (i, ((addr - start) / TARGET_PAGE_SIZE) as usize))
         })
     }
 

@@ -80,6 +80,16 @@ impl PageRequests {
     }
 }
 
+impl savevm::return_path::PageRequestSink for PageRequests {
+    fn push(&self, block: Option<&str>, start: u64, len: u64) -> std::result::Result<(), String> {
+        PageRequests::push(self, block, start, len).map_err(|e| e.to_string())
+    }
+
+    fn waiting(&self) -> bool {
+        !self.is_empty()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -16,8 +16,9 @@ use crate::format::{
 use crate::multifd::recv::MultifdReceiver;
 use crate::multifd::send::MultifdSender;
 use crate::populated::Populated;
+use crate::postcopy_incoming::PostcopyIncoming;
 use crate::requests::PageRequests;
-use crate::{Error, RamBlock, RamList, RamStats, Result};
+use crate::{Error, PostcopyRam, RamBlock, RamList, RamStats, Result};
 
 /// The version of QEMU's RAM format this section writes and reads.
 pub const RAM_SECTION_VERSION: u32 = 4;
@@ -63,6 +64,10 @@ pub struct RamSection {
     handed_over: bool,
     /// Post-copy: pages the destination asked for, sent before the background pass.
     requests: Option<Arc<PageRequests>>,
+    /// The `postcopy-ram` capability (both sides).
+    postcopy: bool,
+    /// Post-copy (source): the switch happened; pages go on the main stream only.
+    switched: bool,
     // Load side.
     /// With multifd: the channels that load normal pages; each EOS waits for them.
     multifd_recv: Option<Arc<MultifdReceiver>>,
@@ -73,6 +78,14 @@ pub struct RamSection {
     /// The destination's memory is all zero when the load starts (a new VM): pages no
     /// PAGE record wrote are known to be zero (tracked in the blocks' bitmaps).
     fresh: bool,
+    /// Post-copy (destination): the source advised it.
+    advised: bool,
+    /// Post-copy (destination): what outlives the load (shared with the VMM).
+    incoming: Arc<PostcopyIncoming>,
+    /// Post-copy (destination), from LISTEN: the registered RAM pages are placed in.
+    listening: Option<Arc<PostcopyRam>>,
+    /// A page read before it is placed.
+    bounce: Vec<u8>,
 }
 
 impl fmt::Debug for RamSection {
@@ -104,6 +117,12 @@ impl RamSection {
             ignore_shared: false,
             handed_over: false,
             requests: None,
+            postcopy: false,
+            switched: false,
+            advised: false,
+            incoming: Arc::default(),
+            listening: None,
+            bounce: Vec::new(),
             multifd_recv: None,
             adopted: Vec::new(),
             load_listed: false,
@@ -141,6 +160,21 @@ impl RamSection {
     /// guest address, as QEMU's does.
     pub fn with_ignore_shared(mut self, on: bool) -> Self {
         self.ignore_shared = on;
+        self
+    }
+
+    /// The `postcopy-ram` capability (set it on both sides): a source may switch to
+    /// post-copy, its requested pages served first; a destination takes the switch,
+    /// its RAM registered with userfaultfd from LISTEN on, so that the guest waits for
+    /// the pages it lacks. A destination's VMM keeps `incoming` for as long as the
+    /// guest may lack pages (a load that stops half-way leaves RAM registered there, the
+    /// guest waiting rather than reading zeros), and reads the faults' waits from it; a
+    /// source's is unused.
+    pub fn with_postcopy(mut self, incoming: Arc<PostcopyIncoming>) -> Self {
+        self.postcopy = true;
+        self.requests
+            .get_or_insert_with(|| Arc::new(PageRequests::new()));
+        self.incoming = incoming;
         self
     }
 
@@ -262,6 +296,7 @@ impl RamSection {
                     break false;
                 }
             };
+            let was_requested = requested.is_some();
             let Some((bi, page)) = requested.or_else(|| self.find_dirty()) else {
                 break true;
             };
@@ -323,8 +358,11 @@ impl RamSection {
                 self.last_sent_block = Some(bi);
             }
             let examined = zero + normal;
+            // A requested page goes out now: the guest waits for it.
+            let flush_now = was_requested && self.requests.as_ref().is_some_and(|r| r.is_empty());
             if limited
-                && (f.budget_exhausted()
+                && (flush_now
+                    || f.budget_exhausted()
                     || examined >= MAX_PAGES_PER_ITERATION
                     || (examined % 256 == 0 && started.elapsed() >= MAX_ITERATION_TIME))
             {
@@ -348,6 +386,10 @@ impl RamSection {
 
     fn sync(&mut self) -> Result<u64> {
         self.check_version()?;
+        if self.switched {
+            // After the switch to post-copy the guest runs elsewhere: nothing to sync.
+            return Ok(self.pending_bytes());
+        }
         // A sync folds writes into bits that may still be set from before, so a page
         // written since the pagemap window was read goes only once: the window must not
         // say it was never populated.
@@ -537,11 +579,25 @@ impl RamSection {
             }
             // A page known to be zero is left alone; otherwise one that is already zero is
             // not written (so not allocated).
-            let known_zero = self.fresh && !block.bitmap.test(page);
+            if let Some(ram) = &self.listening {
+                ram.place(block.idstr(), h.offset, None)?;
+                self.stats.add_pages(1, 0);
+                return Ok(());
+            }
+            // With post-copy advised every page is made present (a read maps the zero
+            // page): an absent one would fault after LISTEN, and the source, which sent
+            // it, would not send it again.
+            let known_zero = self.fresh && !self.advised && !block.bitmap.test(page);
             if !known_zero && !block.is_zero_page(page) {
                 block.write_bytes(h.offset, &[0; TARGET_PAGE_SIZE as usize]);
             }
             self.stats.add_pages(1, 0);
+        } else if let Some(ram) = &self.listening {
+            // The guest runs: the page is placed whole, atomically, waking its waiters.
+            self.bounce.resize(TARGET_PAGE_SIZE as usize, 0);
+            f.get_buffer(&mut self.bounce)?;
+            ram.place(block.idstr(), h.offset, Some(&self.bounce))?;
+            self.stats.add_pages(0, 1);
         } else {
             // SAFETY: the page is inside the block's backing (checked above), and the
             // destination VM does not run during a load, so nothing else accesses it.
@@ -705,6 +761,101 @@ impl SectionHandler for RamSection {
         self.multifd = None;
     }
 
+    fn postcopy_capable(&self) -> bool {
+        self.postcopy
+    }
+
+    fn page_requests(&self) -> Option<Arc<dyn savevm::return_path::PageRequestSink>> {
+        match &self.requests {
+            Some(r) if self.postcopy => Some(r.clone()),
+            _ => None,
+        }
+    }
+
+    fn postcopy_switch(&mut self, f: &mut QemuFile) -> std::result::Result<(), SectionError> {
+        self.check_version()?;
+        // Pre-copy's multifd pages all went before the last round's EOS, which the
+        // destination waits for before it reads on; from here pages go on the main
+        // stream, as QEMU 7.2's post-copy does.
+        if let Some(mut m) = self.multifd.take() {
+            m.finish()?;
+            f.account_elsewhere(m.take_written());
+        }
+        // The guest runs at the destination from now on: nothing here changes RAM.
+        self.stop_logging();
+        self.switched = true;
+        // Every run of pages still to send (never sent, or dirtied since) is dropped
+        // there, so that the guest waits for it (QEMU's discard bitmap).
+        for (b, _) in &self.blocks {
+            let used = b.used_pages();
+            let ranges: Vec<(u64, u64)> = b
+                .bitmap
+                .ranges()
+                .filter(|r| r.start < used)
+                .map(|r| {
+                    let end = r.end.min(used);
+                    (
+                        r.start as u64 * TARGET_PAGE_SIZE,
+                        (end - r.start) as u64 * TARGET_PAGE_SIZE,
+                    )
+                })
+                .collect();
+            savevm::postcopy::write_discards(f, b.idstr(), &ranges);
+        }
+        // The background pass starts again from the first block.
+        self.last_seen_block = 0;
+        self.last_page = 0;
+        self.last_sent_block = None;
+        Ok(f.check().map_err(Error::from)?)
+    }
+
+    fn load_postcopy_advise(&mut self) -> std::result::Result<bool, SectionError> {
+        if !self.postcopy {
+            return Err(Box::new(Error::Postcopy {
+                reason: "the source advised post-copy, but the postcopy-ram capability is off \
+                         on this side: set it on both sides"
+                    .into(),
+            }));
+        }
+        if self.ignore_shared {
+            return Err(Box::new(Error::Postcopy {
+                reason: "x-ignore-shared and post-copy do not go together (as in QEMU)".into(),
+            }));
+        }
+        crate::Userfault::new().map_err(|e| Error::Postcopy {
+            reason: format!("this host cannot wait for pages (userfaultfd): {e}"),
+        })?;
+        self.advised = true;
+        Ok(true)
+    }
+
+    fn load_postcopy_discard(
+        &mut self,
+        block: &str,
+        ranges: &[(u64, u64)],
+    ) -> std::result::Result<bool, SectionError> {
+        let Some(b) = self.list.find(block) else {
+            return Ok(false);
+        };
+        for &(start, len) in ranges {
+            crate::postcopy_ram::drop_pages(&b, start, len)?;
+        }
+        Ok(true)
+    }
+
+    fn load_postcopy_listen(
+        &mut self,
+        rp: &Arc<savevm::return_path::ReturnPath>,
+    ) -> std::result::Result<(), SectionError> {
+        if !self.advised {
+            return Err(Box::new(Error::Postcopy {
+                reason: "LISTEN before ADVISE".into(),
+            }));
+        }
+        self.listening = Some(self.incoming.listen(&self.list, rp.clone())?);
+        Ok(())
+    }
+
     fn load_setup(&mut self) -> std::result::Result<(), SectionError> {
         self.load_listed = false;
         self.load_block = None;
@@ -715,6 +866,17 @@ impl SectionHandler for RamSection {
                 b.bitmap.clear_all();
             }
         }
+        Ok(())
+    }
+
+    fn load_cleanup(&mut self, ok: bool) -> std::result::Result<(), SectionError> {
+        if self.listening.take().is_some() && ok {
+            // Every page arrived: the guest no longer waits for any.
+            self.incoming.complete()?;
+        }
+        // Otherwise the registration stays (in `incoming`): the guest waits for pages
+        // that have not come rather than read them as zeros.
+        self.advised = false;
         Ok(())
     }
 

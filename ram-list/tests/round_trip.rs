@@ -640,8 +640,9 @@ fn requested_pages_are_sent_first_and_once() {
     src.savevm.save_iterate(&mut f).unwrap();
     f.flush().unwrap();
     let first = part_pages(&buf.contents()[setup_len..]);
+    // The chunk ends with the last requested page: it goes out at once.
     assert_eq!(
-        first[..3],
+        first,
         [
             ("vga.vram".to_string(), 5),
             ("pc.ram".to_string(), 200),
@@ -649,11 +650,12 @@ fn requested_pages_are_sent_first_and_once() {
         ],
         "{first:?}"
     );
-    assert_eq!(
-        first[3],
-        ("pc.ram".to_string(), 202),
-        "the pass goes on from there"
-    );
+    let before = buf.contents().len();
+    src.savevm.save_iterate(&mut f).unwrap();
+    f.flush().unwrap();
+    let next = part_pages(&buf.contents()[before..]);
+    // (Its first record continues pc.ram, so it carries no name.)
+    assert_eq!(next[0].1, 202, "the pass goes on from there: {next:?}");
     // Asked again once sent: not sent again.
     requests
         .push(Some("pc.ram"), 200 * PAGE as u64, PAGE as u64)

@@ -40,6 +40,8 @@ pub struct MigrationControl {
     pass_observer: Mutex<Option<PassObserver>>,
     /// Set by `continue_switchover`, read by the thread waiting in `pre-switchover`.
     continued: AtomicBool,
+    /// Set by `start_postcopy`, read by the migration thread at each iteration.
+    start_postcopy: AtomicBool,
 }
 
 impl fmt::Debug for MigrationControl {
@@ -68,6 +70,7 @@ impl MigrationControl {
             observer: Mutex::new(None),
             pass_observer: Mutex::new(None),
             continued: AtomicBool::new(false),
+            start_postcopy: AtomicBool::new(false),
         }
     }
 
@@ -132,6 +135,31 @@ impl MigrationControl {
             info = self.wake.wait(info).unwrap_or_else(|p| p.into_inner());
         }
         Ok(())
+    }
+
+    /// Asks the migration to switch to post-copy as soon as it can (QMP
+    /// `migrate-start-postcopy`): once what cannot go post-copy (a disk's bulk copy)
+    /// is sent. A migration that already ended is not an error, as in QEMU (the two
+    /// race).
+    ///
+    /// # Errors
+    /// QEMU's messages: the `postcopy-ram` capability is off, or no migration started.
+    pub fn start_postcopy(&self) -> std::result::Result<(), String> {
+        if !self.params().postcopy {
+            return Err(
+                "Enable postcopy with migrate_set_capability before the start of migration".into(),
+            );
+        }
+        if self.info().status == MigrationStatus::None {
+            return Err("Postcopy must be started after migration has been started".into());
+        }
+        self.start_postcopy.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Whether post-copy was asked for.
+    pub(crate) fn postcopy_requested(&self) -> bool {
+        self.start_postcopy.load(Ordering::SeqCst)
     }
 
     /// Requests a cancel: the thread stops at once, even inside a blocked write, and the

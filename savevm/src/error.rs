@@ -234,6 +234,23 @@ pub enum Error {
         /// Message length.
         len: u16,
     },
+    /// Post-copy cannot run as asked (before anything was switched).
+    #[error("post-copy: {reason}")]
+    Postcopy {
+        /// Why.
+        reason: String,
+    },
+    /// Post-copy was interrupted after the switch: the guest is at the destination,
+    /// which waits for its pages; the source keeps its whole copy, stopped.
+    #[error(
+        "post-copy was interrupted after the switch: {reason}; the guest is at the destination, \
+         paused until its missing pages can come, and this source keeps its whole copy, stopped \
+         (`cont` runs it here should the destination be gone)"
+    )]
+    PostcopyInterrupted {
+        /// What happened.
+        reason: String,
+    },
     /// The JSON VM description trailer is malformed.
     #[error("the VM description trailer is malformed: {reason}")]
     BadDescription {

@@ -1,5 +1,6 @@
 //! The incoming side: loading a stream into a VM that is not running.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use qemu_file::QemuFile;
@@ -8,12 +9,17 @@ use crate::format::{
     Configuration, FileHeader, Footer, FullHeader, MAX_DESCRIPTION_LEN, MIG_CMD_OPEN_RETURN_PATH,
     MIG_CMD_PING, QEMU_VM_VMDESCRIPTION, SectionType,
 };
-use crate::registry::{Handler, section_error};
+use crate::postcopy::{
+    MIG_CMD_PACKAGED, MIG_CMD_POSTCOPY_ADVISE, MIG_CMD_POSTCOPY_LISTEN,
+    MIG_CMD_POSTCOPY_RAM_DISCARD, MIG_CMD_POSTCOPY_RUN, read_advise, read_discard, read_packaged,
+};
+use crate::registry::{Handler, TARGET_PAGE_SIZE, section_error};
+use crate::return_path::ReturnPath;
 use crate::vmstate::FieldReader;
 use crate::{Error, Result, SaveVm};
 
 /// What a successful load read.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct LoadReport {
     /// Stream bytes read, header to trailer.
     pub bytes: u64,
@@ -21,9 +27,28 @@ pub struct LoadReport {
     pub records: u64,
     /// Time from the first byte to the end of the load.
     pub duration: Duration,
-    /// The JSON VM description the source appended, if any.
+    /// The JSON VM description the source appended, if any (none after post-copy).
     pub description: Option<String>,
+    /// The guest switched here during the load (post-copy's RUN): it runs already.
+    pub postcopy: bool,
+    /// Post-copy's return path, once the source advised it: the final answer goes
+    /// there (the fault thread may still hold it).
+    pub return_path: Option<Arc<ReturnPath>>,
 }
+
+/// Where a load stands with post-copy.
+#[derive(Default)]
+struct PostcopyLoad {
+    /// The source advised post-copy and a section here takes part; the return path,
+    /// shared from then on.
+    rp: Option<Arc<ReturnPath>>,
+    listening: bool,
+    running: bool,
+}
+
+/// The stream's section ids: id -> (index of the registered entry, version from its
+/// START).
+type ById = Vec<(u32, usize, u32)>;
 
 /// Where each registered section stands during a load.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,7 +79,8 @@ impl SaveVm {
             }
         }
         let mut progress = vec![Progress::NotSeen; self.entries.len()];
-        let result = self.load_records(f, &mut progress);
+        let mut postcopy = PostcopyLoad::default();
+        let result = self.load_records(f, &mut progress, &mut postcopy);
         let ok = result.is_ok();
         let mut cleanup_result = Ok(());
         for e in &mut self.entries {
@@ -74,6 +100,8 @@ impl SaveVm {
             records,
             duration: t0.elapsed(),
             description,
+            postcopy: postcopy.running,
+            return_path: postcopy.rp,
         })
     }
 
@@ -92,6 +120,7 @@ impl SaveVm {
         &mut self,
         f: &mut QemuFile,
         progress: &mut [Progress],
+        postcopy: &mut PostcopyLoad,
     ) -> Result<(u64, Option<String>)> {
         FileHeader::read_from(f)?;
         // As QEMU (with send-configuration, its default): the machine type comes first,
@@ -103,12 +132,55 @@ impl SaveVm {
             }
             found => return Err(Error::ConfigurationMissing { found, offset }),
         }
-        // Stream section id -> (index of the registered entry, version from its START).
-        let mut by_id: Vec<(u32, usize, u32)> = Vec::new();
+        let mut by_id = ById::new();
+        let records = self.load_body(f, progress, &mut by_id, postcopy, false)?;
+        if let Some(i) = progress.iter().position(|p| *p != Progress::Done) {
+            return Err(Error::MissingSection {
+                idstr: self.entries[i].info.idstr.clone(),
+                instance_id: self.entries[i].info.instance_id,
+                started: progress[i] == Progress::Started,
+            });
+        }
+        // The source appends the JSON description after EOF; read it so that a socket is
+        // drained, and stop there (the source may wait for our answer).
+        let description = match f.try_get_u8()? {
+            None => None,
+            Some(QEMU_VM_VMDESCRIPTION) => {
+                let len = f.get_be32()?;
+                let json =
+                    f.get_bytes(len.into(), MAX_DESCRIPTION_LEN as usize, "VM description")?;
+                Some(String::from_utf8(json).map_err(|_| Error::BadDescription {
+                    reason: "not UTF-8".into(),
+                })?)
+            }
+            Some(other) => {
+                return Err(Error::UnknownSectionType {
+                    found: other,
+                    offset: f.bytes_read() - 1,
+                });
+            }
+        };
+        Ok((records, description))
+    }
+
+    /// Reads records up to EOF, or (`package`: post-copy's package, which has none) to
+    /// the end of the data. Returns how many section records it read.
+    fn load_body(
+        &mut self,
+        f: &mut QemuFile,
+        progress: &mut [Progress],
+        by_id: &mut ById,
+        postcopy: &mut PostcopyLoad,
+        package: bool,
+    ) -> Result<u64> {
         let mut records = 0u64;
         loop {
             let offset = f.bytes_read();
-            let b = f.get_u8()?;
+            let b = match f.try_get_u8()? {
+                Some(b) => b,
+                None if package => break,
+                None => return Err(Error::Stream(qemu_file::Error::UnexpectedEof { offset })),
+            };
             let ty = SectionType::try_from(b)
                 .map_err(|found| Error::UnknownSectionType { found, offset })?;
             match ty {
@@ -126,7 +198,55 @@ impl SaveVm {
                         (MIG_CMD_OPEN_RETURN_PATH, 0) => {}
                         (MIG_CMD_PING, 4) => {
                             let value = f.get_be32()?;
-                            crate::return_path::send_pong(f, value)?;
+                            match &postcopy.rp {
+                                Some(rp) => rp.pong(value)?,
+                                None => crate::return_path::send_pong(f, value)?,
+                            }
+                        }
+                        (MIG_CMD_POSTCOPY_ADVISE, _) => {
+                            if let Some(advise) = read_advise(f, len)? {
+                                self.postcopy_advise(f, advise, postcopy)?;
+                            }
+                        }
+                        (MIG_CMD_POSTCOPY_RAM_DISCARD, _) => {
+                            postcopy_step(postcopy.rp.is_some() && !postcopy.listening, command)?;
+                            let (block, ranges) = read_discard(f, len)?;
+                            self.postcopy_discard(&block, &ranges)?;
+                        }
+                        (MIG_CMD_PACKAGED, _) => {
+                            postcopy_step(postcopy.rp.is_some() && !package, command)?;
+                            let mut p = QemuFile::from_bytes(read_packaged(f, len)?);
+                            records += self.load_body(&mut p, progress, by_id, postcopy, true)?;
+                        }
+                        (MIG_CMD_POSTCOPY_LISTEN, 0) => {
+                            postcopy_step(postcopy.rp.is_some() && !postcopy.listening, command)?;
+                            let rp = postcopy.rp.clone().expect("checked above");
+                            for e in &mut self.entries {
+                                if let Handler::Live(h) = &mut e.handler {
+                                    h.load_postcopy_listen(&rp)
+                                        .map_err(section_error(&e.info, "listen"))?;
+                                }
+                            }
+                            postcopy.listening = true;
+                        }
+                        (MIG_CMD_POSTCOPY_RUN, 0) => {
+                            postcopy_step(postcopy.listening && !postcopy.running, command)?;
+                            if let Some(i) = progress.iter().enumerate().position(|(i, p)| {
+                                *p != Progress::Done
+                                    && matches!(self.entries[i].handler, Handler::Device(_))
+                            }) {
+                                return Err(Error::MissingSection {
+                                    idstr: self.entries[i].info.idstr.clone(),
+                                    instance_id: self.entries[i].info.instance_id,
+                                    started: false,
+                                });
+                            }
+                            if let Some(run) = &mut self.on_postcopy_run {
+                                run().map_err(|e| Error::Postcopy {
+                                    reason: format!("starting the guest: {e}"),
+                                })?;
+                            }
+                            postcopy.running = true;
                         }
                         _ => return Err(Error::UnsupportedCommand { command, offset }),
                     }
@@ -210,32 +330,76 @@ impl SaveVm {
                 }
             }
         }
-        if let Some(i) = progress.iter().position(|p| *p != Progress::Done) {
-            return Err(Error::MissingSection {
-                idstr: self.entries[i].info.idstr.clone(),
-                instance_id: self.entries[i].info.instance_id,
-                started: progress[i] == Progress::Started,
-            });
-        }
-        // The source appends the JSON description after EOF; read it so that a socket is
-        // drained, and stop there (the source may wait for our answer).
-        let description = match f.try_get_u8()? {
-            None => None,
-            Some(QEMU_VM_VMDESCRIPTION) => {
-                let len = f.get_be32()?;
-                let json =
-                    f.get_bytes(len.into(), MAX_DESCRIPTION_LEN as usize, "VM description")?;
-                Some(String::from_utf8(json).map_err(|_| Error::BadDescription {
-                    reason: "not UTF-8".into(),
-                })?)
-            }
-            Some(other) => {
-                return Err(Error::UnknownSectionType {
-                    found: other,
-                    offset: f.bytes_read() - 1,
-                });
-            }
-        };
-        Ok((records, description))
+        Ok(records)
     }
+
+    /// ADVISE with RAM: the page sizes must be ours, and a section here must take part
+    /// (post-copy on at this side too); the return path is shared from now on.
+    fn postcopy_advise(
+        &mut self,
+        f: &QemuFile,
+        advise: crate::postcopy::Advise,
+        postcopy: &mut PostcopyLoad,
+    ) -> Result<()> {
+        let bad = |reason: String| Error::Postcopy { reason };
+        if advise.target_page_size != TARGET_PAGE_SIZE {
+            return Err(bad(format!(
+                "the source's target page size is {:#x}, this side's {TARGET_PAGE_SIZE:#x}",
+                advise.target_page_size
+            )));
+        }
+        if advise.page_size_summary != TARGET_PAGE_SIZE {
+            return Err(bad(format!(
+                "the source's RAM has page sizes {:#x} (an OR of them), this side only \
+                 {TARGET_PAGE_SIZE:#x}: back both sides' RAM the same way",
+                advise.page_size_summary
+            )));
+        }
+        let mut taken = false;
+        for e in &mut self.entries {
+            if let Handler::Live(h) = &mut e.handler {
+                taken |= h
+                    .load_postcopy_advise()
+                    .map_err(section_error(&e.info, "post-copy advise"))?;
+            }
+        }
+        if !taken {
+            return Err(bad(
+                "the source advised post-copy, but no section here loads it".into(),
+            ));
+        }
+        postcopy.rp = Some(Arc::new(ReturnPath::new(f.return_path()?)));
+        Ok(())
+    }
+
+    fn postcopy_discard(&mut self, block: &str, ranges: &[(u64, u64)]) -> Result<()> {
+        for e in &mut self.entries {
+            if let Handler::Live(h) = &mut e.handler {
+                if h.load_postcopy_discard(block, ranges)
+                    .map_err(section_error(&e.info, "post-copy discard"))?
+                {
+                    return Ok(());
+                }
+            }
+        }
+        Err(Error::Postcopy {
+            reason: format!(
+                "a discard for block {}, which no section here has",
+                qemu_file::shown(block)
+            ),
+        })
+    }
+}
+
+/// A post-copy command out of its order (QEMU's `postcopy_state` checks).
+fn postcopy_step(in_order: bool, command: u16) -> Result<()> {
+    if in_order {
+        return Ok(());
+    }
+    Err(Error::BadCommand {
+        command,
+        reason: "a post-copy command out of order (ADVISE, discards, PACKAGED with LISTEN, \
+                 devices and RUN)"
+            .into(),
+    })
 }

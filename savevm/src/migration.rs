@@ -20,7 +20,7 @@ use crate::{CompletionTimes, MigrationControl, MigrationInfo, MigrationStatus, V
 use crate::convergence::{Convergence, Verdict};
 use crate::format::{MIG_CMD_OPEN_RETURN_PATH, MIG_CMD_PING, write_command};
 use crate::switchover::{Approach, Switchover};
-use crate::{Error, Result, SaveVm, SectionError, return_path};
+use crate::{Error, Result, SaveVm, SectionError, postcopy, postcopy_source, return_path};
 
 /// The length of a bandwidth measurement window.
 pub const WINDOW: Duration = Duration::from_millis(100);
@@ -108,8 +108,9 @@ pub fn run_migration<V: VmControl + ?Sized>(
                 e => e,
             };
             let unknown = matches!(e, Error::OutcomeUnknown { .. });
+            let paused = matches!(e, Error::PostcopyInterrupted { .. });
             let mut resume_error = None;
-            if unknown {
+            if unknown || paused {
                 // The guest may run at the destination: this copy stays stopped, as one
                 // migrated away (only the operator's `cont` takes it back).
                 vm.handed_over();
@@ -120,6 +121,8 @@ pub fn run_migration<V: VmControl + ?Sized>(
             }
             let status = if matches!(e, Error::Cancelled) {
                 MigrationStatus::Cancelled
+            } else if paused {
+                MigrationStatus::PostcopyPaused
             } else {
                 MigrationStatus::Failed
             };
@@ -251,9 +254,29 @@ fn migrate<V: VmControl + ?Sized>(
     f.set_auto_flush(params.chunk_bytes.saturating_mul(4).max(1 << 20));
     f.rate_limiter().set_max_bytes_per_sec(params.max_bandwidth);
 
+    if params.postcopy {
+        if !params.return_path {
+            return Err(Error::Postcopy {
+                reason: "it needs a return path (a tcp: or unix: URI), for the destination's \
+                         page requests"
+                    .into(),
+            });
+        }
+        if !savevm.postcopy_capable() {
+            return Err(Error::Postcopy {
+                reason: "no section of this VM can go on after the switch".into(),
+            });
+        }
+    }
     {
         let _g = vm.lock();
         savevm.save_header(f);
+        if params.postcopy {
+            // As QEMU: the destination opens its return path and checks, before any
+            // section, that it can take post-copy.
+            write_command(f, MIG_CMD_OPEN_RETURN_PATH, &[]);
+            postcopy::write_advise(f, Some(postcopy_source::ADVISE));
+        }
         savevm.save_setup(f)?;
     }
     f.flush()?;
@@ -283,7 +306,9 @@ fn migrate<V: VmControl + ?Sized>(
     let mut written_at_sync = f.bytes_written();
     let mut iterations = 0u64;
     let mut syncs = 0u64;
-    loop {
+    // `x-postcopy-auto`: the convergence watch asked for a throttle or gave up.
+    let mut auto_postcopy = false;
+    let postcopy_now = loop {
         check_cancel(ctl)?;
         let now = Instant::now();
         let elapsed = now - window_start;
@@ -377,8 +402,27 @@ fn migrate<V: VmControl + ?Sized>(
                     i.threshold = threshold;
                     i.expected_downtime = prediction.expected(pending);
                 });
-                break;
+                break false;
             }
+        }
+        // Post-copy, once asked for, when what cannot go post-copy fits the limit.
+        if params.postcopy
+            && (auto_postcopy || ctl.postcopy_requested())
+            && !savevm.completion_blocked()
+            && savevm.pending_precopy_only() <= threshold
+        {
+            drop(guard);
+            ctl.update(|i| {
+                i.remaining = savevm.pending_estimate();
+                i.dirty_syncs = syncs;
+                i.iterations = iterations;
+            });
+            break true;
+        }
+        if params.postcopy && params.postcopy_auto && verdict != Verdict::Continue {
+            // Switching at the next iteration serves better than slowing the guest.
+            auto_postcopy = true;
+            verdict = Verdict::Continue;
         }
         savevm.save_iterate(f)?;
         drop(guard);
@@ -409,6 +453,9 @@ fn migrate<V: VmControl + ?Sized>(
             let end = f.rate_limiter().window_end();
             ctl.sleep_until(end);
         }
+    };
+    if postcopy_now {
+        return postcopy_source::run_postcopy(savevm, f, vm, ctl, &params, stopped);
     }
 
     // Completion: the guest is paused from here to the end.

@@ -47,6 +47,18 @@ pub struct MigrationParams {
     /// pause ([`crate::switchover::Approach`]; default on). Off: switch over at the first
     /// moment that fits, as QEMU does.
     pub approach: bool,
+    /// The `postcopy-ram` capability: the migration may switch to post-copy
+    /// ([`MigrationControl::start_postcopy`](crate::MigrationControl::start_postcopy)),
+    /// after which the guest runs at the destination and the pages it lacks follow on
+    /// demand. Needs a stream with a return path.
+    pub postcopy: bool,
+    /// `max-postcopy-bandwidth` in bytes per second, the limit once post-copy runs (the
+    /// guest waits for what is not there yet); 0 is unlimited (the default).
+    pub max_postcopy_bandwidth: u64,
+    /// `x-postcopy-auto`: with `postcopy` on, switch to post-copy by itself where
+    /// pre-copy would throttle the guest or give up (the convergence watch's verdict),
+    /// instead of waiting for `migrate-start-postcopy`.
+    pub postcopy_auto: bool,
 }
 
 impl Default for MigrationParams {
@@ -65,6 +77,9 @@ impl Default for MigrationParams {
             incoming_timeout: Duration::from_secs(120),
             pause_before_switchover: false,
             approach: true,
+            postcopy: false,
+            max_postcopy_bandwidth: 0,
+            postcopy_auto: false,
         }
     }
 }

@@ -63,7 +63,13 @@ pub struct SaveVm {
     /// Where the next `save_iterate` starts, so that one busy section cannot take every
     /// chunk's budget from the others.
     iterate_from: usize,
+    /// Post-copy (destination): starts the guest at RUN, in the middle of the load.
+    pub(crate) on_postcopy_run: Option<PostcopyRun>,
 }
+
+/// What a destination does at post-copy's RUN: start the guest, while the loading thread
+/// goes on reading the pages the guest lacks.
+pub type PostcopyRun = Box<dyn FnMut() -> std::result::Result<(), SectionError> + Send>;
 
 impl fmt::Debug for SaveVm {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -90,12 +96,21 @@ impl SaveVm {
             next_id: 0,
             entries: Vec::new(),
             iterate_from: 0,
+            on_postcopy_run: None,
         }
     }
 
     /// The machine type.
     pub fn machine(&self) -> &str {
         &self.machine
+    }
+
+    /// Post-copy (destination): what starts the guest at RUN. It runs on the loading
+    /// thread, which alone reads the pages the guest lacks: it must start the guest
+    /// without touching its memory there (hand such work to another thread), or it
+    /// waits for pages that never come.
+    pub fn set_postcopy_run(&mut self, run: PostcopyRun) {
+        self.on_postcopy_run = Some(run);
     }
 
     fn register(&mut self, info: SectionInfo, handler: Handler) -> Result<u32> {
@@ -305,12 +320,126 @@ impl SaveVm {
         Ok(f.check()?)
     }
 
+    // ------------------------------------------------------------- post-copy
+
+    /// Whether a live section goes on after a switch to post-copy (RAM).
+    pub fn postcopy_capable(&self) -> bool {
+        self.entries
+            .iter()
+            .any(|e| matches!(&e.handler, Handler::Live(h) if h.postcopy_capable()))
+    }
+
+    /// What the sections that end at the switch still have to send (a disk's dirty
+    /// blocks): the switch waits until it fits the downtime threshold.
+    pub fn pending_precopy_only(&self) -> u64 {
+        self.entries
+            .iter()
+            .map(|e| match &e.handler {
+                Handler::Live(h) if !h.postcopy_capable() => h.pending_estimate(),
+                _ => 0,
+            })
+            .sum()
+    }
+
+    /// Where the destination's page requests go, one sink per section that takes them.
+    pub fn page_request_sinks(
+        &self,
+    ) -> Vec<std::sync::Arc<dyn crate::return_path::PageRequestSink>> {
+        self.entries
+            .iter()
+            .filter_map(|e| match &e.handler {
+                Handler::Live(h) => h.page_requests(),
+                Handler::Device(_) => None,
+            })
+            .collect()
+    }
+
+    /// The switch to post-copy (QEMU's `postcopy_start`), the guest stopped and the final
+    /// sync made: END records of the live sections that do not go on, then each other
+    /// live section's discards.
+    ///
+    /// # Errors
+    /// A section failed or the stream failed.
+    pub fn save_postcopy_switch(&mut self, f: &mut QemuFile) -> Result<()> {
+        for e in &mut self.entries {
+            let Handler::Live(h) = &mut e.handler else {
+                continue;
+            };
+            if h.postcopy_capable() {
+                continue;
+            }
+            f.put_u8(QEMU_VM_SECTION_END);
+            f.put_be32(e.section_id);
+            h.complete(f).map_err(section_error(&e.info, "complete"))?;
+            Footer::write_to(e.section_id, f);
+        }
+        for e in &mut self.entries {
+            if let Handler::Live(h) = &mut e.handler {
+                if h.postcopy_capable() {
+                    h.postcopy_switch(f)
+                        .map_err(section_error(&e.info, "switch to post-copy"))?;
+                }
+            }
+        }
+        Ok(f.check()?)
+    }
+
+    /// Writes a FULL record for every device section, without EOF or description: the
+    /// body of post-copy's package.
+    ///
+    /// # Errors
+    /// A device could not be saved or the stream failed.
+    pub fn save_device_records(&mut self, f: &mut QemuFile) -> Result<()> {
+        self.save_device_sections(f)?;
+        Ok(f.check()?)
+    }
+
+    /// Ends post-copy (QEMU's `qemu_savevm_state_complete_postcopy`): the END record of
+    /// every live section that went on (everything it had left), then EOF. No
+    /// description follows, as in QEMU.
+    ///
+    /// # Errors
+    /// A section failed or the stream failed.
+    pub fn save_complete_postcopy(&mut self, f: &mut QemuFile) -> Result<()> {
+        for e in &mut self.entries {
+            let Handler::Live(h) = &mut e.handler else {
+                continue;
+            };
+            if !h.postcopy_capable() {
+                continue;
+            }
+            f.put_u8(QEMU_VM_SECTION_END);
+            f.put_be32(e.section_id);
+            h.complete(f).map_err(section_error(&e.info, "complete"))?;
+            Footer::write_to(e.section_id, f);
+        }
+        f.put_u8(QEMU_VM_EOF);
+        Ok(f.check()?)
+    }
+
     /// Writes a FULL record for every device section, then EOF and the JSON VM description
     /// (QEMU's `qemu_savevm_state_complete_precopy_non_iterable`).
     ///
     /// # Errors
     /// A device could not be saved or the stream failed.
     pub fn save_devices(&mut self, f: &mut QemuFile) -> Result<()> {
+        let devices = self.save_device_sections(f)?;
+        f.put_u8(QEMU_VM_EOF);
+        let json = serde_json::to_vec(&VmDescription {
+            page_size: TARGET_PAGE_SIZE,
+            devices,
+        })
+        .map_err(|e| Error::BadDescription {
+            reason: e.to_string(),
+        })?;
+        f.put_u8(QEMU_VM_VMDESCRIPTION);
+        f.put_be32(json.len() as u32);
+        f.put_buffer(&json);
+        Ok(f.check()?)
+    }
+
+    /// The FULL records of the device sections; returns their descriptions.
+    fn save_device_sections(&mut self, f: &mut QemuFile) -> Result<Vec<DeviceDescription>> {
         let mut devices = Vec::new();
         for e in &mut self.entries {
             let Handler::Device(h) = &mut e.handler else {
@@ -334,18 +463,7 @@ impl SaveVm {
             });
             Footer::write_to(e.section_id, f);
         }
-        f.put_u8(QEMU_VM_EOF);
-        let json = serde_json::to_vec(&VmDescription {
-            page_size: TARGET_PAGE_SIZE,
-            devices,
-        })
-        .map_err(|e| Error::BadDescription {
-            reason: e.to_string(),
-        })?;
-        f.put_u8(QEMU_VM_VMDESCRIPTION);
-        f.put_be32(json.len() as u32);
-        f.put_buffer(&json);
-        Ok(f.check()?)
+        Ok(devices)
     }
 
     /// Ends every live section's tracking (dirty logging off), whatever the outcome.

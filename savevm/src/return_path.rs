@@ -18,6 +18,8 @@
 //! acknowledgement; [`read_message`] reads any of them, as QEMU's
 //! `source_return_path_thread` does.
 
+use std::sync::Mutex;
+
 use qemu_file::QemuFile;
 
 use crate::{Error, Result};
@@ -152,6 +154,92 @@ pub fn send_resume_ack(f: &mut QemuFile) -> Result<()> {
     f.put_be16(4);
     f.put_be32(RESUME_ACK_VALUE);
     Ok(f.flush()?)
+}
+
+/// A destination's return path shared by threads once post-copy listens: the loader
+/// (PONGs, the final SHUT) and the fault thread (page requests) write whole messages
+/// under one lock, on a second handle of the connection the loader reads
+/// ([`QemuFile::return_path`]).
+#[derive(Debug)]
+pub struct ReturnPath {
+    // Lock: held for the whole of one message, by whichever thread writes it.
+    inner: Mutex<Writer>,
+}
+
+#[derive(Debug)]
+struct Writer {
+    f: QemuFile,
+    /// The block of the last page request (the next request for it leaves the name out).
+    last_block: Option<String>,
+}
+
+impl ReturnPath {
+    /// The return path over `f` (a second handle on the stream's connection).
+    pub fn new(f: QemuFile) -> Self {
+        ReturnPath {
+            inner: Mutex::new(Writer {
+                f,
+                last_block: None,
+            }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Writer> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Answers a PING.
+    ///
+    /// # Errors
+    /// The connection's.
+    pub fn pong(&self, value: u32) -> Result<()> {
+        send_pong(&mut self.lock().f, value)
+    }
+
+    /// Asks for `len` bytes at `start` of block `block`, naming the block only when it
+    /// differs from the last request's (as QEMU's `migrate_send_rp_req_pages`).
+    ///
+    /// # Errors
+    /// The connection's.
+    pub fn request_pages(&self, block: &str, start: u64, len: u32) -> Result<()> {
+        let mut w = self.lock();
+        let same = w.last_block.as_deref() == Some(block);
+        let r = send_req_pages(&mut w.f, (!same).then_some(block), start, len);
+        if r.is_ok() && !same {
+            w.last_block = Some(block.to_string());
+        }
+        r
+    }
+
+    /// The destination's verdict at the end (SHUT).
+    ///
+    /// # Errors
+    /// The connection's.
+    pub fn load_result(&self, ok: bool) -> Result<()> {
+        send_load_result(&mut self.lock().f, ok)
+    }
+
+    /// A failed load's reason (to a vmm source) and SHUT.
+    ///
+    /// # Errors
+    /// The connection's.
+    pub fn load_failure(&self, reason: Option<&str>) -> Result<()> {
+        send_load_failure(&mut self.lock().f, reason)
+    }
+}
+
+/// Where a source's section takes the destination's page requests (RAM's queue, served
+/// before its background pass): the return path's reader pushes each one.
+pub trait PageRequestSink: Send + Sync {
+    /// Queues `len` bytes at `start` of `block` (None: the block of the last request).
+    ///
+    /// # Errors
+    /// A request this side cannot serve, in words (the migration fails).
+    fn push(&self, block: Option<&str>, start: u64, len: u64) -> std::result::Result<(), String>;
+
+    /// Whether requests wait to be served (they go out whatever the bandwidth limit,
+    /// as QEMU's `postcopy_has_request`).
+    fn waiting(&self) -> bool;
 }
 
 /// One message of the return path.

@@ -1,7 +1,10 @@
 //! The two kinds of sections a VM registers: live (iterative) and device (one shot).
 
+use std::sync::Arc;
+
 use qemu_file::QemuFile;
 
+use crate::return_path::{PageRequestSink, ReturnPath};
 use crate::{FieldReader, FieldWriter, VmState};
 
 /// The error a section handler returns; savevm wraps it with the section's name and the
@@ -128,6 +131,62 @@ pub trait SectionHandler: Send {
     /// # Errors
     /// Any inconsistency with this side (unknown block, wrong size) or a hostile payload.
     fn load(&mut self, f: &mut QemuFile, version_id: u32) -> Result<(), SectionError>;
+
+    /// Post-copy (source): whether this section goes on after the guest switched to the
+    /// destination (RAM), as QEMU's `has_postcopy`. The others end at the switch.
+    fn postcopy_capable(&self) -> bool {
+        false
+    }
+
+    /// Post-copy (source), at the switch: the guest is stopped and the final sync made.
+    /// Writes what the destination must drop (RAM's discards: pages dirtied since they
+    /// were sent, and pages never sent) and stops tracking changes; `iterate` then sends
+    /// the rest, requested pages first.
+    ///
+    /// # Errors
+    /// When the state cannot be read; the switch fails and the source resumes.
+    fn postcopy_switch(&mut self, f: &mut QemuFile) -> Result<(), SectionError> {
+        let _ = f;
+        Ok(())
+    }
+
+    /// Post-copy (source): where the destination's page requests go.
+    fn page_requests(&self) -> Option<Arc<dyn PageRequestSink>> {
+        None
+    }
+
+    /// Post-copy (destination): the source advised post-copy (ADVISE). `Ok(true)`: this
+    /// section takes part (it checked that it can, and that post-copy is on here).
+    ///
+    /// # Errors
+    /// Post-copy is off on this side, or the host cannot do it (no userfaultfd).
+    fn load_postcopy_advise(&mut self) -> Result<bool, SectionError> {
+        Ok(false)
+    }
+
+    /// Post-copy (destination): drop the `(start, length)` byte ranges of `block`; `Ok(true)`
+    /// if the block is this section's.
+    ///
+    /// # Errors
+    /// Ranges outside the block, or the kernel's.
+    fn load_postcopy_discard(
+        &mut self,
+        block: &str,
+        ranges: &[(u64, u64)],
+    ) -> Result<bool, SectionError> {
+        let _ = (block, ranges);
+        Ok(false)
+    }
+
+    /// Post-copy (destination), LISTEN: from now on the guest may run while this
+    /// section's data arrives; what it lacks is asked for on `rp`.
+    ///
+    /// # Errors
+    /// The section cannot wait for its data (e.g. userfaultfd registration failed).
+    fn load_postcopy_listen(&mut self, rp: &Arc<ReturnPath>) -> Result<(), SectionError> {
+        let _ = rp;
+        Ok(())
+    }
 
     /// Finishes loading; `ok` says whether the whole stream loaded. Makes the loaded state
     /// durable (e.g. fsync a disk image) before the guest may run.

@@ -27,6 +27,11 @@ pub enum MigrationStatus {
     /// The guest is stopped for the switchover and the migration waits for
     /// `migrate-continue` (the `pause-before-switchover` capability).
     PreSwitchover,
+    /// The guest runs at the destination, which fetches the pages it lacks (post-copy).
+    PostcopyActive,
+    /// Post-copy was interrupted (the connection failed): neither side has the whole
+    /// guest; the destination waits, paused, and the source keeps its copy, stopped.
+    PostcopyPaused,
 }
 
 impl MigrationStatus {
@@ -42,14 +47,29 @@ impl MigrationStatus {
             MigrationStatus::Cancelling => "cancelling",
             MigrationStatus::Cancelled => "cancelled",
             MigrationStatus::PreSwitchover => "pre-switchover",
+            MigrationStatus::PostcopyActive => "postcopy-active",
+            MigrationStatus::PostcopyPaused => "postcopy-paused",
         }
     }
 
-    /// Whether the migration has ended.
+    /// Whether the migration has ended. `postcopy-paused` counts as an end: the
+    /// migration thread is gone and this side waits for an operator (recovery is not
+    /// built yet, docs/postcopy.md).
     pub fn is_terminal(self) -> bool {
         matches!(
             self,
-            MigrationStatus::Completed | MigrationStatus::Failed | MigrationStatus::Cancelled
+            MigrationStatus::Completed
+                | MigrationStatus::Failed
+                | MigrationStatus::Cancelled
+                | MigrationStatus::PostcopyPaused
+        )
+    }
+
+    /// Whether the guest has switched to the destination (post-copy runs or ran).
+    pub fn in_postcopy(self) -> bool {
+        matches!(
+            self,
+            MigrationStatus::PostcopyActive | MigrationStatus::PostcopyPaused
         )
     }
 }
@@ -128,4 +148,10 @@ pub struct MigrationInfo {
     /// Failed after the whole stream went out, without the destination's answer: the
     /// guest may run there, and this source stays stopped.
     pub outcome_unknown: bool,
+    /// Post-copy: page requests the destination made (QEMU's `postcopy-requests`).
+    pub postcopy_requests: u64,
+    /// Post-copy: stream bytes sent after the switch (QEMU's `postcopy-bytes`).
+    pub postcopy_bytes: u64,
+    /// Post-copy: when the switch began, the guest stopping here.
+    pub postcopy_started: Option<Instant>,
 }

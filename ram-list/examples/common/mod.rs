@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use dirty_bitmap::VmmWriteLog;
-use ram_list::{RamList, RamSection, RamStats};
+use ram_list::{PostcopyIncoming, RamList, RamSection, RamStats};
 use savevm::{SaveVm, SectionError, VmControl};
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -76,19 +76,23 @@ pub fn run_guest(mem: Memory, vm: Arc<Vm>, quit: Arc<AtomicBool>, writes: Arc<At
 /// The sections of a VM with memory `mem`: one RAM block per region, each with the
 /// vm-memory log of its region.
 pub fn sections(mem: &Memory) -> SaveVm {
+    sections_with(mem, None)
+}
+
+/// The same, with the `postcopy-ram` capability when `postcopy` is given (a
+/// destination's post-copy state; a source's is unused).
+pub fn sections_with(mem: &Memory, postcopy: Option<Arc<PostcopyIncoming>>) -> SaveVm {
     let list = RamList::from_guest_memory(mem, |i, _| {
         Box::new(VmmWriteLog::for_region(mem, i).expect("the region exists"))
     })
     .expect("RAM blocks");
+    let mut ram = RamSection::new(Arc::new(list), Arc::new(RamStats::default()));
+    if let Some(incoming) = postcopy {
+        ram = ram.with_postcopy(incoming);
+    }
     let mut savevm = SaveVm::new("example-vmm");
     savevm
-        .register_live(
-            RamSection::info(),
-            Box::new(RamSection::new(
-                Arc::new(list),
-                Arc::new(RamStats::default()),
-            )),
-        )
+        .register_live(RamSection::info(), Box::new(ram))
         .expect("one RAM section");
     savevm
 }

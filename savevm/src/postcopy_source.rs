@@ -1,0 +1,312 @@
+//! The migration thread after the switch to post-copy (QEMU's `postcopy_start` and the
+//! iterations that follow it): the guest stops here, its devices go to the destination
+//! in one package that ends with RUN, and the rest of RAM follows while the guest runs
+//! there, the pages it asks for first. docs/postcopy.md has the exchange.
+//!
+//! Until the package may have reached the destination, a failure resumes the guest here
+//! as any failed migration does. From then on neither side alone has the whole guest: a
+//! failure leaves this side stopped with its whole copy, in `postcopy-paused`.
+
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use qemu_file::{MemBuffer, QemuFile};
+
+use crate::control::lock;
+use crate::format::{MIG_CMD_PING, write_command};
+use crate::return_path::{Message, PageRequestSink, read_message};
+use crate::{
+    CompletionTimes, Error, MigrationControl, MigrationParams, MigrationStatus, Result, SaveVm,
+    SectionError, VmControl, postcopy,
+};
+
+/// What the destination says on the return path during post-copy, as the reader thread
+/// saw it.
+#[derive(Debug, Default)]
+struct Heard {
+    /// The destination's final status (SHUT).
+    shut: Option<u32>,
+    /// A vmm destination's reason for a failure.
+    reason: Option<String>,
+    /// The return path failed (the connection, or a request this side cannot serve).
+    error: Option<String>,
+    /// Page requests queued so far (counted after each is queued).
+    requests: u64,
+}
+
+/// The return path's reader and what it heard.
+struct Listener {
+    // Lock: written by the reader thread, read by the migration thread; `changed` is
+    // signalled at each change.
+    heard: Mutex<Heard>,
+    changed: Condvar,
+}
+
+impl Listener {
+    fn set(&self, f: impl FnOnce(&mut Heard)) {
+        f(&mut lock(&self.heard));
+        self.changed.notify_all();
+    }
+
+    /// The reader thread: page requests to the sections' queues, until SHUT or an error.
+    fn read(&self, mut rp: QemuFile, sinks: &[Arc<dyn PageRequestSink>], ctl: &MigrationControl) {
+        loop {
+            match read_message(&mut rp) {
+                Ok(Message::ReqPages { block, start, len }) => {
+                    ctl.update(|i| i.postcopy_requests += 1);
+                    let r = match sinks.first() {
+                        Some(s) => s.push(block.as_deref(), start, len.into()),
+                        None => Err("no section here serves page requests".into()),
+                    };
+                    if let Err(e) = r {
+                        self.set(|h| {
+                            h.error = Some(format!("the destination's page request: {e}"))
+                        });
+                        return;
+                    }
+                    self.set(|h| h.requests += 1);
+                }
+                Ok(Message::Pong(_)) => {}
+                Ok(Message::Reason(r)) => self.set(|h| h.reason = Some(r)),
+                Ok(Message::Shut(status)) => {
+                    self.set(|h| h.shut = Some(status));
+                    return;
+                }
+                Ok(other) => {
+                    self.set(|h| {
+                        h.error = Some(format!("an unexpected return-path message: {other:?}"))
+                    });
+                    return;
+                }
+                Err(e) => {
+                    self.set(|h| h.error = Some(crate::error_chain(&e)));
+                    return;
+                }
+            }
+        }
+    }
+
+    /// A failure of the return path, if any (a SHUT with a failure counts).
+    fn failure(&self) -> Option<Error> {
+        let h = lock(&self.heard);
+        if let Some(status) = h.shut.filter(|s| *s != 0) {
+            return Some(Error::DestinationFailed {
+                status,
+                reason: h.reason.clone(),
+            });
+        }
+        h.error.clone().map(|e| Error::Postcopy {
+            reason: format!("the return path: {e}"),
+        })
+    }
+
+    /// Waits until `deadline` unless a request is queued (`requested`) or comes, or the
+    /// return path ends.
+    fn wait_request(&self, deadline: Instant, requested: impl Fn() -> bool) {
+        let h = lock(&self.heard);
+        // Counted before the queue is looked at: a request queued after the look is
+        // counted after it, and ends the wait.
+        let seen = h.requests;
+        if requested() {
+            return;
+        }
+        let timeout = deadline.saturating_duration_since(Instant::now());
+        let _ = self
+            .changed
+            .wait_timeout_while(h, timeout, |h| {
+                h.requests == seen && h.shut.is_none() && h.error.is_none()
+            })
+            .unwrap_or_else(|p| p.into_inner());
+    }
+
+    /// Waits at most `timeout` for SHUT.
+    fn wait_shut(&self, timeout: Duration) -> Result<()> {
+        let h = lock(&self.heard);
+        let (h, _) = self
+            .changed
+            .wait_timeout_while(h, timeout, |h| h.shut.is_none() && h.error.is_none())
+            .unwrap_or_else(|p| p.into_inner());
+        match (h.shut, &h.error) {
+            (Some(0), _) => Ok(()),
+            (Some(status), _) => Err(Error::DestinationFailed {
+                status,
+                reason: h.reason.clone(),
+            }),
+            (None, Some(e)) => Err(Error::Postcopy {
+                reason: format!("the return path: {e}"),
+            }),
+            (None, None) => Err(Error::Postcopy {
+                reason: format!("no answer in {} ms", timeout.as_millis()),
+            }),
+        }
+    }
+}
+
+/// The target page size post-copy is advised with (every block has 4 KiB pages).
+pub(crate) const ADVISE: postcopy::Advise = postcopy::Advise {
+    page_size_summary: crate::TARGET_PAGE_SIZE,
+    target_page_size: crate::TARGET_PAGE_SIZE,
+};
+
+/// Chunks after the switch are small: a requested page waits behind at most one.
+const POSTCOPY_CHUNK: usize = 256 << 10;
+
+fn vm_error(op: &'static str) -> impl FnOnce(SectionError) -> Error {
+    move |source| Error::Vm { op, source }
+}
+
+/// After the package may have gone out, any failure leaves both sides paused.
+fn interrupted(e: Error) -> Error {
+    match e {
+        Error::PostcopyInterrupted { .. } => e,
+        other => Error::PostcopyInterrupted {
+            reason: crate::error_chain(&other),
+        },
+    }
+}
+
+/// The switch and the post-copy phase, to the destination's SHUT. `stopped` is set once
+/// the vCPUs are asked to stop.
+pub(crate) fn run_postcopy<V: VmControl + ?Sized>(
+    savevm: &mut SaveVm,
+    f: &mut QemuFile,
+    vm: &V,
+    ctl: &MigrationControl,
+    params: &MigrationParams,
+    stopped: &mut bool,
+) -> Result<()> {
+    let reader = f.split_reader().map_err(|e| Error::Postcopy {
+        reason: format!("the return path cannot be read by a thread of its own: {e}"),
+    })?;
+    let shut_reader = reader.shutdown_handle();
+    let listener = Listener {
+        heard: Mutex::new(Heard::default()),
+        changed: Condvar::new(),
+    };
+    let sinks = savevm.page_request_sinks();
+    std::thread::scope(|s| {
+        let reader_thread = std::thread::Builder::new()
+            .name("return-path".into())
+            .spawn_scoped(s, || listener.read(reader, &sinks, ctl))
+            .map_err(|e| Error::Postcopy {
+                reason: format!("no thread for the return path: {e}"),
+            })?;
+        let r = switch_and_send(savevm, f, vm, ctl, params, stopped, &listener);
+        if r.is_err() || !reader_thread.is_finished() {
+            // The reader ends with the connection (it saw SHUT when all went well).
+            if let Some(h) = &shut_reader {
+                h.shutdown();
+            }
+        }
+        let _ = reader_thread.join();
+        r
+    })
+}
+
+fn switch_and_send<V: VmControl + ?Sized>(
+    savevm: &mut SaveVm,
+    f: &mut QemuFile,
+    vm: &V,
+    ctl: &MigrationControl,
+    params: &MigrationParams,
+    stopped: &mut bool,
+    listener: &Listener,
+) -> Result<()> {
+    let t_stop = Instant::now();
+    let stopped_at = SystemTime::now();
+    ctl.set_status(MigrationStatus::PostcopyActive, |i| {
+        i.stopped_at = Some(stopped_at);
+        i.postcopy_started = Some(t_stop);
+    });
+    let mut times = CompletionTimes::default();
+    let bytes_at_stop = f.bytes_written();
+    *stopped = true;
+    vm.stop_vcpus().map_err(vm_error("stop its vCPUs"))?;
+    times.stop_vcpus = t_stop.elapsed();
+    {
+        let _g = vm.lock();
+        let t = Instant::now();
+        vm.flush_disks().map_err(vm_error("flush its disks"))?;
+        times.flush_disks = t.elapsed();
+        let t = Instant::now();
+        savevm.pending_exact()?;
+        times.final_sync = t.elapsed();
+        let t = Instant::now();
+        f.rate_limiter().set_max_bytes_per_sec(0);
+        savevm.save_postcopy_switch(f)?;
+        write_command(f, MIG_CMD_PING, &2u32.to_be_bytes());
+        times.send_ram = t.elapsed();
+
+        let t = Instant::now();
+        let package = MemBuffer::new();
+        let mut p = package.file();
+        postcopy::write_listen(&mut p);
+        savevm.save_device_records(&mut p)?;
+        write_command(&mut p, MIG_CMD_PING, &3u32.to_be_bytes());
+        postcopy::write_run(&mut p);
+        p.flush()?;
+        if let Some(e) = listener.failure() {
+            return Err(e);
+        }
+        // The point of no return: once the package may be out, the destination may run
+        // the guest, and this side must not.
+        if !ctl.commit() {
+            return Err(Error::Cancelled);
+        }
+        postcopy::write_packaged(f, &package.contents());
+        write_command(f, MIG_CMD_PING, &4u32.to_be_bytes());
+        f.flush().map_err(|e| interrupted(e.into()))?;
+        times.send_devices = t.elapsed();
+    }
+    times.total = t_stop.elapsed();
+    let bytes_at_run = f.bytes_written();
+    ctl.update(|i| {
+        // The pause as this side sees it: until the package went out.
+        i.downtime = Some(times.total);
+        i.completion = Some(times);
+        i.downtime_bytes = bytes_at_run - bytes_at_stop;
+    });
+
+    // The rest of RAM, requested pages first. The limit paces the background pass
+    // only: a requested page goes at once (the guest waits for it), as in QEMU.
+    f.set_chunk_budget(POSTCOPY_CHUNK);
+    let mut pace = qemu_file::RateLimiter::new(params.max_postcopy_bandwidth);
+    let sinks = savevm.page_request_sinks();
+    let requested = || sinks.iter().any(|s| s.waiting());
+    loop {
+        if let Some(e) = listener.failure() {
+            return Err(interrupted(e));
+        }
+        if pace.exceeded() {
+            listener.wait_request(pace.window_end(), requested);
+        }
+        let before = f.bytes_written();
+        let done = {
+            let _g = vm.lock();
+            savevm.save_iterate(f).map_err(interrupted)?
+        };
+        f.flush().map_err(|e| interrupted(e.into()))?;
+        let remaining = savevm.pending_estimate();
+        ctl.update(|i| {
+            i.transferred = f.bytes_written();
+            i.bytes_elsewhere = f.bytes_elsewhere();
+            i.postcopy_bytes = f.bytes_written() - bytes_at_run;
+            i.remaining = remaining;
+        });
+        pace.consume(f.bytes_written() - before);
+        if done && remaining == 0 {
+            break;
+        }
+    }
+    savevm.save_complete_postcopy(f).map_err(interrupted)?;
+    f.flush().map_err(|e| interrupted(e.into()))?;
+    f.finish().map_err(|e| interrupted(e.into()))?;
+    listener
+        .wait_shut(params.stall_timeout)
+        .map_err(interrupted)?;
+    ctl.update(|i| {
+        i.transferred = f.bytes_written();
+        i.postcopy_bytes = f.bytes_written() - bytes_at_run;
+    });
+    Ok(())
+}
