@@ -42,6 +42,9 @@ pub enum Verdict {
     Throttle(u8),
     /// Give up: why.
     CannotConverge(String),
+    /// Switch to post-copy (`x-postcopy-auto`): the guest dirties faster than the link
+    /// carries, as auto-converge would have judged it.
+    Postcopy,
 }
 
 /// The convergence watch of one migration.
@@ -138,8 +141,13 @@ impl Convergence {
             );
             self.rates = Some((dirty_rate, send_rate));
             let share = f64::from(params.throttle_trigger_threshold) / 100.0;
-            if params.auto_converge && dirty_rate > send_rate * share {
+            let postcopy_auto = params.postcopy && params.postcopy_auto;
+            if (params.auto_converge || postcopy_auto) && dirty_rate > send_rate * share {
                 self.high_periods += 1;
+                if self.high_periods >= 2 && postcopy_auto {
+                    // Post-copy bounds the time without slowing the guest.
+                    return Verdict::Postcopy;
+                }
                 if self.high_periods >= 2 {
                     self.high_periods = 0;
                     let step = if self.throttle == 0 {

@@ -440,6 +440,8 @@ fn migrate<V: VmControl + ?Sized>(
                     .map_err(vm_error("throttle its vCPUs"))?;
             }
             Verdict::CannotConverge(why) => return Err(Error::CannotConverge(why)),
+            // Handled above: only with post-copy on.
+            Verdict::Postcopy => {}
         }
         // The blocking write, with the VM lock released.
         f.flush()?;

@@ -190,6 +190,19 @@ pub(crate) struct RunArgs {
     /// can be sent (QEMU's capability, with its defaults: 20%, +10%, up to 99%).
     #[arg(long)]
     pub auto_converge: bool,
+    /// postcopy-ram: the migration may switch to post-copy (QMP migrate-start-postcopy,
+    /// or --x-postcopy-auto): the guest then runs at the destination at once and the
+    /// pages it lacks follow on demand. Set it on both sides.
+    #[arg(long)]
+    pub postcopy: bool,
+    /// x-postcopy-auto: switch to post-copy by itself where pre-copy would throttle the
+    /// guest or give up.
+    #[arg(long, requires = "postcopy")]
+    pub x_postcopy_auto: bool,
+    /// max-postcopy-bandwidth in bytes per second (K, M, G suffixes): paces post-copy's
+    /// background pass; requested pages go at once. 0 is unlimited.
+    #[arg(long, default_value = "0", value_parser = parse_size)]
+    pub max_postcopy_bandwidth: u64,
     /// multifd: RAM pages travel over this many extra connections besides the main
     /// stream (tcp: and unix: only); a destination must be given the same number.
     #[arg(long, value_parser = clap::value_parser!(u8).range(1..))]

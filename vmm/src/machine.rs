@@ -124,6 +124,11 @@ pub struct Machine {
     // pages) taken at the switchover, before the destination could run on memory it
     // shares (the migration thread writes).
     switchover_hash: Mutex<Option<(u64, (u64, u64))>>,
+    // Lock: a destination's post-copy state, set by the incoming thread when a load with
+    // postcopy-ram starts; kept for as long as the guest may lack pages (its RAM stays
+    // registered, so the guest waits for them rather than read zeros); read by
+    // query-migrate.
+    postcopy: Mutex<Option<Arc<ram_list::PostcopyIncoming>>>,
 }
 
 impl Machine {
@@ -226,6 +231,7 @@ impl Machine {
             gives_memory: AtomicBool::new(false),
             memory_given: AtomicBool::new(false),
             switchover_hash: Mutex::new(None),
+            postcopy: Mutex::new(None),
         }))
     }
 
@@ -308,6 +314,29 @@ impl Machine {
     /// load into it.
     pub fn take_fresh_memory(&self) -> bool {
         self.fresh_memory.swap(false, Ordering::SeqCst)
+    }
+
+    /// A destination's post-copy state for the load about to start (`postcopy-ram`);
+    /// the one of an earlier load is dropped unless its guest still lacks pages.
+    ///
+    /// # Errors
+    /// The guest of an earlier post-copy still waits for pages here.
+    pub fn new_postcopy_incoming(&self) -> Result<Arc<ram_list::PostcopyIncoming>> {
+        let mut slot = self.postcopy.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.as_ref().is_some_and(|p| p.waiting_for_pages()) {
+            bail!("the guest of an interrupted post-copy still waits for its pages here");
+        }
+        let p = Arc::new(ram_list::PostcopyIncoming::new());
+        *slot = Some(p.clone());
+        Ok(p)
+    }
+
+    /// The destination's post-copy state, if a load used it.
+    pub fn postcopy_incoming(&self) -> Option<Arc<ram_list::PostcopyIncoming>> {
+        self.postcopy
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Marks a source whose guest now runs elsewhere.

@@ -190,6 +190,9 @@ fn run(a: &RunArgs) -> Result<i32> {
     p.downtime_limit = Duration::from_millis(a.downtime_limit);
     p.max_bandwidth = a.max_bandwidth;
     p.auto_converge = a.auto_converge;
+    p.postcopy = a.postcopy;
+    p.postcopy_auto = a.x_postcopy_auto;
+    p.max_postcopy_bandwidth = a.max_postcopy_bandwidth;
     p.approach = !a.x_first_fit_switchover;
     p.incoming_timeout = Duration::from_millis(a.incoming_timeout);
     let ram = &mut migration_params.ram;

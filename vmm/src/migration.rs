@@ -10,7 +10,8 @@ use anyhow::{Context, Result, anyhow, bail};
 use block_migration::{BlockMigration, BlockStats};
 use qemu_file::{Listener, MigrationUri, QemuFile, connect};
 use ram_list::{
-    MultifdCompression, MultifdReceiver, MultifdSender, RamSection, RamStats, RecvTarget,
+    MultifdCompression, MultifdReceiver, MultifdSender, PostcopyIncoming, RamSection, RamStats,
+    RecvTarget,
 };
 use savevm::{MigrationControl, MigrationInfo, SaveVm, return_path, run_migration};
 use serde_json::json;
@@ -27,7 +28,8 @@ pub fn machine_type(m: &Machine) -> String {
 }
 
 /// The sections of `m`, in stream order: the disks copied by block migration (if any),
-/// RAM, the vCPUs and in-kernel devices, the UART.
+/// RAM, the vCPUs and in-kernel devices, the UART. `postcopy`: the `postcopy-ram`
+/// capability, with a destination's post-copy state (a source's is unused).
 ///
 /// # Errors
 /// A duplicate registration (a bug).
@@ -38,6 +40,7 @@ pub fn sections(
     fresh_memory: bool,
     multifd: Multifd,
     ignore_shared: bool,
+    postcopy: Option<Arc<PostcopyIncoming>>,
 ) -> Result<SaveVm> {
     let mut s = SaveVm::new(machine_type(m));
     let mut block = BlockMigration::new(m.disks.clone(), disk_stats);
@@ -54,6 +57,9 @@ pub fn sections(
     }
     // x-ignore-shared: memfd RAM goes by its descriptor, over a unix socket.
     ram = ram.with_ignore_shared(ignore_shared);
+    if let Some(p) = postcopy {
+        ram = ram.with_postcopy(p);
+    }
     ram = match multifd {
         Multifd::Off => ram,
         Multifd::Send(channels) => ram.with_multifd(channels),
@@ -130,6 +136,29 @@ fn connect_channels(
     Ok(Multifd::Send(sender))
 }
 
+/// Refuses post-copy where it cannot run: the destination's page requests need a
+/// return path read by a thread of its own.
+fn check_postcopy(uri: &MigrationUri, ram: &RamSettings, tls: bool) -> Result<()> {
+    if !has_return_path(uri) {
+        bail!(
+            "postcopy-ram needs a tcp: or unix: URI (the destination asks for pages on the \
+             return path), not {}",
+            uri.scheme()
+        );
+    }
+    if tls {
+        bail!(
+            "postcopy-ram over TLS is not built yet: its return path is read by a thread of its \
+             own, which a TLS session does not allow here; migrate without tls-creds or turn \
+             postcopy-ram off"
+        );
+    }
+    if ram.ignore_shared {
+        bail!("x-ignore-shared and postcopy-ram do not go together (as in QEMU): turn one off");
+    }
+    Ok(())
+}
+
 /// TLS for a migration's connection: the credentials (a `tls-creds-x509` object) and, for
 /// a source, the host name the destination's certificate must be valid for (None: the
 /// URI's host).
@@ -174,6 +203,11 @@ impl Outgoing {
     ) -> Result<Self> {
         let (mut params, ram_settings) = (settings.migration, settings.ram);
         params.return_path = return_path && has_return_path(&uri);
+        if params.postcopy {
+            check_postcopy(&uri, &ram_settings, tls.is_some())?;
+            // As QEMU: post-copy opens the return path whatever `return-path` says.
+            params.return_path = true;
+        }
         let ctl = Arc::new(MigrationControl::new(params));
         ctl.set_observer(observer);
         let ram = Arc::new(RamStats::default());
@@ -242,7 +276,16 @@ fn migrate(
     };
     let mut f = QemuFile::new(transport);
     let multifd = connect_channels(&uri, params, ctl, tls.as_ref())?;
-    let mut savevm = sections(&machine, ram, disk, false, multifd, params.ignore_shared)?;
+    let postcopy = ctl.params().postcopy.then(Arc::default);
+    let mut savevm = sections(
+        &machine,
+        ram,
+        disk,
+        false,
+        multifd,
+        params.ignore_shared,
+        postcopy,
+    )?;
     machine.set_gives_memory(params.ignore_shared);
     // On success the guest runs at the destination (or lives in the file), never again
     // here: run_migration marks the machine post-migrate before it reports completion.
@@ -278,6 +321,9 @@ fn migrate(
                 "bandwidth_bps": info.bandwidth,
                 "threshold": info.threshold,
                 "expected_downtime_ms": ms(info.expected_downtime),
+                "postcopy": info.postcopy_started.is_some(),
+                "postcopy_requests": info.postcopy_requests,
+                "postcopy_bytes": info.postcopy_bytes,
             }),
         );
     }
@@ -451,6 +497,7 @@ impl IncomingListener {
     ///
     /// # Errors
     /// Any load error; the guest has not run.
+    #[allow(clippy::too_many_arguments)]
     pub fn load(
         self,
         machine: &Arc<Machine>,
@@ -459,9 +506,24 @@ impl IncomingListener {
         tls: Option<&Tls>,
         abort: &Abort,
         on_connect: impl FnOnce(),
+        on_postcopy: impl Fn() + Send + 'static,
     ) -> Result<IncomingReport> {
         let previous = self.previous;
-        let r = load_incoming(machine, self, verify, params, tls, abort, on_connect);
+        let r = load_incoming(
+            machine,
+            self,
+            verify,
+            params,
+            tls,
+            abort,
+            on_connect,
+            on_postcopy,
+        );
+        if r.is_err() && postcopy_paused(machine) {
+            // The guest ran here and lacks pages: it stays, waiting for them (never
+            // reading them as zeros), and so does this side's state.
+            return r;
+        }
         if r.is_err() {
             if let Some(m) = &machine.ram.memfd {
                 // It may have taken the source's memory: it must not share it any more.
@@ -475,6 +537,62 @@ impl IncomingListener {
     }
 }
 
+/// Whether a destination's guest runs after post-copy's switch and still lacks pages.
+pub fn postcopy_paused(machine: &Machine) -> bool {
+    machine
+        .postcopy_incoming()
+        .is_some_and(|p| p.waiting_for_pages())
+}
+
+/// The thread that starts a post-copy destination's guest at RUN.
+type RunThread = Arc<Mutex<Option<JoinHandle<Result<()>>>>>;
+
+/// What starts the guest at post-copy's RUN: the vCPU state is applied and the vCPUs
+/// started on a thread of their own (both may touch guest memory, whose pages the
+/// loading thread alone brings in); `--verify` first hashes every page, each read of
+/// one not there yet waiting for it.
+fn postcopy_run(
+    machine: &Arc<Machine>,
+    verify: bool,
+    slot: RunThread,
+    on_postcopy: impl Fn() + Send + 'static,
+) -> savevm::PostcopyRun {
+    let machine = machine.clone();
+    Box::new(move || {
+        on_postcopy();
+        machine.events.emit("postcopy-run", json!({}));
+        let m = machine.clone();
+        let t = std::thread::Builder::new()
+            .name("postcopy-run".into())
+            .spawn(move || -> Result<()> {
+                if verify {
+                    emit_hash(&m, "destination");
+                }
+                m.cpus
+                    .apply_loaded()
+                    .context("applying the vCPU state")?;
+                let ready_at = SystemTime::now();
+                m.start_after_load()?;
+                let resumed_at = SystemTime::now();
+                if m.run_state() == RunState::Running {
+                    m.events.emit_at(
+                        "incoming-resumed",
+                        resumed_at,
+                        json!({"resumed_at_us": unix_us(resumed_at), "ready_at_us": unix_us(ready_at),
+                               "postcopy": true}),
+                    );
+                } else {
+                    m.events
+                        .emit("incoming-held", json!({"ready_at_us": unix_us(ready_at)}));
+                }
+                Ok(())
+            })?;
+        *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(t);
+        Ok(())
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
 fn load_incoming(
     machine: &Arc<Machine>,
     incoming: IncomingListener,
@@ -483,6 +601,7 @@ fn load_incoming(
     tls: Option<&Tls>,
     abort: &Abort,
     on_connect: impl FnOnce(),
+    on_postcopy: impl Fn() + Send + 'static,
 ) -> Result<IncomingReport> {
     let (params, ram) = (&settings.migration, &settings.ram);
     let events = &machine.events;
@@ -542,6 +661,10 @@ fn load_incoming(
         (Some(r), Some(l)) => Some(watch_extra(l, r.clone(), f.shutdown_handle())),
         _ => None,
     };
+    let postcopy = match params.postcopy {
+        true => Some(machine.new_postcopy_incoming()?),
+        false => None,
+    };
     let mut savevm = sections(
         machine,
         stats,
@@ -549,9 +672,29 @@ fn load_incoming(
         fresh,
         multifd,
         ram.ignore_shared,
+        postcopy.clone(),
     )?;
+    let run_thread = RunThread::default();
+    if postcopy.is_some() {
+        savevm.set_postcopy_run(postcopy_run(
+            machine,
+            verify,
+            run_thread.clone(),
+            on_postcopy,
+        ));
+    }
     let answer = has_return_path(uri);
     let loaded = savevm.load(&mut f);
+    // The guest started at RUN: its thread has applied its state (the load brought every
+    // page it could wait for).
+    let started = run_thread
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take()
+        .map(|t| {
+            t.join()
+                .unwrap_or_else(|_| Err(anyhow!("the thread starting the guest panicked")))
+        });
     // A channel's failure stops the main stream too: its error is the one to report.
     if let Some((stop, t)) = watch {
         stop.shutdown();
@@ -566,12 +709,15 @@ fn load_incoming(
         (Err(_), Some(e)) => Err(anyhow::Error::from(e)),
         (r, _) => r.map_err(anyhow::Error::from),
     };
-    let loaded = loaded.and_then(|r| {
-        machine
+    let loaded = loaded.and_then(|r| match &started {
+        // Post-copy: applied and started at RUN.
+        Some(Ok(())) => Ok(r),
+        Some(Err(e)) => Err(anyhow!("starting the guest at post-copy's RUN: {e:#}")),
+        None => machine
             .cpus
             .apply_loaded()
             .map(|_| r)
-            .context("applying the vCPU state")
+            .context("applying the vCPU state"),
     });
     // Told to stop while loading: the source must not hear that it loaded.
     let loaded = loaded.and_then(|r| match abort.aborted() {
@@ -584,7 +730,8 @@ fn load_incoming(
     // end of its description): the source owns the guest until that byte left it, and a
     // stream cut before it must not run here.
     let loaded = loaded.and_then(|r| match (answer, &r.description) {
-        (true, None) => Err(anyhow!(
+        // After post-copy no description follows, as in QEMU.
+        (true, None) if !r.postcopy => Err(anyhow!(
             "the stream ended before its VM description: the source did not finish sending it"
         )),
         _ => Ok(r),
@@ -605,9 +752,22 @@ fn load_incoming(
                     )
                 );
                 let reason = format!("{e:#}");
-                let _ = return_path::send_load_failure(&mut f, from_vmm.then_some(&*reason));
+                let _ = match postcopy.is_some() {
+                    // Post-copy may share the return path with the fault thread.
+                    true => f.return_path().map_err(savevm::Error::from).and_then(|w| {
+                        return_path::ReturnPath::new(w).load_failure(from_vmm.then_some(&*reason))
+                    }),
+                    false => return_path::send_load_failure(&mut f, from_vmm.then_some(&*reason)),
+                };
             }
             events.emit("incoming-failed", json!({"error": format!("{e:#}")}));
+            if postcopy_paused(machine) {
+                events.emit("postcopy-paused", json!({"error": format!("{e:#}")}));
+                return Err(e.context(
+                    "post-copy was interrupted: the guest runs here and waits for the pages it \
+                     lacks (it never reads them as zeros); the source keeps its whole copy, stopped",
+                ));
+            }
             return Err(e.context("the incoming migration failed; the guest was not started"));
         }
     };
@@ -616,8 +776,29 @@ fn load_incoming(
     events.emit_at(
         "loaded",
         loaded_at,
-        json!({"bytes": report.bytes + channel_bytes, "load_ms": ms(load_time)}),
+        json!({"bytes": report.bytes + channel_bytes, "load_ms": ms(load_time),
+               "postcopy": report.postcopy}),
     );
+    if report.postcopy {
+        // The guest runs here since RUN; every page has arrived.
+        if let Some(rp) = &report.return_path {
+            if let Err(e) = rp.load_result(true) {
+                eprintln!("vmm: post-copy completed, but the source could not be told ({e})");
+            }
+        }
+        if let Some(p) = &postcopy {
+            let w = p.info().waits;
+            events.emit(
+                "postcopy-faults",
+                json!({"requests": w.requests, "resolved": w.resolved, "total_us": w.total_us,
+                       "p50_us": w.p50_us, "p99_us": w.p99_us, "max_us": w.max_us}),
+            );
+        }
+        return Ok(IncomingReport {
+            bytes: report.bytes + channel_bytes,
+            load_time,
+        });
+    }
     if answer {
         if let Err(e) = return_path::send_load_result(&mut f, true) {
             // The source cannot know it loaded here: it keeps its copy stopped (outcome

@@ -327,6 +327,10 @@ impl Monitor {
                 session.migrate_continue(&state).map_err(generic)?;
                 Ok(json!({}))
             }
+            Request::MigrateStartPostcopy => {
+                session.start_postcopy().map_err(generic)?;
+                Ok(json!({}))
+            }
             Request::QueryMigrate => Ok(session.query_migrate()),
             Request::SetParameters(list) => {
                 let mut p = session.params();

@@ -44,6 +44,9 @@ pub struct Session {
     /// The `events` capability: MIGRATION and MIGRATION_PASS events (off by default, as
     /// in QEMU).
     events: AtomicBool,
+    /// The `postcopy-blocktime` capability: a destination's `query-migrate` says how long
+    /// the guest waited for pages.
+    postcopy_blocktime: AtomicBool,
     // Lock: the current or last outgoing migration; set by `migrate`, read by queries.
     outgoing: Mutex<Option<Arc<Outgoing>>>,
     // Lock: the current or last incoming migration; set by `migrate_incoming` while one
@@ -87,6 +90,7 @@ impl Session {
             params: Mutex::new(params),
             return_path: AtomicBool::new(true),
             events: AtomicBool::new(false),
+            postcopy_blocktime: AtomicBool::new(false),
             outgoing: Mutex::new(None),
             incoming: Mutex::new(None),
             last_incoming: AtomicBool::new(false),
@@ -233,6 +237,8 @@ impl Session {
             Capability::Multifd => self.params().ram.multifd,
             Capability::PauseBeforeSwitchover => self.params().migration.pause_before_switchover,
             Capability::IgnoreShared => self.params().ram.ignore_shared,
+            Capability::PostcopyRam => self.params().migration.postcopy,
+            Capability::PostcopyBlocktime => self.postcopy_blocktime.load(Ordering::SeqCst),
         }
     }
 
@@ -248,6 +254,10 @@ impl Session {
             Capability::Multifd => p.ram.multifd = on,
             Capability::PauseBeforeSwitchover => p.migration.pause_before_switchover = on,
             Capability::IgnoreShared => p.ram.ignore_shared = on,
+            Capability::PostcopyRam => p.migration.postcopy = on,
+            Capability::PostcopyBlocktime => {
+                return self.postcopy_blocktime.store(on, Ordering::SeqCst);
+            }
         }
         self.set_params(p);
     }
@@ -371,6 +381,22 @@ impl Session {
         o.ctl.continue_switchover(state).map_err(anyhow::Error::msg)
     }
 
+    /// `migrate-start-postcopy`: the running migration switches to post-copy as soon as
+    /// it can.
+    ///
+    /// # Errors
+    /// QEMU's: the capability is off, or no migration was started.
+    pub fn start_postcopy(&self) -> Result<()> {
+        if !self.params().migration.postcopy {
+            bail!("Enable postcopy with migrate_set_capability before the start of migration");
+        }
+        let out = lock(&self.outgoing);
+        let Some(o) = out.as_ref() else {
+            bail!("Postcopy must be started after migration has been started");
+        };
+        o.ctl.start_postcopy().map_err(anyhow::Error::msg)
+    }
+
     /// Receives the guest from a stream on `uri` (`migrate-incoming`, and `--incoming`),
     /// in the background: the VM must have been started with `--incoming`, or its guest
     /// migrated away (a VM can so take back a guest it gave). Returns the bound address.
@@ -404,6 +430,12 @@ impl Session {
             .name("incoming".into())
             .spawn(move || {
                 let on_connect = || me.incoming_status(MigrationStatus::Active, None);
+                let weak = Arc::downgrade(&me);
+                let on_postcopy = move || {
+                    if let Some(s) = weak.upgrade() {
+                        s.incoming_status(MigrationStatus::PostcopyActive, None);
+                    }
+                };
                 let r = listener.load(
                     &me.machine,
                     me.verify,
@@ -411,6 +443,7 @@ impl Session {
                     tls.as_ref(),
                     &a,
                     on_connect,
+                    on_postcopy,
                 );
                 match &r {
                     Ok(rep) => eprintln!(
@@ -427,6 +460,9 @@ impl Session {
                 }
                 match r {
                     Ok(_) => me.incoming_status(MigrationStatus::Completed, None),
+                    Err(e) if crate::migration::postcopy_paused(&me.machine) => {
+                        me.incoming_status(MigrationStatus::PostcopyPaused, Some(format!("{e:#}")))
+                    }
                     Err(e) => me.incoming_status(MigrationStatus::Failed, Some(format!("{e:#}"))),
                 }
             })?;
@@ -497,6 +533,22 @@ impl Session {
                 }
                 if let Some(e) = &i.error {
                     v["error-desc"] = json!(e);
+                }
+                if let Some(p) = self.machine.postcopy_incoming() {
+                    let info = p.info();
+                    if info.listening {
+                        let w = &info.waits;
+                        if self.postcopy_blocktime.load(Ordering::SeqCst) {
+                            // QEMU's figure is per vCPU; ours sums the waits of every
+                            // fault on a page not there (vCPUs and the VMM's own reads).
+                            v["postcopy-blocktime"] = json!(w.total_us / 1000);
+                        }
+                        v["x-postcopy-faults"] = json!({
+                            "requests": w.requests, "resolved": w.resolved,
+                            "waiting": w.waiting, "p50-us": w.p50_us, "p99-us": w.p99_us,
+                            "max-us": w.max_us, "total-us": w.total_us,
+                        });
+                    }
                 }
                 return v;
             }
@@ -627,13 +679,16 @@ pub fn query_migrate_json(
             "dirty-pages-rate": ram.dirty_pages_rate,
             "mbps": info.bandwidth * 8.0 / 1e6,
             "dirty-sync-count": ram.dirty_sync_count,
-            "postcopy-requests": 0,
+            "postcopy-requests": info.postcopy_requests,
             "page-size": 4096,
             "multifd-bytes": info.bytes_elsewhere,
             "pages-per-second": ram.pages_per_second,
-            "precopy-bytes": info.transferred.saturating_sub(downtime_bytes),
+            "precopy-bytes": info
+                .transferred
+                .saturating_sub(downtime_bytes)
+                .saturating_sub(info.postcopy_bytes),
             "downtime-bytes": downtime_bytes,
-            "postcopy-bytes": 0,
+            "postcopy-bytes": info.postcopy_bytes,
             "dirty-sync-missed-zero-copy": 0,
         },
     });

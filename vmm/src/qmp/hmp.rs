@@ -37,12 +37,16 @@ const HELP: &[(&str, &str)] = &[
     ("migrate [-d] uri", "migrate to URI"),
     ("migrate_cancel", "cancel the current VM migration"),
     (
+        "migrate_start_postcopy",
+        "switch the migration to post-copy (postcopy-ram on)",
+    ),
+    (
         "migrate_incoming uri",
         "continue an incoming migration from an -incoming defer",
     ),
     (
         "migrate_set_parameter parameter value",
-        "set a migration parameter (integers, or none/zstd)",
+        "set a migration parameter (integers, on/off, or none/zstd)",
     ),
     (
         "migrate_set_capability capability state",
@@ -102,6 +106,10 @@ pub fn parse(line: &str) -> Result<Command, String> {
             arity(0)?;
             Request::MigrateCancel
         }
+        "migrate_start_postcopy" => {
+            arity(0)?;
+            Request::MigrateStartPostcopy
+        }
         "migrate" => {
             let uri = match rest {
                 ["-d", uri] | [uri] => uri,
@@ -116,9 +124,11 @@ pub fn parse(line: &str) -> Result<Command, String> {
         "migrate_set_parameter" => {
             arity(2)?;
             let (name, value) = (rest[0], rest[1]);
-            let v = match value.parse::<u64>() {
-                Ok(n) => serde_json::json!(n),
-                Err(_) => serde_json::json!(value),
+            let v = match (value.parse::<u64>(), value) {
+                (Ok(n), _) => serde_json::json!(n),
+                (_, "on") => serde_json::json!(true),
+                (_, "off") => serde_json::json!(false),
+                _ => serde_json::json!(value),
             };
             let args = serde_json::json!({ name: v });
             super::schema::check_arguments(
@@ -312,6 +322,7 @@ const PARAMETER_ORDER: &[&str] = &[
     "tls-authz",
     "x-stall-timeout",
     "x-incoming-timeout",
+    "x-postcopy-auto",
 ];
 
 fn parameters(v: &Value) -> String {
@@ -362,9 +373,9 @@ mod tests {
             Ok(Command::Request(Request::SetParameters(p))) if p.len() == 1
         ));
         assert!(
-            parse("migrate_set_capability postcopy-ram on")
+            parse("migrate_set_capability postcopy-preempt on")
                 .unwrap_err()
-                .contains("post-copy")
+                .contains("requested pages")
         );
         assert_eq!(
             parse("info bogus").unwrap_err(),

@@ -54,6 +54,12 @@ pub enum Parameter {
     MultifdCompression(MultifdCompression),
     /// `multifd-zstd-level`, 0 to 20.
     MultifdZstdLevel(u8),
+    /// `max-postcopy-bandwidth` in bytes per second, 0 unlimited: paces post-copy's
+    /// background pass (requested pages go at once).
+    MaxPostcopyBandwidth(u64),
+    /// `x-postcopy-auto`: with postcopy-ram, switch to post-copy by itself where
+    /// pre-copy would throttle the guest or give up.
+    PostcopyAuto(bool),
 }
 
 impl Parameter {
@@ -74,6 +80,8 @@ impl Parameter {
             Parameter::MultifdChannels(n) => ram.multifd_channels = n,
             Parameter::MultifdCompression(c) => ram.multifd_compression = c,
             Parameter::MultifdZstdLevel(n) => ram.multifd_zstd_level = n,
+            Parameter::MaxPostcopyBandwidth(n) => p.max_postcopy_bandwidth = n,
+            Parameter::PostcopyAuto(on) => p.postcopy_auto = on,
         }
     }
 }
@@ -94,7 +102,6 @@ fn unimplemented_defaults() -> Map<String, Value> {
         "x-checkpoint-delay": 20000,
         "block-incremental": false,
         "xbzrle-cache-size": 67108864,
-        "max-postcopy-bandwidth": 0,
         "multifd-zlib-level": 1,
     });
     match v {
@@ -115,7 +122,6 @@ fn missing_feature(name: &str) -> &'static str {
             "disks are copied whole, as each --drive's migrate= says"
         }
         "xbzrle-cache-size" => "xbzrle is not built",
-        "max-postcopy-bandwidth" => "post-copy is not built",
         "multifd-zlib-level" => "multifd-compression zlib is not built; use zstd",
         "cpu-throttle-tailslow" => "auto-converge throttles as QEMU does without tailslow",
         _ => "vmm does not implement it",
@@ -165,6 +171,10 @@ pub fn parameters(args: &Value) -> Result<Vec<Parameter>, QmpError> {
             });
             continue;
         }
+        if k == "x-postcopy-auto" {
+            out.push(Parameter::PostcopyAuto(v.as_bool().unwrap_or(false)));
+            continue;
+        }
         if k == "multifd-compression" {
             out.push(Parameter::MultifdCompression(match v.as_str() {
                 Some("none") => MultifdCompression::None,
@@ -188,6 +198,7 @@ pub fn parameters(args: &Value) -> Result<Vec<Parameter>, QmpError> {
             }
             "downtime-limit" => Parameter::DowntimeLimit(Duration::from_millis(n)),
             "max-bandwidth" => Parameter::MaxBandwidth(n),
+            "max-postcopy-bandwidth" => Parameter::MaxPostcopyBandwidth(n),
             "cpu-throttle-initial" => Parameter::CpuThrottleInitial(in_range(k, n, 99)?),
             "cpu-throttle-increment" => Parameter::CpuThrottleIncrement(in_range(k, n, 99)?),
             "max-cpu-throttle" => Parameter::MaxCpuThrottle(in_range(k, n, 99)?),
@@ -264,6 +275,8 @@ pub fn query_parameters(s: &Settings, tls: &TlsParams) -> Value {
         "multifd-channels": ram.multifd_channels,
         "multifd-compression": ram.multifd_compression.as_str(),
         "multifd-zstd-level": ram.multifd_zstd_level,
+        "max-postcopy-bandwidth": p.max_postcopy_bandwidth,
+        "x-postcopy-auto": p.postcopy_auto,
     });
     let mut out = Map::new();
     for member in MIGRATION_PARAMETERS.members {
@@ -291,6 +304,10 @@ pub enum Capability {
     /// `x-ignore-shared`: RAM in shared memory (`--memory-backend memfd`) is handed over
     /// with its descriptor, not copied.
     IgnoreShared,
+    /// `postcopy-ram`: the migration may switch to post-copy (`migrate-start-postcopy`).
+    PostcopyRam,
+    /// `postcopy-blocktime`: a destination reports how long the guest waited for pages.
+    PostcopyBlocktime,
 }
 
 impl Capability {
@@ -303,6 +320,8 @@ impl Capability {
             Capability::Multifd => "multifd",
             Capability::PauseBeforeSwitchover => "pause-before-switchover",
             Capability::IgnoreShared => "x-ignore-shared",
+            Capability::PostcopyRam => "postcopy-ram",
+            Capability::PostcopyBlocktime => "postcopy-blocktime",
         }
     }
 
@@ -314,6 +333,8 @@ impl Capability {
             Capability::Multifd,
             Capability::PauseBeforeSwitchover,
             Capability::IgnoreShared,
+            Capability::PostcopyRam,
+            Capability::PostcopyBlocktime,
         ]
         .into_iter()
         .find(|c| c.as_str() == name)
@@ -351,7 +372,9 @@ pub fn capabilities(args: &Value) -> Result<Vec<(Capability, bool)>, QmpError> {
 
 fn missing_capability(name: &str) -> &'static str {
     match name {
-        "postcopy-ram" | "postcopy-blocktime" | "postcopy-preempt" => "post-copy is not built yet",
+        "postcopy-preempt" => {
+            "requested pages already go before the background pass on the one stream"
+        }
         "block" => "disks are copied as each --drive's migrate= says",
         "compress" => "use multifd with multifd-compression zstd",
         "x-colo" => "COLO is not built",
@@ -412,7 +435,7 @@ mod tests {
     fn capabilities_vmm_lacks_may_be_turned_off_only() {
         assert_eq!(
             capabilities(&json!({"capabilities": [
-                {"capability": "postcopy-ram", "state": false},
+                {"capability": "postcopy-preempt", "state": false},
                 {"capability": "events", "state": false},
                 {"capability": "pause-before-switchover", "state": true}]})),
             Ok(vec![
@@ -420,10 +443,11 @@ mod tests {
                 (Capability::PauseBeforeSwitchover, true)
             ])
         );
-        let e =
-            capabilities(&json!({"capabilities": [{"capability": "postcopy-ram", "state": true}]}))
-                .unwrap_err();
-        assert!(e.desc.contains("post-copy"), "{}", e.desc);
+        let e = capabilities(
+            &json!({"capabilities": [{"capability": "postcopy-preempt", "state": true}]}),
+        )
+        .unwrap_err();
+        assert!(e.desc.contains("requested pages"), "{}", e.desc);
         let q = query_capabilities(|c| c == Capability::Events);
         assert_eq!(
             q.as_array().unwrap().len(),

@@ -72,6 +72,8 @@ pub enum Request {
     MigrateCancel,
     /// `migrate-continue`: leave `pre-switchover`; the state the client expects.
     MigrateContinue(String),
+    /// `migrate-start-postcopy`: switch the running migration to post-copy.
+    MigrateStartPostcopy,
     /// `query-migrate`.
     QueryMigrate,
     /// `migrate-set-parameters`: every parameter checked before any is applied.
@@ -219,7 +221,7 @@ fn request(name: &str, args: &Value) -> Result<Request, QmpError> {
                 ("inc", "disks are copied whole; 'inc' is not supported"),
                 (
                     "resume",
-                    "'resume' continues a paused post-copy migration, and vmm has no post-copy",
+                    "'resume' continues a paused post-copy migration, and post-copy recovery is not built yet",
                 ),
             ] {
                 if args[flag] == true {
@@ -233,6 +235,7 @@ fn request(name: &str, args: &Value) -> Result<Request, QmpError> {
         "migrate-incoming" => Request::MigrateIncoming(target(&s("uri"))?),
         "migrate_cancel" => Request::MigrateCancel,
         "migrate-continue" => Request::MigrateContinue(s("state")),
+        "migrate-start-postcopy" => Request::MigrateStartPostcopy,
         "query-migrate" => Request::QueryMigrate,
         "migrate-set-parameters" => Request::SetParameters(migration::parameters(args)?),
         "query-migrate-parameters" => Request::QueryParameters,

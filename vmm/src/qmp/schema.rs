@@ -251,8 +251,8 @@ static CPU_S390_STATE: EnumDef = EnumDef {
 };
 
 /// QEMU 7.2's migration parameters: every member of `migrate-set-parameters` (and of
-/// `query-migrate-parameters`' answer), vmm's own `x-stall-timeout` and
-/// `x-incoming-timeout` at the end.
+/// `query-migrate-parameters`' answer), vmm's own `x-stall-timeout`,
+/// `x-incoming-timeout` and `x-postcopy-auto` at the end.
 pub static MIGRATION_PARAMETERS: ObjectDef = ObjectDef {
     name: "MigrateSetParameters",
     members: &[
@@ -301,6 +301,7 @@ pub static MIGRATION_PARAMETERS: ObjectDef = ObjectDef {
         ),
         opt("x-stall-timeout", Type::Uint(64)),
         opt("x-incoming-timeout", Type::Uint(64)),
+        opt("x-postcopy-auto", Type::Bool),
     ],
 };
 
@@ -497,6 +498,11 @@ pub static COMMANDS: &[CommandDef] = &[
     },
     CommandDef {
         name: "migrate_cancel",
+        args: &EMPTY,
+        ret: Type::Object(&EMPTY),
+    },
+    CommandDef {
+        name: "migrate-start-postcopy",
         args: &EMPTY,
         ret: Type::Object(&EMPTY),
     },
