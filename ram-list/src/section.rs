@@ -439,7 +439,9 @@ impl RamSection {
                 RAM_SAVE_FLAG_ZERO | RAM_SAVE_FLAG_PAGE => self.load_page(f, &h, at)?,
                 RAM_SAVE_FLAG_MULTIFD_FLUSH if h.flags == kind => {}
                 RAM_SAVE_FLAG_EOS | RAM_SAVE_FLAG_EOS_FLUSH if h.flags == kind => {
-                    if let Some(m) = &self.multifd_recv {
+                    // After post-copy's switch the channels carry nothing (the source
+                    // closed them): its pages come on this stream.
+                    if let (Some(m), None) = (&self.multifd_recv, &self.listening) {
                         m.sync()?;
                     }
                     return Ok(());

@@ -142,16 +142,16 @@ impl MigrationControl {
     /// is sent. A migration that already ended is not an error, as in QEMU (the two
     /// race).
     ///
+    /// A control exists for a migration that was asked for, so it may be called before
+    /// its thread ran (the switch then comes at its first iteration).
+    ///
     /// # Errors
-    /// QEMU's messages: the `postcopy-ram` capability is off, or no migration started.
+    /// QEMU's message when the `postcopy-ram` capability is off.
     pub fn start_postcopy(&self) -> std::result::Result<(), String> {
         if !self.params().postcopy {
             return Err(
                 "Enable postcopy with migrate_set_capability before the start of migration".into(),
             );
-        }
-        if self.info().status == MigrationStatus::None {
-            return Err("Postcopy must be started after migration has been started".into());
         }
         self.start_postcopy.store(true, Ordering::SeqCst);
         Ok(())

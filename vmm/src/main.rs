@@ -294,6 +294,20 @@ fn run(a: &RunArgs) -> Result<i32> {
     session.abort_incoming();
     session.wait_incoming();
     let _ = session.wait_migration();
+    if migration::postcopy_paused(&machine) {
+        // Post-copy was interrupted: the vCPUs wait in the kernel for pages that did not
+        // come, and no pause reaches them there. They end with the process (its exit
+        // wakes them), not one by one; nothing of the guest is read.
+        events.emit(
+            "exit",
+            json!({"reason": "quit", "postcopy_paused": true, "serial_tail": machine.console.tail()}),
+        );
+        eprintln!(
+            "vmm: the guest waited for pages of an interrupted post-copy; it ends with this process"
+        );
+        drop(_monitor);
+        std::process::exit(code);
+    }
     machine.shutdown()?;
     let (pass, mismatches) = machine.guest_status();
     if let Some(f) = machine.cpus.fault() {

@@ -399,6 +399,10 @@ impl Monitor {
                                      "loading": true}),
                     );
                 }
+                if crate::migration::postcopy_paused(m) {
+                    // Its pages may never come: reading them would wait for ever.
+                    return Ok(json!({"accel": m.cpus.name(), "postcopy-paused": true}));
+                }
                 let (pass, mismatches) = m.guest_status();
                 Ok(
                     json!({"pass": pass, "mismatches": mismatches, "serial-bytes": m.console.bytes(),

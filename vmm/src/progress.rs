@@ -110,20 +110,34 @@ pub fn summary(
             info.cpu_throttle_peak
         );
     }
-    if let Some(c) = info.completion {
+    if let (Some(at), Some(t0)) = (info.postcopy_started, info.started) {
         s += &format!(
-            "  downtime      {:.2} ms at the source (limit {} ms, expected {:.1} ms)\n",
+            "  post-copy     switched after {:.2} s; then {} sent, {} pages asked for by the destination\n",
+            at.saturating_duration_since(t0).as_secs_f64(),
+            bytes(info.postcopy_bytes),
+            info.postcopy_requests
+        );
+    }
+    if let Some(c) = info.completion {
+        let postcopy = info.postcopy_started.is_some();
+        s += &format!(
+            "  downtime      {:.2} ms at the source{} (limit {} ms, expected {:.1} ms)\n",
             ms(c.total),
+            if postcopy { ", until the switch" } else { "" },
             params.downtime_limit.as_millis(),
             ms(info.expected_downtime)
         );
         s += "  completion    step                    ms\n";
+        let (ram_step, devices_step) = match postcopy {
+            true => ("discards", "send the package"),
+            false => ("send RAM", "send devices"),
+        };
         for (name, d) in [
             ("stop vCPUs", c.stop_vcpus),
             ("flush disks", c.flush_disks),
             ("final dirty sync", c.final_sync),
-            ("send RAM", c.send_ram),
-            ("send devices", c.send_devices),
+            (ram_step, c.send_ram),
+            (devices_step, c.send_devices),
             ("wait for destination", c.wait_destination),
             ("total", c.total),
         ] {

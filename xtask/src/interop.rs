@@ -30,11 +30,11 @@ use crate::bench::{guest_image, qemu_start};
 use crate::certs::TestPki;
 
 /// QEMU's guest RAM here, MiB (the bench's 1 GiB guest).
-const QEMU_MIB: u64 = 1024;
+pub(crate) const QEMU_MIB: u64 = 1024;
 
-const PAGE: usize = 4096;
+pub(crate) const PAGE: usize = 4096;
 /// The legacy VGA and BIOS area, which `pmemsave` reads as ROM and MMIO, not pc.ram.
-const LEGACY_HOLE: std::ops::Range<usize> = 0xa0000..0x100000;
+pub(crate) const LEGACY_HOLE: std::ops::Range<usize> = 0xa0000..0x100000;
 
 /// Migrates QEMU's guest into our receiver with `channels` multifd channels (0: none),
 /// plain or zstd, over TLS when `tls` (QEMU presents the client certificate, which our
@@ -152,7 +152,7 @@ pub fn run(
 }
 
 /// RAM blocks named and sized as QEMU's (`info ramblock`).
-fn ram_like(q: &mut Qmp) -> Result<Arc<RamList>> {
+pub(crate) fn ram_like(q: &mut Qmp) -> Result<Arc<RamList>> {
     let text = q.cmd(
         "human-monitor-command",
         json!({"command-line": "info ramblock"}),

@@ -26,6 +26,7 @@ mod faults;
 mod fuzz;
 mod handover;
 mod interop;
+mod interop_postcopy;
 mod live_update;
 mod memwatch;
 mod migrate_test;
@@ -114,9 +115,9 @@ enum Cmd {
         #[arg(long, default_value = "target/bench/live-update.md")]
         out: PathBuf,
     },
-    /// QEMU's migrations (multifd plain and zstd; TLS with 0 and 2 channels) loaded by our
-    /// destination, checked page by page against QEMU's memory, and QEMU's TLS
-    /// destination's authz against the names vmm writes. Needs qemu-system-x86_64.
+    /// QEMU's migrations (multifd plain and zstd; TLS with 0 and 2 channels; post-copy)
+    /// loaded by our destination, checked page by page against QEMU's memory, and QEMU's
+    /// TLS destination's authz against the names vmm writes. Needs qemu-system-x86_64.
     Interop {
         #[command(flatten)]
         qemu: QemuArgs,
@@ -333,8 +334,9 @@ fn outside_vmm() -> Result<()> {
 }
 
 /// Every interop run with QEMU 7.2: its multifd source (plain, zstd) and its TLS source
-/// (0 and 2 channels) into our destination, and its TLS destination's authz against the
-/// names vmm writes. `vmm` writes the guest's disk image.
+/// (0 and 2 channels) into our destination, its TLS destination's authz against the
+/// names vmm writes, and its post-copy source into our post-copy destination. `vmm`
+/// writes the guest's disk image.
 fn interop_all(qemu: &Path, vmm: &Path) -> Result<()> {
     vmm_harness::set_vmm(vmm);
     let work = std::env::temp_dir().join(format!("vmm-interop-{}", std::process::id()));
@@ -348,6 +350,7 @@ fn interop_all(qemu: &Path, vmm: &Path) -> Result<()> {
         interop::run(qemu, &work, channels, zstd, tls)?;
     }
     interop::authz_names_match_qemus(qemu, &work, &pki)?;
+    interop_postcopy::run(qemu, &work)?;
     let _ = std::fs::remove_dir_all(&work);
     Ok(())
 }

@@ -5,7 +5,9 @@
 //! without a migrated disk, then a cancel followed by a retry, three destinations that
 //! must refuse (less memory, an unknown disk, more vCPUs: the last one only at the
 //! completion), and the fault cases of [`crate::faults`] (every phase × cut, destination
-//! killed, cancel, source killed). Each migration is checked: RAM (and disk) hashes equal
+//! killed, cancel, source killed), and post-copy (a guest that never converges, multifd
+//! off and on; a cut, the source killed, the destination killed after the switch). Each
+//! migration is checked: RAM (and disk) hashes equal
 //! at the switchover, the guest going on at the destination, no stale page or disk block,
 //! the source gone; a failure leaves the source running, its guest progressing and
 //! finding nothing stale, and a new migration of it then succeeds.
@@ -94,6 +96,10 @@ enum Case {
     Fault(Phase, Action),
     Handover(crate::handover::Break, bool),
     PingPong(usize),
+    /// A guest that never converges, switched to post-copy after a pass; multifd or not.
+    Postcopy(bool),
+    /// A failure after the switch to post-copy, at the switch or into it.
+    PostcopyFailure(vmm_harness::postcopy::Failure, Duration),
 }
 
 impl Case {
@@ -119,6 +125,15 @@ impl Case {
                 if *shared { "+shared disk" } else { "+disk" }
             ),
             Case::PingPong(n) => format!("ping-pong x{n} +disk"),
+            Case::Postcopy(multifd) => format!(
+                "post-copy: never converges{}",
+                if *multifd { ", multifd 2" } else { "" }
+            ),
+            Case::PostcopyFailure(f, after) => format!(
+                "post-copy: {} {} ms after the switch",
+                f.name(),
+                after.as_millis()
+            ),
         }
     }
 }
@@ -176,6 +191,17 @@ fn cases(quick: bool) -> Vec<Case> {
                 if !quick || shared == matches!(b, AnswerDelayedThenCut | CutAfterLastByte) {
                     v.push(Case::Handover(b, shared));
                 }
+            }
+        }
+    }
+    {
+        use vmm_harness::postcopy::Failure::*;
+        v.push(Case::Postcopy(false));
+        v.push(Case::Postcopy(true));
+        let when: &[u64] = if quick { &[0] } else { &[0, 500, 2000] };
+        for failure in [Cut, KillSource, KillDestination] {
+            for &ms in when {
+                v.push(Case::PostcopyFailure(failure, Duration::from_millis(ms)));
             }
         }
     }
@@ -467,6 +493,27 @@ fn run_case(case: &Case) -> Result<Measured> {
         Case::Fault(p, a) => crate::faults::run(*p, *a),
         Case::Handover(b, shared) => crate::handover::run(*b, *shared),
         Case::PingPong(n) => crate::ping_pong::run(*n),
+        Case::Postcopy(multifd) => {
+            use vmm_harness::postcopy::{GUEST, SMALL, migrate_in_postcopy};
+            let s = match multifd {
+                false => migrate_in_postcopy("postcopy", GUEST, 512 << 20, &[]),
+                true => migrate_in_postcopy(
+                    "postcopy-multifd",
+                    SMALL,
+                    128 << 20,
+                    &["--multifd-channels", "2"],
+                ),
+            };
+            Ok(Measured {
+                total_ms: Some(s.total_ms),
+                downtime_ms: None,
+                bytes: Some(s.bytes),
+            })
+        }
+        Case::PostcopyFailure(f, after) => {
+            vmm_harness::postcopy::fail_after_switch(*f, *after);
+            Ok(Measured::default())
+        }
     }
 }
 

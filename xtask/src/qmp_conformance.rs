@@ -439,6 +439,31 @@ fn commands() -> Vec<(&'static str, &'static str, Value)> {
             json!({"capabilities": [{"capability": "postcopy-ram", "state": false}]}),
         ),
         (
+            "start-postcopy without the capability",
+            "migrate-start-postcopy",
+            json!({}),
+        ),
+        (
+            "capability postcopy-ram on",
+            "migrate-set-capabilities",
+            json!({"capabilities": [{"capability": "postcopy-ram", "state": true}]}),
+        ),
+        (
+            "start-postcopy before a migration",
+            "migrate-start-postcopy",
+            json!({}),
+        ),
+        (
+            "capability postcopy-ram off again",
+            "migrate-set-capabilities",
+            json!({"capabilities": [{"capability": "postcopy-ram", "state": false}]}),
+        ),
+        (
+            "set max-postcopy-bandwidth",
+            "migrate-set-parameters",
+            json!({"max-postcopy-bandwidth": 1000000}),
+        ),
+        (
             "capability without state",
             "migrate-set-capabilities",
             json!({"capabilities": [{"capability": "events"}]}),
@@ -562,6 +587,7 @@ fn script(l: &Launcher) -> Result<Results> {
     res.extend(migration(l, "pause-before-switchover", Mode::Pause)?);
     res.extend(migration(l, "cancel", Mode::Cancel)?);
     res.extend(migration(l, "paused source", Mode::PausedSource)?);
+    res.extend(migration(l, "post-copy", Mode::Postcopy)?);
     Ok(res)
 }
 
@@ -576,6 +602,9 @@ enum Mode {
     Cancel,
     /// Of a guest stopped first: it must arrive paused.
     PausedSource,
+    /// With postcopy-ram on both sides, switched by migrate-start-postcopy while
+    /// pre-copy is slowed down.
+    Postcopy,
 }
 
 /// A migration between two fresh VMs over TCP on 127.0.0.1, events on at both ends, as
@@ -599,7 +628,13 @@ fn migration(l: &Launcher, name: &str, mode: Mode) -> Result<Results> {
             json!({"capabilities": [{"capability": "pause-before-switchover", "state": true}]}),
         )?;
     }
-    let bw: u64 = if cancel { 2_000_000 } else { 0 };
+    let postcopy = mode == Mode::Postcopy;
+    if postcopy {
+        let on = json!({"capabilities": [{"capability": "postcopy-ram", "state": true}]});
+        s.cmd("migrate-set-capabilities", on.clone())?;
+        d.cmd("migrate-set-capabilities", on)?;
+    }
+    let bw: u64 = if cancel || postcopy { 2_000_000 } else { 0 };
     // QEMU's default is 32 MiB/s; unlimited is its largest value.
     let bw = if bw == 0 { 1 << 40 } else { bw };
     s.cmd("migrate-set-parameters", json!({"max-bandwidth": bw}))?;
@@ -644,6 +679,14 @@ fn migration(l: &Launcher, name: &str, mode: Mode) -> Result<Results> {
             .push(s.cmd("query-status", Value::Null)?["return"]["status"].to_string());
         let r = s.cmd("migrate-continue", json!({"state": "pre-switchover"}))?;
         outcome.replies.push(format!("continue {}", shape(&r)));
+    }
+    if postcopy {
+        s.wait_status(&["active"])?;
+        std::thread::sleep(Duration::from_millis(300));
+        let r = s.cmd("migrate-start-postcopy", Value::Null)?;
+        outcome
+            .replies
+            .push(format!("start-postcopy {}", shape(&r)));
     }
     if cancel {
         s.wait_status(&["active"])?;

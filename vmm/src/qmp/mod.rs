@@ -479,9 +479,9 @@ mod tests {
                 "Parameter 'x-foo' is unexpected",
             ),
             (
-                r#"{"execute":"migrate-set-capabilities","arguments":{"capabilities":[{"capability":"postcopy-ram","state":true}]}}"#,
+                r#"{"execute":"migrate-set-capabilities","arguments":{"capabilities":[{"capability":"postcopy-preempt","state":true}]}}"#,
                 "GenericError",
-                "post-copy",
+                "requested pages",
             ),
             (
                 r#"{"execute":"migrate-set-capabilities","arguments":{"capabilities":[{"capability":"return-path"}]}}"#,

@@ -1,10 +1,12 @@
 //! Running vmm processes: spawning them with an event log, reading the log, talking QMP,
 //! and the checks of a completed migration; [`proxy`], a TCP proxy that injects faults;
-//! [`test_ca`], test certificates in QEMU's layout.
+//! [`postcopy`], post-copy migrations and their failures; [`test_ca`], test certificates
+//! in QEMU's layout.
 //! Used by `cargo xtask` (migrate-test, bench, interop), vmm's end-to-end tests, and for
 //! its test CA by qemu-file's TLS tests and the fuzz targets (a crate of its own, using
 //! no crate of the workspace, so that none of them builds xtask or what xtask needs).
 
+pub mod postcopy;
 pub mod proxy;
 pub mod test_ca;
 

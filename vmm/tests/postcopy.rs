@@ -1,0 +1,59 @@
+//! Post-copy between two vmm processes (the cases live in vmm-harness, shared with
+//! `cargo xtask migrate-test`): a guest that never converges in pre-copy completes once
+//! switched (multifd off and on), and each failure after the switch ends as designed: a
+//! cut connection or a killed source leaves the destination's guest waiting for its
+//! pages (never reading them as zeros) in `postcopy-paused`; a killed destination leaves
+//! the source its whole copy, which `cont` runs.
+
+mod common;
+
+use std::time::Duration;
+
+use common::postcopy::{Failure, GUEST, SMALL, fail_after_switch, migrate_in_postcopy};
+
+#[test]
+fn a_guest_that_never_converges_completes_in_post_copy() {
+    common::init();
+    let s = migrate_in_postcopy("postcopy", GUEST, 512 << 20, &[]);
+    assert!(s.bytes > 512 << 20, "{s:?}");
+}
+
+#[test]
+fn post_copy_with_multifd_completes_too() {
+    common::init();
+    // Pre-copy's pages go over the channels, post-copy's on the main stream (as QEMU
+    // 7.2 does).
+    migrate_in_postcopy(
+        "postcopy-multifd",
+        SMALL,
+        128 << 20,
+        &["--multifd-channels", "2"],
+    );
+}
+
+/// At the switch, and half a second into post-copy.
+const WHEN: [Duration; 2] = [Duration::ZERO, Duration::from_millis(500)];
+
+#[test]
+fn a_cut_connection_after_the_switch_pauses_both_sides() {
+    common::init();
+    for after in WHEN {
+        fail_after_switch(Failure::Cut, after);
+    }
+}
+
+#[test]
+fn a_killed_source_after_the_switch_leaves_the_destination_waiting() {
+    common::init();
+    for after in WHEN {
+        fail_after_switch(Failure::KillSource, after);
+    }
+}
+
+#[test]
+fn a_killed_destination_after_the_switch_leaves_the_source_whole() {
+    common::init();
+    for after in WHEN {
+        fail_after_switch(Failure::KillDestination, after);
+    }
+}

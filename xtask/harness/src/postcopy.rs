@@ -1,0 +1,282 @@
+//! Post-copy between two vmm processes, as vmm's tests and `cargo xtask migrate-test`
+//! both run it: a guest that never converges in pre-copy switched after a whole pass,
+//! and each failure after the switch with the outcome it must have.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::proxy::{Fault, FaultProxy};
+use crate::{Qmp, Vmm, scratch};
+
+/// The built-in dirty workload over 512 MiB: at 50 MB/s a pass takes ten seconds while
+/// the guest rewrites the range many times over; pre-copy never converges.
+pub const GUEST: &[&str] = &[
+    "--memory",
+    "768M",
+    "--workload",
+    "dirty",
+    "--range-size",
+    "512M",
+];
+
+/// A smaller guest for the cases that only need post-copy running for a while.
+pub const SMALL: &[&str] = &[
+    "--memory",
+    "256M",
+    "--workload",
+    "dirty",
+    "--range-size",
+    "128M",
+];
+
+/// A source with QMP and the postcopy-ram capability.
+fn source(dir: &Path, guest: &[&str], extra: &[&str]) -> (Vmm, Qmp) {
+    let qmp = dir.join("source-qmp.sock");
+    let qmp_arg = format!("unix:{}", qmp.display());
+    let src = Vmm::start(
+        dir,
+        "source",
+        &[&["--qmp", qmp_arg.as_str(), "--verify"], extra, guest].concat(),
+    );
+    let mut q = Qmp::connect(&qmp);
+    q.wait_guest_pass(1);
+    q.cmd(
+        "migrate-set-capabilities",
+        json!({"capabilities": [{"capability": "postcopy-ram", "state": true}]}),
+    );
+    (src, q)
+}
+
+/// A destination with QMP and the capability, on a free TCP port; returns its URI.
+fn destination(dir: &Path, guest: &[&str], extra: &[&str]) -> (Vmm, Qmp, String) {
+    let qmp = dir.join("destination-qmp.sock");
+    let qmp_arg = format!("unix:{}", qmp.display());
+    let mut d = Vmm::start(
+        dir,
+        "destination",
+        &[
+            &[
+                "--incoming",
+                "tcp:127.0.0.1:0",
+                "--postcopy",
+                "--qmp",
+                qmp_arg.as_str(),
+            ],
+            extra,
+            guest,
+        ]
+        .concat(),
+    );
+    let uri = d.listening_uri();
+    (d, Qmp::connect(&qmp), uri)
+}
+
+/// Polls the source's query-migrate until the migration ends (two minutes at most).
+fn follow(q: &mut Qmp) -> Value {
+    let t = Instant::now();
+    loop {
+        let m = q.cmd("query-migrate", json!({}));
+        let s = m["status"].as_str().unwrap_or_default().to_string();
+        if ["completed", "failed", "cancelled", "postcopy-paused"].contains(&s.as_str()) {
+            return m;
+        }
+        assert!(t.elapsed() < Duration::from_secs(120), "still {m}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Waits for a query-migrate status on `q`'s side (a minute at most).
+fn wait_status(q: &mut Qmp, status: &str) -> Value {
+    let t = Instant::now();
+    loop {
+        let m = q.cmd("query-migrate", json!({}));
+        if m["status"] == status {
+            return m;
+        }
+        assert!(t.elapsed() < Duration::from_secs(60), "no {status}: {m}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// What a post-copy migration measured (the source's `query-migrate` at its end).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Switched {
+    /// `total-time`, ms.
+    pub total_ms: f64,
+    /// Stream bytes.
+    pub bytes: u64,
+    /// Pages the destination asked for.
+    pub requests: u64,
+}
+
+/// Migrates a guest that never converges under a 50 MB/s cap: `migrate-start-postcopy`
+/// after a whole pass over its range (`range` bytes), as orchestrators do; checks RAM
+/// equal at the switch and the guest going on at the destination without a stale page.
+/// `extra` goes to both sides. Panics on a broken expectation.
+pub fn migrate_in_postcopy(name: &str, guest: &[&str], range: u64, extra: &[&str]) -> Switched {
+    let dir = scratch(name);
+    let cap = ["--max-bandwidth", "50M"];
+    let (mut src, mut q) = source(&dir, guest, &[&cap[..], extra].concat());
+    let (mut dst, mut dq, uri) = destination(
+        &dir,
+        guest,
+        &[&["--verify", "--exit-after", "1"][..], extra].concat(),
+    );
+    q.cmd("migrate", json!({"uri": uri}));
+    // After a whole pass over the workload's range, as orchestrators do.
+    let t = Instant::now();
+    let before = loop {
+        let m = q.cmd("query-migrate", json!({}));
+        if m["ram"]["normal-bytes"].as_u64().unwrap_or(0) >= range {
+            break m;
+        }
+        assert!(
+            ["setup", "active"].contains(&m["status"].as_str().unwrap()),
+            "{m}"
+        );
+        assert!(t.elapsed() < Duration::from_secs(90), "no first pass: {m}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    // It does not converge: after a whole pass, most of the range is dirty again.
+    assert!(
+        before["ram"]["remaining"].as_u64().unwrap() > range / 2,
+        "{before}"
+    );
+    q.cmd("migrate-start-postcopy", json!({}));
+    let m = follow(&mut q);
+    assert_eq!(m["status"], "completed", "{m}");
+    assert!(m["ram"]["postcopy-bytes"].as_u64().unwrap() > 0, "{m}");
+    let _ = dq.try_cmd("query-migrate", json!({}));
+    let _ = q.try_cmd("quit", json!({}));
+    assert!(src.wait().success(), "{}", src.stderr());
+    assert!(dst.wait().success(), "{}", dst.stderr());
+    same_guest(&src, &dst);
+    let sw = src.event("switchover").expect("switchover event");
+    assert_eq!(sw["postcopy"], true, "{sw}");
+    let faults = dst.event("postcopy-faults").expect("the faults' waits");
+    assert!(faults["resolved"].as_u64() >= Some(1), "{faults}");
+    Switched {
+        total_ms: m["total-time"].as_f64().unwrap_or_default(),
+        bytes: m["ram"]["transferred"].as_u64().unwrap_or_default(),
+        requests: m["ram"]["postcopy-requests"].as_u64().unwrap_or_default(),
+    }
+}
+
+/// RAM equal at the switch (the destination hashed it at RUN, each page it read
+/// waiting for its arrival), and the guest going on at the destination without a stale
+/// page.
+fn same_guest(src: &Vmm, dst: &Vmm) {
+    let sh = src.event("ram-hash").expect("source hash");
+    let dh = dst.event("ram-hash").expect("destination hash");
+    assert_eq!(sh["hash"], dh["hash"], "RAM differs at the switch");
+    assert_eq!(sh["pass"], dh["pass"]);
+    let exit = dst.event("exit").expect("destination exit event");
+    assert!(exit["pass"].as_u64() > dh["pass"].as_u64(), "{exit} {dh}");
+    assert_eq!(exit["mismatches"], 0, "the guest found stale pages");
+}
+
+/// What goes wrong after the switch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// The connection is cut (a proxy between the two).
+    Cut,
+    /// The source process is killed.
+    KillSource,
+    /// The destination process is killed.
+    KillDestination,
+}
+
+impl Failure {
+    /// For tables.
+    pub fn name(self) -> &'static str {
+        match self {
+            Failure::Cut => "connection cut",
+            Failure::KillSource => "source killed",
+            Failure::KillDestination => "destination killed",
+        }
+    }
+}
+
+/// Switches at once, paces post-copy's background pass at 20 MB/s so that it lasts,
+/// and fails it `after` the destination reported postcopy-active; checks the outcome:
+/// a destination that lost its source waits for its pages in `postcopy-paused` (and
+/// ends on `quit`), a source that lost its destination keeps its whole copy in
+/// `postcopy-paused`, which `cont` runs. Panics on a broken expectation.
+pub fn fail_after_switch(failure: Failure, after: Duration) {
+    let dir = scratch(&format!("postcopy-{failure:?}-{}", after.as_millis()));
+    let (mut src, mut q) = source(&dir, SMALL, &["--max-postcopy-bandwidth", "20M"]);
+    let (mut dst, mut dq, uri) = destination(&dir, SMALL, &[]);
+    let proxy = FaultProxy::start(
+        &dir.join("proxy.sock"),
+        uri.trim_start_matches("tcp:"),
+        u64::MAX,
+        Fault::Cut,
+    )
+    .unwrap();
+    q.cmd("migrate", json!({"uri": proxy.uri()}));
+    q.cmd("migrate-start-postcopy", json!({}));
+    wait_status(&mut dq, "postcopy-active");
+    std::thread::sleep(after);
+    match failure {
+        Failure::Cut => proxy.cut(),
+        Failure::KillSource => {
+            let _ = src.child.kill();
+        }
+        Failure::KillDestination => {
+            let _ = dst.child.kill();
+        }
+    }
+
+    if !matches!(failure, Failure::KillSource) {
+        // The source keeps its whole copy, stopped: the guest may run at the destination.
+        let m = follow(&mut q);
+        assert_eq!(m["status"], "postcopy-paused", "{m}");
+        let why = m["error-desc"].as_str().unwrap_or_default();
+        assert!(why.contains("interrupted after the switch"), "{why}");
+        assert_eq!(q.cmd("query-status", json!({}))["status"], "postmigrate");
+    }
+    if !matches!(failure, Failure::KillDestination) {
+        // The destination's guest waits for the pages it lacks.
+        let m = wait_status(&mut dq, "postcopy-paused");
+        assert!(m["error-desc"].is_string(), "{m}");
+        let t = Instant::now();
+        loop {
+            let m = dq.cmd("query-migrate", json!({}));
+            if m["x-postcopy-faults"]["waiting"].as_u64() > Some(0) {
+                break;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(20),
+                "the guest never waited for a page: {m}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let g = dq.cmd("x-query-guest", json!({}));
+        assert_eq!(g["postcopy-paused"], true, "{g}");
+        // It ends when told to, without reading what did not come.
+        let _ = dq.try_cmd("quit", json!({}));
+        let t = Instant::now();
+        while dst.child.try_wait().unwrap().is_none() {
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "the destination hangs"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(dst.event("exit").unwrap()["postcopy_paused"], true);
+    }
+    if matches!(failure, Failure::KillDestination) {
+        // The operator's call: the source runs its guest again, all of it intact.
+        q.cmd("cont", json!({}));
+        assert_eq!(q.cmd("query-status", json!({}))["status"], "running");
+        let pass = q.cmd("x-query-guest", json!({}))["pass"].as_u64().unwrap();
+        q.wait_guest_pass(pass + 2);
+        assert_eq!(q.cmd("x-query-guest", json!({}))["mismatches"], 0);
+    }
+    if !matches!(failure, Failure::KillSource) {
+        let _ = q.try_cmd("quit", json!({}));
+        src.wait();
+    }
+}
