@@ -193,6 +193,38 @@ impl PostcopyRam {
         Ok(placed)
     }
 
+    /// Places zero pages over `len` bytes at `start` of block `name` (pages pre-copy
+    /// sent as zero and this side never wrote: one call maps them all, where a read of
+    /// each would cost a fault apiece).
+    ///
+    /// # Errors
+    /// An unknown block or range, or the kernel's.
+    pub fn place_zero_range(&self, name: &str, start: u64, len: u64) -> Result<()> {
+        let (b, received, first) = self.page_of(name, start)?;
+        let pages = (len / TARGET_PAGE_SIZE) as usize;
+        if len % TARGET_PAGE_SIZE != 0 || first + pages > b.used_pages() {
+            return Err(Error::Postcopy {
+                reason: format!("zero pages of {len:#x} bytes at {start:#x} of {name:?}"),
+            });
+        }
+        let placed = self
+            .uffd
+            .zero(b.page_ptr(first), len as usize)
+            .map_err(|e| io_error("placing zero pages", e))?;
+        if placed == Placed::Already && pages > 1 {
+            // Some page of the range was there: the others one by one.
+            for p in first..first + pages {
+                self.uffd
+                    .zero(b.page_ptr(p), TARGET_PAGE_SIZE as usize)
+                    .map_err(|e| io_error("placing a zero page", e))?;
+            }
+        }
+        for p in first..first + pages {
+            received.set(p);
+        }
+        Ok(())
+    }
+
     /// What the faults waited so far.
     pub fn fault_waits(&self) -> FaultWaitStats {
         let mut w = lock(&self.waits.waited_us).clone();

@@ -5,6 +5,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use std::time::Instant;
 
+use dirty_bitmap::DirtyBitmap;
 use qemu_file::{KeepAlive, QemuFile};
 use savevm::{SectionError, SectionHandler, SectionInfo};
 
@@ -86,6 +87,10 @@ pub struct RamSection {
     listening: Option<Arc<PostcopyRam>>,
     /// A page read before it is placed.
     bounce: Vec<u8>,
+    /// Post-copy (destination), from ADVISE to LISTEN: per block, the pages pre-copy sent
+    /// as zero that this side left unwritten (known zero in fresh memory); LISTEN maps
+    /// them, so they do not fault afterwards (the source will not send them again).
+    zero_absent: Vec<(Arc<RamBlock>, DirtyBitmap)>,
 }
 
 impl fmt::Debug for RamSection {
@@ -123,6 +128,7 @@ impl RamSection {
             incoming: Arc::default(),
             listening: None,
             bounce: Vec::new(),
+            zero_absent: Vec::new(),
             multifd_recv: None,
             adopted: Vec::new(),
             load_listed: false,
@@ -444,11 +450,43 @@ impl RamSection {
                     if let (Some(m), None) = (&self.multifd_recv, &self.listening) {
                         m.sync()?;
                     }
+                    self.populate_zero_absent()?;
                     return Ok(());
                 }
                 _ => return Err(Error::UnknownFlags { at, flags: h.flags }),
             }
         }
+    }
+
+    /// Post-copy advised, before LISTEN: maps the zero pages left absent so far, a run
+    /// at a time (`MADV_POPULATE_READ`, as a read of each page would, without a fault
+    /// apiece), so that LISTEN, in the guest's pause, has little left to map.
+    fn populate_zero_absent(&mut self) -> Result<()> {
+        if self.listening.is_some() {
+            return Ok(());
+        }
+        for (b, z) in &self.zero_absent {
+            if z.dirty_count() == 0 {
+                continue;
+            }
+            for r in z.ranges() {
+                let len = r.len() * TARGET_PAGE_SIZE as usize;
+                // SAFETY: the range lies inside the block's mapping (its bitmap has a bit
+                // per used page); populating reads it, which the guest (not running)
+                // cannot notice.
+                let rc = unsafe {
+                    libc::madvise(b.page_ptr(r.start).cast(), len, libc::MADV_POPULATE_READ)
+                };
+                if rc != 0 {
+                    // An older kernel: LISTEN maps them instead.
+                    return Ok(());
+                }
+                for p in r {
+                    z.test_and_clear(p);
+                }
+            }
+        }
+        Ok(())
     }
 
     fn load_block_list(&mut self, f: &mut QemuFile, total: u64) -> Result<()> {
@@ -586,11 +624,14 @@ impl RamSection {
                 self.stats.add_pages(1, 0);
                 return Ok(());
             }
-            // With post-copy advised every page is made present (a read maps the zero
-            // page): an absent one would fault after LISTEN, and the source, which sent
-            // it, would not send it again.
-            let known_zero = self.fresh && !self.advised && !block.bitmap.test(page);
-            if !known_zero && !block.is_zero_page(page) {
+            let known_zero = self.fresh && !block.bitmap.test(page);
+            if known_zero && self.advised {
+                // Left absent, it would fault after LISTEN and the source, which sent
+                // it, would not send it again: LISTEN maps it.
+                if let Some((_, z)) = self.zero_absent.iter().find(|(b, _)| Arc::ptr_eq(b, block)) {
+                    z.set(page);
+                }
+            } else if !known_zero && !block.is_zero_page(page) {
                 block.write_bytes(h.offset, &[0; TARGET_PAGE_SIZE as usize]);
             }
             self.stats.add_pages(1, 0);
@@ -610,6 +651,9 @@ impl RamSection {
             f.get_buffer_streaming(dst)?;
             if self.fresh {
                 block.bitmap.set(page);
+            }
+            if let Some((_, z)) = self.zero_absent.iter().find(|(b, _)| Arc::ptr_eq(b, block)) {
+                z.test_and_clear(page);
             }
             self.stats.add_pages(0, 1);
         }
@@ -734,6 +778,9 @@ impl SectionHandler for RamSection {
 
     fn iterate(&mut self, f: &mut QemuFile) -> std::result::Result<bool, SectionError> {
         self.check_version()?;
+        if self.switched {
+            self.stop_logging();
+        }
         Ok(self.send_pages(f, true)?)
     }
 
@@ -783,8 +830,9 @@ impl SectionHandler for RamSection {
             m.finish()?;
             f.account_elsewhere(m.take_written());
         }
-        // The guest runs at the destination from now on: nothing here changes RAM.
-        self.stop_logging();
+        // The guest runs at the destination from now on: nothing here changes RAM. The
+        // dirty log is turned off after the package went (at the next iteration), not in
+        // the guest's pause.
         self.switched = true;
         // Every run of pages still to send (never sent, or dirtied since) is dropped
         // there, so that the guest waits for it (QEMU's discard bitmap).
@@ -828,6 +876,15 @@ impl SectionHandler for RamSection {
             reason: format!("this host cannot wait for pages (userfaultfd): {e}"),
         })?;
         self.advised = true;
+        self.zero_absent = self
+            .list
+            .blocks()
+            .into_iter()
+            .map(|b| {
+                let z = DirtyBitmap::new(b.used_pages());
+                (b, z)
+            })
+            .collect();
         Ok(true)
     }
 
@@ -839,8 +896,15 @@ impl SectionHandler for RamSection {
         let Some(b) = self.list.find(block) else {
             return Ok(false);
         };
+        let zero = self.zero_absent.iter().find(|(x, _)| Arc::ptr_eq(x, &b));
         for &(start, len) in ranges {
             crate::postcopy_ram::drop_pages(&b, start, len)?;
+            if let Some((_, z)) = zero {
+                let first = (start / TARGET_PAGE_SIZE) as usize;
+                for p in first..first + (len / TARGET_PAGE_SIZE) as usize {
+                    z.test_and_clear(p);
+                }
+            }
         }
         Ok(true)
     }
@@ -854,7 +918,17 @@ impl SectionHandler for RamSection {
                 reason: "LISTEN before ADVISE".into(),
             }));
         }
-        self.listening = Some(self.incoming.listen(&self.list, rp.clone())?);
+        let ram = self.incoming.listen(&self.list, rp.clone())?;
+        for (b, z) in std::mem::take(&mut self.zero_absent) {
+            for r in z.ranges() {
+                ram.place_zero_range(
+                    b.idstr(),
+                    r.start as u64 * TARGET_PAGE_SIZE,
+                    r.len() as u64 * TARGET_PAGE_SIZE,
+                )?;
+            }
+        }
+        self.listening = Some(ram);
         Ok(())
     }
 
@@ -879,6 +953,7 @@ impl SectionHandler for RamSection {
         // Otherwise the registration stays (in `incoming`): the guest waits for pages
         // that have not come rather than read them as zeros.
         self.advised = false;
+        self.zero_absent.clear();
         Ok(())
     }
 

@@ -274,11 +274,17 @@ fn run(a: &RunArgs) -> Result<i32> {
             && running_since.is_none()
             && !session.incoming_running()
             && !session.wait_incoming()
+            && !migration::postcopy_paused(&machine)
         {
             // The stream did not load: nothing runs here (the source keeps its guest).
             break 1;
         }
-        if running_since.is_none() && machine.run_state() == machine::RunState::Running {
+        // Counted once the guest runs here for good (a post-copy destination runs it
+        // before its load has ended).
+        if running_since.is_none()
+            && machine.run_state() == machine::RunState::Running
+            && !session.incoming_running()
+        {
             running_since = Some(Instant::now());
         }
         if let (Some(s), Some(t)) = (a.exit_after, running_since) {

@@ -720,7 +720,8 @@ fn load_incoming(
             .context("applying the vCPU state"),
     });
     // Told to stop while loading: the source must not hear that it loaded.
-    let loaded = loaded.and_then(|r| match abort.aborted() {
+    // (After post-copy's RUN the guest is here whatever happens: the source is told.)
+    let loaded = loaded.and_then(|r| match abort.aborted() && !r.postcopy {
         true => Err(anyhow!(
             "the incoming migration was aborted (this process is ending)"
         )),

@@ -183,6 +183,7 @@ mod tests {
             series: Vec::new(),
             throttle: 0,
             mem: None,
+            postcopy: None,
         }
     }
 

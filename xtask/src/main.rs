@@ -84,8 +84,8 @@ enum Cmd {
         #[arg(long)]
         no_qemu: bool,
         /// Only these scenarios (repeat, or separate with commas): idle, fill, dirty128,
-        /// dirty256, converge, fill-2g, fill-4g, fill-8g, fill-mfd2, fill-tls, fill-tls-mfd2,
-        /// fill-mfd4, fill-zstd, fill-1g, fill-1g-zstd.
+        /// dirty256, converge, postcopy, converge512, fill-2g, fill-4g, fill-8g, fill-mfd2,
+        /// fill-tls, fill-tls-mfd2, fill-mfd4, fill-zstd, fill-1g, fill-1g-zstd.
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
         /// The vmm binary to measure (default: this workspace's release build), e.g. an

@@ -1,5 +1,5 @@
-//! The bench's migration curves: remaining bytes and the guest's dirty rate over time,
-//! ours and QEMU's, as SVG.
+//! The bench's migration curves: remaining bytes and the guest's dirty rate (post-copy:
+//! its work rate) over time, ours and QEMU's, as SVG.
 
 use std::path::Path;
 
@@ -25,20 +25,32 @@ pub fn scenario(path: &Path, title: &str, ours: Option<&Run>, qemu: Option<&Run>
         .iter()
         .flat_map(|(r, _, _)| r.series.iter().map(|p| p.0))
         .fold(100.0, f64::max);
+    // Post-copy: the guest's own work rate says more than its dirty rate (it runs at the
+    // destination after the switch, waiting for pages it lacks).
+    let postcopy = runs.iter().any(|(r, _, _)| r.postcopy.is_some());
+    let right_label = if postcopy {
+        "guest passes/s (where it runs)"
+    } else {
+        "guest dirty rate (kpages/s)"
+    };
     for (area, label, value) in [
         (&left, "remaining (MiB)", 0usize),
-        (&right, "guest dirty rate (kpages/s)", 1usize),
+        (&right, right_label, 1usize),
     ] {
-        let get = |p: &(f64, u64, u64)| {
-            if value == 0 {
-                p.1 as f64 / (1 << 20) as f64
-            } else {
-                p.2 as f64 / 1e3
+        let points = |r: &Run| -> Vec<(f64, f64)> {
+            match (value, &r.postcopy) {
+                (0, _) => r
+                    .series
+                    .iter()
+                    .map(|p| (p.0, p.1 as f64 / (1 << 20) as f64))
+                    .collect(),
+                (_, Some(pc)) => work_rate(&pc.work),
+                _ => r.series.iter().map(|p| (p.0, p.2 as f64 / 1e3)).collect(),
             }
         };
         let ymax = runs
             .iter()
-            .flat_map(|(r, _, _)| r.series.iter().map(get))
+            .flat_map(|(r, _, _)| points(r).into_iter().map(|p| p.1))
             .fold(1.0, f64::max);
         let mut chart = ChartBuilder::on(area)
             .margin(10)
@@ -52,10 +64,7 @@ pub fn scenario(path: &Path, title: &str, ours: Option<&Run>, qemu: Option<&Run>
             .draw()?;
         for (r, color, name) in &runs {
             chart
-                .draw_series(LineSeries::new(
-                    r.series.iter().map(|p| (p.0, get(p))),
-                    color.stroke_width(2),
-                ))?
+                .draw_series(LineSeries::new(points(r), color.stroke_width(2)))?
                 .label(*name)
                 .legend(move |(x, y)| {
                     PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2))
@@ -69,6 +78,20 @@ pub fn scenario(path: &Path, title: &str, ours: Option<&Run>, qemu: Option<&Run>
     }
     root.present()?;
     Ok(())
+}
+
+/// Passes per second from (ms, passes so far) samples, over windows of 200 ms at least.
+fn work_rate(samples: &[(f64, u64)]) -> Vec<(f64, f64)> {
+    let mut out = Vec::new();
+    let mut from = 0;
+    for (i, &(t, n)) in samples.iter().enumerate() {
+        let (t0, n0) = samples[from];
+        if t - t0 >= 200.0 {
+            out.push((t, n.saturating_sub(n0) as f64 / ((t - t0) / 1e3)));
+            from = i;
+        }
+    }
+    out
 }
 
 /// Draws total time against guest size: one line per side through the medians, every

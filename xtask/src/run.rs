@@ -31,6 +31,29 @@ pub struct Run {
     /// Peak memory beyond guest RAM of the source and the destination, bytes (memory
     /// runs only).
     pub mem: Option<(u64, u64)>,
+    /// Post-copy runs: what the switch and the faults after it did.
+    pub postcopy: Option<PostcopyRun>,
+}
+
+/// What a post-copy run measured beyond the others.
+#[derive(Debug, Clone, Default)]
+pub struct PostcopyRun {
+    /// From `migrate` to `migrate-start-postcopy`, ms.
+    pub switch_ms: f64,
+    /// Pages the destination asked for (the source's count).
+    pub requests: u64,
+    /// Faults whose wait was measured (fault seen by the fault thread to page placed).
+    pub faults: u64,
+    /// Median and 99th percentile of those waits, µs.
+    pub fault_p50_us: f64,
+    /// 99th percentile.
+    pub fault_p99_us: f64,
+    /// The guest's passes per second before the migration.
+    pub work_before: f64,
+    /// Its passes per second at the destination while post-copy ran.
+    pub work_postcopy: f64,
+    /// (ms since migrate, the guest's passes so far wherever it runs).
+    pub work: Vec<(f64, u64)>,
 }
 
 impl Run {
@@ -49,6 +72,7 @@ impl Run {
             series: Vec::new(),
             throttle: 0,
             mem: None,
+            postcopy: None,
         }
     }
 
@@ -58,6 +82,10 @@ impl Run {
                "completed": self.completed, "total_ms": self.total_ms, "downtime_ms": self.downtime_ms,
                "bytes": self.bytes, "throttle_max": self.throttle,
                "mem_overhead": self.mem.map(|(s, d)| json!({"source": s, "destination": d})),
+               "postcopy": self.postcopy.as_ref().map(|p| json!({
+                   "switch_ms": p.switch_ms, "requests": p.requests, "faults": p.faults,
+                   "fault_p50_us": p.fault_p50_us, "fault_p99_us": p.fault_p99_us,
+                   "work_before": p.work_before, "work_postcopy": p.work_postcopy})),
                "error": self.error})
     }
 }

@@ -10,6 +10,7 @@ use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 use vmm_harness::{Qmp, Vmm};
 
+use super::postcopy::{Watch, our_fault_waits, qemu_fault_waits, qemu_trace_args, work_rate};
 use super::scenarios::{Scenario, TIMEOUT, ready_bytes};
 use crate::certs::TestPki;
 use crate::memwatch::MemWatch;
@@ -66,10 +67,19 @@ pub(super) fn multifd_setup(q: &mut Qmp, s: &Scenario) {
 }
 
 /// Polls query-migrate every 50 ms until it ends; fills the run's series and result.
-pub(super) fn follow(q: &mut Qmp, run: &mut Run, timeout: Duration) -> Value {
+/// A post-copy run's `watch` sees each answer (and asks for the switch).
+pub(super) fn follow(
+    q: &mut Qmp,
+    run: &mut Run,
+    timeout: Duration,
+    mut watch: Option<&mut Watch>,
+) -> Value {
     let t0 = Instant::now();
     loop {
         let m = q.cmd("query-migrate", json!({}));
+        if let Some(w) = watch.as_deref_mut() {
+            w.poll(q, &m);
+        }
         let t = t0.elapsed().as_secs_f64() * 1e3;
         let remaining = m["ram"]["remaining"].as_u64().unwrap_or(0);
         let rate = m["ram"]["dirty-pages-rate"].as_u64().unwrap_or(0);
@@ -81,7 +91,7 @@ pub(super) fn follow(q: &mut Qmp, run: &mut Run, timeout: Duration) -> Value {
                 run.bytes = m["ram"]["transferred"].as_u64().unwrap_or(0);
                 return m;
             }
-            Some("failed") | Some("cancelled") => {
+            Some("failed") | Some("cancelled") | Some("postcopy-paused") => {
                 run.error = Some(format!("migration {}: {}", m["status"], m["error-desc"]));
                 return m;
             }
@@ -142,6 +152,7 @@ pub(super) fn ours(
             &multifd[..],
             &strs(&server)[..],
             &["--incoming", "tcp:127.0.0.1:0", "--exit-after", "0.5"],
+            if s.postcopy { &["--postcopy"][..] } else { &[] },
         ]
         .concat(),
     );
@@ -175,6 +186,19 @@ pub(super) fn ours(
         json!({"capabilities": [{"capability": "auto-converge", "state": s.auto_converge}]}),
     );
     multifd_setup(&mut q, s);
+    let mut pc = s.postcopy.then(|| {
+        q.cmd(
+            "migrate-set-capabilities",
+            json!({"capabilities": [{"capability": "postcopy-ram", "state": true}]}),
+        );
+        let before = work_rate(&dir.join("ours-src-serial.txt"), Duration::from_secs(1));
+        let w = Watch::new(
+            s,
+            dir.join("ours-src-serial.txt"),
+            dir.join("ours-dst-serial.txt"),
+        );
+        (w, before)
+    });
     let w = watch.then(|| {
         MemWatch::start(
             vec![src.child.id(), dst.child.id()],
@@ -183,7 +207,7 @@ pub(super) fn ours(
         )
     });
     q.cmd("migrate", json!({"uri": uri}));
-    follow(&mut q, &mut run, s.timeout);
+    let end = follow(&mut q, &mut run, s.timeout, pc.as_mut().map(|(w, _)| w));
     run.mem = w.map(|w| peaks(&w.stop()));
     let _ = q.try_cmd("quit", json!({}));
     let _ = src.wait();
@@ -199,6 +223,10 @@ pub(super) fn ours(
             (Some(a), Some(b)) => run.downtime_ms = (b as f64 - a as f64) / 1e3,
             _ => run.error = Some("no stop/resume timestamps".into()),
         }
+    }
+    if let Some((w, before)) = pc {
+        let faults = our_fault_waits(dst.event("postcopy-faults"));
+        run.postcopy = Some(w.finish(&end, before, faults));
     }
     run
 }
@@ -318,16 +346,19 @@ pub(super) fn qemu_inner(
 ) -> Result<()> {
     let image = guest_image(dir, s.workload, s.range, s.rate, Some(tsc_khz))?;
     let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-    let (dst, mut dq) = qemu_start(
-        bin,
-        dir,
-        "qemu-dst",
-        &image,
-        s.memory_mib,
-        &["-incoming".into(), "defer".into()],
-    )?;
+    let trace = dir.join("qemu-dst-trace.log");
+    let _ = std::fs::remove_file(&trace);
+    let mut dst_args = vec!["-incoming".to_string(), "defer".to_string()];
+    if s.postcopy {
+        dst_args.extend(qemu_trace_args(&trace));
+    }
+    let (dst, mut dq) = qemu_start(bin, dir, "qemu-dst", &image, s.memory_mib, &dst_args)?;
     // Capabilities are set before the destination listens.
     multifd_setup(&mut dq, s);
+    let postcopy_on = json!({"capabilities": [{"capability": "postcopy-ram", "state": true}]});
+    if s.postcopy {
+        dq.cmd("migrate-set-capabilities", postcopy_on.clone());
+    }
     qemu_tls(&mut dq, s, &pki.server, "server");
     dq.cmd(
         "migrate-incoming",
@@ -357,10 +388,16 @@ pub(super) fn qemu_inner(
     );
     multifd_setup(&mut sq, s);
     qemu_tls(&mut sq, s, &pki.client, "client");
+    let mut pc = s.postcopy.then(|| {
+        sq.cmd("migrate-set-capabilities", postcopy_on.clone());
+        let before = work_rate(&serial, Duration::from_secs(1));
+        let w = Watch::new(s, serial.clone(), dir.join("qemu-dst-serial.txt"));
+        (w, before)
+    });
     let w =
         watch.then(|| MemWatch::start(vec![src.0.id(), dst.0.id()], s.memory_mib << 20, SAMPLE));
     sq.cmd("migrate", json!({"uri": format!("tcp:127.0.0.1:{port}")}));
-    follow(&mut sq, run, s.timeout);
+    let end = follow(&mut sq, run, s.timeout, pc.as_mut().map(|(w, _)| w));
     run.mem = w.map(|w| peaks(&w.stop()));
     if run.completed {
         // The destination's RESUME event; poll so its events are read.
@@ -385,6 +422,11 @@ pub(super) fn qemu_inner(
     }
     let _ = sq.try_cmd("quit", json!({}));
     let _ = dq.try_cmd("quit", json!({}));
+    if let Some((w, before)) = pc {
+        // The trace is complete once the destination has gone.
+        drop(dst);
+        run.postcopy = Some(w.finish(&end, before, qemu_fault_waits(&trace)));
+    }
     Ok(())
 }
 

@@ -23,6 +23,7 @@ use report::describe;
 use scenarios::{SCENARIOS, Scenario};
 
 mod drivers;
+mod postcopy;
 mod references;
 mod report;
 mod scenarios;

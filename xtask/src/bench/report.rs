@@ -134,6 +134,7 @@ pub(super) fn write(m: Measured<'_>) -> Result<()> {
         }
     }
     md += &spread_table(&scenarios, &runs);
+    md += &super::postcopy::table(&scenarios, &runs);
     md += "\nReal downtime against the limit (completed runs within it, and the worst):\n\n";
     md += "| scenario | limit ms | ours within | ours max ms | QEMU within | QEMU max ms |\n";
     md += "|---|---:|---:|---:|---:|---:|\n";

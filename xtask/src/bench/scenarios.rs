@@ -28,6 +28,9 @@ pub struct Scenario {
     pub(super) tls: bool,
     /// Guest RAM, MiB.
     pub(super) memory_mib: u64,
+    /// postcopy-ram on both sides, `migrate-start-postcopy` once a whole pass over the
+    /// range was sent.
+    pub(super) postcopy: bool,
 }
 
 /// What scenarios share unless they say otherwise: the fill of 1 GiB, no cap, one
@@ -46,6 +49,7 @@ pub(super) const BASE: Scenario = Scenario {
     zstd: false,
     tls: false,
     memory_mib: 1024,
+    postcopy: false,
 };
 
 /// A fill of 1 GiB with multifd, at `bandwidth` (0: unlimited).
@@ -127,6 +131,30 @@ pub(super) const SCENARIOS: &[Scenario] = &[
         timeout: Duration::from_secs(240),
         ..BASE
     },
+    // A guest that never converges at 50 MB/s: 512 MiB rewritten as fast as it can.
+    // Post-copy after the first pass, beside the same guest under auto-converge.
+    Scenario {
+        name: "dirty 512 MiB, 50 MB/s, post-copy",
+        slug: "postcopy",
+        workload: "dirty",
+        range: "512M",
+        bandwidth: 50_000_000,
+        postcopy: true,
+        limits: &[300],
+        timeout: Duration::from_secs(240),
+        ..BASE
+    },
+    Scenario {
+        name: "dirty 512 MiB, 50 MB/s, auto-converge",
+        slug: "converge512",
+        workload: "dirty",
+        range: "512M",
+        bandwidth: 50_000_000,
+        auto_converge: true,
+        limits: &[300],
+        timeout: Duration::from_secs(240),
+        ..BASE
+    },
     // Scaling: the fill of 1 GiB above, then of 2, 4 and 8 GiB guests (RAM beyond 3 GiB
     // is at 4 GiB and above, on both sides).
     scaled_fill("fill 2 GiB", "fill-2g", 2),
@@ -166,6 +194,17 @@ pub(super) const GBIT: u64 = 125_000_000;
 pub(super) const LIMITS: &[u64] = &[300, 30];
 
 pub(super) const TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The workload's range in bytes ("512M").
+pub(super) fn range_bytes(s: &Scenario) -> u64 {
+    let (n, unit) = s.range.split_at(s.range.len() - 1);
+    let n: u64 = n.parse().unwrap_or(0);
+    match unit {
+        "G" => n << 30,
+        "M" => n << 20,
+        _ => n,
+    }
+}
 
 pub(super) fn ready_bytes(s: &Scenario) -> u64 {
     if s.workload == "idle" { 1 } else { 2 }
