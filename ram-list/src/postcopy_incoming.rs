@@ -72,6 +72,22 @@ impl PostcopyIncoming {
         Ok(ram)
     }
 
+    /// A resume: asks again on `rp` for every page a fault still waits for (the source
+    /// forgot the requests made before the break).
+    pub(crate) fn request_again(&self, rp: &ReturnPath) -> Result<()> {
+        let ram = match &*self.lock() {
+            Some(l) => l.ram.clone(),
+            None => return Ok(()),
+        };
+        for (block, offset) in ram.waiting_pages() {
+            rp.request_pages(&block, offset, TARGET_PAGE_SIZE as u32)
+                .map_err(|e| crate::Error::Postcopy {
+                    reason: format!("asking again for pages: {e}"),
+                })?;
+        }
+        Ok(())
+    }
+
     /// Every page arrived: the fault thread ends and the registration with it.
     pub(crate) fn complete(&self) -> Result<()> {
         let mut g = self.lock();

@@ -225,6 +225,45 @@ impl PostcopyRam {
         Ok(())
     }
 
+    /// Marks every page of `block` received but those set in `dropped` (at LISTEN: what
+    /// pre-copy brought is there, what the source's discards dropped is not).
+    pub(crate) fn set_received_except(&self, block: &Arc<RamBlock>, dropped: &DirtyBitmap) {
+        if let Some((b, received)) = self.blocks.iter().find(|(b, _)| Arc::ptr_eq(b, block)) {
+            for p in 0..b.used_pages() {
+                if !dropped.test(p) {
+                    received.set(p);
+                }
+            }
+        }
+    }
+
+    /// The received pages of block `name` as QEMU's RECV_BITMAP carries them: bit i % 8
+    /// of byte i / 8 for page i, padded to whole 64-bit words. None for an unknown block.
+    pub fn received_bitmap(&self, name: &str) -> Option<Vec<u8>> {
+        let (b, received) = self.block(name).ok()?;
+        let pages = b.used_pages();
+        let mut out = vec![0u8; pages.div_ceil(64) * 8];
+        for p in 0..pages {
+            if received.test(p) {
+                out[p / 8] |= 1 << (p % 8);
+            }
+        }
+        Some(out)
+    }
+
+    /// The pages faulted on that have not arrived: (block, offset).
+    pub fn waiting_pages(&self) -> Vec<(String, u64)> {
+        lock(&self.waits.waiting)
+            .keys()
+            .map(|&(bi, page)| {
+                (
+                    self.blocks[bi].0.idstr().to_string(),
+                    page as u64 * TARGET_PAGE_SIZE,
+                )
+            })
+            .collect()
+    }
+
     /// What the faults waited so far.
     pub fn fault_waits(&self) -> FaultWaitStats {
         let mut w = lock(&self.waits.waited_us).clone();

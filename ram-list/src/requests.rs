@@ -61,6 +61,13 @@ impl PageRequests {
         Ok(())
     }
 
+    /// Forgets every request (a resumed post-copy: the destination asks again).
+    pub fn clear(&self) {
+        let mut q = self.lock();
+        q.items.clear();
+        q.last_block = None;
+    }
+
     /// Whether no request waits.
     pub fn is_empty(&self) -> bool {
         self.lock().items.is_empty()

@@ -91,6 +91,9 @@ pub struct RamSection {
     /// as zero that this side left unwritten (known zero in fresh memory); LISTEN maps
     /// them, so they do not fault afterwards (the source will not send them again).
     zero_absent: Vec<(Arc<RamBlock>, DirtyBitmap)>,
+    /// Post-copy (destination), from ADVISE to LISTEN: per block, the pages the source's
+    /// discards dropped (the others are there at LISTEN).
+    dropped: Vec<(Arc<RamBlock>, DirtyBitmap)>,
 }
 
 impl fmt::Debug for RamSection {
@@ -129,6 +132,7 @@ impl RamSection {
             listening: None,
             bounce: Vec::new(),
             zero_absent: Vec::new(),
+            dropped: Vec::new(),
             multifd_recv: None,
             adopted: Vec::new(),
             load_listed: false,
@@ -859,6 +863,82 @@ impl SectionHandler for RamSection {
         Ok(f.check().map_err(Error::from)?)
     }
 
+    fn postcopy_blocks(&self) -> Vec<String> {
+        match self.switched {
+            true => self
+                .blocks
+                .iter()
+                .map(|(b, _)| b.idstr().to_string())
+                .collect(),
+            false => Vec::new(),
+        }
+    }
+
+    fn postcopy_resume(
+        &mut self,
+        received: &[(String, Vec<u8>)],
+    ) -> std::result::Result<(), SectionError> {
+        for (b, _) in &self.blocks {
+            let Some((_, bits)) = received.iter().find(|(n, _)| n == b.idstr()) else {
+                return Err(Box::new(Error::Postcopy {
+                    reason: format!("no received bitmap for block {:?}", b.idstr()),
+                }));
+            };
+            let pages = b.used_pages();
+            if bits.len() * 8 < pages {
+                return Err(Box::new(Error::Postcopy {
+                    reason: format!(
+                        "a received bitmap of {} bytes for block {:?} of {pages} pages",
+                        bits.len(),
+                        b.idstr()
+                    ),
+                }));
+            }
+            // What the destination lacks goes again, whatever this side sent before the
+            // break (QEMU's `ram_dirty_bitmap_reload`).
+            for p in 0..pages {
+                if bits[p / 8] & (1 << (p % 8)) == 0 {
+                    b.bitmap.set(p);
+                } else {
+                    b.bitmap.test_and_clear(p);
+                }
+            }
+        }
+        if let Some(r) = &self.requests {
+            r.clear();
+        }
+        // A new connection: the first page names its block.
+        self.last_sent_block = None;
+        self.last_seen_block = 0;
+        self.last_page = 0;
+        self.stats.set_remaining(self.pending_bytes());
+        Ok(())
+    }
+
+    fn load_postcopy_recv_bitmap(
+        &mut self,
+        block: &str,
+    ) -> std::result::Result<Option<Vec<u8>>, SectionError> {
+        match &self.listening {
+            Some(ram) => Ok(ram.received_bitmap(block)),
+            None => Err(Box::new(Error::Postcopy {
+                reason: "RECV_BITMAP before LISTEN".into(),
+            })),
+        }
+    }
+
+    fn load_postcopy_resume(
+        &mut self,
+        rp: &Arc<savevm::return_path::ReturnPath>,
+    ) -> std::result::Result<(), SectionError> {
+        if self.listening.is_some() {
+            self.incoming.request_again(rp)?;
+        }
+        // A new connection: its first page names its block.
+        self.load_block = None;
+        Ok(())
+    }
+
     fn load_postcopy_advise(&mut self) -> std::result::Result<bool, SectionError> {
         if !self.postcopy {
             return Err(Box::new(Error::Postcopy {
@@ -876,15 +956,18 @@ impl SectionHandler for RamSection {
             reason: format!("this host cannot wait for pages (userfaultfd): {e}"),
         })?;
         self.advised = true;
-        self.zero_absent = self
-            .list
-            .blocks()
-            .into_iter()
-            .map(|b| {
-                let z = DirtyBitmap::new(b.used_pages());
-                (b, z)
-            })
-            .collect();
+        let per_block = || -> Vec<(Arc<RamBlock>, DirtyBitmap)> {
+            self.list
+                .blocks()
+                .into_iter()
+                .map(|b| {
+                    let z = DirtyBitmap::new(b.used_pages());
+                    (b, z)
+                })
+                .collect()
+        };
+        self.zero_absent = per_block();
+        self.dropped = per_block();
         Ok(true)
     }
 
@@ -897,12 +980,16 @@ impl SectionHandler for RamSection {
             return Ok(false);
         };
         let zero = self.zero_absent.iter().find(|(x, _)| Arc::ptr_eq(x, &b));
+        let dropped = self.dropped.iter().find(|(x, _)| Arc::ptr_eq(x, &b));
         for &(start, len) in ranges {
             crate::postcopy_ram::drop_pages(&b, start, len)?;
-            if let Some((_, z)) = zero {
-                let first = (start / TARGET_PAGE_SIZE) as usize;
-                for p in first..first + (len / TARGET_PAGE_SIZE) as usize {
+            let first = (start / TARGET_PAGE_SIZE) as usize;
+            for p in first..first + (len / TARGET_PAGE_SIZE) as usize {
+                if let Some((_, z)) = zero {
                     z.test_and_clear(p);
+                }
+                if let Some((_, d)) = dropped {
+                    d.set(p);
                 }
             }
         }
@@ -919,6 +1006,9 @@ impl SectionHandler for RamSection {
             }));
         }
         let ram = self.incoming.listen(&self.list, rp.clone())?;
+        for (b, d) in std::mem::take(&mut self.dropped) {
+            ram.set_received_except(&b, &d);
+        }
         for (b, z) in std::mem::take(&mut self.zero_absent) {
             for r in z.ranges() {
                 ram.place_zero_range(
@@ -954,6 +1044,7 @@ impl SectionHandler for RamSection {
         // that have not come rather than read them as zeros.
         self.advised = false;
         self.zero_absent.clear();
+        self.dropped.clear();
         Ok(())
     }
 

@@ -35,6 +35,21 @@ struct Outcome {
     incoming: PostcopyIncomingInfo,
 }
 
+/// RUN comes on the loading thread, which alone reads the pages: the guest's memory is
+/// read from another thread.
+struct HashAtRun {
+    mem: Memory,
+    tx: Mutex<mpsc::Sender<u64>>,
+}
+
+impl savevm::PostcopyHooks for HashAtRun {
+    fn run(&mut self) -> Result<(), savevm::SectionError> {
+        let (m, tx) = (self.mem.clone(), self.tx.lock().unwrap().clone());
+        std::thread::spawn(move || tx.send(hash(&m)));
+        Ok(())
+    }
+}
+
 fn migrate(switch: Switch, cap: u64, postcopy_cap: u64) -> Option<Outcome> {
     if Userfault::new().is_err() {
         eprintln!("skipped: userfaultfd is not allowed here");
@@ -48,14 +63,9 @@ fn migrate(switch: Switch, cap: u64, postcopy_cap: u64) -> Option<Outcome> {
         let mut f = QemuFile::new(Box::new(UnixTransport::new(b, "unix:source".into())));
         let mut vm = sections_with(&mem, Some(inc.clone()));
         let (tx, rx) = mpsc::channel();
-        let tx = Mutex::new(tx);
-        let at_run = mem.clone();
-        // RUN comes on the loading thread, which alone reads the pages: the guest's
-        // memory is read from another thread.
-        vm.set_postcopy_run(Box::new(move || {
-            let (m, tx) = (at_run.clone(), tx.lock().unwrap().clone());
-            std::thread::spawn(move || tx.send(hash(&m)));
-            Ok(())
+        vm.set_postcopy_hooks(Box::new(HashAtRun {
+            mem: mem.clone(),
+            tx: Mutex::new(tx),
         }));
         let loaded = vm.load(&mut f).expect("the load");
         assert!(loaded.postcopy, "the guest switched during the load");

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::Instant;
 
-use qemu_file::ShutdownHandle;
+use qemu_file::{QemuFile, ShutdownHandle};
 
 use crate::{Error, MigrationInfo, MigrationParams, MigrationStatus, Result};
 
@@ -42,6 +42,11 @@ pub struct MigrationControl {
     continued: AtomicBool,
     /// Set by `start_postcopy`, read by the migration thread at each iteration.
     start_postcopy: AtomicBool,
+    // Lock: a new connection for a paused post-copy, put by `resume_postcopy` and taken
+    // by the migration thread, which waits for it on `wake` (with `info` held).
+    resume_with: Mutex<Option<QemuFile>>,
+    /// Set by a cancel while post-copy is paused: the migration thread stops waiting.
+    give_up: AtomicBool,
 }
 
 impl fmt::Debug for MigrationControl {
@@ -71,6 +76,8 @@ impl MigrationControl {
             pass_observer: Mutex::new(None),
             continued: AtomicBool::new(false),
             start_postcopy: AtomicBool::new(false),
+            resume_with: Mutex::new(None),
+            give_up: AtomicBool::new(false),
         }
     }
 
@@ -157,6 +164,36 @@ impl MigrationControl {
         Ok(())
     }
 
+    /// Resumes a paused post-copy over `f`, a new connection to the destination (QMP
+    /// `migrate` with `resume: true`; the destination was told `migrate-recover`).
+    ///
+    /// # Errors
+    /// QEMU's message when no post-copy is paused.
+    pub fn resume_postcopy(&self, f: QemuFile) -> std::result::Result<(), String> {
+        let info = lock(&self.info);
+        if info.status != MigrationStatus::PostcopyPaused || self.give_up.load(Ordering::SeqCst) {
+            return Err("Cannot resume if there is no paused migration".into());
+        }
+        *lock(&self.resume_with) = Some(f);
+        drop(info);
+        self.wake.notify_all();
+        Ok(())
+    }
+
+    /// Waits, paused, for `resume_postcopy`'s connection; None once a cancel gave up.
+    pub(crate) fn wait_resume(&self) -> Option<QemuFile> {
+        let mut info = lock(&self.info);
+        loop {
+            if self.give_up.load(Ordering::SeqCst) {
+                return None;
+            }
+            if let Some(f) = lock(&self.resume_with).take() {
+                return Some(f);
+            }
+            info = self.wake.wait(info).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
     /// Whether post-copy was asked for.
     pub(crate) fn postcopy_requested(&self) -> bool {
         self.start_postcopy.load(Ordering::SeqCst)
@@ -166,6 +203,17 @@ impl MigrationControl {
     /// source VM runs on. Returns false, doing nothing, once the migration ended or the
     /// whole stream was written (the destination may already be running the guest).
     pub fn cancel(&self) -> bool {
+        {
+            let info = lock(&self.info);
+            if info.status == MigrationStatus::PostcopyPaused {
+                // The guest is at the destination: nothing runs here again by itself.
+                // The migration thread stops waiting for a resume and ends, paused.
+                self.give_up.store(true, Ordering::SeqCst);
+                drop(info);
+                self.wake.notify_all();
+                return true;
+            }
+        }
         // The flag first, then the check: `commit` does the reverse, so one of the two
         // always sees the other.
         self.cancel.store(true, Ordering::SeqCst);

@@ -65,7 +65,7 @@ pub use error::{Error, Result, error_chain};
 pub use load::LoadReport;
 pub use migration::{WINDOW, run_migration};
 pub use params::MigrationParams;
-pub use registry::{PostcopyRun, SaveVm, TARGET_PAGE_SIZE};
+pub use registry::{PostcopyHooks, SaveVm, TARGET_PAGE_SIZE};
 /// `#[derive(VmState)]`: see [`VmState`] (feature `derive`, on by default).
 #[cfg(feature = "derive")]
 pub use savevm_derive::VmState;

@@ -11,7 +11,8 @@ use crate::format::{
 };
 use crate::postcopy::{
     MIG_CMD_PACKAGED, MIG_CMD_POSTCOPY_ADVISE, MIG_CMD_POSTCOPY_LISTEN,
-    MIG_CMD_POSTCOPY_RAM_DISCARD, MIG_CMD_POSTCOPY_RUN, read_advise, read_discard, read_packaged,
+    MIG_CMD_POSTCOPY_RAM_DISCARD, MIG_CMD_POSTCOPY_RESUME, MIG_CMD_POSTCOPY_RUN,
+    MIG_CMD_RECV_BITMAP, read_advise, read_discard, read_packaged, read_recv_bitmap,
 };
 use crate::registry::{Handler, TARGET_PAGE_SIZE, section_error};
 use crate::return_path::ReturnPath;
@@ -44,6 +45,8 @@ struct PostcopyLoad {
     rp: Option<Arc<ReturnPath>>,
     listening: bool,
     running: bool,
+    /// Bytes read on the connections a resume replaced.
+    bytes_before: u64,
 }
 
 /// The stream's section ids: id -> (index of the registered entry, version from its
@@ -96,7 +99,7 @@ impl SaveVm {
         let (records, description) = result?;
         cleanup_result?;
         Ok(LoadReport {
-            bytes: f.bytes_read() - start_offset,
+            bytes: postcopy.bytes_before + f.bytes_read() - start_offset,
             records,
             duration: t0.elapsed(),
             description,
@@ -164,7 +167,9 @@ impl SaveVm {
     }
 
     /// Reads records up to EOF, or (`package`: post-copy's package, which has none) to
-    /// the end of the data. Returns how many section records it read.
+    /// the end of the data. Returns how many section records it read. After post-copy's
+    /// RUN a broken stream pauses instead ([`PostcopyHooks::paused`](crate::PostcopyHooks::paused)):
+    /// the load goes on over the connection the source resumes on.
     fn load_body(
         &mut self,
         f: &mut QemuFile,
@@ -175,162 +180,217 @@ impl SaveVm {
     ) -> Result<u64> {
         let mut records = 0u64;
         loop {
-            let offset = f.bytes_read();
-            let b = match f.try_get_u8()? {
-                Some(b) => b,
-                None if package => break,
-                None => return Err(Error::Stream(qemu_file::Error::UnexpectedEof { offset })),
-            };
-            let ty = SectionType::try_from(b)
-                .map_err(|found| Error::UnknownSectionType { found, offset })?;
-            match ty {
-                SectionType::Eof => break,
-                SectionType::Configuration => {
-                    return Err(Error::WrongRecordKind {
-                        idstr: "configuration".into(),
-                        found: "a second CONFIGURATION",
-                    });
-                }
-                SectionType::Command => {
-                    let command = f.get_be16()?;
-                    let len = f.get_be16()?;
-                    match (command, len) {
-                        (MIG_CMD_OPEN_RETURN_PATH, 0) => {}
-                        (MIG_CMD_PING, 4) => {
-                            let value = f.get_be32()?;
-                            match &postcopy.rp {
-                                Some(rp) => rp.pong(value)?,
-                                None => crate::return_path::send_pong(f, value)?,
-                            }
-                        }
-                        (MIG_CMD_POSTCOPY_ADVISE, _) => {
-                            if let Some(advise) = read_advise(f, len)? {
-                                self.postcopy_advise(f, advise, postcopy)?;
-                            }
-                        }
-                        (MIG_CMD_POSTCOPY_RAM_DISCARD, _) => {
-                            postcopy_step(postcopy.rp.is_some() && !postcopy.listening, command)?;
-                            let (block, ranges) = read_discard(f, len)?;
-                            self.postcopy_discard(&block, &ranges)?;
-                        }
-                        (MIG_CMD_PACKAGED, _) => {
-                            postcopy_step(postcopy.rp.is_some() && !package, command)?;
-                            let mut p = QemuFile::from_bytes(read_packaged(f, len)?);
-                            records += self.load_body(&mut p, progress, by_id, postcopy, true)?;
-                        }
-                        (MIG_CMD_POSTCOPY_LISTEN, 0) => {
-                            postcopy_step(postcopy.rp.is_some() && !postcopy.listening, command)?;
-                            let rp = postcopy.rp.clone().expect("checked above");
-                            for e in &mut self.entries {
-                                if let Handler::Live(h) = &mut e.handler {
-                                    h.load_postcopy_listen(&rp)
-                                        .map_err(section_error(&e.info, "listen"))?;
-                                }
-                            }
-                            postcopy.listening = true;
-                        }
-                        (MIG_CMD_POSTCOPY_RUN, 0) => {
-                            postcopy_step(postcopy.listening && !postcopy.running, command)?;
-                            if let Some(i) = progress.iter().enumerate().position(|(i, p)| {
-                                *p != Progress::Done
-                                    && matches!(self.entries[i].handler, Handler::Device(_))
-                            }) {
-                                return Err(Error::MissingSection {
-                                    idstr: self.entries[i].info.idstr.clone(),
-                                    instance_id: self.entries[i].info.instance_id,
-                                    started: false,
-                                });
-                            }
-                            if let Some(run) = &mut self.on_postcopy_run {
-                                run().map_err(|e| Error::Postcopy {
-                                    reason: format!("starting the guest: {e}"),
-                                })?;
-                            }
-                            postcopy.running = true;
-                        }
-                        _ => return Err(Error::UnsupportedCommand { command, offset }),
-                    }
-                }
-                SectionType::Start | SectionType::Full => {
-                    let h = FullHeader::read_from(f)?;
-                    let i = self.find(&h.idstr, h.instance_id).ok_or_else(|| {
-                        Error::UnknownSection {
-                            idstr: h.idstr.clone(),
-                            instance_id: h.instance_id,
-                        }
-                    })?;
-                    if progress[i] != Progress::NotSeen
-                        || by_id.iter().any(|(id, _, _)| *id == h.section_id)
-                    {
-                        return Err(Error::DuplicateSection {
-                            idstr: h.idstr,
-                            section_id: h.section_id,
-                        });
-                    }
-                    let e = &mut self.entries[i];
-                    if h.version_id > e.info.version_id || h.version_id < e.info.minimum_version_id
-                    {
-                        return Err(Error::VersionOutOfRange {
-                            idstr: h.idstr,
-                            version: h.version_id,
-                            min: e.info.minimum_version_id,
-                            max: e.info.version_id,
-                        });
-                    }
-                    match (&mut e.handler, ty) {
-                        (Handler::Live(lh), SectionType::Start) => {
-                            lh.load(f, h.version_id)
-                                .map_err(section_error(&e.info, "load"))?;
-                            progress[i] = Progress::Started;
-                        }
-                        (Handler::Device(dh), SectionType::Full) => {
-                            dh.load(&mut FieldReader::new(f), h.version_id)
-                                .map_err(section_error(&e.info, "load"))?;
-                            progress[i] = Progress::Done;
-                        }
-                        _ => {
-                            return Err(Error::WrongRecordKind {
-                                idstr: h.idstr,
-                                found: ty.name(),
-                            });
-                        }
-                    }
-                    Footer::read_from(f, h.section_id, &e.info.idstr)?;
-                    by_id.push((h.section_id, i, h.version_id));
-                    records += 1;
-                }
-                SectionType::Part | SectionType::End => {
-                    let section_id = f.get_be32()?;
-                    let (i, version) = by_id
-                        .iter()
-                        .find(|(id, _, _)| *id == section_id)
-                        .map(|(_, i, v)| (*i, *v))
-                        .ok_or(Error::UnknownSectionId { section_id, offset })?;
-                    let e = &mut self.entries[i];
-                    let Handler::Live(lh) = &mut e.handler else {
-                        return Err(Error::WrongRecordKind {
-                            idstr: e.info.idstr.clone(),
-                            found: ty.name(),
-                        });
+            match self.load_record(f, progress, by_id, postcopy, package) {
+                Ok(Some(n)) => records += n,
+                Ok(None) => return Ok(records),
+                Err(e) => {
+                    // The guest runs here and lacks pages only the source has: a broken
+                    // stream waits for the source to come back.
+                    let broken = postcopy.running
+                        && !package
+                        && (f.error().is_some() || matches!(e, Error::Stream(_)));
+                    let new = match (&mut self.postcopy_hooks, broken) {
+                        (Some(h), true) => h.paused(&e),
+                        _ => None,
                     };
-                    if progress[i] != Progress::Started {
-                        return Err(Error::WrongRecordKind {
-                            idstr: e.info.idstr.clone(),
-                            found: ty.name(),
-                        });
+                    let Some(new) = new else {
+                        return Err(e);
+                    };
+                    postcopy.bytes_before += f.bytes_read();
+                    *f = new;
+                    if let Some(rp) = &postcopy.rp {
+                        rp.replace(f.return_path()?);
                     }
-                    // PART and END carry no version: they are in their START's.
-                    lh.load(f, version)
-                        .map_err(section_error(&e.info, "load"))?;
-                    Footer::read_from(f, section_id, &e.info.idstr)?;
-                    if ty == SectionType::End {
-                        progress[i] = Progress::Done;
-                    }
-                    records += 1;
                 }
             }
         }
-        Ok(records)
+    }
+
+    /// Reads one record: Some(section records read, a package's included), or None at
+    /// the end.
+    fn load_record(
+        &mut self,
+        f: &mut QemuFile,
+        progress: &mut [Progress],
+        by_id: &mut ById,
+        postcopy: &mut PostcopyLoad,
+        package: bool,
+    ) -> Result<Option<u64>> {
+        let offset = f.bytes_read();
+        let b = match f.try_get_u8()? {
+            Some(b) => b,
+            None if package => return Ok(None),
+            None => return Err(Error::Stream(qemu_file::Error::UnexpectedEof { offset })),
+        };
+        let ty = SectionType::try_from(b)
+            .map_err(|found| Error::UnknownSectionType { found, offset })?;
+        match ty {
+            SectionType::Eof => return Ok(None),
+            SectionType::Configuration => {
+                return Err(Error::WrongRecordKind {
+                    idstr: "configuration".into(),
+                    found: "a second CONFIGURATION",
+                });
+            }
+            SectionType::Command => {
+                let command = f.get_be16()?;
+                let len = f.get_be16()?;
+                match (command, len) {
+                    (MIG_CMD_OPEN_RETURN_PATH, 0) => {}
+                    (MIG_CMD_PING, 4) => {
+                        let value = f.get_be32()?;
+                        match &postcopy.rp {
+                            Some(rp) => rp.pong(value)?,
+                            None => crate::return_path::send_pong(f, value)?,
+                        }
+                    }
+                    (MIG_CMD_POSTCOPY_ADVISE, _) => {
+                        if let Some(advise) = read_advise(f, len)? {
+                            self.postcopy_advise(f, advise, postcopy)?;
+                        }
+                    }
+                    (MIG_CMD_POSTCOPY_RAM_DISCARD, _) => {
+                        postcopy_step(postcopy.rp.is_some() && !postcopy.listening, command)?;
+                        let (block, ranges) = read_discard(f, len)?;
+                        self.postcopy_discard(&block, &ranges)?;
+                    }
+                    (MIG_CMD_PACKAGED, _) => {
+                        postcopy_step(postcopy.rp.is_some() && !package, command)?;
+                        let mut p = QemuFile::from_bytes(read_packaged(f, len)?);
+                        return Ok(Some(
+                            self.load_body(&mut p, progress, by_id, postcopy, true)?,
+                        ));
+                    }
+                    (MIG_CMD_POSTCOPY_LISTEN, 0) => {
+                        postcopy_step(postcopy.rp.is_some() && !postcopy.listening, command)?;
+                        let rp = postcopy.rp.clone().expect("checked above");
+                        for e in &mut self.entries {
+                            if let Handler::Live(h) = &mut e.handler {
+                                h.load_postcopy_listen(&rp)
+                                    .map_err(section_error(&e.info, "listen"))?;
+                            }
+                        }
+                        postcopy.listening = true;
+                    }
+                    (MIG_CMD_POSTCOPY_RUN, 0) => {
+                        postcopy_step(postcopy.listening && !postcopy.running, command)?;
+                        if let Some(i) = progress.iter().enumerate().position(|(i, p)| {
+                            *p != Progress::Done
+                                && matches!(self.entries[i].handler, Handler::Device(_))
+                        }) {
+                            return Err(Error::MissingSection {
+                                idstr: self.entries[i].info.idstr.clone(),
+                                instance_id: self.entries[i].info.instance_id,
+                                started: false,
+                            });
+                        }
+                        if let Some(h) = &mut self.postcopy_hooks {
+                            h.run().map_err(|e| Error::Postcopy {
+                                reason: format!("starting the guest: {e}"),
+                            })?;
+                        }
+                        postcopy.running = true;
+                    }
+                    (MIG_CMD_RECV_BITMAP, _) => {
+                        postcopy_step(postcopy.running && !package, command)?;
+                        let block = read_recv_bitmap(f, len)?;
+                        self.postcopy_recv_bitmap(&block, postcopy)?;
+                    }
+                    (MIG_CMD_POSTCOPY_RESUME, 0) => {
+                        postcopy_step(postcopy.running && !package, command)?;
+                        let rp = postcopy.rp.clone().expect("running implies advised");
+                        rp.resume_ack()?;
+                        for e in &mut self.entries {
+                            if let Handler::Live(h) = &mut e.handler {
+                                h.load_postcopy_resume(&rp)
+                                    .map_err(section_error(&e.info, "resume post-copy"))?;
+                            }
+                        }
+                        if let Some(h) = &mut self.postcopy_hooks {
+                            h.resumed();
+                        }
+                    }
+                    _ => return Err(Error::UnsupportedCommand { command, offset }),
+                }
+            }
+            SectionType::Start | SectionType::Full => {
+                let h = FullHeader::read_from(f)?;
+                let i =
+                    self.find(&h.idstr, h.instance_id)
+                        .ok_or_else(|| Error::UnknownSection {
+                            idstr: h.idstr.clone(),
+                            instance_id: h.instance_id,
+                        })?;
+                if progress[i] != Progress::NotSeen
+                    || by_id.iter().any(|(id, _, _)| *id == h.section_id)
+                {
+                    return Err(Error::DuplicateSection {
+                        idstr: h.idstr,
+                        section_id: h.section_id,
+                    });
+                }
+                let e = &mut self.entries[i];
+                if h.version_id > e.info.version_id || h.version_id < e.info.minimum_version_id {
+                    return Err(Error::VersionOutOfRange {
+                        idstr: h.idstr,
+                        version: h.version_id,
+                        min: e.info.minimum_version_id,
+                        max: e.info.version_id,
+                    });
+                }
+                match (&mut e.handler, ty) {
+                    (Handler::Live(lh), SectionType::Start) => {
+                        lh.load(f, h.version_id)
+                            .map_err(section_error(&e.info, "load"))?;
+                        progress[i] = Progress::Started;
+                    }
+                    (Handler::Device(dh), SectionType::Full) => {
+                        dh.load(&mut FieldReader::new(f), h.version_id)
+                            .map_err(section_error(&e.info, "load"))?;
+                        progress[i] = Progress::Done;
+                    }
+                    _ => {
+                        return Err(Error::WrongRecordKind {
+                            idstr: h.idstr,
+                            found: ty.name(),
+                        });
+                    }
+                }
+                Footer::read_from(f, h.section_id, &e.info.idstr)?;
+                by_id.push((h.section_id, i, h.version_id));
+                return Ok(Some(1));
+            }
+            SectionType::Part | SectionType::End => {
+                let section_id = f.get_be32()?;
+                let (i, version) = by_id
+                    .iter()
+                    .find(|(id, _, _)| *id == section_id)
+                    .map(|(_, i, v)| (*i, *v))
+                    .ok_or(Error::UnknownSectionId { section_id, offset })?;
+                let e = &mut self.entries[i];
+                let Handler::Live(lh) = &mut e.handler else {
+                    return Err(Error::WrongRecordKind {
+                        idstr: e.info.idstr.clone(),
+                        found: ty.name(),
+                    });
+                };
+                if progress[i] != Progress::Started {
+                    return Err(Error::WrongRecordKind {
+                        idstr: e.info.idstr.clone(),
+                        found: ty.name(),
+                    });
+                }
+                // PART and END carry no version: they are in their START's.
+                lh.load(f, version)
+                    .map_err(section_error(&e.info, "load"))?;
+                Footer::read_from(f, section_id, &e.info.idstr)?;
+                if ty == SectionType::End {
+                    progress[i] = Progress::Done;
+                }
+                return Ok(Some(1));
+            }
+        }
+        Ok(Some(0))
     }
 
     /// ADVISE with RAM: the page sizes must be ours, and a section here must take part
@@ -372,6 +432,27 @@ impl SaveVm {
         Ok(())
     }
 
+    /// RECV_BITMAP: which pages of `block` arrived, to the source.
+    fn postcopy_recv_bitmap(&mut self, block: &str, postcopy: &PostcopyLoad) -> Result<()> {
+        for e in &mut self.entries {
+            if let Handler::Live(h) = &mut e.handler {
+                let bitmap = h
+                    .load_postcopy_recv_bitmap(block)
+                    .map_err(section_error(&e.info, "received bitmap"))?;
+                if let Some(b) = bitmap {
+                    let rp = postcopy.rp.as_ref().expect("running implies advised");
+                    return rp.recv_bitmap(block, &b);
+                }
+            }
+        }
+        Err(Error::Postcopy {
+            reason: format!(
+                "the source asks for the received pages of block {}, which no section here has",
+                qemu_file::shown(block)
+            ),
+        })
+    }
+
     fn postcopy_discard(&mut self, block: &str, ranges: &[(u64, u64)]) -> Result<()> {
         for e in &mut self.entries {
             if let Handler::Live(h) = &mut e.handler {
@@ -399,7 +480,7 @@ fn postcopy_step(in_order: bool, command: u16) -> Result<()> {
     Err(Error::BadCommand {
         command,
         reason: "a post-copy command out of order (ADVISE, discards, PACKAGED with LISTEN, \
-                 devices and RUN)"
+                 devices and RUN; after RUN, a resume's RECV_BITMAP and POSTCOPY_RESUME)"
             .into(),
     })
 }

@@ -96,7 +96,8 @@ pub fn run_migration<V: VmControl + ?Sized>(
             vm.handed_over();
             ctl.set_status(MigrationStatus::Completed, |i| {
                 i.total_time = t0.elapsed();
-                i.transferred = f.bytes_written();
+                // (A resumed post-copy counted its connections' bytes as it went.)
+                i.transferred = i.transferred.max(f.bytes_written());
                 i.remaining = 0;
             });
             Ok(ctl.info())
@@ -128,7 +129,7 @@ pub fn run_migration<V: VmControl + ?Sized>(
             };
             ctl.set_status(status, |i| {
                 i.total_time = t0.elapsed();
-                i.transferred = f.bytes_written();
+                i.transferred = i.transferred.max(f.bytes_written());
                 i.outcome_unknown = unknown;
                 let msg = crate::error_chain(&e);
                 i.error = Some(match &resume_error {

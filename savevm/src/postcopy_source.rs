@@ -32,6 +32,9 @@ struct Heard {
     error: Option<String>,
     /// Page requests queued so far (counted after each is queued).
     requests: u64,
+    /// A resume: the destination's received bitmaps, and its acknowledgement.
+    bitmaps: Vec<(String, Vec<u8>)>,
+    resume_ack: bool,
 }
 
 /// The return path's reader and what it heard.
@@ -67,15 +70,13 @@ impl Listener {
                     self.set(|h| h.requests += 1);
                 }
                 Ok(Message::Pong(_)) => {}
+                Ok(Message::RecvBitmap { block, bitmap }) => {
+                    self.set(|h| h.bitmaps.push((block, bitmap)));
+                }
+                Ok(Message::ResumeAck) => self.set(|h| h.resume_ack = true),
                 Ok(Message::Reason(r)) => self.set(|h| h.reason = Some(r)),
                 Ok(Message::Shut(status)) => {
                     self.set(|h| h.shut = Some(status));
-                    return;
-                }
-                Ok(other) => {
-                    self.set(|h| {
-                        h.error = Some(format!("an unexpected return-path message: {other:?}"))
-                    });
                     return;
                 }
                 Err(e) => {
@@ -117,6 +118,25 @@ impl Listener {
                 h.requests == seen && h.shut.is_none() && h.error.is_none()
             })
             .unwrap_or_else(|p| p.into_inner());
+    }
+
+    /// Waits at most `timeout` until `done` holds of what was heard, or the return path
+    /// ended.
+    fn wait_for(&self, timeout: Duration, done: impl Fn(&Heard) -> bool) -> Result<()> {
+        let h = lock(&self.heard);
+        let (h, _) = self
+            .changed
+            .wait_timeout_while(h, timeout, |h| {
+                !done(h) && h.shut.is_none() && h.error.is_none()
+            })
+            .unwrap_or_else(|p| p.into_inner());
+        if done(&h) {
+            return Ok(());
+        }
+        drop(h);
+        Err(self.failure().unwrap_or_else(|| Error::Postcopy {
+            reason: format!("no answer in {} ms", timeout.as_millis()),
+        }))
     }
 
     /// Waits at most `timeout` for SHUT.
@@ -165,8 +185,61 @@ fn interrupted(e: Error) -> Error {
     }
 }
 
+/// One connection's return path: its reader thread and what it heard.
+struct Link<'scope> {
+    listener: std::sync::Arc<Listener>,
+    thread: Option<std::thread::ScopedJoinHandle<'scope, ()>>,
+    shut: Option<qemu_file::ShutdownHandle>,
+}
+
+impl<'scope> Link<'scope> {
+    /// Starts reading `f`'s return path on a thread of its own.
+    fn open<'env>(
+        s: &'scope std::thread::Scope<'scope, 'env>,
+        f: &mut QemuFile,
+        sinks: Vec<std::sync::Arc<dyn PageRequestSink>>,
+        ctl: &'env MigrationControl,
+    ) -> Result<Self> {
+        let reader = f.split_reader().map_err(|e| Error::Postcopy {
+            reason: format!("the return path cannot be read by a thread of its own: {e}"),
+        })?;
+        let shut = reader.shutdown_handle();
+        let listener = std::sync::Arc::new(Listener {
+            heard: Mutex::new(Heard::default()),
+            changed: Condvar::new(),
+        });
+        let l = listener.clone();
+        let thread = std::thread::Builder::new()
+            .name("return-path".into())
+            .spawn_scoped(s, move || l.read(reader, &sinks, ctl))
+            .map_err(|e| Error::Postcopy {
+                reason: format!("no thread for the return path: {e}"),
+            })?;
+        Ok(Link {
+            listener,
+            thread: Some(thread),
+            shut,
+        })
+    }
+
+    /// Ends the reader (it ended by itself at SHUT when all went well).
+    fn close(&mut self) {
+        if let Some(t) = self.thread.take() {
+            if !t.is_finished() {
+                if let Some(h) = &self.shut {
+                    h.shutdown();
+                }
+            }
+            let _ = t.join();
+        }
+    }
+}
+
 /// The switch and the post-copy phase, to the destination's SHUT. `stopped` is set once
-/// the vCPUs are asked to stop.
+/// the vCPUs are asked to stop. A connection that fails after the switch pauses both
+/// sides: this one waits, stopped and whole, for [`MigrationControl::resume_postcopy`]'s
+/// new connection (or a cancel, which gives up), asks the destination which pages it
+/// has, and sends the rest (QEMU's post-copy recovery).
 pub(crate) fn run_postcopy<V: VmControl + ?Sized>(
     savevm: &mut SaveVm,
     f: &mut QemuFile,
@@ -175,40 +248,79 @@ pub(crate) fn run_postcopy<V: VmControl + ?Sized>(
     params: &MigrationParams,
     stopped: &mut bool,
 ) -> Result<()> {
-    let reader = f.split_reader().map_err(|e| Error::Postcopy {
-        reason: format!("the return path cannot be read by a thread of its own: {e}"),
-    })?;
-    let shut_reader = reader.shutdown_handle();
-    let listener = Listener {
-        heard: Mutex::new(Heard::default()),
-        changed: Condvar::new(),
-    };
-    let sinks = savevm.page_request_sinks();
     std::thread::scope(|s| {
-        let reader_thread = std::thread::Builder::new()
-            .name("return-path".into())
-            .spawn_scoped(s, || listener.read(reader, &sinks, ctl))
-            .map_err(|e| Error::Postcopy {
-                reason: format!("no thread for the return path: {e}"),
-            })?;
-        let r = switch_and_send(savevm, f, vm, ctl, params, stopped, &listener);
-        if r.is_err() || !reader_thread.is_finished() {
-            // The reader ends with the connection (it saw SHUT when all went well).
-            if let Some(h) = &shut_reader {
-                h.shutdown();
-            }
+        let mut link = Link::open(s, f, savevm.page_request_sinks(), ctl)?;
+        if let Err(e) = switch(savevm, f, vm, ctl, stopped, &link.listener) {
+            link.close();
+            return Err(e);
         }
-        let _ = reader_thread.join();
-        r
+        loop {
+            let r = send_rest(savevm, f, vm, ctl, params, &link.listener);
+            link.close();
+            let mut e = match r {
+                Ok(()) => return Ok(()),
+                Err(e) => interrupted(e),
+            };
+            // Paused until a new connection resumes it, or a cancel gives up.
+            loop {
+                ctl.set_status(MigrationStatus::PostcopyPaused, |i| {
+                    i.error = Some(crate::error_chain(&e));
+                });
+                let Some(new) = ctl.wait_resume() else {
+                    return Err(e);
+                };
+                *f = new;
+                if let Some(h) = f.shutdown_handle() {
+                    lock(&ctl.shutdown).push(h);
+                }
+                ctl.set_status(MigrationStatus::PostcopyRecover, |i| i.error = None);
+                let resumed = Link::open(s, f, savevm.page_request_sinks(), ctl).and_then(|l| {
+                    link = l;
+                    resume(savevm, f, params, &link.listener)
+                });
+                match resumed {
+                    Ok(()) => break,
+                    Err(again) => {
+                        link.close();
+                        e = interrupted(again);
+                    }
+                }
+            }
+            ctl.set_status(MigrationStatus::PostcopyActive, |_| {});
+        }
     })
 }
 
-fn switch_and_send<V: VmControl + ?Sized>(
+/// A resume's handshake on the new connection: RECV_BITMAP for every block, each
+/// answered with what arrived there, which this side then sends again; then
+/// POSTCOPY_RESUME, answered by RESUME_ACK.
+fn resume(
+    savevm: &mut SaveVm,
+    f: &mut QemuFile,
+    params: &MigrationParams,
+    listener: &Listener,
+) -> Result<()> {
+    let blocks = savevm.postcopy_blocks();
+    for b in &blocks {
+        postcopy::write_recv_bitmap(f, b);
+    }
+    f.flush()?;
+    let n = blocks.len();
+    listener.wait_for(params.stall_timeout, |h| h.bitmaps.len() >= n)?;
+    let bitmaps = std::mem::take(&mut lock(&listener.heard).bitmaps);
+    savevm.postcopy_resume(&bitmaps)?;
+    postcopy::write_resume(f);
+    f.flush()?;
+    listener.wait_for(params.stall_timeout, |h| h.resume_ack)
+}
+
+/// The switch, to the package sent: stop the guest, end what cannot go on, the
+/// discards, PING 2, PACKAGED, PING 4.
+fn switch<V: VmControl + ?Sized>(
     savevm: &mut SaveVm,
     f: &mut QemuFile,
     vm: &V,
     ctl: &MigrationControl,
-    params: &MigrationParams,
     stopped: &mut bool,
     listener: &Listener,
 ) -> Result<()> {
@@ -265,8 +377,28 @@ fn switch_and_send<V: VmControl + ?Sized>(
         i.downtime = Some(times.total);
         i.completion = Some(times);
         i.downtime_bytes = bytes_at_run - bytes_at_stop;
+        i.transferred = bytes_at_run;
     });
+    Ok(())
+}
 
+/// After the switch: the rest of RAM, to the destination's SHUT, on the connection of
+/// the switch or of a resume (the counters go on from where the last one left them).
+fn send_rest<V: VmControl + ?Sized>(
+    savevm: &mut SaveVm,
+    f: &mut QemuFile,
+    vm: &V,
+    ctl: &MigrationControl,
+    params: &MigrationParams,
+    listener: &Listener,
+) -> Result<()> {
+    let info = ctl.info();
+    let (carried, carried_pc, start) = (info.transferred, info.postcopy_bytes, f.bytes_written());
+    let count = |i: &mut crate::MigrationInfo, f: &QemuFile| {
+        let sent = f.bytes_written() - start;
+        i.transferred = carried + sent;
+        i.postcopy_bytes = carried_pc + sent;
+    };
     // The rest of RAM, requested pages first. The limit paces the background pass
     // only: a requested page goes at once (the guest waits for it), as in QEMU.
     f.set_chunk_budget(POSTCOPY_CHUNK);
@@ -288,9 +420,7 @@ fn switch_and_send<V: VmControl + ?Sized>(
         f.flush().map_err(|e| interrupted(e.into()))?;
         let remaining = savevm.pending_estimate();
         ctl.update(|i| {
-            i.transferred = f.bytes_written();
-            i.bytes_elsewhere = f.bytes_elsewhere();
-            i.postcopy_bytes = f.bytes_written() - bytes_at_run;
+            count(i, f);
             i.remaining = remaining;
         });
         pace.consume(f.bytes_written() - before);
@@ -304,9 +434,6 @@ fn switch_and_send<V: VmControl + ?Sized>(
     listener
         .wait_shut(params.stall_timeout)
         .map_err(interrupted)?;
-    ctl.update(|i| {
-        i.transferred = f.bytes_written();
-        i.postcopy_bytes = f.bytes_written() - bytes_at_run;
-    });
+    ctl.update(|i| count(i, f));
     Ok(())
 }

@@ -63,13 +63,31 @@ pub struct SaveVm {
     /// Where the next `save_iterate` starts, so that one busy section cannot take every
     /// chunk's budget from the others.
     iterate_from: usize,
-    /// Post-copy (destination): starts the guest at RUN, in the middle of the load.
-    pub(crate) on_postcopy_run: Option<PostcopyRun>,
+    /// Post-copy (destination): what the VMM does at RUN, at a break, at a resume.
+    pub(crate) postcopy_hooks: Option<Box<dyn PostcopyHooks>>,
 }
 
-/// What a destination does at post-copy's RUN: start the guest, while the loading thread
-/// goes on reading the pages the guest lacks.
-pub type PostcopyRun = Box<dyn FnMut() -> std::result::Result<(), SectionError> + Send>;
+/// What a post-copy destination's VMM does at the load's turns; the loading thread
+/// calls them, and goes on reading the pages the guest lacks after each.
+pub trait PostcopyHooks: Send {
+    /// RUN: start the guest, without touching its memory on this thread (hand that to
+    /// another: the pages it lacks come only through this one).
+    ///
+    /// # Errors
+    /// The guest cannot start; the load fails.
+    fn run(&mut self) -> std::result::Result<(), SectionError>;
+
+    /// The stream failed after RUN (`why`): the guest lacks pages that only the source
+    /// has. Wait for a new connection from it (QEMU's `migrate-recover`) and return it,
+    /// or None to give up (the load then fails, the guest still waiting for its pages).
+    fn paused(&mut self, why: &Error) -> Option<QemuFile> {
+        let _ = why;
+        None
+    }
+
+    /// The source resumed over the new connection (POSTCOPY_RESUME).
+    fn resumed(&mut self) {}
+}
 
 impl fmt::Debug for SaveVm {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -96,7 +114,7 @@ impl SaveVm {
             next_id: 0,
             entries: Vec::new(),
             iterate_from: 0,
-            on_postcopy_run: None,
+            postcopy_hooks: None,
         }
     }
 
@@ -105,12 +123,10 @@ impl SaveVm {
         &self.machine
     }
 
-    /// Post-copy (destination): what starts the guest at RUN. It runs on the loading
-    /// thread, which alone reads the pages the guest lacks: it must start the guest
-    /// without touching its memory there (hand such work to another thread), or it
-    /// waits for pages that never come.
-    pub fn set_postcopy_run(&mut self, run: PostcopyRun) {
-        self.on_postcopy_run = Some(run);
+    /// Post-copy (destination): what starts the guest at RUN, and what waits for a new
+    /// connection when the stream breaks after it ([`PostcopyHooks`]).
+    pub fn set_postcopy_hooks(&mut self, hooks: Box<dyn PostcopyHooks>) {
+        self.postcopy_hooks = Some(hooks);
     }
 
     fn register(&mut self, info: SectionInfo, handler: Handler) -> Result<u32> {
@@ -352,6 +368,34 @@ impl SaveVm {
                 Handler::Device(_) => None,
             })
             .collect()
+    }
+
+    /// Post-copy recovery: the blocks whose received bitmaps the source asks for.
+    pub fn postcopy_blocks(&self) -> Vec<String> {
+        self.entries
+            .iter()
+            .flat_map(|e| match &e.handler {
+                Handler::Live(h) => h.postcopy_blocks(),
+                Handler::Device(_) => Vec::new(),
+            })
+            .collect()
+    }
+
+    /// Post-copy recovery: the destination's received bitmaps to every section that went
+    /// on after the switch.
+    ///
+    /// # Errors
+    /// A section refused them.
+    pub fn postcopy_resume(&mut self, received: &[(String, Vec<u8>)]) -> Result<()> {
+        for e in &mut self.entries {
+            if let Handler::Live(h) = &mut e.handler {
+                if h.postcopy_capable() {
+                    h.postcopy_resume(received)
+                        .map_err(section_error(&e.info, "resume post-copy"))?;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The switch to post-copy (QEMU's `postcopy_start`), the guest stopped and the final

@@ -211,6 +211,31 @@ impl ReturnPath {
         r
     }
 
+    /// Writes on `f` from now on (post-copy resumed over a new connection); the next
+    /// page request names its block.
+    pub fn replace(&self, f: QemuFile) {
+        let mut w = self.lock();
+        w.f = f;
+        w.last_block = None;
+    }
+
+    /// Which pages of `block` arrived (`received`: little-endian bytes of the bitmap),
+    /// answering the source's RECV_BITMAP.
+    ///
+    /// # Errors
+    /// The connection's.
+    pub fn recv_bitmap(&self, block: &str, received: &[u8]) -> Result<()> {
+        send_recv_bitmap(&mut self.lock().f, block, received)
+    }
+
+    /// RESUME_ACK: the destination resumes.
+    ///
+    /// # Errors
+    /// The connection's.
+    pub fn resume_ack(&self) -> Result<()> {
+        send_resume_ack(&mut self.lock().f)
+    }
+
     /// The destination's verdict at the end (SHUT).
     ///
     /// # Errors

@@ -155,6 +155,23 @@ pub trait SectionHandler: Send {
         None
     }
 
+    /// Post-copy recovery (source): the blocks whose received bitmaps a resume asks
+    /// the destination for (RECV_BITMAP).
+    fn postcopy_blocks(&self) -> Vec<String> {
+        Vec::new()
+    }
+
+    /// Post-copy recovery (source): the destination's received bitmaps (block, bitmap as
+    /// little-endian bytes): every page it lacks is to send again, and the requests made
+    /// before the break are forgotten (it asks again).
+    ///
+    /// # Errors
+    /// A bitmap for an unknown block, or of the wrong size.
+    fn postcopy_resume(&mut self, received: &[(String, Vec<u8>)]) -> Result<(), SectionError> {
+        let _ = received;
+        Ok(())
+    }
+
     /// Post-copy (destination): the source advised post-copy (ADVISE). `Ok(true)`: this
     /// section takes part (it checked that it can, and that post-copy is on here).
     ///
@@ -184,6 +201,27 @@ pub trait SectionHandler: Send {
     /// # Errors
     /// The section cannot wait for its data (e.g. userfaultfd registration failed).
     fn load_postcopy_listen(&mut self, rp: &Arc<ReturnPath>) -> Result<(), SectionError> {
+        let _ = rp;
+        Ok(())
+    }
+
+    /// Post-copy recovery (destination): which pages of `block` arrived, as
+    /// little-endian bytes of a bitmap (page i is bit i % 8 of byte i / 8); None when the
+    /// block is not this section's.
+    ///
+    /// # Errors
+    /// Post-copy does not run here.
+    fn load_postcopy_recv_bitmap(&mut self, block: &str) -> Result<Option<Vec<u8>>, SectionError> {
+        let _ = block;
+        Ok(None)
+    }
+
+    /// Post-copy recovery (destination), POSTCOPY_RESUME: ask again, on `rp`, for what
+    /// the guest still waits for (the source forgot the requests made before the break).
+    ///
+    /// # Errors
+    /// The return path's.
+    fn load_postcopy_resume(&mut self, rp: &Arc<ReturnPath>) -> Result<(), SectionError> {
         let _ = rp;
         Ok(())
     }

@@ -30,8 +30,11 @@ pub enum MigrationStatus {
     /// The guest runs at the destination, which fetches the pages it lacks (post-copy).
     PostcopyActive,
     /// Post-copy was interrupted (the connection failed): neither side has the whole
-    /// guest; the destination waits, paused, and the source keeps its copy, stopped.
+    /// guest; the destination waits, paused, and the source keeps its copy, stopped,
+    /// until a new connection resumes it (`migrate-recover`, `migrate` with `resume`).
     PostcopyPaused,
+    /// A paused post-copy is resuming over a new connection.
+    PostcopyRecover,
 }
 
 impl MigrationStatus {
@@ -49,19 +52,16 @@ impl MigrationStatus {
             MigrationStatus::PreSwitchover => "pre-switchover",
             MigrationStatus::PostcopyActive => "postcopy-active",
             MigrationStatus::PostcopyPaused => "postcopy-paused",
+            MigrationStatus::PostcopyRecover => "postcopy-recover",
         }
     }
 
-    /// Whether the migration has ended. `postcopy-paused` counts as an end: the
-    /// migration thread is gone and this side waits for an operator (recovery is not
-    /// built yet, docs/postcopy.md).
+    /// Whether the migration has ended. `postcopy-paused` has not, as in QEMU: it waits
+    /// to be resumed.
     pub fn is_terminal(self) -> bool {
         matches!(
             self,
-            MigrationStatus::Completed
-                | MigrationStatus::Failed
-                | MigrationStatus::Cancelled
-                | MigrationStatus::PostcopyPaused
+            MigrationStatus::Completed | MigrationStatus::Failed | MigrationStatus::Cancelled
         )
     }
 
@@ -69,7 +69,9 @@ impl MigrationStatus {
     pub fn in_postcopy(self) -> bool {
         matches!(
             self,
-            MigrationStatus::PostcopyActive | MigrationStatus::PostcopyPaused
+            MigrationStatus::PostcopyActive
+                | MigrationStatus::PostcopyPaused
+                | MigrationStatus::PostcopyRecover
         )
     }
 }

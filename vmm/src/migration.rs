@@ -220,7 +220,8 @@ impl Outgoing {
                 if let Err(e) = &result {
                     // An error before the migration thread proper ran (no connection, no
                     // sections) still ends the migration.
-                    if !c.info().status.is_terminal() {
+                    let status = c.info().status;
+                    if !status.is_terminal() && status != savevm::MigrationStatus::PostcopyPaused {
                         c.fail_to_start(format!("{e:#}"));
                     }
                 }
@@ -504,20 +505,13 @@ impl IncomingListener {
         verify: bool,
         params: &Settings,
         tls: Option<&Tls>,
-        abort: &Abort,
+        abort: &Arc<Abort>,
         on_connect: impl FnOnce(),
-        on_postcopy: impl Fn() + Send + 'static,
+        postcopy: PostcopyLinks,
     ) -> Result<IncomingReport> {
         let previous = self.previous;
         let r = load_incoming(
-            machine,
-            self,
-            verify,
-            params,
-            tls,
-            abort,
-            on_connect,
-            on_postcopy,
+            machine, self, verify, params, tls, abort, on_connect, postcopy,
         );
         if r.is_err() && postcopy_paused(machine) {
             // The guest ran here and lacks pages: it stays, waiting for them (never
@@ -547,21 +541,83 @@ pub fn postcopy_paused(machine: &Machine) -> bool {
 /// The thread that starts a post-copy destination's guest at RUN.
 type RunThread = Arc<Mutex<Option<JoinHandle<Result<()>>>>>;
 
-/// What starts the guest at post-copy's RUN: the vCPU state is applied and the vCPUs
-/// started on a thread of their own (both may touch guest memory, whose pages the
-/// loading thread alone brings in); `--verify` first hashes every page, each read of
-/// one not there yet waiting for it.
-fn postcopy_run(
-    machine: &Arc<Machine>,
+/// A post-copy destination's ties to its session: its statuses, and where
+/// `migrate-recover` puts the listener of a resume.
+pub struct PostcopyLinks {
+    /// Called with each post-copy status (and the error of a pause).
+    pub status: Box<dyn Fn(savevm::MigrationStatus, Option<String>) + Send + Sync>,
+    /// Where a paused load waits for `migrate-recover`.
+    pub recovery: Arc<Recovery>,
+}
+
+/// A paused post-copy destination's way back: the listener `migrate-recover` binds,
+/// taken by the paused load.
+#[derive(Default)]
+pub struct Recovery {
+    // Lock: the listener, set by `migrate-recover` and taken by the incoming thread
+    // (`offered` wakes it), and whether that thread is accepting on one.
+    listener: Mutex<(Option<Listener>, bool)>,
+    offered: std::sync::Condvar,
+}
+
+impl Recovery {
+    /// Hands `l` to the paused load.
+    ///
+    /// # Errors
+    /// QEMU's, when a listener waits already or is being accepted on.
+    pub fn offer(&self, l: Listener) -> Result<()> {
+        let mut slot = self.listener.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.0.is_some() || slot.1 {
+            bail!("Migrate recovery is triggered already");
+        }
+        slot.0 = Some(l);
+        self.offered.notify_all();
+        Ok(())
+    }
+
+    /// The accept on the last listener ended (the source connected, or it failed).
+    fn accepted(&self) {
+        self.listener.lock().unwrap_or_else(|p| p.into_inner()).1 = false;
+    }
+
+    /// Waits for a listener; None once `abort` says so.
+    fn wait(&self, abort: &Abort) -> Option<Listener> {
+        let mut slot = self.listener.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if abort.aborted() {
+                return None;
+            }
+            if let Some(l) = slot.0.take() {
+                slot.1 = true;
+                return Some(l);
+            }
+            slot = self
+                .offered
+                .wait_timeout(slot, std::time::Duration::from_millis(100))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+}
+
+/// What a post-copy destination does at RUN, at a break and at a resume.
+struct DestinationHooks {
+    machine: Arc<Machine>,
     verify: bool,
-    slot: RunThread,
-    on_postcopy: impl Fn() + Send + 'static,
-) -> savevm::PostcopyRun {
-    let machine = machine.clone();
-    Box::new(move || {
-        on_postcopy();
-        machine.events.emit("postcopy-run", json!({}));
-        let m = machine.clone();
+    run_thread: RunThread,
+    links: PostcopyLinks,
+    abort: Arc<Abort>,
+    incoming_timeout: std::time::Duration,
+}
+
+impl savevm::PostcopyHooks for DestinationHooks {
+    /// The vCPU state is applied and the vCPUs started on a thread of their own (both
+    /// may touch guest memory, whose pages the loading thread alone brings in);
+    /// `--verify` first hashes every page, each read of one not there yet waiting for it.
+    fn run(&mut self) -> std::result::Result<(), savevm::SectionError> {
+        (self.links.status)(savevm::MigrationStatus::PostcopyActive, None);
+        self.machine.events.emit("postcopy-run", json!({}));
+        let (m, verify) = (self.machine.clone(), self.verify);
         let t = std::thread::Builder::new()
             .name("postcopy-run".into())
             .spawn(move || -> Result<()> {
@@ -587,9 +643,51 @@ fn postcopy_run(
                 }
                 Ok(())
             })?;
-        *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(t);
+        *self.run_thread.lock().unwrap_or_else(|p| p.into_inner()) = Some(t);
         Ok(())
-    })
+    }
+
+    /// Waits, paused, for `migrate-recover`'s listener and the source's new connection.
+    fn paused(&mut self, why: &savevm::Error) -> Option<QemuFile> {
+        let why = savevm::error_chain(why);
+        eprintln!(
+            "vmm: post-copy paused ({why}): the guest waits for its pages; migrate-recover \
+             listens for the source's resume"
+        );
+        self.machine
+            .events
+            .emit("postcopy-paused", json!({"error": why}));
+        (self.links.status)(savevm::MigrationStatus::PostcopyPaused, Some(why));
+        loop {
+            let listener = self.links.recovery.wait(&self.abort)?;
+            self.abort.set(listener.shutdown_handle());
+            let accepted = listener.accept();
+            self.links.recovery.accepted();
+            if self.abort.aborted() {
+                return None;
+            }
+            let transport = match accepted {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("vmm: migrate-recover: {e}");
+                    continue;
+                }
+            };
+            let mut f = QemuFile::new(transport);
+            self.abort.set(f.shutdown_handle());
+            if f.set_read_timeout(Some(self.incoming_timeout)).is_err() {
+                continue;
+            }
+            self.machine.events.emit("postcopy-recover", json!({}));
+            (self.links.status)(savevm::MigrationStatus::PostcopyRecover, None);
+            return Some(f);
+        }
+    }
+
+    fn resumed(&mut self) {
+        self.machine.events.emit("postcopy-resumed", json!({}));
+        (self.links.status)(savevm::MigrationStatus::PostcopyActive, None);
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -599,9 +697,9 @@ fn load_incoming(
     verify: bool,
     settings: &Settings,
     tls: Option<&Tls>,
-    abort: &Abort,
+    abort: &Arc<Abort>,
     on_connect: impl FnOnce(),
-    on_postcopy: impl Fn() + Send + 'static,
+    links: PostcopyLinks,
 ) -> Result<IncomingReport> {
     let (params, ram) = (&settings.migration, &settings.ram);
     let events = &machine.events;
@@ -676,24 +774,29 @@ fn load_incoming(
     )?;
     let run_thread = RunThread::default();
     if postcopy.is_some() {
-        savevm.set_postcopy_run(postcopy_run(
-            machine,
+        savevm.set_postcopy_hooks(Box::new(DestinationHooks {
+            machine: machine.clone(),
             verify,
-            run_thread.clone(),
-            on_postcopy,
-        ));
+            run_thread: run_thread.clone(),
+            links,
+            abort: abort.clone(),
+            incoming_timeout: params.incoming_timeout,
+        }));
     }
     let answer = has_return_path(uri);
     let loaded = savevm.load(&mut f);
-    // The guest started at RUN: its thread has applied its state (the load brought every
-    // page it could wait for).
+    // The guest started at RUN: after a complete load its thread has applied its state
+    // (every page it could wait for came). After a failed one it may wait for pages
+    // that never come: it is left to them.
     let started = run_thread
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .take()
-        .map(|t| {
-            t.join()
-                .unwrap_or_else(|_| Err(anyhow!("the thread starting the guest panicked")))
+        .map(|t| match loaded.is_ok() {
+            true => t
+                .join()
+                .unwrap_or_else(|_| Err(anyhow!("the thread starting the guest panicked"))),
+            false => Ok(()),
         });
     // A channel's failure stops the main stream too: its error is the one to report.
     if let Some((stop, t)) = watch {

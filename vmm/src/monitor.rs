@@ -327,6 +327,17 @@ impl Monitor {
                 session.migrate_continue(&state).map_err(generic)?;
                 Ok(json!({}))
             }
+            Request::MigrateResume(t) => {
+                let uri = self.resolve(t)?;
+                session.migrate_resume(uri).map_err(generic)?;
+                Ok(json!({}))
+            }
+            // QEMU answers {}; the bound address is added, as for migrate-incoming.
+            Request::MigrateRecover(t) => {
+                let uri = self.resolve(t)?;
+                let local = session.migrate_recover(uri).map_err(generic)?;
+                Ok(json!({"uri": local.to_string()}))
+            }
             Request::MigrateStartPostcopy => {
                 session.start_postcopy().map_err(generic)?;
                 Ok(json!({}))

@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 use vmm::settings::Settings;
 
 use crate::machine::{Machine, RunState};
-use crate::migration::{Abort, IncomingListener, Outgoing, Tls, ms};
+use crate::migration::{Abort, IncomingListener, Outgoing, PostcopyLinks, Recovery, Tls, ms};
 use vmm::object::{AuthzSpec, ObjectSpec};
 use vmm::qmp::Capability;
 use vmm::qmp::migration::TlsParams;
@@ -27,6 +27,8 @@ struct Incoming {
     local: MigrationUri,
     error: Option<String>,
     abort: Arc<Abort>,
+    /// Where `migrate-recover` hands a paused post-copy its listener.
+    recovery: Arc<Recovery>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -397,6 +399,53 @@ impl Session {
         o.ctl.start_postcopy().map_err(anyhow::Error::msg)
     }
 
+    /// `migrate` with `resume: true`: a paused post-copy goes on over a new connection to
+    /// `uri` (where the destination's `migrate-recover` listens).
+    ///
+    /// # Errors
+    /// QEMU's when no post-copy is paused; TLS (not built for post-copy); the connection.
+    pub fn migrate_resume(&self, uri: MigrationUri) -> Result<()> {
+        let out = lock(&self.outgoing);
+        let Some(o) = out.as_ref() else {
+            bail!("Cannot resume if there is no paused migration");
+        };
+        if o.ctl.info().status != MigrationStatus::PostcopyPaused {
+            bail!("Cannot resume if there is no paused migration");
+        }
+        if !self.tls_params().creds.is_empty() {
+            bail!("post-copy over TLS is not built yet");
+        }
+        let f = qemu_file::QemuFile::new(qemu_file::connect(&uri)?);
+        o.ctl.resume_postcopy(f).map_err(anyhow::Error::msg)?;
+        self.machine
+            .events
+            .emit("migrate-resume", json!({"uri": uri.to_string()}));
+        Ok(())
+    }
+
+    /// `migrate-recover`: a destination whose post-copy is paused listens on `uri` for
+    /// the source's resume. Returns the bound address.
+    ///
+    /// # Errors
+    /// QEMU's when no post-copy is paused here, or one recovery waits already; `uri`
+    /// cannot be bound.
+    pub fn migrate_recover(&self, uri: MigrationUri) -> Result<MigrationUri> {
+        let slot = lock(&self.incoming);
+        let Some(i) = slot
+            .as_ref()
+            .filter(|i| i.status == MigrationStatus::PostcopyPaused)
+        else {
+            bail!("Migrate recover can only be run when postcopy is paused.");
+        };
+        let l = qemu_file::Listener::bind(&uri)?;
+        let local = l.local_uri();
+        i.recovery.offer(l)?;
+        self.machine
+            .events
+            .emit("migrate-recover", json!({"uri": local.to_string()}));
+        Ok(local)
+    }
+
     /// Receives the guest from a stream on `uri` (`migrate-incoming`, and `--incoming`),
     /// in the background: the VM must have been started with `--incoming`, or its guest
     /// migrated away (a VM can so take back a guest it gave). Returns the bound address.
@@ -415,13 +464,15 @@ impl Session {
         let listener = IncomingListener::bind(&self.machine, &uri)?;
         let local = listener.local_uri();
         let abort = Arc::new(Abort::default());
+        let recovery = Arc::new(Recovery::default());
         let me = self.clone();
-        let a = abort.clone();
+        let (a, rec) = (abort.clone(), recovery.clone());
         *slot = Some(Incoming {
             status: MigrationStatus::Setup,
             local: local.clone(),
             error: None,
             abort,
+            recovery,
             thread: None,
         });
         self.last_incoming.store(true, Ordering::SeqCst);
@@ -431,10 +482,13 @@ impl Session {
             .spawn(move || {
                 let on_connect = || me.incoming_status(MigrationStatus::Active, None);
                 let weak = Arc::downgrade(&me);
-                let on_postcopy = move || {
-                    if let Some(s) = weak.upgrade() {
-                        s.incoming_status(MigrationStatus::PostcopyActive, None);
-                    }
+                let links = PostcopyLinks {
+                    status: Box::new(move |status, error| {
+                        if let Some(s) = weak.upgrade() {
+                            s.incoming_status(status, error);
+                        }
+                    }),
+                    recovery: rec,
                 };
                 let r = listener.load(
                     &me.machine,
@@ -443,7 +497,7 @@ impl Session {
                     tls.as_ref(),
                     &a,
                     on_connect,
-                    on_postcopy,
+                    links,
                 );
                 match &r {
                     Ok(rep) => eprintln!(
@@ -475,7 +529,7 @@ impl Session {
     fn incoming_status(&self, status: MigrationStatus, error: Option<String>) {
         if let Some(i) = lock(&self.incoming).as_mut() {
             i.status = status;
-            if status.is_terminal() {
+            if status.is_terminal() || status.in_postcopy() {
                 i.error = error;
             }
         }

@@ -2,14 +2,17 @@
 //! `cargo xtask migrate-test`): a guest that never converges in pre-copy completes once
 //! switched (multifd off and on), and each failure after the switch ends as designed: a
 //! cut connection or a killed source leaves the destination's guest waiting for its
-//! pages (never reading them as zeros) in `postcopy-paused`; a killed destination leaves
-//! the source its whole copy, which `cont` runs.
+//! pages (never reading them as zeros) in `postcopy-paused`, and a cut recovers over a
+//! new connection (`migrate-recover`, `migrate` with `resume`); a killed destination
+//! leaves the source its whole copy, which `cont` runs once the post-copy is given up.
 
 mod common;
 
 use std::time::Duration;
 
-use common::postcopy::{Failure, GUEST, SMALL, fail_after_switch, migrate_in_postcopy};
+use common::postcopy::{
+    Failure, GUEST, SMALL, fail_after_switch, migrate_in_postcopy, recover_after_cut,
+};
 
 #[test]
 fn a_guest_that_never_converges_completes_in_post_copy() {
@@ -55,5 +58,14 @@ fn a_killed_destination_after_the_switch_leaves_the_source_whole() {
     common::init();
     for after in WHEN {
         fail_after_switch(Failure::KillDestination, after);
+    }
+}
+
+#[test]
+fn a_cut_connection_is_recovered_over_a_new_one_and_the_guest_arrives_whole() {
+    common::init();
+    for after in WHEN {
+        let s = recover_after_cut(after);
+        assert!(s.bytes > 0, "{s:?}");
     }
 }

@@ -6,7 +6,8 @@
 //! must refuse (less memory, an unknown disk, more vCPUs: the last one only at the
 //! completion), and the fault cases of [`crate::faults`] (every phase × cut, destination
 //! killed, cancel, source killed), and post-copy (a guest that never converges, multifd
-//! off and on; a cut, the source killed, the destination killed after the switch). Each
+//! off and on; a cut, the source killed, the destination killed after the switch; a cut
+//! recovered over a new connection). Each
 //! migration is checked: RAM (and disk) hashes equal
 //! at the switchover, the guest going on at the destination, no stale page or disk block,
 //! the source gone; a failure leaves the source running, its guest progressing and
@@ -100,6 +101,8 @@ enum Case {
     Postcopy(bool),
     /// A failure after the switch to post-copy, at the switch or into it.
     PostcopyFailure(vmm_harness::postcopy::Failure, Duration),
+    /// A connection cut after the switch, recovered over a new one.
+    PostcopyRecover(Duration),
 }
 
 impl Case {
@@ -132,6 +135,10 @@ impl Case {
             Case::PostcopyFailure(f, after) => format!(
                 "post-copy: {} {} ms after the switch",
                 f.name(),
+                after.as_millis()
+            ),
+            Case::PostcopyRecover(after) => format!(
+                "post-copy: cut {} ms after the switch, recovered",
                 after.as_millis()
             ),
         }
@@ -203,6 +210,9 @@ fn cases(quick: bool) -> Vec<Case> {
             for &ms in when {
                 v.push(Case::PostcopyFailure(failure, Duration::from_millis(ms)));
             }
+        }
+        for &ms in when {
+            v.push(Case::PostcopyRecover(Duration::from_millis(ms)));
         }
     }
     if quick {
@@ -513,6 +523,14 @@ fn run_case(case: &Case) -> Result<Measured> {
         Case::PostcopyFailure(f, after) => {
             vmm_harness::postcopy::fail_after_switch(*f, *after);
             Ok(Measured::default())
+        }
+        Case::PostcopyRecover(after) => {
+            let s = vmm_harness::postcopy::recover_after_cut(*after);
+            Ok(Measured {
+                total_ms: Some(s.total_ms),
+                downtime_ms: None,
+                bytes: Some(s.bytes),
+            })
         }
     }
 }

@@ -74,6 +74,10 @@ pub enum Request {
     MigrateContinue(String),
     /// `migrate-start-postcopy`: switch the running migration to post-copy.
     MigrateStartPostcopy,
+    /// `migrate` with `resume: true`: a paused post-copy goes on over a new connection.
+    MigrateResume(Target),
+    /// `migrate-recover`: a destination whose post-copy is paused listens for the resume.
+    MigrateRecover(Target),
     /// `query-migrate`.
     QueryMigrate,
     /// `migrate-set-parameters`: every parameter checked before any is applied.
@@ -219,10 +223,6 @@ fn request(name: &str, args: &Value) -> Result<Request, QmpError> {
                     "disks are copied as each --drive's migrate= says, not all by 'blk'",
                 ),
                 ("inc", "disks are copied whole; 'inc' is not supported"),
-                (
-                    "resume",
-                    "'resume' continues a paused post-copy migration, and post-copy recovery is not built yet",
-                ),
             ] {
                 if args[flag] == true {
                     return Err(QmpError::generic(format!(
@@ -230,8 +230,12 @@ fn request(name: &str, args: &Value) -> Result<Request, QmpError> {
                     )));
                 }
             }
-            Request::Migrate(target(&s("uri"))?)
+            match args["resume"] == true {
+                true => Request::MigrateResume(target(&s("uri"))?),
+                false => Request::Migrate(target(&s("uri"))?),
+            }
         }
+        "migrate-recover" => Request::MigrateRecover(target(&s("uri"))?),
         "migrate-incoming" => Request::MigrateIncoming(target(&s("uri"))?),
         "migrate_cancel" => Request::MigrateCancel,
         "migrate-continue" => Request::MigrateContinue(s("state")),
@@ -422,11 +426,6 @@ mod tests {
                 r#"{"execute":"migrate","arguments":{"uri":5}}"#,
                 "GenericError",
                 "Invalid parameter type for 'uri', expected: string",
-            ),
-            (
-                r#"{"execute":"migrate","arguments":{"uri":"unix:/x","resume":true}}"#,
-                "GenericError",
-                "'resume' cannot be true",
             ),
             (
                 r#"{"execute":"migrate","arguments":{"uri":"unix:/x","blk":true}}"#,

@@ -502,6 +502,11 @@ pub static COMMANDS: &[CommandDef] = &[
         ret: Type::Object(&EMPTY),
     },
     CommandDef {
+        name: "migrate-recover",
+        args: args!(&[m("uri", Type::Str)]),
+        ret: Type::Object(&EMPTY),
+    },
+    CommandDef {
         name: "migrate-start-postcopy",
         args: &EMPTY,
         ret: Type::Object(&EMPTY),

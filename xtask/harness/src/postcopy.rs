@@ -235,7 +235,8 @@ pub fn fail_after_switch(failure: Failure, after: Duration) {
         assert_eq!(m["status"], "postcopy-paused", "{m}");
         let why = m["error-desc"].as_str().unwrap_or_default();
         assert!(why.contains("interrupted after the switch"), "{why}");
-        assert_eq!(q.cmd("query-status", json!({}))["status"], "postmigrate");
+        // Paused, it waits for a resume: the guest must not run here meanwhile.
+        assert!(q.try_cmd("cont", json!({})).is_err());
     }
     if !matches!(failure, Failure::KillDestination) {
         // The destination's guest waits for the pages it lacks.
@@ -268,7 +269,17 @@ pub fn fail_after_switch(failure: Failure, after: Duration) {
         assert_eq!(dst.event("exit").unwrap()["postcopy_paused"], true);
     }
     if matches!(failure, Failure::KillDestination) {
-        // The operator's call: the source runs its guest again, all of it intact.
+        // The operator's call: give the post-copy up, and the source runs its guest
+        // again, all of it intact.
+        q.cmd("migrate_cancel", json!({}));
+        let t = Instant::now();
+        while q.cmd("query-status", json!({}))["status"] != "postmigrate" {
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "still waiting to resume"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
         q.cmd("cont", json!({}));
         assert_eq!(q.cmd("query-status", json!({}))["status"], "running");
         let pass = q.cmd("x-query-guest", json!({}))["pass"].as_u64().unwrap();
@@ -278,5 +289,67 @@ pub fn fail_after_switch(failure: Failure, after: Duration) {
     if !matches!(failure, Failure::KillSource) {
         let _ = q.try_cmd("quit", json!({}));
         src.wait();
+    }
+}
+
+/// Cuts the connection `after` the switch, then resumes over a new one: the destination
+/// listens with `migrate-recover`, the source connects with `migrate` and `resume: true`;
+/// the migration completes with RAM equal at the switch (both sides hash it; the
+/// destination's hash waited through the pause for pages) and the guest going on at the
+/// destination without a stale page. Panics on a broken expectation.
+pub fn recover_after_cut(after: Duration) -> Switched {
+    let dir = scratch(&format!("postcopy-recover-{}", after.as_millis()));
+    let (mut src, mut q) = source(&dir, SMALL, &["--max-postcopy-bandwidth", "20M"]);
+    let (mut dst, mut dq, uri) = destination(&dir, SMALL, &["--verify", "--exit-after", "1"]);
+    let proxy = FaultProxy::start(
+        &dir.join("proxy.sock"),
+        uri.trim_start_matches("tcp:"),
+        u64::MAX,
+        Fault::Cut,
+    )
+    .unwrap();
+    q.cmd("migrate", json!({"uri": proxy.uri()}));
+    q.cmd("migrate-start-postcopy", json!({}));
+    wait_status(&mut dq, "postcopy-active");
+    std::thread::sleep(after);
+    proxy.cut();
+    let m = follow(&mut q);
+    assert_eq!(m["status"], "postcopy-paused", "{m}");
+    wait_status(&mut dq, "postcopy-paused");
+    // Not before the destination listens again.
+    let e = q
+        .try_cmd(
+            "migrate",
+            json!({"uri": "unix:/nonexistent", "resume": true}),
+        )
+        .unwrap_err();
+    assert!(e["desc"].is_string(), "{e}");
+    let r = dq.cmd("migrate-recover", json!({"uri": "tcp:127.0.0.1:0"}));
+    let again = r["uri"].as_str().expect("the bound address").to_string();
+    let e = dq
+        .try_cmd("migrate-recover", json!({"uri": "tcp:127.0.0.1:0"}))
+        .unwrap_err();
+    assert!(
+        e["desc"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("triggered already"),
+        "{e}"
+    );
+    q.cmd("migrate", json!({"uri": again, "resume": true}));
+    let m = follow(&mut q);
+    assert_eq!(m["status"], "completed", "{m}");
+    let _ = q.try_cmd("quit", json!({}));
+    assert!(src.wait().success(), "{}", src.stderr());
+    assert!(dst.wait().success(), "{}", dst.stderr());
+    drop(dq);
+    same_guest(&src, &dst);
+    for name in ["postcopy-paused", "postcopy-recover", "postcopy-resumed"] {
+        assert!(dst.event(name).is_some(), "no {name} event");
+    }
+    Switched {
+        total_ms: m["total-time"].as_f64().unwrap_or_default(),
+        bytes: m["ram"]["transferred"].as_u64().unwrap_or_default(),
+        requests: m["ram"]["postcopy-requests"].as_u64().unwrap_or_default(),
     }
 }
