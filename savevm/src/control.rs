@@ -170,13 +170,21 @@ impl MigrationControl {
     /// # Errors
     /// QEMU's message when no post-copy is paused.
     pub fn resume_postcopy(&self, f: QemuFile) -> std::result::Result<(), String> {
-        let info = lock(&self.info);
+        let mut info = lock(&self.info);
         if info.status != MigrationStatus::PostcopyPaused || self.give_up.load(Ordering::SeqCst) {
             return Err("Cannot resume if there is no paused migration".into());
         }
+        // As QEMU: the status changes before `migrate` returns, and before the thread
+        // can take the connection.
+        info.status = MigrationStatus::PostcopyRecover;
+        info.error = None;
+        let snapshot = info.clone();
         *lock(&self.resume_with) = Some(f);
         drop(info);
         self.wake.notify_all();
+        if let Some(o) = lock(&self.observer).as_ref() {
+            o(&snapshot);
+        }
         Ok(())
     }
 

@@ -273,7 +273,6 @@ pub(crate) fn run_postcopy<V: VmControl + ?Sized>(
                 if let Some(h) = f.shutdown_handle() {
                     lock(&ctl.shutdown).push(h);
                 }
-                ctl.set_status(MigrationStatus::PostcopyRecover, |i| i.error = None);
                 let resumed = Link::open(s, f, savevm.page_request_sinks(), ctl).and_then(|l| {
                     link = l;
                     resume(savevm, f, params, &link.listener)

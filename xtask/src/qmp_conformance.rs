@@ -454,6 +454,16 @@ fn commands() -> Vec<(&'static str, &'static str, Value)> {
             json!({}),
         ),
         (
+            "migrate-recover when no post-copy is paused",
+            "migrate-recover",
+            json!({"uri": "tcp:127.0.0.1:0"}),
+        ),
+        (
+            "migrate resume when no post-copy is paused",
+            "migrate",
+            json!({"uri": "tcp:127.0.0.1:1", "resume": true}),
+        ),
+        (
             "capability postcopy-ram off again",
             "migrate-set-capabilities",
             json!({"capabilities": [{"capability": "postcopy-ram", "state": false}]}),
