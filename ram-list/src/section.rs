@@ -782,9 +782,6 @@ impl SectionHandler for RamSection {
 
     fn iterate(&mut self, f: &mut QemuFile) -> std::result::Result<bool, SectionError> {
         self.check_version()?;
-        if self.switched {
-            self.stop_logging();
-        }
         Ok(self.send_pages(f, true)?)
     }
 
@@ -835,8 +832,8 @@ impl SectionHandler for RamSection {
             f.account_elsewhere(m.take_written());
         }
         // The guest runs at the destination from now on: nothing here changes RAM. The
-        // dirty log is turned off after the package went (at the next iteration), not in
-        // the guest's pause.
+        // dirty log stays on, idle, until the end (turning it off costs milliseconds of
+        // KVM's time, which would delay the pause or the first requested pages).
         self.switched = true;
         // Every run of pages still to send (never sent, or dirtied since) is dropped
         // there, so that the guest waits for it (QEMU's discard bitmap).
@@ -983,13 +980,15 @@ impl SectionHandler for RamSection {
         let dropped = self.dropped.iter().find(|(x, _)| Arc::ptr_eq(x, &b));
         for &(start, len) in ranges {
             crate::postcopy_ram::drop_pages(&b, start, len)?;
-            let first = (start / TARGET_PAGE_SIZE) as usize;
-            for p in first..first + (len / TARGET_PAGE_SIZE) as usize {
-                if let Some((_, z)) = zero {
+            let pages =
+                (start / TARGET_PAGE_SIZE) as usize..((start + len) / TARGET_PAGE_SIZE) as usize;
+            if let Some((_, d)) = dropped {
+                d.set_range(pages.clone());
+            }
+            // (Pre-copy's EOS mapped them as it went: rarely any left.)
+            if let Some((_, z)) = zero.filter(|(_, z)| z.dirty_count() > 0) {
+                for p in pages {
                     z.test_and_clear(p);
-                }
-                if let Some((_, d)) = dropped {
-                    d.set(p);
                 }
             }
         }

@@ -171,6 +171,11 @@ pub(crate) const ADVISE: postcopy::Advise = postcopy::Advise {
 /// Chunks after the switch are small: a requested page waits behind at most one.
 const POSTCOPY_CHUNK: usize = 256 << 10;
 
+/// After the switch, the background pass leaves at most this much unacknowledged in
+/// the socket: a requested page queues behind what is in flight, so the queue is kept
+/// short (the destination bounds its receive buffer likewise).
+pub(crate) const POSTCOPY_IN_FLIGHT: usize = 512 << 10;
+
 fn vm_error(op: &'static str) -> impl FnOnce(SectionError) -> Error {
     move |source| Error::Vm { op, source }
 }
@@ -402,6 +407,7 @@ fn send_rest<V: VmControl + ?Sized>(
     // only: a requested page goes at once (the guest waits for it), as in QEMU.
     f.set_chunk_budget(POSTCOPY_CHUNK);
     let mut pace = qemu_file::RateLimiter::new(params.max_postcopy_bandwidth);
+    let in_flight = f.unsent_probe();
     let sinks = savevm.page_request_sinks();
     let requested = || sinks.iter().any(|s| s.waiting());
     loop {
@@ -410,6 +416,12 @@ fn send_rest<V: VmControl + ?Sized>(
         }
         if pace.exceeded() {
             listener.wait_request(pace.window_end(), requested);
+        }
+        if let Some(p) = &in_flight {
+            // Requests go whatever is in flight; the background waits for room.
+            while p.unsent() > POSTCOPY_IN_FLIGHT && !requested() && listener.failure().is_none() {
+                listener.wait_request(Instant::now() + Duration::from_micros(100), requested);
+            }
         }
         let before = f.bytes_written();
         let done = {

@@ -313,9 +313,10 @@ impl Qmp {
 
     fn read(&mut self) -> Value {
         let mut line = String::new();
-        self.r.read_line(&mut line).unwrap();
-        if line.is_empty() {
-            // The peer closed the connection (e.g. after quit): an error reply.
+        let read = self.r.read_line(&mut line);
+        if read.is_err() || line.is_empty() {
+            // The peer closed the connection (after quit, or its process ended, as a
+            // QEMU destination does when its load fails): an error reply.
             return json!({"error": {"class": "Closed", "desc": "the QMP connection was closed"}});
         }
         serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"))
