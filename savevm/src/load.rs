@@ -142,11 +142,7 @@ impl SaveVm {
         let mut by_id = ById::new();
         let records = self.load_body(f, progress, &mut by_id, postcopy, false)?;
         if let Some(i) = progress.iter().position(|p| *p != Progress::Done) {
-            return Err(Error::MissingSection {
-                idstr: self.entries[i].info.idstr.clone(),
-                instance_id: self.entries[i].info.instance_id,
-                started: progress[i] == Progress::Started,
-            });
+            return Err(self.missing(i, progress[i] == Progress::Started));
         }
         // The source appends the JSON description after EOF; read it so that a socket is
         // drained, and stop there (the source may wait for our answer).
@@ -285,11 +281,7 @@ impl SaveVm {
                             *p != Progress::Done
                                 && matches!(self.entries[i].handler, Handler::Device(_))
                         }) {
-                            return Err(Error::MissingSection {
-                                idstr: self.entries[i].info.idstr.clone(),
-                                instance_id: self.entries[i].info.instance_id,
-                                started: false,
-                            });
+                            return Err(self.missing(i, false));
                         }
                         if let Some(h) = &mut self.postcopy_hooks {
                             h.run().map_err(|e| Error::Postcopy {
@@ -398,6 +390,15 @@ impl SaveVm {
             }
         }
         Ok(Some(0))
+    }
+
+    /// Section `i` never came (or never ended, `started`).
+    fn missing(&self, i: usize, started: bool) -> Error {
+        Error::MissingSection {
+            idstr: self.entries[i].info.idstr.clone(),
+            instance_id: self.entries[i].info.instance_id,
+            started,
+        }
     }
 
     /// ADVISE with RAM: the page sizes must be ours, and a section here must take part

@@ -26,15 +26,15 @@ use serde_json::json;
 use vm_memory::MmapRegion;
 use vmm_harness::Qmp;
 
-use crate::bench::{guest_image, qemu_start};
+use crate::bench::{Qemu, guest_image, qemu_start};
 use crate::certs::TestPki;
 
 /// QEMU's guest RAM here, MiB (the bench's 1 GiB guest).
-pub(crate) const QEMU_MIB: u64 = 1024;
+const QEMU_MIB: u64 = 1024;
 
 pub(crate) const PAGE: usize = 4096;
 /// The legacy VGA and BIOS area, which `pmemsave` reads as ROM and MMIO, not pc.ram.
-pub(crate) const LEGACY_HOLE: std::ops::Range<usize> = 0xa0000..0x100000;
+const LEGACY_HOLE: std::ops::Range<usize> = 0xa0000..0x100000;
 
 /// Migrates QEMU's guest into our receiver with `channels` multifd channels (0: none),
 /// plain or zstd, over TLS when `tls` (QEMU presents the client certificate, which our
@@ -49,18 +49,7 @@ pub fn run(
     zstd: bool,
     tls: Option<&TestPki>,
 ) -> Result<()> {
-    std::fs::create_dir_all(work)?;
-    let image = guest_image(work, "fill", "256M", 0, None)?;
-    let (_src, mut sq) = qemu_start(qemu, work, "interop-src", &image, QEMU_MIB, &[])?;
-    let serial = work.join("interop-src-serial.txt");
-    let t = Instant::now();
-    while std::fs::metadata(&serial).map(|m| m.len()).unwrap_or(0) < 2 {
-        if t.elapsed() > Duration::from_secs(60) {
-            bail!("the guest did not finish its fill under QEMU");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let list = ram_like(&mut sq)?;
+    let (_src, mut sq, list) = qemu_fill_source(qemu, work, "interop-src", "256M")?;
     let listener = Listener::bind(&MigrationUri::parse("tcp:127.0.0.1:0")?)?;
     let uri = listener.local_uri().to_string();
     let stats = Arc::new(RamStats::default());
@@ -116,21 +105,7 @@ pub fn run(
     let channel_bytes = loader
         .join()
         .map_err(|_| anyhow::anyhow!("the loader panicked"))??;
-    let dump = work.join("interop-src-ram.bin");
-    let ram = list.find("pc.ram").context("QEMU has no pc.ram")?;
-    sq.cmd(
-        "pmemsave",
-        json!({"val": 0, "size": ram.used_length(), "filename": dump.display().to_string()}),
-    );
-    let theirs = std::fs::read(&dump)?;
-    let mut ours = vec![0u8; ram.used_length() as usize];
-    ram.read_bytes(0, &mut ours);
-    let differ = theirs
-        .chunks(PAGE)
-        .zip(ours.chunks(PAGE))
-        .enumerate()
-        .filter(|(i, (a, b))| !LEGACY_HOLE.contains(&(i * PAGE)) && a != b)
-        .count();
+    let (differ, _) = differing_pages(&mut sq, &list, &work.join("interop-src-ram.bin"))?;
     let s = stats.snapshot();
     println!(
         "interop: QEMU -> ours{}, multifd {channels} channels{}: {} normal pages ({:.1} MiB on the channels), {} zero pages; pc.ram pages differing from QEMU's memory: {differ}",
@@ -151,8 +126,51 @@ pub fn run(
     Ok(())
 }
 
+/// QEMU running the built-in guest's fill of `range`, once it finished, and RAM blocks
+/// shaped as QEMU's to load its migration into.
+pub(crate) fn qemu_fill_source(
+    qemu: &Path,
+    work: &Path,
+    name: &str,
+    range: &str,
+) -> Result<(Qemu, Qmp, Arc<RamList>)> {
+    std::fs::create_dir_all(work)?;
+    let image = guest_image(work, "fill", range, 0, None)?;
+    let (src, mut sq) = qemu_start(qemu, work, name, &image, QEMU_MIB, &[])?;
+    let serial = work.join(format!("{name}-serial.txt"));
+    let t = Instant::now();
+    while std::fs::metadata(&serial).map(|m| m.len()).unwrap_or(0) < 2 {
+        if t.elapsed() > Duration::from_secs(60) {
+            bail!("the guest did not finish its fill under QEMU");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let list = ram_like(&mut sq)?;
+    Ok((src, sq, list))
+}
+
+/// The pages of our pc.ram that differ from QEMU's memory (`pmemsave` into `dump`; the
+/// legacy hole left out), and pc.ram's size.
+pub(crate) fn differing_pages(sq: &mut Qmp, list: &RamList, dump: &Path) -> Result<(usize, u64)> {
+    let ram = list.find("pc.ram").context("QEMU has no pc.ram")?;
+    sq.cmd(
+        "pmemsave",
+        json!({"val": 0, "size": ram.used_length(), "filename": dump.display().to_string()}),
+    );
+    let theirs = std::fs::read(dump)?;
+    let mut ours = vec![0u8; ram.used_length() as usize];
+    ram.read_bytes(0, &mut ours);
+    let differ = theirs
+        .chunks(PAGE)
+        .zip(ours.chunks(PAGE))
+        .enumerate()
+        .filter(|(i, (a, b))| !LEGACY_HOLE.contains(&(i * PAGE)) && a != b)
+        .count();
+    Ok((differ, ram.used_length()))
+}
+
 /// RAM blocks named and sized as QEMU's (`info ramblock`).
-pub(crate) fn ram_like(q: &mut Qmp) -> Result<Arc<RamList>> {
+fn ram_like(q: &mut Qmp) -> Result<Arc<RamList>> {
     let text = q.cmd(
         "human-monitor-command",
         json!({"command-line": "info ramblock"}),

@@ -30,26 +30,14 @@ use savevm::postcopy::{
 use savevm::return_path::ReturnPath;
 use serde_json::json;
 
-use crate::bench::{guest_image, qemu_start};
-use crate::interop::{LEGACY_HOLE, PAGE, QEMU_MIB, ram_like};
+use crate::interop::{PAGE, differing_pages, qemu_fill_source};
 
 /// Migrates QEMU's guest into our post-copy destination and compares pc.ram.
 ///
 /// # Errors
 /// QEMU or ours fails, or the memories differ.
 pub fn run(qemu: &Path, work: &Path) -> Result<()> {
-    std::fs::create_dir_all(work)?;
-    let image = guest_image(work, "fill", "512M", 0, None)?;
-    let (_src, mut sq) = qemu_start(qemu, work, "postcopy-src", &image, QEMU_MIB, &[])?;
-    let serial = work.join("postcopy-src-serial.txt");
-    let t = Instant::now();
-    while std::fs::metadata(&serial).map(|m| m.len()).unwrap_or(0) < 2 {
-        if t.elapsed() > Duration::from_secs(60) {
-            bail!("the guest did not finish its fill under QEMU");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let list = ram_like(&mut sq)?;
+    let (_src, mut sq, list) = qemu_fill_source(qemu, work, "postcopy-src", "512M")?;
     let listener = Listener::bind(&MigrationUri::parse("tcp:127.0.0.1:0")?)?;
     let uri = listener.local_uri().to_string();
     let incoming = Arc::new(PostcopyIncoming::new());
@@ -84,21 +72,7 @@ pub fn run(qemu: &Path, work: &Path) -> Result<()> {
     let read_back = loader
         .join()
         .map_err(|_| anyhow!("the loader panicked"))??;
-    let dump = work.join("postcopy-src-ram.bin");
-    let ram = list.find("pc.ram").context("QEMU has no pc.ram")?;
-    sq.cmd(
-        "pmemsave",
-        json!({"val": 0, "size": ram.used_length(), "filename": dump.display().to_string()}),
-    );
-    let theirs = std::fs::read(&dump)?;
-    let mut ours = vec![0u8; ram.used_length() as usize];
-    ram.read_bytes(0, &mut ours);
-    let differ = theirs
-        .chunks(PAGE)
-        .zip(ours.chunks(PAGE))
-        .enumerate()
-        .filter(|(i, (a, b))| !LEGACY_HOLE.contains(&(i * PAGE)) && a != b)
-        .count();
+    let (differ, len) = differing_pages(&mut sq, &list, &work.join("postcopy-src-ram.bin"))?;
     let w = incoming.info().waits;
     println!(
         "interop: QEMU post-copy -> ours: QEMU counted {} requests and {} bytes after the switch; \
@@ -112,7 +86,7 @@ pub fn run(qemu: &Path, work: &Path) -> Result<()> {
         w.p99_us
     );
     let _ = sq.try_cmd("quit", json!({}));
-    if differ > 0 || read_back != ours.len() {
+    if differ > 0 || read_back as u64 != len {
         bail!("our post-copy load of QEMU's migration differs from QEMU's memory");
     }
     if w.resolved == 0 || end["ram"]["postcopy-requests"].as_u64() == Some(0) {

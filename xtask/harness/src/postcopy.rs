@@ -87,19 +87,6 @@ fn follow(q: &mut Qmp) -> Value {
     }
 }
 
-/// Waits for a query-migrate status on `q`'s side (a minute at most).
-fn wait_status(q: &mut Qmp, status: &str) -> Value {
-    let t = Instant::now();
-    loop {
-        let m = q.cmd("query-migrate", json!({}));
-        if m["status"] == status {
-            return m;
-        }
-        assert!(t.elapsed() < Duration::from_secs(60), "no {status}: {m}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
 /// What a post-copy migration measured (the source's `query-migrate` at its end).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Switched {
@@ -177,6 +164,41 @@ fn same_guest(src: &Vmm, dst: &Vmm) {
     assert_eq!(exit["mismatches"], 0, "the guest found stale pages");
 }
 
+/// A post-copy running through a proxy that can cut it.
+struct Switching {
+    src: Vmm,
+    q: Qmp,
+    dst: Vmm,
+    dq: Qmp,
+    proxy: FaultProxy,
+}
+
+/// Migrates the small guest through a proxy, switched at once, post-copy's background
+/// paced at 20 MB/s so that it lasts; returns `after` the destination says
+/// postcopy-active. `dst_extra` goes to the destination.
+fn switch_through_proxy(dir: &Path, dst_extra: &[&str], after: Duration) -> Switching {
+    let (src, mut q) = source(dir, SMALL, &["--max-postcopy-bandwidth", "20M"]);
+    let (dst, mut dq, uri) = destination(dir, SMALL, dst_extra);
+    let proxy = FaultProxy::start(
+        &dir.join("proxy.sock"),
+        uri.trim_start_matches("tcp:"),
+        u64::MAX,
+        Fault::Cut,
+    )
+    .unwrap();
+    q.cmd("migrate", json!({"uri": proxy.uri()}));
+    q.cmd("migrate-start-postcopy", json!({}));
+    dq.wait_status("postcopy-active");
+    std::thread::sleep(after);
+    Switching {
+        src,
+        q,
+        dst,
+        dq,
+        proxy,
+    }
+}
+
 /// What goes wrong after the switch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Failure {
@@ -206,19 +228,13 @@ impl Failure {
 /// `postcopy-paused`, which `cont` runs. Panics on a broken expectation.
 pub fn fail_after_switch(failure: Failure, after: Duration) {
     let dir = scratch(&format!("postcopy-{failure:?}-{}", after.as_millis()));
-    let (mut src, mut q) = source(&dir, SMALL, &["--max-postcopy-bandwidth", "20M"]);
-    let (mut dst, mut dq, uri) = destination(&dir, SMALL, &[]);
-    let proxy = FaultProxy::start(
-        &dir.join("proxy.sock"),
-        uri.trim_start_matches("tcp:"),
-        u64::MAX,
-        Fault::Cut,
-    )
-    .unwrap();
-    q.cmd("migrate", json!({"uri": proxy.uri()}));
-    q.cmd("migrate-start-postcopy", json!({}));
-    wait_status(&mut dq, "postcopy-active");
-    std::thread::sleep(after);
+    let Switching {
+        mut src,
+        mut q,
+        mut dst,
+        mut dq,
+        proxy,
+    } = switch_through_proxy(&dir, &[], after);
     match failure {
         Failure::Cut => proxy.cut(),
         Failure::KillSource => {
@@ -240,7 +256,7 @@ pub fn fail_after_switch(failure: Failure, after: Duration) {
     }
     if !matches!(failure, Failure::KillDestination) {
         // The destination's guest waits for the pages it lacks.
-        let m = wait_status(&mut dq, "postcopy-paused");
+        let m = dq.wait_status("postcopy-paused");
         assert!(m["error-desc"].is_string(), "{m}");
         let t = Instant::now();
         loop {
@@ -299,23 +315,17 @@ pub fn fail_after_switch(failure: Failure, after: Duration) {
 /// destination without a stale page. Panics on a broken expectation.
 pub fn recover_after_cut(after: Duration) -> Switched {
     let dir = scratch(&format!("postcopy-recover-{}", after.as_millis()));
-    let (mut src, mut q) = source(&dir, SMALL, &["--max-postcopy-bandwidth", "20M"]);
-    let (mut dst, mut dq, uri) = destination(&dir, SMALL, &["--verify", "--exit-after", "1"]);
-    let proxy = FaultProxy::start(
-        &dir.join("proxy.sock"),
-        uri.trim_start_matches("tcp:"),
-        u64::MAX,
-        Fault::Cut,
-    )
-    .unwrap();
-    q.cmd("migrate", json!({"uri": proxy.uri()}));
-    q.cmd("migrate-start-postcopy", json!({}));
-    wait_status(&mut dq, "postcopy-active");
-    std::thread::sleep(after);
+    let Switching {
+        mut src,
+        mut q,
+        mut dst,
+        mut dq,
+        proxy,
+    } = switch_through_proxy(&dir, &["--verify", "--exit-after", "1"], after);
     proxy.cut();
     let m = follow(&mut q);
     assert_eq!(m["status"], "postcopy-paused", "{m}");
-    wait_status(&mut dq, "postcopy-paused");
+    dq.wait_status("postcopy-paused");
     // Not before the destination listens again.
     let e = q
         .try_cmd(

@@ -28,7 +28,7 @@ mod references;
 mod report;
 mod scenarios;
 
-pub(crate) use drivers::{guest_image, qemu_start};
+pub(crate) use drivers::{Qemu, guest_image, qemu_start};
 
 /// Options of the bench.
 #[derive(Debug, Clone)]
