@@ -255,14 +255,19 @@ pub(crate) fn run_postcopy<V: VmControl + ?Sized>(
 ) -> Result<()> {
     std::thread::scope(|s| {
         let mut link = Link::open(s, f, savevm.page_request_sinks(), ctl)?;
-        if let Err(e) = switch(savevm, f, vm, ctl, stopped, &link.listener) {
+        let mut r = switch(savevm, f, vm, ctl, stopped, &link.listener);
+        if matches!(r, Err(ref e) if !matches!(e, Error::PostcopyInterrupted { .. })) {
+            // Before the package could go out: a failed migration, the guest resumes.
             link.close();
-            return Err(e);
+            return r;
         }
         loop {
-            let r = send_rest(savevm, f, vm, ctl, params, &link.listener);
+            // (A switch cut while its package went out pauses at once.)
+            if r.is_ok() {
+                r = send_rest(savevm, f, vm, ctl, params, &link.listener);
+            }
             link.close();
-            let mut e = match r {
+            let mut e = match std::mem::replace(&mut r, Ok(())) {
                 Ok(()) => return Ok(()),
                 Err(e) => interrupted(e),
             };
