@@ -5,7 +5,7 @@ use std::io::{self, IoSlice};
 use std::os::fd::{BorrowedFd, OwnedFd};
 use std::sync::Arc;
 
-use crate::{Error, RateLimiter, Result, ShutdownHandle, Transport, UnsentProbe};
+use crate::{Error, RateLimiter, Result, ShutdownHandle, Transport};
 
 /// Keeps memory that was queued by reference (a guest page) mapped until it is written.
 pub type KeepAlive = Arc<dyn Send + Sync>;
@@ -116,27 +116,6 @@ impl QemuFile {
     /// A handle that interrupts blocked reads and writes from another thread (cancel).
     pub fn shutdown_handle(&self) -> Option<ShutdownHandle> {
         self.transport.shutdown_handle()
-    }
-
-    /// A probe of the bytes written to the socket that its peer has not acknowledged yet
-    /// (None where the transport has no such queue).
-    pub fn unsent_probe(&self) -> Option<UnsentProbe> {
-        self.transport.unsent_probe()
-    }
-
-    /// Bounds the socket's receive buffer to about `bytes` (no-op elsewhere): what waits
-    /// unread in it delays whatever comes after.
-    ///
-    /// # Errors
-    /// The system's.
-    pub fn limit_receive_buffer(&self, bytes: usize) -> Result<()> {
-        self.transport
-            .limit_receive_buffer(bytes)
-            .map_err(|e| Error::Read {
-                transport: self.name.clone(),
-                offset: self.consumed,
-                source: Arc::new(e),
-            })
     }
 
     /// A second stream on the same connection, for another thread (QEMU's

@@ -37,10 +37,6 @@ pub struct LoadReport {
     pub return_path: Option<Arc<ReturnPath>>,
 }
 
-/// A post-copy destination's receive buffer from LISTEN on (the source keeps as much in
-/// flight): small, so a requested page does not wait behind megabytes of background.
-const POSTCOPY_RECEIVE_BUFFER: usize = 256 << 10;
-
 /// Where a load stands with post-copy.
 #[derive(Default)]
 struct PostcopyLoad {
@@ -258,10 +254,6 @@ impl SaveVm {
                         postcopy_step(postcopy.rp.is_some() && !package, command)?;
                         let mut p = QemuFile::from_bytes(read_packaged(f, len)?);
                         let n = self.load_body(&mut p, progress, by_id, postcopy, true)?;
-                        if postcopy.listening {
-                            // What waits unread delays a requested page behind it.
-                            let _ = f.limit_receive_buffer(POSTCOPY_RECEIVE_BUFFER);
-                        }
                         return Ok(Some(n));
                     }
                     (MIG_CMD_POSTCOPY_LISTEN, 0) => {
