@@ -48,6 +48,7 @@
 
 mod backing;
 mod block;
+mod blocktime;
 mod error;
 pub mod format;
 mod guest_memory;
@@ -67,6 +68,7 @@ mod zero;
 
 pub use backing::RamBacking;
 pub use block::RamBlock;
+pub use blocktime::VcpuBlocktime;
 pub use error::{Error, Result};
 pub use guest_memory::RegionBacking;
 pub use list::RamList;

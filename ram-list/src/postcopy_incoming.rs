@@ -20,6 +20,8 @@ use crate::{PostcopyRam, RamList, Result};
 pub struct PostcopyIncoming {
     // Lock: set at LISTEN and cleared at the end by the loading thread; read by anyone.
     state: Mutex<Option<Listening>>,
+    // Lock: set by the VMM before the load, read at LISTEN.
+    vcpu_threads: Mutex<Vec<u32>>,
 }
 
 #[derive(Debug)]
@@ -51,10 +53,22 @@ impl PostcopyIncoming {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The guest's vCPU threads (their ids, in vCPU order): their waits for pages are
+    /// counted apiece (QEMU's `postcopy-vcpu-blocktime`).
+    pub fn set_vcpu_threads(&self, threads: Vec<u32>) {
+        *self.vcpu_threads.lock().unwrap_or_else(|p| p.into_inner()) = threads;
+    }
+
     /// LISTEN: registers the blocks of `list` and starts the fault thread, whose
     /// requests go on `rp`.
     pub(crate) fn listen(&self, list: &RamList, rp: Arc<ReturnPath>) -> Result<Arc<PostcopyRam>> {
         let ram = Arc::new(PostcopyRam::register(list)?);
+        ram.set_vcpu_threads(
+            self.vcpu_threads
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+        );
         let faults = ram
             .start_faults(move |block, offset| {
                 // A failed request leaves the guest waiting for the page: the stream

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use dirty_bitmap::DirtyBitmap;
 
+use crate::blocktime::{Blocktime, PageKey, VcpuBlocktime};
 use crate::format::TARGET_PAGE_SIZE;
 use crate::{Error, Placed, RamBlock, RamList, Result, Userfault};
 
@@ -30,12 +31,20 @@ pub struct PostcopyRam {
 /// How long faults waited for their pages.
 #[derive(Debug, Default)]
 struct FaultWaits {
-    // Lock: the fault thread inserts (block, page) at its first fault; `place` removes
-    // it when the page arrives and records the wait.
-    waiting: Mutex<HashMap<(usize, usize), Instant>>,
-    // Lock: appended by `place`, read by whoever asks for the figures.
-    waited_us: Mutex<Vec<u32>>,
+    // Lock: the fault thread adds a fault (under it, after seeing its page missing);
+    // `place` resolves the page's faults once the page is there; readers of the figures.
+    state: Mutex<Waits>,
     requests: AtomicU64,
+}
+
+#[derive(Debug, Default)]
+struct Waits {
+    /// The pages faulted on and not placed yet, since their first fault.
+    waiting: HashMap<PageKey, Instant>,
+    /// Each resolved fault's wait, microseconds.
+    waited_us: Vec<u32>,
+    /// The vCPUs' waits, QEMU's way.
+    vcpus: Blocktime,
 }
 
 /// What the faults of a post-copy destination waited, so far.
@@ -56,6 +65,11 @@ pub struct FaultWaitStats {
     pub max_us: u32,
     /// Pages faulted on that have not arrived yet.
     pub waiting: u64,
+    /// The vCPUs' waits (QEMU's `postcopy-blocktime` and `postcopy-vcpu-blocktime`).
+    pub vcpus: VcpuBlocktime,
+    /// The distribution of the waits: (bound, count), each count the waits of at least
+    /// half the bound and below it (the first from 0), microseconds, empty ones left out.
+    pub histogram: Vec<(u64, u64)>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -102,6 +116,21 @@ pub(crate) fn drop_pages(b: &RamBlock, start: u64, len: u64) -> Result<()> {
         return Err(io_error("madvise", std::io::Error::last_os_error()));
     }
     Ok(())
+}
+
+/// Waits by powers of two: (bound, count) for the waits below the bound, at least half of
+/// it (from 0 for the first), the empty ones left out.
+fn histogram(waits_us: &[u32]) -> Vec<(u64, u64)> {
+    let mut counts = [0u64; 33];
+    for &w in waits_us {
+        counts[(u32::BITS - w.leading_zeros()) as usize] += 1;
+    }
+    counts
+        .iter()
+        .enumerate()
+        .filter(|&(_, &n)| n > 0)
+        .map(|(i, &n)| (1u64 << i, n))
+        .collect()
 }
 
 impl PostcopyRam {
@@ -186,9 +215,14 @@ impl PostcopyRam {
         .map_err(|e| io_error("placing a page", e))?;
         received.set(page);
         let bi = self.blocks.iter().position(|(x, _)| Arc::ptr_eq(x, b));
-        if let Some(since) = bi.and_then(|bi| lock(&self.waits.waiting).remove(&(bi, page))) {
-            let us = since.elapsed().as_micros().min(u32::MAX as u128) as u32;
-            lock(&self.waits.waited_us).push(us);
+        if let Some(bi) = bi {
+            let mut w = lock(&self.waits.state);
+            if let Some(since) = w.waiting.remove(&(bi, page)) {
+                let now = Instant::now();
+                let us = now.duration_since(since).as_micros().min(u32::MAX as u128) as u32;
+                w.waited_us.push(us);
+                w.vcpus.end((bi, page), now);
+            }
         }
         Ok(placed)
     }
@@ -261,7 +295,8 @@ impl PostcopyRam {
 
     /// The pages faulted on that have not arrived: (block, offset).
     pub fn waiting_pages(&self) -> Vec<(String, u64)> {
-        lock(&self.waits.waiting)
+        lock(&self.waits.state)
+            .waiting
             .keys()
             .map(|&(bi, page)| {
                 (
@@ -274,7 +309,14 @@ impl PostcopyRam {
 
     /// What the faults waited so far.
     pub fn fault_waits(&self) -> FaultWaitStats {
-        let mut w = lock(&self.waits.waited_us).clone();
+        let (mut w, waiting, vcpus) = {
+            let s = lock(&self.waits.state);
+            (
+                s.waited_us.clone(),
+                s.waiting.len() as u64,
+                s.vcpus.figures(),
+            )
+        };
         w.sort_unstable();
         let at = |q: f64| match w.len() {
             0 => 0,
@@ -287,7 +329,9 @@ impl PostcopyRam {
             p50_us: at(0.5),
             p99_us: at(0.99),
             max_us: w.last().copied().unwrap_or(0),
-            waiting: lock(&self.waits.waiting).len() as u64,
+            waiting,
+            vcpus,
+            histogram: histogram(&w),
         }
     }
 
@@ -295,6 +339,12 @@ impl PostcopyRam {
     pub fn is_received(&self, name: &str, offset: u64) -> bool {
         self.page_of(name, offset)
             .is_ok_and(|(_, received, page)| received.test(page))
+    }
+
+    /// Counts the waits of the threads `vcpus` (their ids, in vCPU order) as vCPU
+    /// blocktime ([`FaultWaitStats::vcpus`]); before the fault thread starts.
+    pub fn set_vcpu_threads(&self, vcpus: Vec<u32>) {
+        lock(&self.waits.state).vcpus = Blocktime::new(vcpus);
     }
 
     /// Starts the fault thread: each fault on a page not placed yet calls `request` with
@@ -317,10 +367,19 @@ impl PostcopyRam {
                     };
                     if let Some((bi, page)) = me.locate(fault.address) {
                         let (b, received) = &me.blocks[bi];
-                        if !received.test(page) {
-                            lock(&me.waits.waiting)
-                                .entry((bi, page))
-                                .or_insert_with(Instant::now);
+                        // Looked at under the lock `place` resolves faults under, after
+                        // marking its page: a page placed meanwhile is seen here.
+                        let missing = {
+                            let mut w = lock(&me.waits.state);
+                            let missing = !received.test(page);
+                            if missing {
+                                let now = Instant::now();
+                                w.waiting.entry((bi, page)).or_insert(now);
+                                w.vcpus.begin(fault.thread, (bi, page), now);
+                            }
+                            missing
+                        };
+                        if missing {
                             me.waits.requests.fetch_add(1, Ordering::Relaxed);
                             request(b.idstr(), page as u64 * TARGET_PAGE_SIZE);
                         }
@@ -354,5 +413,20 @@ impl PostcopyRam {
                 .map_err(|e| io_error("unregistering", e))?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::histogram;
+
+    #[test]
+    fn waits_fall_in_powers_of_two() {
+        assert_eq!(histogram(&[]), []);
+        // 0 below 1; 1 in [1, 2); 3 in [2, 4); 100 and 127 in [64, 128); 128 in [128, 256).
+        assert_eq!(
+            histogram(&[0, 1, 3, 100, 127, 128, u32::MAX]),
+            [(1, 1), (2, 1), (4, 1), (128, 2), (256, 1), (1 << 32, 1)]
+        );
     }
 }

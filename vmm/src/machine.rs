@@ -327,6 +327,13 @@ impl Machine {
             bail!("the guest of an interrupted post-copy still waits for its pages here");
         }
         let p = Arc::new(ram_list::PostcopyIncoming::new());
+        p.set_vcpu_threads(
+            self.cpus
+                .thread_ids()
+                .into_iter()
+                .map(|t| u32::try_from(t).unwrap_or(0))
+                .collect(),
+        );
         *slot = Some(p.clone());
         Ok(p)
     }

@@ -904,7 +904,9 @@ fn load_incoming(
             events.emit(
                 "postcopy-faults",
                 json!({"requests": w.requests, "resolved": w.resolved, "total_us": w.total_us,
-                       "p50_us": w.p50_us, "p99_us": w.p99_us, "max_us": w.max_us}),
+                       "p50_us": w.p50_us, "p99_us": w.p99_us, "max_us": w.max_us,
+                       "histogram_us": w.histogram,
+                       "blocktime_ms": w.vcpus.total_ms, "vcpu_blocktime_ms": w.vcpus.per_vcpu_ms}),
             );
         }
         return Ok(IncomingReport {

@@ -593,9 +593,9 @@ impl Session {
                     if info.listening {
                         let w = &info.waits;
                         if self.postcopy_blocktime.load(Ordering::SeqCst) {
-                            // QEMU's figure is per vCPU; ours sums the waits of every
-                            // fault on a page not there (vCPUs and the VMM's own reads).
-                            v["postcopy-blocktime"] = json!(w.total_us / 1000);
+                            // QEMU's: the time all vCPUs waited at once, and each one's.
+                            v["postcopy-blocktime"] = json!(w.vcpus.total_ms);
+                            v["postcopy-vcpu-blocktime"] = json!(w.vcpus.per_vcpu_ms);
                         }
                         v["x-postcopy-faults"] = json!({
                             "requests": w.requests, "resolved": w.resolved,

@@ -48,6 +48,9 @@ pub struct PostcopyRun {
     pub fault_p50_us: f64,
     /// 99th percentile.
     pub fault_p99_us: f64,
+    /// The time the vCPU waited for pages, ms (the destination's
+    /// `postcopy-vcpu-blocktime`, summed over vCPUs).
+    pub vcpu_blocked_ms: Option<f64>,
     /// The guest's passes per second before the migration.
     pub work_before: f64,
     /// Its passes per second at the destination while post-copy ran.
@@ -85,6 +88,7 @@ impl Run {
                "postcopy": self.postcopy.as_ref().map(|p| json!({
                    "switch_ms": p.switch_ms, "requests": p.requests, "faults": p.faults,
                    "fault_p50_us": p.fault_p50_us, "fault_p99_us": p.fault_p99_us,
+                   "vcpu_blocked_ms": p.vcpu_blocked_ms,
                    "work_before": p.work_before, "work_postcopy": p.work_postcopy})),
                "error": self.error})
     }

@@ -144,6 +144,17 @@ pub fn migrate_in_postcopy(name: &str, guest: &[&str], range: u64, extra: &[&str
     assert_eq!(sw["postcopy"], true, "{sw}");
     let faults = dst.event("postcopy-faults").expect("the faults' waits");
     assert!(faults["resolved"].as_u64() >= Some(1), "{faults}");
+    let counted: u64 = faults["histogram_us"]
+        .as_array()
+        .map(|h| h.iter().filter_map(|b| b[1].as_u64()).sum())
+        .unwrap_or(0);
+    assert_eq!(Some(counted), faults["resolved"].as_u64(), "{faults}");
+    // One vCPU (the default), its blocktime counted on its own.
+    assert_eq!(
+        faults["vcpu_blocktime_ms"].as_array().map(Vec::len),
+        Some(1),
+        "{faults}"
+    );
     Switched {
         total_ms: m["total-time"].as_f64().unwrap_or_default(),
         bytes: m["ram"]["transferred"].as_u64().unwrap_or_default(),

@@ -358,6 +358,10 @@ pub(super) fn qemu_inner(
     let postcopy_on = json!({"capabilities": [{"capability": "postcopy-ram", "state": true}]});
     if s.postcopy {
         dq.cmd("migrate-set-capabilities", postcopy_on.clone());
+        dq.cmd(
+            "migrate-set-capabilities",
+            json!({"capabilities": [{"capability": "postcopy-blocktime", "state": true}]}),
+        );
     }
     qemu_tls(&mut dq, s, &pki.server, "server");
     dq.cmd(
@@ -420,12 +424,24 @@ pub(super) fn qemu_inner(
             _ => bail!("no STOP/RESUME events"),
         }
     }
+    // A post-copy destination reports its vCPUs' blocktime once it completed.
+    let mut dst_info = Value::Null;
+    if run.completed && s.postcopy {
+        let t = Instant::now();
+        loop {
+            dst_info = dq.cmd("query-migrate", json!({}));
+            if dst_info["status"] != "postcopy-active" || t.elapsed() > TIMEOUT {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
     let _ = sq.try_cmd("quit", json!({}));
     let _ = dq.try_cmd("quit", json!({}));
     if let Some((w, before)) = pc {
         // The trace is complete once the destination has gone.
         drop(dst);
-        run.postcopy = Some(w.finish(&end, before, qemu_fault_waits(&trace)));
+        run.postcopy = Some(w.finish(&end, before, qemu_fault_waits(&trace, &dst_info)));
     }
     Ok(())
 }

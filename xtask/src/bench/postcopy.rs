@@ -92,13 +92,8 @@ impl Watch {
     }
 
     /// What the run measured; `end` is the source's last query-migrate, `faults` the
-    /// destination's (count, p50 µs, p99 µs).
-    pub(super) fn finish(
-        self,
-        end: &Value,
-        work_before: f64,
-        faults: (u64, f64, f64),
-    ) -> PostcopyRun {
+    /// destination's.
+    pub(super) fn finish(self, end: &Value, work_before: f64, faults: FaultWaits) -> PostcopyRun {
         let work_postcopy = match self.active {
             Some((at, dst)) => {
                 (passes(&self.dst_serial) - dst) as f64 / at.elapsed().as_secs_f64().max(1e-3)
@@ -108,9 +103,10 @@ impl Watch {
         PostcopyRun {
             switch_ms: self.switched.unwrap_or(0.0),
             requests: end["ram"]["postcopy-requests"].as_u64().unwrap_or(0),
-            faults: faults.0,
-            fault_p50_us: faults.1,
-            fault_p99_us: faults.2,
+            faults: faults.count,
+            fault_p50_us: faults.p50_us,
+            fault_p99_us: faults.p99_us,
+            vcpu_blocked_ms: faults.vcpu_blocked_ms,
             work_before,
             work_postcopy,
             work: self.work,
@@ -118,21 +114,40 @@ impl Watch {
     }
 }
 
+/// The faults' waits as a destination reported them: how many were measured, their
+/// p50 and p99 (µs), and the vCPUs' time blocked (ms, QEMU's `postcopy-vcpu-blocktime`
+/// summed).
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct FaultWaits {
+    pub(super) count: u64,
+    pub(super) p50_us: f64,
+    pub(super) p99_us: f64,
+    pub(super) vcpu_blocked_ms: Option<f64>,
+}
+
+/// The sum of a `postcopy-vcpu-blocktime` list, ms.
+pub(super) fn vcpu_blocked_ms(list: &Value) -> Option<f64> {
+    list.as_array()
+        .map(|l| l.iter().filter_map(Value::as_f64).sum())
+}
+
 /// Ours: the destination's `postcopy-faults` event.
-pub(super) fn our_fault_waits(e: Option<Value>) -> (u64, f64, f64) {
+pub(super) fn our_fault_waits(e: Option<Value>) -> FaultWaits {
     match e {
-        Some(e) => (
-            e["resolved"].as_u64().unwrap_or(0),
-            e["p50_us"].as_f64().unwrap_or(0.0),
-            e["p99_us"].as_f64().unwrap_or(0.0),
-        ),
-        None => (0, 0.0, 0.0),
+        Some(e) => FaultWaits {
+            count: e["resolved"].as_u64().unwrap_or(0),
+            p50_us: e["p50_us"].as_f64().unwrap_or(0.0),
+            p99_us: e["p99_us"].as_f64().unwrap_or(0.0),
+            vcpu_blocked_ms: vcpu_blocked_ms(&e["vcpu_blocktime_ms"]),
+        },
+        None => FaultWaits::default(),
     }
 }
 
 /// QEMU's: each request of its fault thread matched with the placing of its page, from
-/// the trace log (`PID@SECONDS.MICROS:event args`).
-pub(super) fn qemu_fault_waits(log: &Path) -> (u64, f64, f64) {
+/// the trace log (`PID@SECONDS.MICROS:event args`); the vCPUs' blocktime from the
+/// destination's `query-migrate` (`dst_info`).
+pub(super) fn qemu_fault_waits(log: &Path, dst_info: &Value) -> FaultWaits {
     let text = std::fs::read_to_string(log).unwrap_or_default();
     let mut asked: HashMap<u64, f64> = HashMap::new();
     let mut waits: Vec<f64> = Vec::new();
@@ -167,7 +182,12 @@ pub(super) fn qemu_fault_waits(log: &Path) -> (u64, f64, f64) {
         0 => 0.0,
         n => waits[((n - 1) as f64 * q).round() as usize],
     };
-    (waits.len() as u64, at(0.5), at(0.99))
+    FaultWaits {
+        count: waits.len() as u64,
+        p50_us: at(0.5),
+        p99_us: at(0.99),
+        vcpu_blocked_ms: vcpu_blocked_ms(&dst_info["postcopy-vcpu-blocktime"]),
+    }
 }
 
 /// The report's post-copy table: for each post-copy scenario, both sides' medians (and
@@ -183,8 +203,8 @@ pub(super) fn table(scenarios: &[&Scenario], runs: &[Run]) -> String {
              while post-copy ran):\n\n",
             s.name
         );
-        md += "| side | runs | total ms | real downtime ms | switch at ms | requests | fault wait p50 µs | p99 µs | work before /s | during post-copy /s |\n";
-        md += "|---|---:|---|---|---:|---:|---:|---:|---:|---:|\n";
+        md += "| side | runs | total ms | real downtime ms | switch at ms | requests | fault wait p50 µs | p99 µs | vCPU blocked ms | work before /s | during post-copy /s |\n";
+        md += "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|\n";
         for (side, name) in [("ours", "ours"), ("qemu", "QEMU")] {
             let mine: Vec<&Run> = runs
                 .iter()
@@ -212,7 +232,7 @@ pub(super) fn table(scenarios: &[&Scenario], runs: &[Run]) -> String {
                 )
             };
             md += &format!(
-                "| {name} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+                "| {name} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
                 mine.len(),
                 spread(all(&|r| r.total_ms), 0),
                 spread(all(&|r| r.downtime_ms), 1),
@@ -220,6 +240,15 @@ pub(super) fn table(scenarios: &[&Scenario], runs: &[Run]) -> String {
                 fmt(pc(&|p| p.requests as f64), 0),
                 fmt(pc(&|p| p.fault_p50_us), 0),
                 fmt(pc(&|p| p.fault_p99_us), 0),
+                fmt(
+                    median(
+                        &mine
+                            .iter()
+                            .filter_map(|r| r.postcopy.as_ref()?.vcpu_blocked_ms)
+                            .collect::<Vec<f64>>()
+                    ),
+                    0
+                ),
                 fmt(pc(&|p| p.work_before), 0),
                 fmt(pc(&|p| p.work_postcopy), 0),
             );
@@ -268,8 +297,11 @@ mod tests {
              10@100.000300:postcopy_place_page host=0x7f0000009000\n",
         )
         .unwrap();
-        let (n, p50, p99) = qemu_fault_waits(&log);
+        let info = json!({"postcopy-vcpu-blocktime": [3, 4]});
+        let w = qemu_fault_waits(&log, &info);
+        let (n, p50, p99) = (w.count, w.p50_us, w.p99_us);
         assert_eq!(n, 2);
+        assert_eq!(w.vcpu_blocked_ms, Some(7.0));
         assert!(
             (p50 - 50.0).abs() < 1.0 || (p50 - 200.0).abs() < 1.0,
             "{p50}"
