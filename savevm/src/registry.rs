@@ -111,7 +111,10 @@ impl SaveVm {
     pub fn new(machine: impl Into<String>) -> Self {
         SaveVm {
             machine: machine.into(),
-            next_id: 0,
+            // From 1: QEMU's loader finds a PART or END section by the id its START
+            // gave, comparing with `load_section_id`, which is 0 in every entry not
+            // started: id 0 would name QEMU's first registered entry ("timer").
+            next_id: 1,
             entries: Vec::new(),
             iterate_from: 0,
             postcopy_hooks: None,

@@ -74,13 +74,13 @@ fn snapshot_golden_framing() {
     let head: &[u8] = &[
         0x51, 0x45, 0x56, 0x4d, 0, 0, 0, 3,          // "QEVM", version 3
         0x07, 0, 0, 0, 2, b'p', b'c',                // configuration "pc"
-        0x01, 0, 0, 0, 0,                            // START section 0
+        0x01, 0, 0, 0, 1,                            // START section 1
         5, b'w', b'o', b'r', b'd', b's',             // "words"
         0, 0, 0, 0, 0, 0, 0, 2,                      // instance 0, version 2
         0x80, 0, 0, 0, 0, 0, 0, 64,                  // count 64
         0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, // EOS
-        0x7e, 0, 0, 0, 0,                            // footer of section 0
-        0x03, 0, 0, 0, 0,                            // END section 0
+        0x7e, 0, 0, 0, 1,                            // footer of section 1
+        0x03, 0, 0, 0, 1,                            // END section 1
     ];
     assert_eq!(&bytes[..head.len()], head);
     let eof = bytes.iter().rposition(|b| *b == 0x06).unwrap();
@@ -108,13 +108,13 @@ fn part_and_full_golden_framing() {
     let part = buf.contents()[setup_len..].to_vec();
     #[rustfmt::skip]
     let head: &[u8] = &[
-        0x02, 0, 0, 0, 0,                            // PART section 0
+        0x02, 0, 0, 0, 1,                            // PART section 1
     ];
     assert_eq!(&part[..head.len()], head, "{part:02x?}");
     assert_eq!(
         &part[part.len() - 5..],
-        &[0x7e, 0, 0, 0, 0],
-        "footer of section 0"
+        &[0x7e, 0, 0, 0, 1],
+        "footer of section 1"
     );
 
     vm.save_devices(&mut f).unwrap();
@@ -122,11 +122,11 @@ fn part_and_full_golden_framing() {
     let all = buf.contents();
     let full = all
         .windows(5)
-        .position(|w| w == [0x04, 0, 0, 0, 1])
-        .expect("a FULL record for section 1");
+        .position(|w| w == [0x04, 0, 0, 0, 2])
+        .expect("a FULL record for section 2");
     #[rustfmt::skip]
     let golden: &[u8] = &[
-        0x04, 0, 0, 0, 1,                            // FULL section 1
+        0x04, 0, 0, 0, 2,                            // FULL section 2
         4, b'u', b'a', b'r', b't',                   // "uart"
         0, 0, 0, 0, 0, 0, 0, 1,                      // instance 0, version 1
     ];
@@ -256,7 +256,7 @@ fn footer_mismatch_names_the_section() {
     // The START footer (byte 50) is followed by the section id; corrupt its last byte.
     let e = patched(|b| b[54] = 9);
     assert!(
-        matches!(&e, Error::FooterMismatch { idstr, section_id: 0, found_id: Some(9), .. } if idstr == "words"),
+        matches!(&e, Error::FooterMismatch { idstr, section_id: 1, found_id: Some(9), .. } if idstr == "words"),
         "{e}"
     );
 }
@@ -332,7 +332,8 @@ fn registry_refuses_duplicates_and_long_names() {
             Box::new(UartSection(Default::default()))
         )
         .unwrap(),
-        1
+        2,
+        "ids count from 1, as QEMU's loader needs"
     );
     let long = "x".repeat(128);
     assert!(matches!(
