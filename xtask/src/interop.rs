@@ -30,7 +30,7 @@ use crate::bench::{Qemu, guest_image, qemu_start};
 use crate::certs::TestPki;
 
 /// QEMU's guest RAM here, MiB (the bench's 1 GiB guest).
-const QEMU_MIB: u64 = 1024;
+pub(crate) const QEMU_MIB: u64 = 1024;
 
 pub(crate) const PAGE: usize = 4096;
 /// The legacy VGA and BIOS area, which `pmemsave` reads as ROM and MMIO, not pc.ram.
@@ -169,14 +169,14 @@ pub(crate) fn differing_pages(sq: &mut Qmp, list: &RamList, dump: &Path) -> Resu
     Ok((differ, ram.used_length()))
 }
 
-/// RAM blocks named and sized as QEMU's (`info ramblock`).
-fn ram_like(q: &mut Qmp) -> Result<Arc<RamList>> {
+/// QEMU's RAM blocks (`info ramblock`): name and used length.
+pub(crate) fn qemu_blocks(q: &mut Qmp) -> Result<Vec<(String, u64)>> {
     let text = q.cmd(
         "human-monitor-command",
         json!({"command-line": "info ramblock"}),
     );
     let text = text.as_str().unwrap_or_default().to_string();
-    let list = Arc::new(RamList::new());
+    let mut blocks = Vec::new();
     // Rows: name, page size value and unit, offset, used, total.
     for line in text.lines().skip(1) {
         let cols: Vec<&str> = line.split_whitespace().collect();
@@ -185,11 +185,20 @@ fn ram_like(q: &mut Qmp) -> Result<Arc<RamList>> {
         };
         let used = u64::from_str_radix(used.trim_start_matches("0x"), 16)
             .with_context(|| format!("info ramblock: {line:?}"))?;
+        blocks.push((name.to_string(), used));
+    }
+    if !blocks.iter().any(|(n, _)| n == "pc.ram") {
+        bail!("info ramblock lists no pc.ram: {text}");
+    }
+    Ok(blocks)
+}
+
+/// RAM blocks named and sized as QEMU's, to load its migration into.
+fn ram_like(q: &mut Qmp) -> Result<Arc<RamList>> {
+    let list = Arc::new(RamList::new());
+    for (name, used) in qemu_blocks(q)? {
         let host = Arc::new(MmapRegion::<()>::new(used as usize)?);
         list.add(RamBlock::new(name, host, Box::new(()))?)?;
-    }
-    if list.find("pc.ram").is_none() {
-        bail!("info ramblock lists no pc.ram: {text}");
     }
     Ok(list)
 }

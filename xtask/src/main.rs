@@ -27,6 +27,7 @@ mod fuzz;
 mod handover;
 mod interop;
 mod interop_postcopy;
+mod interop_postcopy_to_qemu;
 mod live_update;
 mod memwatch;
 mod migrate_test;
@@ -335,7 +336,8 @@ fn outside_vmm() -> Result<()> {
 
 /// Every interop run with QEMU 7.2: its multifd source (plain, zstd) and its TLS source
 /// (0 and 2 channels) into our destination, its TLS destination's authz against the
-/// names vmm writes, and its post-copy source into our post-copy destination. `vmm`
+/// names vmm writes, its post-copy source into our post-copy destination, and our
+/// post-copy source into its post-copy destination. `vmm`
 /// writes the guest's disk image.
 fn interop_all(qemu: &Path, vmm: &Path) -> Result<()> {
     vmm_harness::set_vmm(vmm);
@@ -351,6 +353,7 @@ fn interop_all(qemu: &Path, vmm: &Path) -> Result<()> {
     }
     interop::authz_names_match_qemus(qemu, &work, &pki)?;
     interop_postcopy::run(qemu, &work)?;
+    interop_postcopy_to_qemu::run(qemu, &work)?;
     let _ = std::fs::remove_dir_all(&work);
     Ok(())
 }
