@@ -31,12 +31,13 @@
 
 use std::fmt;
 use std::io::{self, IoSlice, Read, Write};
-use std::net::{Shutdown, TcpStream};
-use std::os::fd::{AsFd, BorrowedFd};
+use std::net::TcpStream;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use rustls::client::danger::HandshakeSignatureValid;
 use rustls::pki_types::pem::PemObject;
@@ -392,11 +393,25 @@ enum Session {
     Server(StreamOwned<ServerConnection, Wire>),
 }
 
-/// A migration stream over TLS.
+/// A migration stream over TLS. [`Transport::try_clone`] gives a second handle on the
+/// same session, for a post-copy return path (one thread reads while another writes).
 pub struct TlsTransport {
-    session: Session,
+    shared: Arc<Shared>,
     uri: String,
     read_timeout: Option<Duration>,
+}
+
+/// The session the handles of one connection share.
+struct Shared {
+    // Lock: every use of the session, by each handle's thread. With one handle a read
+    // may wait for the socket under it; once there are two (`split`), it is held only
+    // while rustls works, never while waiting for the socket.
+    session: Mutex<Session>,
+    /// A second handle exists: the socket does not block, and each handle waits for it
+    /// with poll(2), outside the lock.
+    split: AtomicBool,
+    /// The socket, for poll(2), shutdown(2) and socket options from any thread.
+    fd: OwnedFd,
 }
 
 impl fmt::Debug for TlsTransport {
@@ -408,12 +423,151 @@ impl fmt::Debug for TlsTransport {
 }
 
 impl TlsTransport {
-    fn sock(&self) -> &Socket {
-        match &self.session {
-            Session::Client(s) => &s.sock.sock,
-            Session::Server(s) => &s.sock.sock,
+    fn session(&self) -> std::sync::MutexGuard<'_, Session> {
+        self.shared
+            .session
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn split(&self) -> bool {
+        self.shared.split.load(Ordering::Acquire)
+    }
+
+    /// A read of a shared session: what rustls has, else a wait for the socket.
+    fn read_split(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let deadline = self.read_timeout.map(|t| Instant::now() + t);
+        loop {
+            let ready = match &mut *self.session() {
+                Session::Client(s) => read_now(&mut s.conn, &mut s.sock, buf),
+                Session::Server(s) => read_now(&mut s.conn, &mut s.sock, buf),
+            };
+            if let Some(r) = ready {
+                return r;
+            }
+            let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+            if left == Some(Duration::ZERO)
+                || !wait_for(self.shared.fd.as_fd(), libc::POLLIN, left)?
+            {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
         }
     }
+
+    /// A write on a shared session: encrypted under the lock, sent as the socket takes it.
+    fn write_split(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        let n = match &mut *self.session() {
+            Session::Client(s) => s.conn.writer().write_vectored(bufs)?,
+            Session::Server(s) => s.conn.writer().write_vectored(bufs)?,
+        };
+        self.flush_split()?;
+        Ok(n)
+    }
+
+    /// Sends what the shared session has encrypted, waiting for the socket as needed.
+    fn flush_split(&mut self) -> io::Result<()> {
+        loop {
+            let sent = match &mut *self.session() {
+                Session::Client(s) => write_now(&mut s.conn, &mut s.sock),
+                Session::Server(s) => write_now(&mut s.conn, &mut s.sock),
+            }?;
+            if sent {
+                return Ok(());
+            }
+            wait_for(self.shared.fd.as_fd(), libc::POLLOUT, None)?;
+        }
+    }
+}
+
+/// Without waiting: plaintext if the session has some, else the ciphertext the socket
+/// has, processed. None: nothing yet, the socket must be waited for.
+fn read_now<S: rustls::SideData>(
+    conn: &mut rustls::ConnectionCommon<S>,
+    wire: &mut Wire,
+    buf: &mut [u8],
+) -> Option<io::Result<usize>> {
+    loop {
+        match conn.reader().read(buf) {
+            Ok(n) => return Some(Ok(n)),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            // A close without close_notify, as QEMU 7.2 ends its TLS streams.
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Some(Ok(0)),
+            Err(e) => return Some(Err(explain(e))),
+        }
+        match conn.read_tls(wire) {
+            Ok(_) => {
+                if let Err(e) = conn.process_new_packets() {
+                    return Some(Err(explain(io::Error::new(io::ErrorKind::InvalidData, e))));
+                }
+                // What the session must answer (an alert, a key update) goes if it can;
+                // the writer sends the rest.
+                let _ = write_now(conn, wire);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return None,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Some(Err(e)),
+        }
+    }
+}
+
+/// Sends what the session has encrypted, as far as the socket takes it without waiting;
+/// whether all went.
+fn write_now<S: rustls::SideData>(
+    conn: &mut rustls::ConnectionCommon<S>,
+    wire: &mut Wire,
+) -> io::Result<bool> {
+    while conn.wants_write() {
+        match conn.write_tls(wire) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(true)
+}
+
+/// Waits until `fd` is ready for `events` (or in error, or shut down) or `timeout`
+/// passed; whether it is ready.
+fn wait_for(
+    fd: BorrowedFd<'_>,
+    events: libc::c_short,
+    timeout: Option<Duration>,
+) -> io::Result<bool> {
+    let ms = timeout.map_or(-1, |t| {
+        t.as_millis().clamp(1, i32::MAX as u128) as libc::c_int
+    });
+    let mut p = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events,
+        revents: 0,
+    };
+    loop {
+        // SAFETY: `p` is one valid pollfd, alive for the call; the descriptor is borrowed.
+        let r = unsafe { libc::poll(&mut p, 1, ms) };
+        if r >= 0 {
+            return Ok(r > 0);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// Makes the socket `fd` non-blocking.
+fn set_nonblocking(fd: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: fcntl with F_GETFL/F_SETFL on a borrowed open descriptor touches no memory.
+    let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: as above.
+    if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Why a handshake failed, in words an operator can act on.
@@ -618,16 +772,26 @@ fn wrap(creds: &TlsCreds, sock: Socket, host: Option<&str>, uri: String) -> Resu
             Session::Server(StreamOwned::new(conn, sock))
         }
     };
-    let t = TlsTransport {
-        session,
-        uri,
-        read_timeout: None,
+    let sock = match &session {
+        Session::Client(s) => &s.sock.sock,
+        Session::Server(s) => &s.sock.sock,
     };
     // From here on reads wait as long as the transport's user says.
-    t.sock()
-        .set_read_timeout(None)
-        .map_err(|e| Error::open("clear the handshake timeout on", &t.uri, e))?;
-    Ok(t)
+    sock.set_read_timeout(None)
+        .map_err(|e| Error::open("clear the handshake timeout on", &uri, e))?;
+    let fd = sock
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(|e| Error::open("duplicate the descriptor of", &uri, e))?;
+    Ok(TlsTransport {
+        shared: Arc::new(Shared {
+            session: Mutex::new(session),
+            split: AtomicBool::new(false),
+            fd,
+        }),
+        uri,
+        read_timeout: None,
+    })
 }
 
 /// Connects to `uri` (`tcp:` or `unix:`) and completes a TLS handshake as a client,
@@ -699,7 +863,11 @@ fn server(creds: &TlsCreds, sock: Socket, uri: String) -> Result<Box<dyn Transpo
 
 impl Transport for TlsTransport {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let r = match &mut self.session {
+        if self.split() {
+            let r = self.read_split(buf);
+            return crate::transport::timed(r, self.read_timeout);
+        }
+        let r = match &mut *self.session() {
             Session::Client(s) => s.read(buf),
             Session::Server(s) => s.read(buf),
         };
@@ -714,9 +882,12 @@ impl Transport for TlsTransport {
     }
 
     fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        if self.split() {
+            return self.write_split(bufs).map_err(explain);
+        }
         // rustls encrypts into records of its own (the one copy TLS costs here); every
         // write is sent whole before returning.
-        match &mut self.session {
+        match &mut *self.session() {
             Session::Client(s) => send(&mut s.conn, &mut s.sock, bufs)
                 .map_err(|e| alert_in_flight(&mut s.conn, &s.sock).unwrap_or(explain(e))),
             Session::Server(s) => send(&mut s.conn, &mut s.sock, bufs)
@@ -725,28 +896,44 @@ impl Transport for TlsTransport {
     }
 
     fn shutdown_handle(&self) -> Option<ShutdownHandle> {
-        ShutdownHandle::for_socket(self.sock().as_fd())
+        ShutdownHandle::for_socket(self.shared.fd.as_fd())
     }
 
     fn finish(&mut self) -> io::Result<()> {
-        match &mut self.session {
-            Session::Client(s) => {
-                s.conn.send_close_notify();
-                s.flush()?;
+        if self.split() {
+            match &mut *self.session() {
+                Session::Client(s) => s.conn.send_close_notify(),
+                Session::Server(s) => s.conn.send_close_notify(),
             }
-            Session::Server(s) => {
-                s.conn.send_close_notify();
-                s.flush()?;
+            self.flush_split()?;
+        } else {
+            match &mut *self.session() {
+                Session::Client(s) => {
+                    s.conn.send_close_notify();
+                    s.flush()?;
+                }
+                Session::Server(s) => {
+                    s.conn.send_close_notify();
+                    s.flush()?;
+                }
             }
         }
-        match self.sock().shutdown(Shutdown::Write) {
-            Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),
-            r => r,
+        // SAFETY: shutdown(2) on the borrowed open socket touches no memory.
+        let r = unsafe { libc::shutdown(self.shared.fd.as_raw_fd(), libc::SHUT_WR) };
+        match (r, io::Error::last_os_error()) {
+            (0, _) => Ok(()),
+            (_, e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),
+            (_, e) => Err(e),
         }
     }
 
     fn set_read_timeout(&mut self, timeout: Option<Duration>) -> io::Result<()> {
-        self.sock().set_read_timeout(timeout)?;
+        if !self.split() {
+            match &*self.session() {
+                Session::Client(s) => s.sock.sock.set_read_timeout(timeout)?,
+                Session::Server(s) => s.sock.sock.set_read_timeout(timeout)?,
+            }
+        }
         self.read_timeout = timeout;
         Ok(())
     }
@@ -756,10 +943,23 @@ impl Transport for TlsTransport {
     }
 
     fn unsent_probe(&self) -> Option<UnsentProbe> {
-        UnsentProbe::for_socket(self.sock().as_fd())
+        UnsentProbe::for_socket(self.shared.fd.as_fd())
     }
 
     fn limit_receive_buffer(&self, bytes: usize) -> io::Result<()> {
-        crate::transport::set_receive_buffer(self.sock().as_fd(), bytes)
+        crate::transport::set_receive_buffer(self.shared.fd.as_fd(), bytes)
+    }
+
+    /// A second handle on the session: from now on neither handle waits for the socket
+    /// while it holds the session, so one thread may read while another writes.
+    fn try_clone(&self) -> io::Result<Box<dyn Transport>> {
+        if !self.shared.split.swap(true, Ordering::AcqRel) {
+            set_nonblocking(self.shared.fd.as_fd())?;
+        }
+        Ok(Box::new(TlsTransport {
+            shared: self.shared.clone(),
+            uri: self.uri.clone(),
+            read_timeout: None,
+        }))
     }
 }

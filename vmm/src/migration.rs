@@ -8,7 +8,7 @@ use std::time::{Instant, SystemTime};
 
 use anyhow::{Context, Result, anyhow, bail};
 use block_migration::{BlockMigration, BlockStats};
-use qemu_file::{Listener, MigrationUri, QemuFile, connect};
+use qemu_file::{Listener, MigrationUri, QemuFile, TlsCreds, connect};
 use ram_list::{
     MultifdCompression, MultifdReceiver, MultifdSender, PostcopyIncoming, RamSection, RamStats,
     RecvTarget,
@@ -138,19 +138,12 @@ fn connect_channels(
 
 /// Refuses post-copy where it cannot run: the destination's page requests need a
 /// return path read by a thread of its own.
-fn check_postcopy(uri: &MigrationUri, ram: &RamSettings, tls: bool) -> Result<()> {
+fn check_postcopy(uri: &MigrationUri, ram: &RamSettings) -> Result<()> {
     if !has_return_path(uri) {
         bail!(
             "postcopy-ram needs a tcp: or unix: URI (the destination asks for pages on the \
              return path), not {}",
             uri.scheme()
-        );
-    }
-    if tls {
-        bail!(
-            "postcopy-ram over TLS is not built yet: its return path is read by a thread of its \
-             own, which a TLS session does not allow here; migrate without tls-creds or turn \
-             postcopy-ram off"
         );
     }
     if ram.ignore_shared {
@@ -204,7 +197,7 @@ impl Outgoing {
         let (mut params, ram_settings) = (settings.migration, settings.ram);
         params.return_path = return_path && has_return_path(&uri);
         if params.postcopy {
-            check_postcopy(&uri, &ram_settings, tls.is_some())?;
+            check_postcopy(&uri, &ram_settings)?;
             // As QEMU: post-copy opens the return path whatever `return-path` says.
             params.return_path = true;
         }
@@ -554,23 +547,29 @@ pub struct PostcopyLinks {
 /// taken by the paused load.
 #[derive(Default)]
 pub struct Recovery {
-    // Lock: the listener, set by `migrate-recover` and taken by the incoming thread
-    // (`offered` wakes it), and whether that thread is accepting on one.
-    listener: Mutex<(Option<Listener>, bool)>,
+    // Lock: the listener with the TLS credentials its connection must pass (None: in
+    // the clear), set by `migrate-recover` and taken by the incoming thread (`offered`
+    // wakes it), and whether that thread is accepting on one.
+    listener: Mutex<(Option<Offered>, bool)>,
     offered: std::sync::Condvar,
 }
 
+/// A recovery's listener and the TLS credentials its connection must pass (None: in the
+/// clear).
+type Offered = (Listener, Option<TlsCreds>);
+
 impl Recovery {
-    /// Hands `l` to the paused load.
+    /// Hands `l` to the paused load, with the TLS credentials the source's connection
+    /// must pass (None: in the clear).
     ///
     /// # Errors
     /// QEMU's, when a listener waits already or is being accepted on.
-    pub fn offer(&self, l: Listener) -> Result<()> {
+    pub fn offer(&self, l: Listener, tls: Option<TlsCreds>) -> Result<()> {
         let mut slot = self.listener.lock().unwrap_or_else(|p| p.into_inner());
         if slot.0.is_some() || slot.1 {
             bail!("Migrate recovery is triggered already");
         }
-        slot.0 = Some(l);
+        slot.0 = Some((l, tls));
         self.offered.notify_all();
         Ok(())
     }
@@ -580,8 +579,8 @@ impl Recovery {
         self.listener.lock().unwrap_or_else(|p| p.into_inner()).1 = false;
     }
 
-    /// Waits for a listener; None once `abort` says so.
-    fn wait(&self, abort: &Abort) -> Option<Listener> {
+    /// Waits for a listener (and its TLS credentials); None once `abort` says so.
+    fn wait(&self, abort: &Abort) -> Option<Offered> {
         let mut slot = self.listener.lock().unwrap_or_else(|p| p.into_inner());
         loop {
             if abort.aborted() {
@@ -668,9 +667,13 @@ impl savevm::PostcopyHooks for DestinationHooks {
             .emit("postcopy-paused", json!({"error": why}));
         (self.links.status)(savevm::MigrationStatus::PostcopyPaused, Some(why));
         loop {
-            let listener = self.links.recovery.wait(&self.abort)?;
+            let (listener, tls) = self.links.recovery.wait(&self.abort)?;
             self.abort.set(listener.shutdown_handle());
-            let accepted = listener.accept();
+            // Over TLS the source proves who it is before a byte of the resume is read.
+            let accepted = match &tls {
+                Some(creds) => listener.accept_tls(creds),
+                None => listener.accept(),
+            };
             self.links.recovery.accepted();
             if self.abort.aborted() {
                 return None;

@@ -403,7 +403,8 @@ impl Session {
     /// `uri` (where the destination's `migrate-recover` listens).
     ///
     /// # Errors
-    /// QEMU's when no post-copy is paused; TLS (not built for post-copy); the connection.
+    /// QEMU's when no post-copy is paused; the TLS parameters; the connection (over TLS,
+    /// its handshake).
     pub fn migrate_resume(&self, uri: MigrationUri) -> Result<()> {
         let out = lock(&self.outgoing);
         let Some(o) = out.as_ref() else {
@@ -412,10 +413,11 @@ impl Session {
         if o.ctl.info().status != MigrationStatus::PostcopyPaused {
             bail!("Cannot resume if there is no paused migration");
         }
-        if !self.tls_params().creds.is_empty() {
-            bail!("post-copy over TLS is not built yet");
-        }
-        let f = qemu_file::QemuFile::new(qemu_file::connect(&uri)?);
+        let transport = match self.tls(qemu_file::TlsEndpoint::Client)? {
+            Some(t) => qemu_file::connect_tls(&uri, &t.creds, t.hostname.as_deref())?,
+            None => qemu_file::connect(&uri)?,
+        };
+        let f = qemu_file::QemuFile::new(transport);
         o.ctl.resume_postcopy(f).map_err(anyhow::Error::msg)?;
         self.machine
             .events
@@ -426,9 +428,12 @@ impl Session {
     /// `migrate-recover`: a destination whose post-copy is paused listens on `uri` for
     /// the source's resume. Returns the bound address.
     ///
+    /// Over TLS (`tls-creds` set, as for `migrate-incoming`) the source's new connection
+    /// completes its handshake before a byte of it is read.
+    ///
     /// # Errors
-    /// QEMU's when no post-copy is paused here, or one recovery waits already; `uri`
-    /// cannot be bound.
+    /// QEMU's when no post-copy is paused here, or one recovery waits already; the TLS
+    /// parameters; `uri` cannot be bound.
     pub fn migrate_recover(&self, uri: MigrationUri) -> Result<MigrationUri> {
         let slot = lock(&self.incoming);
         let Some(i) = slot
@@ -437,9 +442,10 @@ impl Session {
         else {
             bail!("Migrate recover can only be run when postcopy is paused.");
         };
+        let tls = self.tls(qemu_file::TlsEndpoint::Server)?.map(|t| t.creds);
         let l = qemu_file::Listener::bind(&uri)?;
         let local = l.local_uri();
-        i.recovery.offer(l)?;
+        i.recovery.offer(l, tls)?;
         self.machine
             .events
             .emit("migrate-recover", json!({"uri": local.to_string()}));

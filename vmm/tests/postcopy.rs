@@ -5,13 +5,15 @@
 //! pages (never reading them as zeros) in `postcopy-paused`, and a cut recovers over a
 //! new connection (`migrate-recover`, `migrate` with `resume`); a killed destination
 //! leaves the source its whole copy, which `cont` runs once the post-copy is given up.
+//! Over TLS too, the recovery's new connection included.
 
 mod common;
 
 use std::time::Duration;
 
 use common::postcopy::{
-    Failure, GUEST, SMALL, fail_after_switch, migrate_in_postcopy, recover_after_cut,
+    Failure, GUEST, SMALL, fail_after_switch, migrate_in_postcopy, migrate_in_postcopy_over_tls,
+    recover_after_cut,
 };
 
 #[test]
@@ -65,7 +67,17 @@ fn a_killed_destination_after_the_switch_leaves_the_source_whole() {
 fn a_cut_connection_is_recovered_over_a_new_one_and_the_guest_arrives_whole() {
     common::init();
     for after in WHEN {
-        let s = recover_after_cut(after);
+        let s = recover_after_cut(after, false);
         assert!(s.bytes > 0, "{s:?}");
     }
+}
+
+#[test]
+fn post_copy_over_tls_completes_and_recovers_over_tls() {
+    common::init();
+    // The return path is read (source) and written (destination) by a thread of its
+    // own on the one TLS session.
+    migrate_in_postcopy_over_tls("postcopy-tls", SMALL, 128 << 20);
+    let s = recover_after_cut(Duration::from_millis(500), true);
+    assert!(s.bytes > 0, "{s:?}");
 }

@@ -101,8 +101,8 @@ enum Case {
     Postcopy(bool),
     /// A failure after the switch to post-copy, at the switch or into it.
     PostcopyFailure(vmm_harness::postcopy::Failure, Duration),
-    /// A connection cut after the switch, recovered over a new one.
-    PostcopyRecover(Duration),
+    /// A connection cut after the switch, recovered over a new one; over TLS or not.
+    PostcopyRecover(Duration, bool),
 }
 
 impl Case {
@@ -137,8 +137,9 @@ impl Case {
                 f.name(),
                 after.as_millis()
             ),
-            Case::PostcopyRecover(after) => format!(
-                "post-copy: cut {} ms after the switch, recovered",
+            Case::PostcopyRecover(after, tls) => format!(
+                "post-copy{}: cut {} ms after the switch, recovered",
+                if *tls { " over TLS" } else { "" },
                 after.as_millis()
             ),
         }
@@ -212,8 +213,9 @@ fn cases(quick: bool) -> Vec<Case> {
             }
         }
         for &ms in when {
-            v.push(Case::PostcopyRecover(Duration::from_millis(ms)));
+            v.push(Case::PostcopyRecover(Duration::from_millis(ms), false));
         }
+        v.push(Case::PostcopyRecover(Duration::from_millis(500), true));
     }
     if quick {
         v.extend([
@@ -524,8 +526,8 @@ fn run_case(case: &Case) -> Result<Measured> {
             vmm_harness::postcopy::fail_after_switch(*f, *after);
             Ok(Measured::default())
         }
-        Case::PostcopyRecover(after) => {
-            let s = vmm_harness::postcopy::recover_after_cut(*after);
+        Case::PostcopyRecover(after, tls) => {
+            let s = vmm_harness::postcopy::recover_after_cut(*after, *tls);
             Ok(Measured {
                 total_ms: Some(s.total_ms),
                 downtime_ms: None,

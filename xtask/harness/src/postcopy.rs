@@ -98,18 +98,86 @@ pub struct Switched {
     pub requests: u64,
 }
 
+/// The arguments that make a migration go over TLS: credentials of one CA for each
+/// side (written under `dir`), the source checking the destination's certificate for
+/// 127.0.0.1 whatever the URI.
+#[derive(Debug, Clone)]
+pub struct TlsArgs {
+    /// The source's.
+    pub src: Vec<String>,
+    /// The destination's.
+    pub dst: Vec<String>,
+}
+
+impl TlsArgs {
+    /// New credentials under `dir`.
+    pub fn new(dir: &Path) -> Self {
+        let ca = crate::test_ca::TestCa::new("post-copy CA");
+        let (server, client) = ca.write_pair(&dir.join("pki")).expect("credentials");
+        let object = |d: &Path, endpoint: &str| {
+            format!(
+                "tls-creds-x509,id=tls0,dir={},endpoint={endpoint},verify-peer=on",
+                d.display()
+            )
+        };
+        let args = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        TlsArgs {
+            src: args(&[
+                "--object",
+                &object(&client, "client"),
+                "--tls-creds",
+                "tls0",
+                "--tls-hostname",
+                "127.0.0.1",
+            ]),
+            dst: args(&[
+                "--object",
+                &object(&server, "server"),
+                "--tls-creds",
+                "tls0",
+            ]),
+        }
+    }
+}
+
+fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
 /// Migrates a guest that never converges under a 50 MB/s cap: `migrate-start-postcopy`
 /// after a whole pass over its range (`range` bytes), as orchestrators do; checks RAM
 /// equal at the switch and the guest going on at the destination without a stale page.
 /// `extra` goes to both sides. Panics on a broken expectation.
 pub fn migrate_in_postcopy(name: &str, guest: &[&str], range: u64, extra: &[&str]) -> Switched {
+    migrate_in_postcopy_with(name, guest, range, extra, false)
+}
+
+/// As [`migrate_in_postcopy`] over TLS.
+pub fn migrate_in_postcopy_over_tls(name: &str, guest: &[&str], range: u64) -> Switched {
+    migrate_in_postcopy_with(name, guest, range, &[], true)
+}
+
+fn migrate_in_postcopy_with(
+    name: &str,
+    guest: &[&str],
+    range: u64,
+    extra: &[&str],
+    tls: bool,
+) -> Switched {
     let dir = scratch(name);
+    let tls = tls.then(|| TlsArgs::new(&dir));
+    let (src_tls, dst_tls) = match &tls {
+        Some(t) => (strs(&t.src), strs(&t.dst)),
+        None => (Vec::new(), Vec::new()),
+    };
+    let (src_extra, dst_extra) = ([extra, &src_tls].concat(), [extra, &dst_tls].concat());
+    let (src_extra, dst_extra) = (&src_extra[..], &dst_extra[..]);
     let cap = ["--max-bandwidth", "50M"];
-    let (mut src, mut q) = source(&dir, guest, &[&cap[..], extra].concat());
+    let (mut src, mut q) = source(&dir, guest, &[&cap[..], src_extra].concat());
     let (mut dst, mut dq, uri) = destination(
         &dir,
         guest,
-        &[&["--verify", "--exit-after", "1"][..], extra].concat(),
+        &[&["--verify", "--exit-after", "1"][..], dst_extra].concat(),
     );
     q.cmd("migrate", json!({"uri": uri}));
     // After a whole pass over the workload's range, as orchestrators do.
@@ -186,9 +254,18 @@ struct Switching {
 
 /// Migrates the small guest through a proxy, switched at once, post-copy's background
 /// paced at 20 MB/s so that it lasts; returns `after` the destination says
-/// postcopy-active. `dst_extra` goes to the destination.
-fn switch_through_proxy(dir: &Path, dst_extra: &[&str], after: Duration) -> Switching {
-    let (src, mut q) = source(dir, SMALL, &["--max-postcopy-bandwidth", "20M"]);
+/// postcopy-active. `src_extra` goes to the source, `dst_extra` to the destination.
+fn switch_through_proxy(
+    dir: &Path,
+    src_extra: &[&str],
+    dst_extra: &[&str],
+    after: Duration,
+) -> Switching {
+    let (src, mut q) = source(
+        dir,
+        SMALL,
+        &[&["--max-postcopy-bandwidth", "20M"][..], src_extra].concat(),
+    );
     let (dst, mut dq, uri) = destination(dir, SMALL, dst_extra);
     let proxy = FaultProxy::start(
         &dir.join("proxy.sock"),
@@ -245,7 +322,7 @@ pub fn fail_after_switch(failure: Failure, after: Duration) {
         mut dst,
         mut dq,
         proxy,
-    } = switch_through_proxy(&dir, &[], after);
+    } = switch_through_proxy(&dir, &[], &[], after);
     match failure {
         Failure::Cut => proxy.cut(),
         Failure::KillSource => {
@@ -323,16 +400,28 @@ pub fn fail_after_switch(failure: Failure, after: Duration) {
 /// listens with `migrate-recover`, the source connects with `migrate` and `resume: true`;
 /// the migration completes with RAM equal at the switch (both sides hash it; the
 /// destination's hash waited through the pause for pages) and the guest going on at the
-/// destination without a stale page. Panics on a broken expectation.
-pub fn recover_after_cut(after: Duration) -> Switched {
-    let dir = scratch(&format!("postcopy-recover-{}", after.as_millis()));
+/// destination without a stale page. With `tls`, every connection goes over TLS, the
+/// new one too. Panics on a broken expectation.
+pub fn recover_after_cut(after: Duration, tls: bool) -> Switched {
+    let tag = if tls { "-tls" } else { "" };
+    let dir = scratch(&format!("postcopy-recover{tag}-{}", after.as_millis()));
+    let tls = tls.then(|| TlsArgs::new(&dir));
+    let (src_tls, dst_tls) = match &tls {
+        Some(t) => (strs(&t.src), strs(&t.dst)),
+        None => (Vec::new(), Vec::new()),
+    };
     let Switching {
         mut src,
         mut q,
         mut dst,
         mut dq,
         proxy,
-    } = switch_through_proxy(&dir, &["--verify", "--exit-after", "1"], after);
+    } = switch_through_proxy(
+        &dir,
+        &src_tls,
+        &[&["--verify", "--exit-after", "1"][..], &dst_tls].concat(),
+        after,
+    );
     proxy.cut();
     let m = follow(&mut q);
     assert_eq!(m["status"], "postcopy-paused", "{m}");
