@@ -141,7 +141,12 @@ impl SaveVm {
             return Err(self.missing(i, progress[i] == Progress::Started));
         }
         // The source appends the JSON description after EOF; read it so that a socket is
-        // drained, and stop there (the source may wait for our answer).
+        // drained, and stop there (the source may wait for our answer). After post-copy
+        // none comes (as from QEMU), and the source waits for SHUT before it ends the
+        // stream: nothing more is read.
+        if postcopy.running {
+            return Ok((records, None));
+        }
         let description = match f.try_get_u8()? {
             None => None,
             Some(QEMU_VM_VMDESCRIPTION) => {

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
-use qemu_file::{Listener, MigrationUri, QemuFile};
+use qemu_file::{Listener, MigrationUri, QemuFile, TlsCreds, TlsEndpoint};
 use ram_list::{PostcopyIncoming, RamList, RamSection, RamStats};
 use savevm::SectionHandler;
 use savevm::format::{
@@ -30,20 +30,34 @@ use savevm::postcopy::{
 use savevm::return_path::ReturnPath;
 use serde_json::json;
 
+use crate::certs::TestPki;
 use crate::interop::{PAGE, differing_pages, qemu_fill_source};
 
 /// Migrates QEMU's guest into our post-copy destination and compares pc.ram.
 ///
 /// # Errors
 /// QEMU or ours fails, or the memories differ.
-pub fn run(qemu: &Path, work: &Path) -> Result<()> {
+pub fn run(qemu: &Path, work: &Path, tls: Option<&TestPki>) -> Result<()> {
     let (_src, mut sq, list) = qemu_fill_source(qemu, work, "postcopy-src", "512M")?;
+    let creds = match tls {
+        Some(pki) => {
+            // QEMU's source with its own tls-creds-x509; ours checks its certificate.
+            sq.cmd(
+                "object-add",
+                json!({"qom-type": "tls-creds-x509", "id": "tls0",
+                       "dir": pki.client.display().to_string(), "endpoint": "client"}),
+            );
+            sq.cmd("migrate-set-parameters", json!({"tls-creds": "tls0"}));
+            Some(TlsCreds::load(&pki.server, TlsEndpoint::Server, true)?)
+        }
+        None => None,
+    };
     let listener = Listener::bind(&MigrationUri::parse("tcp:127.0.0.1:0")?)?;
     let uri = listener.local_uri().to_string();
     let incoming = Arc::new(PostcopyIncoming::new());
     let loader = {
         let (list, incoming) = (list.clone(), incoming.clone());
-        std::thread::spawn(move || load(listener, list, incoming))
+        std::thread::spawn(move || load(listener, creds, list, incoming))
     };
     sq.cmd(
         "migrate-set-capabilities",
@@ -75,9 +89,10 @@ pub fn run(qemu: &Path, work: &Path) -> Result<()> {
     let (differ, len) = differing_pages(&mut sq, &list, &work.join("postcopy-src-ram.bin"))?;
     let w = incoming.info().waits;
     println!(
-        "interop: QEMU post-copy -> ours: QEMU counted {} requests and {} bytes after the switch; \
-         our reader's faults: {} asked, {} served (p50 {} us, p99 {} us); pc.ram pages differing \
-         from QEMU's memory: {differ}",
+        "interop: QEMU post-copy -> ours{}: QEMU counted {} requests and {} bytes after the \
+         switch; our reader's faults: {} asked, {} served (p50 {} us, p99 {} us); pc.ram pages \
+         differing from QEMU's memory: {differ}",
+        if tls.is_some() { " over TLS" } else { "" },
         end["ram"]["postcopy-requests"],
         end["ram"]["postcopy-bytes"],
         w.requests,
@@ -97,8 +112,16 @@ pub fn run(qemu: &Path, work: &Path) -> Result<()> {
 
 /// Accepts QEMU's stream and loads its RAM in post-copy; returns how many bytes of
 /// pc.ram the reader thread read while pages arrived.
-fn load(listener: Listener, list: Arc<RamList>, incoming: Arc<PostcopyIncoming>) -> Result<usize> {
-    let mut f = QemuFile::new(listener.accept()?);
+fn load(
+    listener: Listener,
+    tls: Option<TlsCreds>,
+    list: Arc<RamList>,
+    incoming: Arc<PostcopyIncoming>,
+) -> Result<usize> {
+    let mut f = QemuFile::new(match &tls {
+        Some(creds) => listener.accept_tls(creds)?,
+        None => listener.accept()?,
+    });
     let mut ram =
         RamSection::new(list.clone(), Arc::new(RamStats::default())).with_postcopy(incoming);
     ram.load_setup().map_err(|e| anyhow!("{e}"))?;

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use dirty_bitmap::VmmWriteLog;
-use qemu_file::{MigrationUri, QemuFile, connect};
+use qemu_file::{MigrationUri, QemuFile, TlsCreds, TlsEndpoint, connect, connect_tls};
 use ram_list::{PostcopyIncoming, RamBlock, RamList, RamSection, RamStats, RegionBacking};
 use savevm::{
     MigrationControl, MigrationParams, MigrationStatus, SaveVm, SectionError, VmControl,
@@ -29,6 +29,7 @@ use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, MmapRegion};
 
 use crate::bench::{guest_image, qemu_start};
+use crate::certs::TestPki;
 use crate::interop::{PAGE, QEMU_MIB, differing_pages, qemu_blocks};
 
 type Memory = GuestMemoryMmap<AtomicBitmap>;
@@ -136,7 +137,7 @@ fn qemu_reads(q: &mut vmm_harness::Qmp, a: u64) -> Result<u64> {
 ///
 /// # Errors
 /// QEMU or ours fails, a value QEMU read is not ours, or the memories differ.
-pub fn run(qemu: &Path, work: &Path) -> Result<()> {
+pub fn run(qemu: &Path, work: &Path, tls: Option<&TestPki>) -> Result<()> {
     std::fs::create_dir_all(work)?;
     let image = guest_image(work, "fill", "64M", 0, None)?;
     let args: Vec<String> = ["-incoming", "defer", "-S"].map(String::from).to_vec();
@@ -145,6 +146,15 @@ pub fn run(qemu: &Path, work: &Path) -> Result<()> {
         "migrate-set-capabilities",
         json!({"capabilities": [{"capability": "postcopy-ram", "state": true}]}),
     );
+    if let Some(pki) = tls {
+        // QEMU's destination with its own tls-creds-x509, checking ours.
+        dq.cmd(
+            "object-add",
+            json!({"qom-type": "tls-creds-x509", "id": "tls0", "endpoint": "server",
+                   "dir": pki.server.display().to_string(), "verify-peer": true}),
+        );
+        dq.cmd("migrate-set-parameters", json!({"tls-creds": "tls0"}));
+    }
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
@@ -172,7 +182,14 @@ pub fn run(qemu: &Path, work: &Path) -> Result<()> {
         let (mem, vm, quit) = (mem.clone(), vm.clone(), quit.clone());
         std::thread::spawn(move || write_until_stopped(mem, vm, len, quit))
     };
-    let transport = connect(&MigrationUri::parse(&uri)?)?;
+    let target = MigrationUri::parse(&uri)?;
+    let transport = match tls {
+        Some(pki) => {
+            let creds = TlsCreds::load(&pki.client, TlsEndpoint::Client, true)?;
+            connect_tls(&target, &creds, None)?
+        }
+        None => connect(&target)?,
+    };
     let mut f = QemuFile::new(transport);
     let migration = {
         let (ctl, vm) = (ctl.clone(), vm.clone());
@@ -210,6 +227,15 @@ pub fn run(qemu: &Path, work: &Path) -> Result<()> {
         }
         read.fetch_add(1, Ordering::Relaxed);
     }
+    // A post-copy that breaks pauses, waiting for a resume: none comes here.
+    while !migration.is_finished() {
+        let i = ctl.info();
+        if i.status == MigrationStatus::PostcopyPaused {
+            ctl.cancel();
+            bail!("our post-copy into QEMU paused: {:?}", i.error);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let info = migration
         .join()
         .map_err(|_| anyhow!("our migration thread panicked"))?
@@ -226,10 +252,11 @@ pub fn run(qemu: &Path, work: &Path) -> Result<()> {
     };
     let (differ, _) = differing_pages(&mut dq, &list, &work.join("postcopy-dst-ram.bin"))?;
     println!(
-        "interop: ours post-copy -> QEMU: {} requests from QEMU served, {} bytes after the \
+        "interop: ours post-copy -> QEMU{}: {} requests from QEMU served, {} bytes after the \
          switch, {writes} writes during pre-copy, QEMU's monitor read {} values during \
          post-copy, all ours; QEMU's status {status}; pc.ram pages differing from ours: \
          {differ}",
+        if tls.is_some() { " over TLS" } else { "" },
         info.postcopy_requests,
         info.postcopy_bytes,
         read.load(Ordering::Relaxed),

@@ -337,7 +337,7 @@ fn outside_vmm() -> Result<()> {
 /// Every interop run with QEMU 7.2: its multifd source (plain, zstd) and its TLS source
 /// (0 and 2 channels) into our destination, its TLS destination's authz against the
 /// names vmm writes, its post-copy source into our post-copy destination, and our
-/// post-copy source into its post-copy destination. `vmm`
+/// post-copy source into its post-copy destination, in the clear and over TLS. `vmm`
 /// writes the guest's disk image.
 fn interop_all(qemu: &Path, vmm: &Path) -> Result<()> {
     vmm_harness::set_vmm(vmm);
@@ -352,8 +352,10 @@ fn interop_all(qemu: &Path, vmm: &Path) -> Result<()> {
         interop::run(qemu, &work, channels, zstd, tls)?;
     }
     interop::authz_names_match_qemus(qemu, &work, &pki)?;
-    interop_postcopy::run(qemu, &work)?;
-    interop_postcopy_to_qemu::run(qemu, &work)?;
+    for tls in [None, Some(&pki)] {
+        interop_postcopy::run(qemu, &work, tls)?;
+        interop_postcopy_to_qemu::run(qemu, &work, tls)?;
+    }
     let _ = std::fs::remove_dir_all(&work);
     Ok(())
 }
