@@ -55,14 +55,7 @@ pub fn run(
     let stats = Arc::new(RamStats::default());
     let creds = match tls {
         Some(pki) => {
-            // QEMU's source, with its own tls-creds-x509 over the same directory layout.
-            sq.cmd(
-                "object-add",
-                json!({"qom-type": "tls-creds-x509", "id": "tls0",
-                       "dir": pki.client.display().to_string(), "endpoint": "client"}),
-            );
-            sq.cmd("migrate-set-parameters", json!({"tls-creds": "tls0"}));
-            let creds = TlsCreds::load(&pki.server, TlsEndpoint::Server, true)?;
+            let creds = qemu_source_tls(&mut sq, pki)?;
             Some(creds.with_authz(Authz::simple("auth0", &pki.client_name))?)
         }
         None => None,
@@ -124,6 +117,18 @@ pub fn run(
         bail!("our load of QEMU's migration differs from QEMU's memory");
     }
     Ok(())
+}
+
+/// Makes QEMU's source (`sq`) migrate over TLS with its own tls-creds-x509 from `pki`'s
+/// client directory; returns the server credentials our side checks it with.
+pub(crate) fn qemu_source_tls(sq: &mut Qmp, pki: &TestPki) -> Result<TlsCreds> {
+    sq.cmd(
+        "object-add",
+        json!({"qom-type": "tls-creds-x509", "id": "tls0",
+               "dir": pki.client.display().to_string(), "endpoint": "client"}),
+    );
+    sq.cmd("migrate-set-parameters", json!({"tls-creds": "tls0"}));
+    Ok(TlsCreds::load(&pki.server, TlsEndpoint::Server, true)?)
 }
 
 /// QEMU running the built-in guest's fill of `range`, once it finished, and RAM blocks

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
-use qemu_file::{Listener, MigrationUri, QemuFile, TlsCreds, TlsEndpoint};
+use qemu_file::{Listener, MigrationUri, QemuFile, TlsCreds};
 use ram_list::{PostcopyIncoming, RamList, RamSection, RamStats};
 use savevm::SectionHandler;
 use savevm::format::{
@@ -31,7 +31,7 @@ use savevm::return_path::ReturnPath;
 use serde_json::json;
 
 use crate::certs::TestPki;
-use crate::interop::{PAGE, differing_pages, qemu_fill_source};
+use crate::interop::{PAGE, differing_pages, qemu_fill_source, qemu_source_tls};
 
 /// Migrates QEMU's guest into our post-copy destination and compares pc.ram.
 ///
@@ -39,19 +39,7 @@ use crate::interop::{PAGE, differing_pages, qemu_fill_source};
 /// QEMU or ours fails, or the memories differ.
 pub fn run(qemu: &Path, work: &Path, tls: Option<&TestPki>) -> Result<()> {
     let (_src, mut sq, list) = qemu_fill_source(qemu, work, "postcopy-src", "512M")?;
-    let creds = match tls {
-        Some(pki) => {
-            // QEMU's source with its own tls-creds-x509; ours checks its certificate.
-            sq.cmd(
-                "object-add",
-                json!({"qom-type": "tls-creds-x509", "id": "tls0",
-                       "dir": pki.client.display().to_string(), "endpoint": "client"}),
-            );
-            sq.cmd("migrate-set-parameters", json!({"tls-creds": "tls0"}));
-            Some(TlsCreds::load(&pki.server, TlsEndpoint::Server, true)?)
-        }
-        None => None,
-    };
+    let creds = tls.map(|pki| qemu_source_tls(&mut sq, pki)).transpose()?;
     let listener = Listener::bind(&MigrationUri::parse("tcp:127.0.0.1:0")?)?;
     let uri = listener.local_uri().to_string();
     let incoming = Arc::new(PostcopyIncoming::new());
