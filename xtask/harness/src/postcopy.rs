@@ -140,6 +140,19 @@ impl TlsArgs {
     }
 }
 
+impl TlsArgs {
+    /// New credentials under `dir` if `on`; otherwise no arguments (in the clear).
+    fn when(on: bool, dir: &Path) -> Self {
+        match on {
+            true => TlsArgs::new(dir),
+            false => TlsArgs {
+                src: Vec::new(),
+                dst: Vec::new(),
+            },
+        }
+    }
+}
+
 fn strs(v: &[String]) -> Vec<&str> {
     v.iter().map(String::as_str).collect()
 }
@@ -165,11 +178,8 @@ fn migrate_in_postcopy_with(
     tls: bool,
 ) -> Switched {
     let dir = scratch(name);
-    let tls = tls.then(|| TlsArgs::new(&dir));
-    let (src_tls, dst_tls) = match &tls {
-        Some(t) => (strs(&t.src), strs(&t.dst)),
-        None => (Vec::new(), Vec::new()),
-    };
+    let tls = TlsArgs::when(tls, &dir);
+    let (src_tls, dst_tls) = (strs(&tls.src), strs(&tls.dst));
     let (src_extra, dst_extra) = ([extra, &src_tls].concat(), [extra, &dst_tls].concat());
     let (src_extra, dst_extra) = (&src_extra[..], &dst_extra[..]);
     let cap = ["--max-bandwidth", "50M"];
@@ -405,11 +415,8 @@ pub fn fail_after_switch(failure: Failure, after: Duration) {
 pub fn recover_after_cut(after: Duration, tls: bool) -> Switched {
     let tag = if tls { "-tls" } else { "" };
     let dir = scratch(&format!("postcopy-recover{tag}-{}", after.as_millis()));
-    let tls = tls.then(|| TlsArgs::new(&dir));
-    let (src_tls, dst_tls) = match &tls {
-        Some(t) => (strs(&t.src), strs(&t.dst)),
-        None => (Vec::new(), Vec::new()),
-    };
+    let tls = TlsArgs::when(tls, &dir);
+    let (src_tls, dst_tls) = (strs(&tls.src), strs(&tls.dst));
     let Switching {
         mut src,
         mut q,
