@@ -3,7 +3,7 @@
 use std::fs::{self, OpenOptions};
 use std::io;
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
-use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::process::CommandExt;
@@ -257,6 +257,76 @@ impl Listener {
         }
     }
 
+    /// Waits for `count` connections (`tcp:` and `unix:` only) and stops listening,
+    /// telling them apart by the order in which they come, each over TLS with `tls` (a
+    /// server's credentials), its handshake complete before the next is accepted. QEMU
+    /// 7.2's post-copy preempt works so: the main stream, then a connection that opens
+    /// with nothing of its own. A connection after the first that does not come within
+    /// `then` is an error (a source that does not open as many).
+    ///
+    /// # Errors
+    /// As [`Listener::accept`] and [`Listener::accept_tls`]; a URI other than `tcp:` or
+    /// `unix:`; a connection that does not come in time.
+    pub fn accept_in_order(
+        self,
+        count: usize,
+        tls: Option<&crate::TlsCreds>,
+        then: std::time::Duration,
+    ) -> Result<Vec<Box<dyn Transport>>> {
+        let text = self.uri.to_string();
+        let mut out: Vec<Box<dyn Transport>> = Vec::with_capacity(count);
+        for i in 0..count {
+            if i > 0 {
+                let fd = match &self.kind {
+                    ListenerKind::Tcp(l) => l.as_raw_fd(),
+                    ListenerKind::Unix(l, _) => l.as_raw_fd(),
+                    ListenerKind::Ready(_) => -1,
+                };
+                if fd >= 0 && !readable_within(fd, then) {
+                    return Err(Error::open(
+                        "accept on",
+                        &text,
+                        io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            format!(
+                                "{i} connection(s) came and connection {} did not within {} ms: \
+                                 does the source open as many (postcopy-preempt on both sides)?",
+                                i + 1,
+                                then.as_millis()
+                            ),
+                        ),
+                    ));
+                }
+            }
+            let t: Box<dyn Transport> = match &self.kind {
+                ListenerKind::Tcp(l) => {
+                    let (s, peer) = l.accept().map_err(|e| Error::open("accept on", &text, e))?;
+                    let name = format!("{text} (from {peer})");
+                    match tls {
+                        Some(c) => crate::tls::accept_tcp(c, s, name)?,
+                        None => Box::new(TcpTransport::new(s, name)),
+                    }
+                }
+                ListenerKind::Unix(l, _) => {
+                    let (s, _) = l.accept().map_err(|e| Error::open("accept on", &text, e))?;
+                    match tls {
+                        Some(c) => crate::tls::accept_unix(c, s, text.clone())?,
+                        None => Box::new(UnixTransport::new(s, text.clone())),
+                    }
+                }
+                ListenerKind::Ready(_) => {
+                    return Err(Error::open(
+                        "accept on",
+                        &text,
+                        io::Error::other(format!("{count} connections need a tcp: or unix: URI")),
+                    ));
+                }
+            };
+            out.push(t);
+        }
+        Ok(out)
+    }
+
     /// Waits for a main stream and `channels` multifd channels (`tcp:` and `unix:` only),
     /// in any order: a connection whose first bytes are "QEVM" is the main stream, any
     /// other a channel (its opening message is checked by whoever reads it). With 0
@@ -401,5 +471,28 @@ fn remove_stale_socket(path: &Path) -> io::Result<()> {
         )),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(e),
+    }
+}
+
+/// Whether a listening socket has a connection to accept within `timeout` (or was shut
+/// down: the accept then says so).
+fn readable_within(fd: RawFd, timeout: std::time::Duration) -> bool {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let mut p = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = left.as_millis().min(i32::MAX as u128) as i32;
+        // SAFETY: one pollfd, valid for the call; the descriptor is the listener's, open.
+        let r = unsafe { libc::poll(&mut p, 1, ms) };
+        if r > 0 {
+            return true;
+        }
+        if r == 0 || io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
+            return r != 0;
+        }
     }
 }

@@ -284,3 +284,45 @@ fn chain(e: &dyn std::error::Error) -> String {
     }
     s
 }
+
+#[test]
+fn connections_told_apart_by_order_come_back_in_that_order() {
+    // QEMU 7.2's post-copy preempt: the main stream, then a connection that opens with
+    // nothing of its own.
+    for uri in [
+        "tcp:127.0.0.1:0".to_string(),
+        format!("unix:{}/o.sock", tempdir().display()),
+    ] {
+        let listener = Listener::bind(&MigrationUri::parse(&uri).unwrap()).unwrap();
+        let target = listener.local_uri();
+        let rx = thread::spawn(move || {
+            listener.accept_in_order(2, None, std::time::Duration::from_secs(10))
+        });
+        let mut first = QemuFile::new(connect(&target).unwrap());
+        let mut second = QemuFile::new(connect(&target).unwrap());
+        second.put_be32(2);
+        second.flush().unwrap();
+        first.put_be32(1);
+        first.flush().unwrap();
+        let got = rx.join().unwrap().unwrap();
+        let values: Vec<u32> = got
+            .into_iter()
+            .map(|t| QemuFile::new(t).get_be32().unwrap())
+            .collect();
+        assert_eq!(values, [1, 2], "{uri}");
+    }
+}
+
+#[test]
+fn a_second_connection_that_never_comes_is_an_error_in_time() {
+    let listener = Listener::bind(&MigrationUri::parse("tcp:127.0.0.1:0").unwrap()).unwrap();
+    let target = listener.local_uri();
+    let _only = connect(&target).unwrap();
+    let t = std::time::Instant::now();
+    let e = listener
+        .accept_in_order(2, None, std::time::Duration::from_millis(200))
+        .map(|_| ())
+        .unwrap_err();
+    assert!(t.elapsed() < std::time::Duration::from_secs(5));
+    assert!(chain(&e).contains("did not within 200 ms"), "{}", chain(&e));
+}
