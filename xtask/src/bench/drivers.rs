@@ -109,6 +109,12 @@ pub(super) fn follow(
     }
 }
 
+/// The post-copy capabilities of a scenario, for either side of either VMM.
+fn postcopy_caps(s: &Scenario) -> Value {
+    json!({"capabilities": [{"capability": "postcopy-ram", "state": true},
+                            {"capability": "postcopy-preempt", "state": s.preempt}]})
+}
+
 /// Our migration: vmm source and destination, driven over QMP like QEMU.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn ours(
@@ -152,7 +158,11 @@ pub(super) fn ours(
             &multifd[..],
             &strs(&server)[..],
             &["--incoming", "tcp:127.0.0.1:0", "--exit-after", "0.5"],
-            if s.postcopy { &["--postcopy"][..] } else { &[] },
+            match (s.postcopy, s.preempt) {
+                (true, true) => &["--postcopy", "--postcopy-preempt"][..],
+                (true, false) => &["--postcopy"][..],
+                _ => &[],
+            },
         ]
         .concat(),
     );
@@ -187,10 +197,7 @@ pub(super) fn ours(
     );
     multifd_setup(&mut q, s);
     let mut pc = s.postcopy.then(|| {
-        q.cmd(
-            "migrate-set-capabilities",
-            json!({"capabilities": [{"capability": "postcopy-ram", "state": true}]}),
-        );
+        q.cmd("migrate-set-capabilities", postcopy_caps(s));
         let before = work_rate(&dir.join("ours-src-serial.txt"), Duration::from_secs(1));
         let w = Watch::new(
             s,
@@ -355,7 +362,7 @@ pub(super) fn qemu_inner(
     let (dst, mut dq) = qemu_start(bin, dir, "qemu-dst", &image, s.memory_mib, &dst_args)?;
     // Capabilities are set before the destination listens.
     multifd_setup(&mut dq, s);
-    let postcopy_on = json!({"capabilities": [{"capability": "postcopy-ram", "state": true}]});
+    let postcopy_on = postcopy_caps(s);
     if s.postcopy {
         dq.cmd("migrate-set-capabilities", postcopy_on.clone());
         dq.cmd(

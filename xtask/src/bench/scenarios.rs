@@ -31,6 +31,9 @@ pub struct Scenario {
     /// postcopy-ram on both sides, `migrate-start-postcopy` once a whole pass over the
     /// range was sent.
     pub(super) postcopy: bool,
+    /// postcopy-preempt on both sides too (the pages asked for on a connection of
+    /// their own).
+    pub(super) preempt: bool,
 }
 
 /// What scenarios share unless they say otherwise: the fill of 1 GiB, no cap, one
@@ -50,6 +53,7 @@ pub(super) const BASE: Scenario = Scenario {
     tls: false,
     memory_mib: 1024,
     postcopy: false,
+    preempt: false,
 };
 
 /// A fill of 1 GiB with multifd, at `bandwidth` (0: unlimited).
@@ -140,6 +144,18 @@ pub(super) const SCENARIOS: &[Scenario] = &[
         range: "512M",
         bandwidth: 50_000_000,
         postcopy: true,
+        limits: &[300],
+        timeout: Duration::from_secs(240),
+        ..BASE
+    },
+    Scenario {
+        name: "dirty 512 MiB, 50 MB/s, post-copy preempt",
+        slug: "postcopy-preempt",
+        workload: "dirty",
+        range: "512M",
+        bandwidth: 50_000_000,
+        postcopy: true,
+        preempt: true,
         limits: &[300],
         timeout: Duration::from_secs(240),
         ..BASE
