@@ -58,6 +58,7 @@ pub mod multifd;
 mod populated;
 mod postcopy_incoming;
 mod postcopy_ram;
+mod preempt;
 mod requests;
 mod section;
 mod shared;

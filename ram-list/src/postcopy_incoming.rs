@@ -4,14 +4,21 @@
 //! registration kept, so that the guest waits for its pages and never reads a missing
 //! one as zeros.
 
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
+use qemu_file::{QemuFile, ShutdownHandle};
 use savevm::return_path::ReturnPath;
 
 use crate::format::TARGET_PAGE_SIZE;
 use crate::postcopy_ram::FaultWaitStats;
-use crate::{PostcopyRam, RamList, Result};
+use crate::{Error, PostcopyRam, RamList, RamStats, Result};
+
+/// How long a completed post-copy waits for the preempt connection's EOS after the
+/// main stream's end (the source writes it at the end of the post-copy phase).
+const PREEMPT_END_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Where a destination's post-copy stands; share it between the RAM section (which sets
 /// it up at LISTEN and ends it when every page arrived) and the VMM (which keeps it for
@@ -22,6 +29,95 @@ pub struct PostcopyIncoming {
     state: Mutex<Option<Listening>>,
     // Lock: set by the VMM before the load, read at LISTEN.
     vcpu_threads: Mutex<Vec<u32>>,
+    // Lock: the preempt connection, set by the VMM (before the load, and at a resume)
+    // and read from LISTEN on by a thread of its own; ended by the loading thread at
+    // the end, by the VMM at a pause.
+    preempt: Mutex<Preempt>,
+    /// Pages that came on the preempt connection.
+    preempt_pages: Arc<AtomicU64>,
+}
+
+/// The preempt connection (`postcopy-preempt`), before LISTEN and after.
+#[derive(Debug, Default)]
+struct Preempt {
+    /// Accepted, not read yet (LISTEN starts its reader), with the main stream's
+    /// interrupter (a failed preempt connection ends the main stream too).
+    waiting: Option<(QemuFile, Option<ShutdownHandle>)>,
+    /// Reading it.
+    reader: Option<PreemptReader>,
+    /// What the pages it brings count into.
+    stats: Option<Arc<RamStats>>,
+}
+
+#[derive(Debug)]
+struct PreemptReader {
+    thread: JoinHandle<Result<()>>,
+    stop: Arc<AtomicBool>,
+    shut: Option<ShutdownHandle>,
+}
+
+impl PreemptReader {
+    /// Reads `f` on a thread of its own, placing its pages in `ram`.
+    fn start(
+        ram: Arc<PostcopyRam>,
+        stats: Arc<RamStats>,
+        pages: Arc<AtomicU64>,
+        mut f: QemuFile,
+        main: Option<ShutdownHandle>,
+    ) -> Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let shut = f.shutdown_handle();
+        let stopped = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("postcopy-preempt".into())
+            .spawn(move || {
+                // A vCPU waits for each page that comes here.
+                savevm::priority::serve_waiting_guest();
+                let r = crate::preempt::receive(&mut f, &ram, &stats, &pages, &stopped);
+                if r.is_err() && !stopped.load(Ordering::SeqCst) {
+                    // The main stream's loader sees the failure, and post-copy pauses.
+                    if let Some(h) = main {
+                        h.shutdown();
+                    }
+                }
+                r
+            })
+            .map_err(|e| Error::Postcopy {
+                reason: format!("no thread for the preempt connection: {e}"),
+            })?;
+        Ok(PreemptReader { thread, stop, shut })
+    }
+
+    /// Ends it now (a pause): its connection is shut down.
+    fn stop(self) -> Option<Error> {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(h) = &self.shut {
+            h.shutdown();
+        }
+        self.thread.join().ok().and_then(|r| r.err())
+    }
+
+    /// Waits for its EOS, at most `timeout`.
+    fn finish(self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        while !self.thread.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        if !self.thread.is_finished() {
+            let _ = self.stop();
+            return Err(Error::Postcopy {
+                reason: format!(
+                    "the source did not end the preempt connection within {} s of the main stream",
+                    timeout.as_secs()
+                ),
+            });
+        }
+        self.thread.join().unwrap_or_else(|_| {
+            Err(Error::Postcopy {
+                reason: "the preempt connection's reader panicked".into(),
+            })
+        })
+    }
 }
 
 #[derive(Debug)]
@@ -41,6 +137,8 @@ pub struct PostcopyIncomingInfo {
     pub complete: bool,
     /// The faults' waits.
     pub waits: FaultWaitStats,
+    /// Pages that came on the preempt connection (`postcopy-preempt`).
+    pub preempt_pages: u64,
 }
 
 impl PostcopyIncoming {
@@ -59,9 +157,56 @@ impl PostcopyIncoming {
         *self.vcpu_threads.lock().unwrap_or_else(|p| p.into_inner()) = threads;
     }
 
+    fn preempt(&self) -> std::sync::MutexGuard<'_, Preempt> {
+        self.preempt.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Post-copy preempt: `f` is the source's second connection, which carries the
+    /// pages asked for. It is read from LISTEN on (at once, after a resume); a failure
+    /// on it shuts down `main`, the main stream, so that post-copy pauses.
+    ///
+    /// # Errors
+    /// No thread to read it.
+    pub fn set_preempt_channel(&self, f: QemuFile, main: Option<ShutdownHandle>) -> Result<()> {
+        let ram = self
+            .lock()
+            .as_ref()
+            .filter(|l| !l.complete)
+            .map(|l| l.ram.clone());
+        let mut p = self.preempt();
+        if let Some(old) = p.reader.take() {
+            old.stop();
+        }
+        match (ram, p.stats.clone()) {
+            (Some(ram), Some(stats)) => {
+                let pages = self.preempt_pages.clone();
+                p.reader = Some(PreemptReader::start(ram, stats, pages, f, main)?);
+            }
+            _ => p.waiting = Some((f, main)),
+        }
+        Ok(())
+    }
+
+    /// Ends the preempt connection's reader (a pause: the source will open a new one).
+    /// Returns the error it ended with, if it failed by itself.
+    pub fn stop_preempt(&self) -> Option<String> {
+        let mut p = self.preempt();
+        p.waiting = None;
+        p.reader
+            .take()
+            .and_then(|r| r.stop())
+            .map(|e| e.to_string())
+    }
+
     /// LISTEN: registers the blocks of `list` and starts the fault thread, whose
-    /// requests go on `rp`.
-    pub(crate) fn listen(&self, list: &RamList, rp: Arc<ReturnPath>) -> Result<Arc<PostcopyRam>> {
+    /// requests go on `rp`, and the preempt connection's reader if there is one (pages
+    /// it brings count into `stats`).
+    pub(crate) fn listen(
+        &self,
+        list: &RamList,
+        rp: Arc<ReturnPath>,
+        stats: Arc<RamStats>,
+    ) -> Result<Arc<PostcopyRam>> {
         let ram = Arc::new(PostcopyRam::register(list)?);
         ram.set_vcpu_threads(
             self.vcpu_threads
@@ -83,6 +228,12 @@ impl PostcopyIncoming {
             faults: Some(faults),
             complete: false,
         });
+        let mut p = self.preempt();
+        p.stats = Some(stats.clone());
+        if let Some((f, main)) = p.waiting.take() {
+            let pages = self.preempt_pages.clone();
+            p.reader = Some(PreemptReader::start(ram.clone(), stats, pages, f, main)?);
+        }
         Ok(ram)
     }
 
@@ -102,8 +253,13 @@ impl PostcopyIncoming {
         Ok(())
     }
 
-    /// Every page arrived: the fault thread ends and the registration with it.
+    /// Every page arrived: the preempt connection's EOS is awaited, the fault thread
+    /// ends and the registration with it.
     pub(crate) fn complete(&self) -> Result<()> {
+        let reader = self.preempt().reader.take();
+        if let Some(r) = reader {
+            r.finish(PREEMPT_END_TIMEOUT)?;
+        }
         let mut g = self.lock();
         let Some(l) = g.as_mut() else {
             return Ok(());
@@ -125,6 +281,7 @@ impl PostcopyIncoming {
                 listening: true,
                 complete: l.complete,
                 waits: l.ram.fault_waits(),
+                preempt_pages: self.preempt_pages.load(Ordering::Relaxed),
             },
         }
     }

@@ -359,6 +359,8 @@ impl PostcopyRam {
         std::thread::Builder::new()
             .name("postcopy-faults".into())
             .spawn(move || {
+                // Each fault it reads is a vCPU waiting.
+                savevm::priority::serve_waiting_guest();
                 while !me.stop.load(Ordering::SeqCst) {
                     let fault = match me.uffd.read_event(Some(Duration::from_millis(100))) {
                         Ok(Some(f)) => f,

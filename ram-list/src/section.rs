@@ -817,7 +817,11 @@ impl SectionHandler for RamSection {
 
     fn page_requests(&self) -> Option<Arc<dyn savevm::return_path::PageRequestSink>> {
         match &self.requests {
-            Some(r) if self.postcopy => Some(r.clone()),
+            Some(r) if self.postcopy => Some(Arc::new(crate::preempt::RequestServer::new(
+                r.clone(),
+                self.blocks.iter().map(|(b, _)| b.clone()).collect(),
+                self.stats.clone(),
+            ))),
             _ => None,
         }
     }
@@ -1004,7 +1008,9 @@ impl SectionHandler for RamSection {
                 reason: "LISTEN before ADVISE".into(),
             }));
         }
-        let ram = self.incoming.listen(&self.list, rp.clone())?;
+        let ram = self
+            .incoming
+            .listen(&self.list, rp.clone(), self.stats.clone())?;
         for (b, d) in std::mem::take(&mut self.dropped) {
             ram.set_received_except(&b, &d);
         }

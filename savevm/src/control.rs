@@ -45,6 +45,10 @@ pub struct MigrationControl {
     // Lock: a new connection for a paused post-copy, put by `resume_postcopy` and taken
     // by the migration thread, which waits for it on `wake` (with `info` held).
     resume_with: Mutex<Option<QemuFile>>,
+    // Lock: the preempt connection (`postcopy-preempt`), put by the VMM before the
+    // migration and before each resume, taken by the migration thread at the switch and
+    // at each resume.
+    preempt: Mutex<Option<QemuFile>>,
     /// Set by a cancel while post-copy is paused: the migration thread stops waiting.
     give_up: AtomicBool,
 }
@@ -77,6 +81,7 @@ impl MigrationControl {
             continued: AtomicBool::new(false),
             start_postcopy: AtomicBool::new(false),
             resume_with: Mutex::new(None),
+            preempt: Mutex::new(None),
             give_up: AtomicBool::new(false),
         }
     }
@@ -186,6 +191,18 @@ impl MigrationControl {
             o(&snapshot);
         }
         Ok(())
+    }
+
+    /// Post-copy preempt: `f` is the second connection to the destination, for the
+    /// pages it asks for once post-copy runs. Give it before the migration starts, and
+    /// a new one before each [`MigrationControl::resume_postcopy`].
+    pub fn set_preempt_channel(&self, f: QemuFile) {
+        *lock(&self.preempt) = Some(f);
+    }
+
+    /// The preempt connection given last, once.
+    pub(crate) fn take_preempt_channel(&self) -> Option<QemuFile> {
+        lock(&self.preempt).take()
     }
 
     /// Waits, paused, for `resume_postcopy`'s connection; None once a cancel gave up.

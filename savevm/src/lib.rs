@@ -51,6 +51,7 @@ mod migration;
 mod params;
 pub mod postcopy;
 mod postcopy_source;
+pub mod priority;
 mod registry;
 pub mod return_path;
 mod section;

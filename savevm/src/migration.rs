@@ -69,6 +69,8 @@ pub fn run_migration<V: VmControl + ?Sized>(
     };
     guard.armed = false;
     drop(guard);
+    // A preempt connection post-copy never used (or a resume's, not taken) closes.
+    drop(ctl.take_preempt_channel());
     let result = match result {
         Err(Error::Stream(qemu_file::Error::Write { .. })) if ctl.params().return_path => {
             refused_why(f).map_or(result, Err)

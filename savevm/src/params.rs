@@ -59,6 +59,11 @@ pub struct MigrationParams {
     /// pre-copy would throttle the guest or give up (the convergence watch's verdict),
     /// instead of waiting for `migrate-start-postcopy`.
     pub postcopy_auto: bool,
+    /// `postcopy-preempt`: after the switch, the pages the destination asks for go on
+    /// a second connection of their own (opened with the main stream, given with
+    /// [`MigrationControl::set_preempt_channel`](crate::MigrationControl::set_preempt_channel)),
+    /// never behind the background pass.
+    pub postcopy_preempt: bool,
 }
 
 impl Default for MigrationParams {
@@ -80,6 +85,7 @@ impl Default for MigrationParams {
             postcopy: false,
             max_postcopy_bandwidth: 0,
             postcopy_auto: false,
+            postcopy_preempt: false,
         }
     }
 }

@@ -8,6 +8,7 @@
 //! failure leaves this side stopped with its whole copy, in `postcopy-paused`.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -47,7 +48,13 @@ struct Listener {
     // signalled at each change.
     heard: Mutex<Heard>,
     changed: Condvar,
+    /// Bytes the reader thread wrote on the preempt connection.
+    preempt_bytes: AtomicU64,
 }
+
+/// The preempt connection (`postcopy-preempt`), written by the return path's reader
+/// (the pages asked for) and by the migration thread (its end).
+type Preempt = Arc<Mutex<QemuFile>>;
 
 impl Listener {
     fn set(&self, f: impl FnOnce(&mut Heard)) {
@@ -55,15 +62,23 @@ impl Listener {
         self.changed.notify_all();
     }
 
-    /// The reader thread: page requests to the sections' queues, until SHUT or an error.
-    fn read(&self, mut rp: QemuFile, sinks: &[Arc<dyn PageRequestSink>], ctl: &MigrationControl) {
+    /// The reader thread: page requests to the sections' queues (or, with a preempt
+    /// connection, their pages sent on it at once), until SHUT or an error.
+    fn read(
+        &self,
+        mut rp: QemuFile,
+        sinks: &[Arc<dyn PageRequestSink>],
+        preempt: Option<&Preempt>,
+        ctl: &MigrationControl,
+    ) {
         loop {
             match read_message(&mut rp) {
                 Ok(Message::ReqPages { block, start, len }) => {
                     ctl.update(|i| i.postcopy_requests += 1);
-                    let r = match sinks.first() {
-                        Some(s) => s.push(block.as_deref(), start, len.into()),
-                        None => Err("no section here serves page requests".into()),
+                    let r = match (sinks.first(), preempt) {
+                        (None, _) => Err("no section here serves page requests".into()),
+                        (Some(s), Some(p)) => self.send_now(&**s, p, block.as_deref(), start, len),
+                        (Some(s), None) => s.push(block.as_deref(), start, len.into()),
                     };
                     if let Err(e) = r {
                         self.set(|h| {
@@ -71,7 +86,9 @@ impl Listener {
                         });
                         return;
                     }
-                    self.set(|h| h.requests += 1);
+                    if preempt.is_none() {
+                        self.set(|h| h.requests += 1);
+                    }
                 }
                 Ok(Message::Pong(v)) => self.set(|h| h.pong = Some(v)),
                 Ok(Message::RecvBitmap { block, bitmap }) => {
@@ -89,6 +106,25 @@ impl Listener {
                 }
             }
         }
+    }
+
+    /// A request's pages, on the preempt connection at once (whichever was not sent yet).
+    fn send_now(
+        &self,
+        sink: &dyn PageRequestSink,
+        preempt: &Preempt,
+        block: Option<&str>,
+        start: u64,
+        len: u32,
+    ) -> std::result::Result<(), String> {
+        let mut p = lock(preempt);
+        let before = p.bytes_written();
+        sink.send_now(block, start, len.into(), &mut p)?;
+        p.flush()
+            .map_err(|e| format!("the preempt connection: {e}"))?;
+        self.preempt_bytes
+            .fetch_add(p.bytes_written() - before, Ordering::Relaxed);
+        Ok(())
     }
 
     /// A failure of the return path, if any (a SHUT with a failure counts).
@@ -187,6 +223,13 @@ const POSTCOPY_CHUNK: usize = 64 << 10;
 /// 101–104 µs, the post-copy phase no longer (the destination's placing sets its pace).
 const POSTCOPY_IN_FLIGHT: u64 = 64 << 10;
 
+/// With a preempt connection, chunks of the background pass may be large: no requested
+/// page waits behind them.
+const POSTCOPY_CHUNK_PREEMPT: usize = 1 << 20;
+
+/// With a preempt connection, the bound only tells a destination that stopped loading.
+const POSTCOPY_IN_FLIGHT_PREEMPT: u64 = 64 << 20;
+
 fn vm_error(op: &'static str) -> impl FnOnce(SectionError) -> Error {
     move |source| Error::Vm { op, source }
 }
@@ -206,16 +249,23 @@ struct Link<'scope> {
     listener: std::sync::Arc<Listener>,
     thread: Option<std::thread::ScopedJoinHandle<'scope, ()>>,
     shut: Option<qemu_file::ShutdownHandle>,
+    /// The preempt connection, if the migration has one.
+    preempt: Option<Preempt>,
+    preempt_shut: Option<qemu_file::ShutdownHandle>,
 }
 
 impl<'scope> Link<'scope> {
-    /// Starts reading `f`'s return path on a thread of its own.
+    /// Starts reading `f`'s return path on a thread of its own; with `preempt`, the
+    /// pages asked for go on it.
     fn open<'env>(
         s: &'scope std::thread::Scope<'scope, 'env>,
         f: &mut QemuFile,
         sinks: Vec<std::sync::Arc<dyn PageRequestSink>>,
+        preempt: Option<QemuFile>,
         ctl: &'env MigrationControl,
     ) -> Result<Self> {
+        let preempt_shut = preempt.as_ref().and_then(|p| p.shutdown_handle());
+        let preempt = preempt.map(|p| Arc::new(Mutex::new(p)));
         let reader = f.split_reader().map_err(|e| Error::Postcopy {
             reason: format!("the return path cannot be read by a thread of its own: {e}"),
         })?;
@@ -223,11 +273,17 @@ impl<'scope> Link<'scope> {
         let listener = std::sync::Arc::new(Listener {
             heard: Mutex::new(Heard::default()),
             changed: Condvar::new(),
+            preempt_bytes: AtomicU64::new(0),
         });
         let l = listener.clone();
+        let p = preempt.clone();
         let thread = std::thread::Builder::new()
             .name("return-path".into())
-            .spawn_scoped(s, move || l.read(reader, &sinks, ctl))
+            .spawn_scoped(s, move || {
+                // A vCPU at the destination waits for each request this thread reads.
+                crate::priority::serve_waiting_guest();
+                l.read(reader, &sinks, p.as_ref(), ctl)
+            })
             .map_err(|e| Error::Postcopy {
                 reason: format!("no thread for the return path: {e}"),
             })?;
@@ -235,19 +291,26 @@ impl<'scope> Link<'scope> {
             listener,
             thread: Some(thread),
             shut,
+            preempt,
+            preempt_shut,
         })
     }
 
-    /// Ends the reader (it ended by itself at SHUT when all went well).
+    /// Ends the reader (it ended by itself at SHUT when all went well), and the
+    /// preempt connection (shut down, unless all went well).
     fn close(&mut self) {
         if let Some(t) = self.thread.take() {
             if !t.is_finished() {
                 if let Some(h) = &self.shut {
                     h.shutdown();
                 }
+                if let Some(h) = &self.preempt_shut {
+                    h.shutdown();
+                }
             }
             let _ = t.join();
         }
+        self.preempt = None;
     }
 }
 
@@ -264,8 +327,17 @@ pub(crate) fn run_postcopy<V: VmControl + ?Sized>(
     params: &MigrationParams,
     stopped: &mut bool,
 ) -> Result<()> {
+    let preempt_channel = || -> Result<Option<QemuFile>> {
+        match (params.postcopy_preempt, ctl.take_preempt_channel()) {
+            (false, _) => Ok(None),
+            (true, Some(p)) => Ok(Some(p)),
+            (true, None) => Err(Error::Postcopy {
+                reason: "postcopy-preempt is on, but no preempt connection was opened".into(),
+            }),
+        }
+    };
     std::thread::scope(|s| {
-        let mut link = Link::open(s, f, savevm.page_request_sinks(), ctl)?;
+        let mut link = Link::open(s, f, savevm.page_request_sinks(), preempt_channel()?, ctl)?;
         let mut r = switch(savevm, f, vm, ctl, stopped, &link.listener);
         if matches!(r, Err(ref e) if !matches!(e, Error::PostcopyInterrupted { .. })) {
             // Before the package could go out: a failed migration, the guest resumes.
@@ -275,7 +347,7 @@ pub(crate) fn run_postcopy<V: VmControl + ?Sized>(
         loop {
             // (A switch cut while its package went out pauses at once.)
             if r.is_ok() {
-                r = send_rest(savevm, f, vm, ctl, params, &link.listener);
+                r = send_rest(savevm, f, vm, ctl, params, &link);
             }
             link.close();
             let mut e = match std::mem::replace(&mut r, Ok(())) {
@@ -294,10 +366,12 @@ pub(crate) fn run_postcopy<V: VmControl + ?Sized>(
                 if let Some(h) = f.shutdown_handle() {
                     lock(&ctl.shutdown).push(h);
                 }
-                let resumed = Link::open(s, f, savevm.page_request_sinks(), ctl).and_then(|l| {
-                    link = l;
-                    resume(savevm, f, params, &link.listener)
-                });
+                let resumed = preempt_channel()
+                    .and_then(|p| Link::open(s, f, savevm.page_request_sinks(), p, ctl))
+                    .and_then(|l| {
+                        link = l;
+                        resume(savevm, f, params, &link.listener)
+                    });
                 match resumed {
                     Ok(()) => break,
                     Err(again) => {
@@ -457,18 +531,28 @@ fn send_rest<V: VmControl + ?Sized>(
     vm: &V,
     ctl: &MigrationControl,
     params: &MigrationParams,
-    listener: &Listener,
+    link: &Link<'_>,
 ) -> Result<()> {
+    let listener = &*link.listener;
     let info = ctl.info();
     let (carried, carried_pc, start) = (info.transferred, info.postcopy_bytes, f.bytes_written());
+    let carried_preempt = info.postcopy_preempt_bytes;
     let count = |i: &mut crate::MigrationInfo, f: &QemuFile| {
-        let sent = f.bytes_written() - start;
+        let preempt = listener.preempt_bytes.load(Ordering::Relaxed);
+        let sent = f.bytes_written() - start + preempt;
         i.transferred = carried + sent;
         i.postcopy_bytes = carried_pc + sent;
+        i.postcopy_preempt_bytes = carried_preempt + preempt;
     };
     // The rest of RAM, requested pages first. The limit paces the background pass
-    // only: a requested page goes at once (the guest waits for it), as in QEMU.
-    f.set_chunk_budget(POSTCOPY_CHUNK);
+    // only: a requested page goes at once (the guest waits for it), as in QEMU. With a
+    // preempt connection they go there, never behind the background pass, which then
+    // needs neither small chunks nor a tight bound.
+    let (chunk, in_flight) = match link.preempt {
+        Some(_) => (POSTCOPY_CHUNK_PREEMPT, POSTCOPY_IN_FLIGHT_PREEMPT),
+        None => (POSTCOPY_CHUNK, POSTCOPY_IN_FLIGHT),
+    };
+    f.set_chunk_budget(chunk);
     let mut pace = qemu_file::RateLimiter::new(params.max_postcopy_bandwidth);
     let mut pings = Pings::new(f.bytes_written());
     let sinks = savevm.page_request_sinks();
@@ -485,7 +569,7 @@ fn send_rest<V: VmControl + ?Sized>(
             if requested() {
                 break;
             }
-            let room = pings.in_flight(f.bytes_written()) <= POSTCOPY_IN_FLIGHT;
+            let room = pings.in_flight(f.bytes_written()) <= in_flight;
             if room && !pace.exceeded() {
                 break;
             }
@@ -524,11 +608,20 @@ fn send_rest<V: VmControl + ?Sized>(
             break;
         }
     }
+    if let (Some(p), Some(sink)) = (&link.preempt, sinks.first()) {
+        // Every page went: the preempt connection ends (its EOS), before the main one.
+        let mut p = lock(p);
+        sink.end_channel(&mut p);
+        p.flush().map_err(|e| interrupted(e.into()))?;
+    }
     savevm.save_complete_postcopy(f).map_err(interrupted)?;
     f.flush().map_err(|e| interrupted(e.into()))?;
     listener
         .wait_shut(params.stall_timeout)
         .map_err(interrupted)?;
+    if let Some(p) = &link.preempt {
+        let _ = lock(p).finish();
+    }
     // The end of the stream only after SHUT: over TLS it is a close_notify record, which
     // QEMU, done at EOF, never reads, and a socket closed with it unread is reset (its
     // SHUT lost with it, measured). Once SHUT came, nothing depends on it.

@@ -265,6 +265,30 @@ pub trait PageRequestSink: Send + Sync {
     /// Whether requests wait to be served (they go out whatever the bandwidth limit,
     /// as QEMU's `postcopy_has_request`).
     fn waiting(&self) -> bool;
+
+    /// Post-copy preempt: writes the pages of `len` bytes at `start` of `block` (None:
+    /// the block of the last request) on `channel`, the preempt connection, at once, as
+    /// bare RAM records, leaving out those already sent; the caller flushes. A sink
+    /// serves one connection: its idea of the last block is that connection's.
+    ///
+    /// # Errors
+    /// A request this side cannot serve, in words (the migration fails).
+    fn send_now(
+        &self,
+        block: Option<&str>,
+        start: u64,
+        len: u64,
+        channel: &mut QemuFile,
+    ) -> std::result::Result<(), String> {
+        let _ = (block, start, len, channel);
+        Err("this section cannot send pages on a preempt channel".into())
+    }
+
+    /// Post-copy preempt: writes the preempt connection's last record, once every page
+    /// went out (QEMU's EOS).
+    fn end_channel(&self, channel: &mut QemuFile) {
+        let _ = channel;
+    }
 }
 
 /// One message of the return path.

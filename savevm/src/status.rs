@@ -154,6 +154,8 @@ pub struct MigrationInfo {
     pub postcopy_requests: u64,
     /// Post-copy: stream bytes sent after the switch (QEMU's `postcopy-bytes`).
     pub postcopy_bytes: u64,
+    /// Post-copy preempt: of those, the bytes sent on the preempt connection.
+    pub postcopy_preempt_bytes: u64,
     /// Post-copy: when the switch began, the guest stopping here.
     pub postcopy_started: Option<Instant>,
 }

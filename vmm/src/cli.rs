@@ -199,6 +199,11 @@ pub(crate) struct RunArgs {
     /// guest or give up.
     #[arg(long, requires = "postcopy")]
     pub x_postcopy_auto: bool,
+    /// postcopy-preempt: once post-copy runs, the pages the destination asks for go on
+    /// a second connection of their own (opened with the main stream), never behind the
+    /// background pass. Set it on both sides; not with multifd.
+    #[arg(long, requires = "postcopy", conflicts_with = "multifd_channels")]
+    pub postcopy_preempt: bool,
     /// max-postcopy-bandwidth in bytes per second (K, M, G suffixes): paces post-copy's
     /// background pass; requested pages go at once. 0 is unlimited.
     #[arg(long, default_value = "0", value_parser = parse_size)]

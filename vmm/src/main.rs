@@ -192,6 +192,7 @@ fn run(a: &RunArgs) -> Result<i32> {
     p.auto_converge = a.auto_converge;
     p.postcopy = a.postcopy;
     p.postcopy_auto = a.x_postcopy_auto;
+    p.postcopy_preempt = a.postcopy_preempt;
     p.max_postcopy_bandwidth = a.max_postcopy_bandwidth;
     p.approach = !a.x_first_fit_switchover;
     p.incoming_timeout = Duration::from_millis(a.incoming_timeout);

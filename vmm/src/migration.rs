@@ -136,6 +136,43 @@ fn connect_channels(
     Ok(Multifd::Send(sender))
 }
 
+/// Connects a post-copy source's preempt connection (`postcopy-preempt`), after its
+/// main stream: QEMU 7.2's destination tells the two apart by their order. Nothing goes
+/// on it before post-copy runs.
+fn connect_preempt(uri: &MigrationUri, ctl: &MigrationControl, tls: Option<&Tls>) -> Result<()> {
+    if !ctl.params().postcopy_preempt {
+        return Ok(());
+    }
+    // It proves who it talks to, as the main stream did.
+    let t = match tls {
+        Some(t) => qemu_file::connect_tls(uri, &t.creds, t.hostname.as_deref()),
+        None => connect(uri),
+    }
+    .context("opening the post-copy preempt connection")?;
+    if let Some(h) = t.shutdown_handle() {
+        ctl.add_shutdown_handle(h);
+    }
+    ctl.set_preempt_channel(QemuFile::new(t));
+    Ok(())
+}
+
+/// How long a destination waits for the preempt connection once the main stream came
+/// (a source opens it right after).
+const PREEMPT_ACCEPT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Accepts a destination's connections in the order QEMU 7.2 opens them: the main
+/// stream, then (`preempt`) post-copy's preempt connection.
+fn accept_with_preempt(
+    listener: Listener,
+    preempt: bool,
+    tls: Option<&TlsCreds>,
+) -> Result<(Box<dyn qemu_file::Transport>, Option<QemuFile>)> {
+    let mut accepted =
+        listener.accept_in_order(1 + usize::from(preempt), tls, PREEMPT_ACCEPT_TIMEOUT)?;
+    let second = (accepted.len() > 1).then(|| QemuFile::new(accepted.remove(1)));
+    Ok((accepted.remove(0), second))
+}
+
 /// Refuses post-copy where it cannot run: the destination's page requests need a
 /// return path read by a thread of its own.
 fn check_postcopy(uri: &MigrationUri, ram: &RamSettings) -> Result<()> {
@@ -148,6 +185,18 @@ fn check_postcopy(uri: &MigrationUri, ram: &RamSettings) -> Result<()> {
     }
     if ram.ignore_shared {
         bail!("x-ignore-shared and postcopy-ram do not go together (as in QEMU): turn one off");
+    }
+    Ok(())
+}
+
+/// Refuses post-copy preempt without post-copy, or with multifd (QEMU 7.2 would take
+/// its connection for a multifd channel).
+fn check_preempt(params: &savevm::MigrationParams, ram: &RamSettings) -> Result<()> {
+    if params.postcopy_preempt && !params.postcopy {
+        bail!("Postcopy preempt requires postcopy-ram");
+    }
+    if params.postcopy_preempt && ram.multifd {
+        bail!("Postcopy preempt is not compatible with multifd: turn one off");
     }
     Ok(())
 }
@@ -196,6 +245,7 @@ impl Outgoing {
     ) -> Result<Self> {
         let (mut params, ram_settings) = (settings.migration, settings.ram);
         params.return_path = return_path && has_return_path(&uri);
+        check_preempt(&params, &ram_settings)?;
         if params.postcopy {
             check_postcopy(&uri, &ram_settings)?;
             // As QEMU: post-copy opens the return path whatever `return-path` says.
@@ -269,6 +319,7 @@ fn migrate(
         None => connect(&uri)?,
     };
     let mut f = QemuFile::new(transport);
+    connect_preempt(&uri, ctl, tls.as_ref())?;
     let multifd = connect_channels(&uri, params, ctl, tls.as_ref())?;
     let postcopy = ctl.params().postcopy.then(Arc::default);
     let mut savevm = sections(
@@ -318,6 +369,7 @@ fn migrate(
                 "postcopy": info.postcopy_started.is_some(),
                 "postcopy_requests": info.postcopy_requests,
                 "postcopy_bytes": info.postcopy_bytes,
+                "postcopy_preempt_bytes": info.postcopy_preempt_bytes,
             }),
         );
     }
@@ -607,6 +659,8 @@ struct DestinationHooks {
     links: PostcopyLinks,
     abort: Arc<Abort>,
     incoming_timeout: std::time::Duration,
+    /// `postcopy-preempt`: a resume comes with a second connection too.
+    preempt: bool,
 }
 
 impl savevm::PostcopyHooks for DestinationHooks {
@@ -666,22 +720,24 @@ impl savevm::PostcopyHooks for DestinationHooks {
             .events
             .emit("postcopy-paused", json!({"error": why}));
         (self.links.status)(savevm::MigrationStatus::PostcopyPaused, Some(why));
+        let incoming = self.machine.postcopy_incoming();
+        // The preempt connection went with the main one: a resume opens both again.
+        if let Some(e) = incoming.as_ref().and_then(|p| p.stop_preempt()) {
+            eprintln!("vmm: the post-copy preempt connection: {e}");
+        }
         loop {
             let (listener, tls) = self.links.recovery.wait(&self.abort)?;
             self.abort.set(listener.shutdown_handle());
             // Over TLS the source proves who it is before a byte of the resume is read.
-            let accepted = match &tls {
-                Some(creds) => listener.accept_tls(creds),
-                None => listener.accept(),
-            };
+            let accepted = accept_with_preempt(listener, self.preempt, tls.as_ref());
             self.links.recovery.accepted();
             if self.abort.aborted() {
                 return None;
             }
-            let transport = match accepted {
+            let (transport, preempt) = match accepted {
                 Ok(t) => t,
                 Err(e) => {
-                    eprintln!("vmm: migrate-recover: {e}");
+                    eprintln!("vmm: migrate-recover: {e:#}");
                     continue;
                 }
             };
@@ -689,6 +745,12 @@ impl savevm::PostcopyHooks for DestinationHooks {
             self.abort.set(f.shutdown_handle());
             if f.set_read_timeout(Some(self.incoming_timeout)).is_err() {
                 continue;
+            }
+            if let (Some(p), Some(incoming)) = (preempt, &incoming) {
+                if let Err(e) = incoming.set_preempt_channel(p, f.shutdown_handle()) {
+                    eprintln!("vmm: migrate-recover: {e}");
+                    continue;
+                }
             }
             self.machine.events.emit("postcopy-recover", json!({}));
             (self.links.status)(savevm::MigrationStatus::PostcopyRecover, None);
@@ -728,17 +790,25 @@ fn load_incoming(
     };
     abort.set(incoming.listener.shutdown_handle());
     // With TLS every connection proves who it is before a byte of it is read.
-    let accepted = match tls {
-        Some(t) => incoming
+    let with_preempt = params.postcopy && params.postcopy_preempt && channels == 0;
+    let accepted = match (tls, with_preempt) {
+        (tls, true) => accept_with_preempt(incoming.listener, true, tls.map(|t| &t.creds))
+            .map(|(main, p)| (main, Vec::new(), None, p)),
+        (Some(t), false) => incoming
             .listener
-            .accept_tls_with_channels(channels, &t.creds),
-        None => incoming.listener.accept_with_channels(channels),
+            .accept_tls_with_channels(channels, &t.creds)
+            .map(|a| (a.main, a.channels, a.listener, None))
+            .map_err(anyhow::Error::from),
+        (None, false) => incoming
+            .listener
+            .accept_with_channels(channels)
+            .map(|a| (a.main, a.channels, a.listener, None))
+            .map_err(anyhow::Error::from),
     };
     if abort.aborted() {
         bail!("the incoming migration was aborted before the source connected");
     }
-    let accepted = accepted?;
-    let (transport, channels) = (accepted.main, accepted.channels);
+    let (transport, channels, extra_listener, preempt) = accepted?;
     let t0 = Instant::now();
     events.emit("incoming-connected", json!({"channels": channels.len()}));
     on_connect();
@@ -767,7 +837,7 @@ fn load_incoming(
     };
     // A connection beyond the channels: the source has more than this side expects, and
     // pages sent over the one never read would be missing.
-    let watch = match (&receiver, accepted.listener) {
+    let watch = match (&receiver, extra_listener) {
         (Some(r), Some(l)) => Some(watch_extra(l, r.clone(), f.shutdown_handle())),
         _ => None,
     };
@@ -775,6 +845,11 @@ fn load_incoming(
         true => Some(machine.new_postcopy_incoming()?),
         false => None,
     };
+    if let (Some(p), Some(incoming)) = (preempt, &postcopy) {
+        // Read from LISTEN on; unused (and dropped with the load) if the source never
+        // switches.
+        incoming.set_preempt_channel(p, f.shutdown_handle())?;
+    }
     let mut savevm = sections(
         machine,
         stats,
@@ -793,6 +868,7 @@ fn load_incoming(
             links,
             abort: abort.clone(),
             incoming_timeout: params.incoming_timeout,
+            preempt: with_preempt,
         }));
     }
     let answer = has_return_path(uri);
@@ -887,6 +963,10 @@ fn load_incoming(
             return Err(e.context("the incoming migration failed; the guest was not started"));
         }
     };
+    if let (Some(p), false) = (&postcopy, report.postcopy) {
+        // The source completed without switching: its preempt connection goes unused.
+        p.stop_preempt();
+    }
     let load_time = t0.elapsed();
     let loaded_at = SystemTime::now();
     events.emit_at(
@@ -909,7 +989,8 @@ fn load_incoming(
                 json!({"requests": w.requests, "resolved": w.resolved, "total_us": w.total_us,
                        "p50_us": w.p50_us, "p99_us": w.p99_us, "max_us": w.max_us,
                        "histogram_us": w.histogram,
-                       "blocktime_ms": w.vcpus.total_ms, "vcpu_blocktime_ms": w.vcpus.per_vcpu_ms}),
+                       "blocktime_ms": w.vcpus.total_ms, "vcpu_blocktime_ms": w.vcpus.per_vcpu_ms,
+                       "preempt_pages": p.info().preempt_pages}),
             );
         }
         return Ok(IncomingReport {

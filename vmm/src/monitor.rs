@@ -372,6 +372,25 @@ impl Monitor {
                 if session.migration_running() {
                     return Err(generic("There's a migration process in progress"));
                 }
+                // As QEMU, the combination is checked whole before any of it applies.
+                let after = |c: Capability| {
+                    list.iter()
+                        .rev()
+                        .find(|(x, _)| *x == c)
+                        .map_or_else(|| session.capability(c), |(_, on)| *on)
+                };
+                if after(Capability::PostcopyPreempt) {
+                    if !after(Capability::PostcopyRam) {
+                        return Err(generic("Postcopy preempt requires postcopy-ram"));
+                    }
+                    if after(Capability::Multifd) {
+                        // QEMU 7.2 accepts it and then takes the preempt connection for a
+                        // multifd channel; 8.0 refuses it too.
+                        return Err(generic(
+                            "Postcopy preempt is not compatible with multifd: turn one off",
+                        ));
+                    }
+                }
                 for (cap, on) in list {
                     session.set_capability(cap, on);
                 }

@@ -241,6 +241,7 @@ impl Session {
             Capability::IgnoreShared => self.params().ram.ignore_shared,
             Capability::PostcopyRam => self.params().migration.postcopy,
             Capability::PostcopyBlocktime => self.postcopy_blocktime.load(Ordering::SeqCst),
+            Capability::PostcopyPreempt => self.params().migration.postcopy_preempt,
         }
     }
 
@@ -260,6 +261,7 @@ impl Session {
             Capability::PostcopyBlocktime => {
                 return self.postcopy_blocktime.store(on, Ordering::SeqCst);
             }
+            Capability::PostcopyPreempt => p.migration.postcopy_preempt = on,
         }
         self.set_params(p);
     }
@@ -413,11 +415,20 @@ impl Session {
         if o.ctl.info().status != MigrationStatus::PostcopyPaused {
             bail!("Cannot resume if there is no paused migration");
         }
-        let transport = match self.tls(qemu_file::TlsEndpoint::Client)? {
-            Some(t) => qemu_file::connect_tls(&uri, &t.creds, t.hostname.as_deref())?,
-            None => qemu_file::connect(&uri)?,
+        let tls = self.tls(qemu_file::TlsEndpoint::Client)?;
+        let open = || match &tls {
+            Some(t) => qemu_file::connect_tls(&uri, &t.creds, t.hostname.as_deref()),
+            None => qemu_file::connect(&uri),
         };
-        let f = qemu_file::QemuFile::new(transport);
+        let f = qemu_file::QemuFile::new(open()?);
+        if o.ctl.params().postcopy_preempt {
+            // After the main stream, as at the start: the destination goes by the order.
+            let p = anyhow::Context::context(open(), "opening the post-copy preempt connection")?;
+            if let Some(h) = p.shutdown_handle() {
+                o.ctl.add_shutdown_handle(h);
+            }
+            o.ctl.set_preempt_channel(qemu_file::QemuFile::new(p));
+        }
         o.ctl.resume_postcopy(f).map_err(anyhow::Error::msg)?;
         self.machine
             .events

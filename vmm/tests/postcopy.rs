@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use common::postcopy::{
     Failure, GUEST, SMALL, fail_after_switch, migrate_in_postcopy, migrate_in_postcopy_over_tls,
-    recover_after_cut,
+    migrate_in_postcopy_preempt, recover_after_cut,
 };
 
 #[test]
@@ -67,7 +67,7 @@ fn a_killed_destination_after_the_switch_leaves_the_source_whole() {
 fn a_cut_connection_is_recovered_over_a_new_one_and_the_guest_arrives_whole() {
     common::init();
     for after in WHEN {
-        let s = recover_after_cut(after, false);
+        let s = recover_after_cut(after, false, false);
         assert!(s.bytes > 0, "{s:?}");
     }
 }
@@ -78,6 +78,20 @@ fn post_copy_over_tls_completes_and_recovers_over_tls() {
     // The return path is read (source) and written (destination) by a thread of its
     // own on the one TLS session.
     migrate_in_postcopy_over_tls("postcopy-tls", SMALL, 128 << 20);
-    let s = recover_after_cut(Duration::from_millis(500), true);
+    let s = recover_after_cut(Duration::from_millis(500), true, false);
     assert!(s.bytes > 0, "{s:?}");
+}
+
+#[test]
+fn post_copy_preempt_completes_and_recovers_in_the_clear_and_over_tls() {
+    common::init();
+    // The pages asked for come on a second connection, never behind the background.
+    let s = migrate_in_postcopy_preempt("postcopy-preempt", SMALL, 128 << 20, false);
+    assert!(s.requests > 0, "{s:?}");
+    migrate_in_postcopy_preempt("postcopy-preempt-tls", SMALL, 128 << 20, true);
+    // A cut ends both connections; the resume opens both again.
+    for tls in [false, true] {
+        let s = recover_after_cut(Duration::from_millis(500), tls, true);
+        assert!(s.bytes > 0, "{s:?}");
+    }
 }

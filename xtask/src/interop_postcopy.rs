@@ -8,7 +8,8 @@
 //! read of a page not there yet a request on the return path that QEMU must serve; at
 //! EOF ours answers SHUT and QEMU completes. pc.ram must then equal QEMU's memory
 //! (`pmemsave`). This checks our reading of QEMU's post-copy commands and QEMU's
-//! reading of our page requests, byte for byte.
+//! reading of our page requests, byte for byte. With `postcopy-preempt` QEMU opens a
+//! second connection after the main one, and the pages we ask for must come on it.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -33,11 +34,13 @@ use serde_json::json;
 use crate::certs::TestPki;
 use crate::interop::{PAGE, differing_pages, qemu_fill_source, qemu_source_tls};
 
-/// Migrates QEMU's guest into our post-copy destination and compares pc.ram.
+/// Migrates QEMU's guest into our post-copy destination and compares pc.ram; with
+/// `preempt`, `postcopy-preempt` on both sides.
 ///
 /// # Errors
-/// QEMU or ours fails, or the memories differ.
-pub fn run(qemu: &Path, work: &Path, tls: Option<&TestPki>) -> Result<()> {
+/// QEMU or ours fails, the memories differ, or (`preempt`) no page came on the preempt
+/// connection.
+pub fn run(qemu: &Path, work: &Path, tls: Option<&TestPki>, preempt: bool) -> Result<()> {
     let (_src, mut sq, list) = qemu_fill_source(qemu, work, "postcopy-src", "512M")?;
     let creds = tls.map(|pki| qemu_source_tls(&mut sq, pki)).transpose()?;
     let listener = Listener::bind(&MigrationUri::parse("tcp:127.0.0.1:0")?)?;
@@ -45,11 +48,12 @@ pub fn run(qemu: &Path, work: &Path, tls: Option<&TestPki>) -> Result<()> {
     let incoming = Arc::new(PostcopyIncoming::new());
     let loader = {
         let (list, incoming) = (list.clone(), incoming.clone());
-        std::thread::spawn(move || load(listener, creds, list, incoming))
+        std::thread::spawn(move || load(listener, creds, list, incoming, preempt))
     };
     sq.cmd(
         "migrate-set-capabilities",
-        json!({"capabilities": [{"capability": "postcopy-ram", "state": true}]}),
+        json!({"capabilities": [{"capability": "postcopy-ram", "state": true},
+                                {"capability": "postcopy-preempt", "state": preempt}]}),
     );
     sq.cmd(
         "migrate-set-parameters",
@@ -75,18 +79,21 @@ pub fn run(qemu: &Path, work: &Path, tls: Option<&TestPki>) -> Result<()> {
         .join()
         .map_err(|_| anyhow!("the loader panicked"))??;
     let (differ, len) = differing_pages(&mut sq, &list, &work.join("postcopy-src-ram.bin"))?;
-    let w = incoming.info().waits;
+    let info = incoming.info();
+    let w = info.waits;
     println!(
-        "interop: QEMU post-copy -> ours{}: QEMU counted {} requests and {} bytes after the \
-         switch; our reader's faults: {} asked, {} served (p50 {} us, p99 {} us); pc.ram pages \
-         differing from QEMU's memory: {differ}",
+        "interop: QEMU post-copy{} -> ours{}: QEMU counted {} requests and {} bytes after the \
+         switch; our reader's faults: {} asked, {} served (p50 {} us, p99 {} us), {} pages on \
+         the preempt connection; pc.ram pages differing from QEMU's memory: {differ}",
+        if preempt { " preempt" } else { "" },
         if tls.is_some() { " over TLS" } else { "" },
         end["ram"]["postcopy-requests"],
         end["ram"]["postcopy-bytes"],
         w.requests,
         w.resolved,
         w.p50_us,
-        w.p99_us
+        w.p99_us,
+        info.preempt_pages,
     );
     let _ = sq.try_cmd("quit", json!({}));
     if differ > 0 || read_back as u64 != len {
@@ -95,21 +102,36 @@ pub fn run(qemu: &Path, work: &Path, tls: Option<&TestPki>) -> Result<()> {
     if w.resolved == 0 || end["ram"]["postcopy-requests"].as_u64() == Some(0) {
         bail!("no page was asked for after the switch: the request path went untested");
     }
+    if preempt != (info.preempt_pages > 0) {
+        bail!(
+            "{} pages came on the preempt connection, with postcopy-preempt {}",
+            info.preempt_pages,
+            if preempt { "on" } else { "off" }
+        );
+    }
     Ok(())
 }
 
-/// Accepts QEMU's stream and loads its RAM in post-copy; returns how many bytes of
-/// pc.ram the reader thread read while pages arrived.
+/// Accepts QEMU's stream (and, with `preempt`, its preempt connection, which comes
+/// second) and loads its RAM in post-copy; returns how many bytes of pc.ram the reader
+/// thread read while pages arrived.
 fn load(
     listener: Listener,
     tls: Option<TlsCreds>,
     list: Arc<RamList>,
     incoming: Arc<PostcopyIncoming>,
+    preempt: bool,
 ) -> Result<usize> {
-    let mut f = QemuFile::new(match &tls {
-        Some(creds) => listener.accept_tls(creds)?,
-        None => listener.accept()?,
-    });
+    let mut accepted = listener.accept_in_order(
+        1 + usize::from(preempt),
+        tls.as_ref(),
+        Duration::from_secs(10),
+    )?;
+    let second = (accepted.len() > 1).then(|| QemuFile::new(accepted.remove(1)));
+    let mut f = QemuFile::new(accepted.remove(0));
+    if let Some(p) = second {
+        incoming.set_preempt_channel(p, f.shutdown_handle())?;
+    }
     let mut ram =
         RamSection::new(list.clone(), Arc::new(RamStats::default())).with_postcopy(incoming);
     ram.load_setup().map_err(|e| anyhow!("{e}"))?;

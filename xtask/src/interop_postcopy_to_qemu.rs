@@ -9,7 +9,9 @@
 //! (`xp`) near its end, pages not there yet, each read a fault that QEMU's fault thread
 //! turns into a request that ours must serve, and each value read must be ours. At the
 //! end QEMU answers SHUT; its memory (`pmemsave`) must equal ours. This checks QEMU's
-//! reading of our post-copy stream and our serving of its requests, byte for byte.
+//! reading of our post-copy stream and our serving of its requests, byte for byte. With
+//! `postcopy-preempt` ours opens a second connection after the main one, which QEMU
+//! takes for its preempt channel, and the pages QEMU asks for go on it.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -133,18 +135,21 @@ fn qemu_reads(q: &mut vmm_harness::Qmp, a: u64) -> Result<u64> {
         .with_context(|| format!("xp printed {text:?}"))
 }
 
-/// Migrates our RAM into QEMU's post-copy destination and compares pc.ram.
+/// Migrates our RAM into QEMU's post-copy destination and compares pc.ram; with
+/// `preempt`, `postcopy-preempt` on both sides.
 ///
 /// # Errors
-/// QEMU or ours fails, a value QEMU read is not ours, or the memories differ.
-pub fn run(qemu: &Path, work: &Path, tls: Option<&TestPki>) -> Result<()> {
+/// QEMU or ours fails, a value QEMU read is not ours, the memories differ, or
+/// (`preempt`) nothing went on the preempt connection.
+pub fn run(qemu: &Path, work: &Path, tls: Option<&TestPki>, preempt: bool) -> Result<()> {
     std::fs::create_dir_all(work)?;
     let image = guest_image(work, "fill", "64M", 0, None)?;
     let args: Vec<String> = ["-incoming", "defer", "-S"].map(String::from).to_vec();
     let (_dst, mut dq) = qemu_start(qemu, work, "postcopy-dst", &image, QEMU_MIB, &args)?;
     dq.cmd(
         "migrate-set-capabilities",
-        json!({"capabilities": [{"capability": "postcopy-ram", "state": true}]}),
+        json!({"capabilities": [{"capability": "postcopy-ram", "state": true},
+                                {"capability": "postcopy-preempt", "state": preempt}]}),
     );
     if let Some(pki) = tls {
         // QEMU's destination with its own tls-creds-x509, checking ours.
@@ -171,6 +176,7 @@ pub fn run(qemu: &Path, work: &Path, tls: Option<&TestPki>) -> Result<()> {
     params.max_bandwidth = 50_000_000;
     params.return_path = true;
     params.postcopy = true;
+    params.postcopy_preempt = preempt;
     let ctl = Arc::new(MigrationControl::new(params));
 
     let vm = Arc::new(Writer {
@@ -183,14 +189,18 @@ pub fn run(qemu: &Path, work: &Path, tls: Option<&TestPki>) -> Result<()> {
         std::thread::spawn(move || write_until_stopped(mem, vm, len, quit))
     };
     let target = MigrationUri::parse(&uri)?;
-    let transport = match tls {
-        Some(pki) => {
-            let creds = TlsCreds::load(&pki.client, TlsEndpoint::Client, true)?;
-            connect_tls(&target, &creds, None)?
-        }
-        None => connect(&target)?,
+    let creds = tls
+        .map(|pki| TlsCreds::load(&pki.client, TlsEndpoint::Client, true))
+        .transpose()?;
+    let open = || match &creds {
+        Some(c) => connect_tls(&target, c, None),
+        None => connect(&target),
     };
-    let mut f = QemuFile::new(transport);
+    let mut f = QemuFile::new(open()?);
+    if preempt {
+        // After the main stream: QEMU goes by the order.
+        ctl.set_preempt_channel(QemuFile::new(open()?));
+    }
     let migration = {
         let (ctl, vm) = (ctl.clone(), vm.clone());
         std::thread::spawn(move || run_migration(&mut savevm, &mut f, &*vm, &ctl))
@@ -252,13 +262,15 @@ pub fn run(qemu: &Path, work: &Path, tls: Option<&TestPki>) -> Result<()> {
     };
     let (differ, _) = differing_pages(&mut dq, &list, &work.join("postcopy-dst-ram.bin"))?;
     println!(
-        "interop: ours post-copy -> QEMU{}: {} requests from QEMU served, {} bytes after the \
-         switch, {writes} writes during pre-copy, QEMU's monitor read {} values during \
-         post-copy, all ours; QEMU's status {status}; pc.ram pages differing from ours: \
-         {differ}",
+        "interop: ours post-copy{} -> QEMU{}: {} requests from QEMU served, {} bytes after \
+         the switch ({} on the preempt connection), {writes} writes during pre-copy, QEMU's \
+         monitor read {} values during post-copy, all ours; QEMU's status {status}; pc.ram \
+         pages differing from ours: {differ}",
+        if preempt { " preempt" } else { "" },
         if tls.is_some() { " over TLS" } else { "" },
         info.postcopy_requests,
         info.postcopy_bytes,
+        info.postcopy_preempt_bytes,
         read.load(Ordering::Relaxed),
     );
     let _ = dq.try_cmd("quit", json!({}));
@@ -270,6 +282,13 @@ pub fn run(qemu: &Path, work: &Path, tls: Option<&TestPki>) -> Result<()> {
     }
     if info.postcopy_requests == 0 {
         bail!("QEMU asked for no page after the switch: the request path went untested");
+    }
+    if preempt != (info.postcopy_preempt_bytes > 0) {
+        bail!(
+            "{} bytes went on the preempt connection, with postcopy-preempt {}",
+            info.postcopy_preempt_bytes,
+            if preempt { "on" } else { "off" }
+        );
     }
     Ok(())
 }

@@ -85,7 +85,7 @@ enum Cmd {
         #[arg(long)]
         no_qemu: bool,
         /// Only these scenarios (repeat, or separate with commas): idle, fill, dirty128,
-        /// dirty256, converge, postcopy, converge512, fill-2g, fill-4g, fill-8g, fill-mfd2,
+        /// dirty256, converge, postcopy, postcopy-preempt, converge512, fill-2g, fill-4g, fill-8g, fill-mfd2,
         /// fill-tls, fill-tls-mfd2, fill-mfd4, fill-zstd, fill-1g, fill-1g-zstd.
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
@@ -337,8 +337,8 @@ fn outside_vmm() -> Result<()> {
 /// Every interop run with QEMU 7.2: its multifd source (plain, zstd) and its TLS source
 /// (0 and 2 channels) into our destination, its TLS destination's authz against the
 /// names vmm writes, its post-copy source into our post-copy destination, and our
-/// post-copy source into its post-copy destination, in the clear and over TLS. `vmm`
-/// writes the guest's disk image.
+/// post-copy source into its post-copy destination, each with and without
+/// `postcopy-preempt`, in the clear and over TLS. `vmm` writes the guest's disk image.
 fn interop_all(qemu: &Path, vmm: &Path) -> Result<()> {
     vmm_harness::set_vmm(vmm);
     let work = std::env::temp_dir().join(format!("vmm-interop-{}", std::process::id()));
@@ -353,8 +353,10 @@ fn interop_all(qemu: &Path, vmm: &Path) -> Result<()> {
     }
     interop::authz_names_match_qemus(qemu, &work, &pki)?;
     for tls in [None, Some(&pki)] {
-        interop_postcopy::run(qemu, &work, tls)?;
-        interop_postcopy_to_qemu::run(qemu, &work, tls)?;
+        for preempt in [false, true] {
+            interop_postcopy::run(qemu, &work, tls, preempt)?;
+            interop_postcopy_to_qemu::run(qemu, &work, tls, preempt)?;
+        }
     }
     let _ = std::fs::remove_dir_all(&work);
     Ok(())

@@ -101,8 +101,12 @@ enum Case {
     Postcopy(bool),
     /// A failure after the switch to post-copy, at the switch or into it.
     PostcopyFailure(vmm_harness::postcopy::Failure, Duration),
-    /// A connection cut after the switch, recovered over a new one; over TLS or not.
-    PostcopyRecover(Duration, bool),
+    /// The same with `postcopy-preempt` (the pages asked for on a second connection);
+    /// over TLS or not.
+    PostcopyPreempt(bool),
+    /// A connection cut after the switch, recovered over a new one; over TLS or not,
+    /// with `postcopy-preempt` or not.
+    PostcopyRecover(Duration, bool, bool),
 }
 
 impl Case {
@@ -137,8 +141,13 @@ impl Case {
                 f.name(),
                 after.as_millis()
             ),
-            Case::PostcopyRecover(after, tls) => format!(
-                "post-copy{}: cut {} ms after the switch, recovered",
+            Case::PostcopyPreempt(tls) => format!(
+                "post-copy preempt{}: never converges",
+                if *tls { " over TLS" } else { "" }
+            ),
+            Case::PostcopyRecover(after, tls, preempt) => format!(
+                "post-copy{}{}: cut {} ms after the switch, recovered",
+                if *preempt { " preempt" } else { "" },
                 if *tls { " over TLS" } else { "" },
                 after.as_millis()
             ),
@@ -213,9 +222,31 @@ fn cases(quick: bool) -> Vec<Case> {
             }
         }
         for &ms in when {
-            v.push(Case::PostcopyRecover(Duration::from_millis(ms), false));
+            v.push(Case::PostcopyRecover(
+                Duration::from_millis(ms),
+                false,
+                false,
+            ));
         }
-        v.push(Case::PostcopyRecover(Duration::from_millis(500), true));
+        v.push(Case::PostcopyRecover(
+            Duration::from_millis(500),
+            true,
+            false,
+        ));
+        v.push(Case::PostcopyPreempt(false));
+        v.push(Case::PostcopyRecover(
+            Duration::from_millis(500),
+            false,
+            true,
+        ));
+        if !quick {
+            v.push(Case::PostcopyPreempt(true));
+            v.push(Case::PostcopyRecover(
+                Duration::from_millis(500),
+                true,
+                true,
+            ));
+        }
     }
     if quick {
         v.extend([
@@ -526,8 +557,22 @@ fn run_case(case: &Case) -> Result<Measured> {
             vmm_harness::postcopy::fail_after_switch(*f, *after);
             Ok(Measured::default())
         }
-        Case::PostcopyRecover(after, tls) => {
-            let s = vmm_harness::postcopy::recover_after_cut(*after, *tls);
+        Case::PostcopyPreempt(tls) => {
+            use vmm_harness::postcopy::{GUEST, migrate_in_postcopy_preempt};
+            let name = if *tls {
+                "postcopy-preempt-tls"
+            } else {
+                "postcopy-preempt"
+            };
+            let s = migrate_in_postcopy_preempt(name, GUEST, 512 << 20, *tls);
+            Ok(Measured {
+                total_ms: Some(s.total_ms),
+                downtime_ms: None,
+                bytes: Some(s.bytes),
+            })
+        }
+        Case::PostcopyRecover(after, tls, preempt) => {
+            let s = vmm_harness::postcopy::recover_after_cut(*after, *tls, *preempt);
             Ok(Measured {
                 total_ms: Some(s.total_ms),
                 downtime_ms: None,

@@ -469,6 +469,23 @@ fn commands() -> Vec<(&'static str, &'static str, Value)> {
             json!({"capabilities": [{"capability": "postcopy-ram", "state": false}]}),
         ),
         (
+            "capability postcopy-preempt without postcopy-ram",
+            "migrate-set-capabilities",
+            json!({"capabilities": [{"capability": "postcopy-preempt", "state": true}]}),
+        ),
+        (
+            "capabilities postcopy-ram and postcopy-preempt on at once",
+            "migrate-set-capabilities",
+            json!({"capabilities": [{"capability": "postcopy-ram", "state": true},
+                                    {"capability": "postcopy-preempt", "state": true}]}),
+        ),
+        (
+            "capabilities postcopy-preempt and postcopy-ram off",
+            "migrate-set-capabilities",
+            json!({"capabilities": [{"capability": "postcopy-preempt", "state": false},
+                                    {"capability": "postcopy-ram", "state": false}]}),
+        ),
+        (
             "set max-postcopy-bandwidth",
             "migrate-set-parameters",
             json!({"max-postcopy-bandwidth": 1000000}),

@@ -373,9 +373,9 @@ mod tests {
             Ok(Command::Request(Request::SetParameters(p))) if p.len() == 1
         ));
         assert!(
-            parse("migrate_set_capability postcopy-preempt on")
+            parse("migrate_set_capability compress on")
                 .unwrap_err()
-                .contains("requested pages")
+                .contains("zstd")
         );
         assert_eq!(
             parse("info bogus").unwrap_err(),

@@ -308,6 +308,9 @@ pub enum Capability {
     PostcopyRam,
     /// `postcopy-blocktime`: a destination reports how long the guest waited for pages.
     PostcopyBlocktime,
+    /// `postcopy-preempt`: the pages a post-copy destination asks for go on a second
+    /// connection of their own.
+    PostcopyPreempt,
 }
 
 impl Capability {
@@ -322,6 +325,7 @@ impl Capability {
             Capability::IgnoreShared => "x-ignore-shared",
             Capability::PostcopyRam => "postcopy-ram",
             Capability::PostcopyBlocktime => "postcopy-blocktime",
+            Capability::PostcopyPreempt => "postcopy-preempt",
         }
     }
 
@@ -335,6 +339,7 @@ impl Capability {
             Capability::IgnoreShared,
             Capability::PostcopyRam,
             Capability::PostcopyBlocktime,
+            Capability::PostcopyPreempt,
         ]
         .into_iter()
         .find(|c| c.as_str() == name)
@@ -372,9 +377,6 @@ pub fn capabilities(args: &Value) -> Result<Vec<(Capability, bool)>, QmpError> {
 
 fn missing_capability(name: &str) -> &'static str {
     match name {
-        "postcopy-preempt" => {
-            "requested pages already go before the background pass on the one stream"
-        }
         "block" => "disks are copied as each --drive's migrate= says",
         "compress" => "use multifd with multifd-compression zstd",
         "x-colo" => "COLO is not built",
@@ -435,7 +437,7 @@ mod tests {
     fn capabilities_vmm_lacks_may_be_turned_off_only() {
         assert_eq!(
             capabilities(&json!({"capabilities": [
-                {"capability": "postcopy-preempt", "state": false},
+                {"capability": "compress", "state": false},
                 {"capability": "events", "state": false},
                 {"capability": "pause-before-switchover", "state": true}]})),
             Ok(vec![
@@ -443,11 +445,9 @@ mod tests {
                 (Capability::PauseBeforeSwitchover, true)
             ])
         );
-        let e = capabilities(
-            &json!({"capabilities": [{"capability": "postcopy-preempt", "state": true}]}),
-        )
-        .unwrap_err();
-        assert!(e.desc.contains("requested pages"), "{}", e.desc);
+        let e = capabilities(&json!({"capabilities": [{"capability": "compress", "state": true}]}))
+            .unwrap_err();
+        assert!(e.desc.contains("zstd"), "{}", e.desc);
         let q = query_capabilities(|c| c == Capability::Events);
         assert_eq!(
             q.as_array().unwrap().len(),

@@ -478,9 +478,9 @@ mod tests {
                 "Parameter 'x-foo' is unexpected",
             ),
             (
-                r#"{"execute":"migrate-set-capabilities","arguments":{"capabilities":[{"capability":"postcopy-preempt","state":true}]}}"#,
+                r#"{"execute":"migrate-set-capabilities","arguments":{"capabilities":[{"capability":"compress","state":true}]}}"#,
                 "GenericError",
-                "requested pages",
+                "zstd",
             ),
             (
                 r#"{"execute":"migrate-set-capabilities","arguments":{"capabilities":[{"capability":"return-path"}]}}"#,

@@ -31,8 +31,17 @@ pub const SMALL: &[&str] = &[
     "128M",
 ];
 
-/// A source with QMP and the postcopy-ram capability.
-fn source(dir: &Path, guest: &[&str], extra: &[&str]) -> (Vmm, Qmp) {
+/// The arguments a destination needs for `postcopy-preempt` (a source gets the
+/// capability over QMP).
+fn preempt_arg(on: bool) -> &'static [&'static str] {
+    match on {
+        true => &["--postcopy-preempt"],
+        false => &[],
+    }
+}
+
+/// A source with QMP and the postcopy-ram capability (and `postcopy-preempt`).
+fn source(dir: &Path, guest: &[&str], extra: &[&str], preempt: bool) -> (Vmm, Qmp) {
     let qmp = dir.join("source-qmp.sock");
     let qmp_arg = format!("unix:{}", qmp.display());
     let src = Vmm::start(
@@ -44,7 +53,8 @@ fn source(dir: &Path, guest: &[&str], extra: &[&str]) -> (Vmm, Qmp) {
     q.wait_guest_pass(1);
     q.cmd(
         "migrate-set-capabilities",
-        json!({"capabilities": [{"capability": "postcopy-ram", "state": true}]}),
+        json!({"capabilities": [{"capability": "postcopy-ram", "state": true},
+                                {"capability": "postcopy-preempt", "state": preempt}]}),
     );
     (src, q)
 }
@@ -162,12 +172,18 @@ fn strs(v: &[String]) -> Vec<&str> {
 /// equal at the switch and the guest going on at the destination without a stale page.
 /// `extra` goes to both sides. Panics on a broken expectation.
 pub fn migrate_in_postcopy(name: &str, guest: &[&str], range: u64, extra: &[&str]) -> Switched {
-    migrate_in_postcopy_with(name, guest, range, extra, false)
+    migrate_in_postcopy_with(name, guest, range, extra, false, false)
 }
 
 /// As [`migrate_in_postcopy`] over TLS.
 pub fn migrate_in_postcopy_over_tls(name: &str, guest: &[&str], range: u64) -> Switched {
-    migrate_in_postcopy_with(name, guest, range, &[], true)
+    migrate_in_postcopy_with(name, guest, range, &[], true, false)
+}
+
+/// As [`migrate_in_postcopy`] with `postcopy-preempt` on both sides (over TLS with
+/// `tls`): the pages asked for come on a second connection.
+pub fn migrate_in_postcopy_preempt(name: &str, guest: &[&str], range: u64, tls: bool) -> Switched {
+    migrate_in_postcopy_with(name, guest, range, &[], tls, true)
 }
 
 fn migrate_in_postcopy_with(
@@ -176,14 +192,18 @@ fn migrate_in_postcopy_with(
     range: u64,
     extra: &[&str],
     tls: bool,
+    preempt: bool,
 ) -> Switched {
     let dir = scratch(name);
     let tls = TlsArgs::when(tls, &dir);
     let (src_tls, dst_tls) = (strs(&tls.src), strs(&tls.dst));
-    let (src_extra, dst_extra) = ([extra, &src_tls].concat(), [extra, &dst_tls].concat());
+    let (src_extra, dst_extra) = (
+        [extra, &src_tls].concat(),
+        [extra, &dst_tls, preempt_arg(preempt)].concat(),
+    );
     let (src_extra, dst_extra) = (&src_extra[..], &dst_extra[..]);
     let cap = ["--max-bandwidth", "50M"];
-    let (mut src, mut q) = source(&dir, guest, &[&cap[..], src_extra].concat());
+    let (mut src, mut q) = source(&dir, guest, &[&cap[..], src_extra].concat(), preempt);
     let (mut dst, mut dq, uri) = destination(
         &dir,
         guest,
@@ -227,6 +247,9 @@ fn migrate_in_postcopy_with(
         .map(|h| h.iter().filter_map(|b| b[1].as_u64()).sum())
         .unwrap_or(0);
     assert_eq!(Some(counted), faults["resolved"].as_u64(), "{faults}");
+    // With preempt the pages asked for came on their own connection, and only then.
+    let on_preempt = faults["preempt_pages"].as_u64().unwrap_or(0);
+    assert_eq!(preempt, on_preempt > 0, "{faults}");
     // One vCPU (the default), its blocktime counted on its own.
     assert_eq!(
         faults["vcpu_blocktime_ms"].as_array().map(Vec::len),
@@ -270,13 +293,15 @@ fn switch_through_proxy(
     src_extra: &[&str],
     dst_extra: &[&str],
     after: Duration,
+    preempt: bool,
 ) -> Switching {
     let (src, mut q) = source(
         dir,
         SMALL,
         &[&["--max-postcopy-bandwidth", "20M"][..], src_extra].concat(),
+        preempt,
     );
-    let (dst, mut dq, uri) = destination(dir, SMALL, dst_extra);
+    let (dst, mut dq, uri) = destination(dir, SMALL, &[dst_extra, preempt_arg(preempt)].concat());
     let proxy = FaultProxy::start(
         &dir.join("proxy.sock"),
         uri.trim_start_matches("tcp:"),
@@ -332,7 +357,7 @@ pub fn fail_after_switch(failure: Failure, after: Duration) {
         mut dst,
         mut dq,
         proxy,
-    } = switch_through_proxy(&dir, &[], &[], after);
+    } = switch_through_proxy(&dir, &[], &[], after, false);
     match failure {
         Failure::Cut => proxy.cut(),
         Failure::KillSource => {
@@ -411,9 +436,14 @@ pub fn fail_after_switch(failure: Failure, after: Duration) {
 /// the migration completes with RAM equal at the switch (both sides hash it; the
 /// destination's hash waited through the pause for pages) and the guest going on at the
 /// destination without a stale page. With `tls`, every connection goes over TLS, the
-/// new one too. Panics on a broken expectation.
-pub fn recover_after_cut(after: Duration, tls: bool) -> Switched {
-    let tag = if tls { "-tls" } else { "" };
+/// new one too; with `preempt` (`postcopy-preempt`), the second connection is cut and
+/// opened again with the main one. Panics on a broken expectation.
+pub fn recover_after_cut(after: Duration, tls: bool, preempt: bool) -> Switched {
+    let tag = format!(
+        "{}{}",
+        if tls { "-tls" } else { "" },
+        if preempt { "-preempt" } else { "" }
+    );
     let dir = scratch(&format!("postcopy-recover{tag}-{}", after.as_millis()));
     let tls = TlsArgs::when(tls, &dir);
     let (src_tls, dst_tls) = (strs(&tls.src), strs(&tls.dst));
@@ -428,6 +458,7 @@ pub fn recover_after_cut(after: Duration, tls: bool) -> Switched {
         &src_tls,
         &[&["--verify", "--exit-after", "1"][..], &dst_tls].concat(),
         after,
+        preempt,
     );
     proxy.cut();
     let m = follow(&mut q);

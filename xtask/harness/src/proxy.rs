@@ -90,11 +90,10 @@ impl FaultProxy {
         let sh = shared.clone();
         let dest = dest.to_string();
         std::thread::spawn(move || {
-            // One connection: the proxy is a migration's, not a server.
+            // The main stream: the faults apply to it.
             let Ok((src, _)) = listener.accept() else {
                 return;
             };
-            drop(listener);
             let Ok(dst) = TcpStream::connect(&dest) else {
                 let _ = src.shutdown(Shutdown::Both);
                 return;
@@ -148,7 +147,11 @@ impl FaultProxy {
                 // the link): so does the source's connection.
                 back.cut();
             });
-            forward(src, dst, &sh, at, fault);
+            let main = sh.clone();
+            std::thread::spawn(move || forward(src, dst, &main, at, fault));
+            // Further connections of the migration (post-copy's preempt one), connected
+            // in the order they come, forwarded as they are, cut with the main one.
+            accept_more(&listener, &dest, &sh);
         });
         Ok(FaultProxy {
             path: path.to_path_buf(),
@@ -195,6 +198,51 @@ impl Drop for FaultProxy {
         self.shared.cut();
         let _ = std::fs::remove_file(&self.path);
     }
+}
+
+/// Accepts the migration's further connections until the proxy is cut or dropped,
+/// each connected to `dest` and forwarded both ways untouched.
+fn accept_more(listener: &UnixListener, dest: &str, sh: &Arc<Shared>) {
+    if listener.set_nonblocking(true).is_err() {
+        return;
+    }
+    while !sh.closed.load(Ordering::SeqCst) {
+        let src = match listener.accept() {
+            Ok((s, _)) => s,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            }
+            Err(_) => return,
+        };
+        let Ok(dst) = TcpStream::connect(dest) else {
+            let _ = src.shutdown(Shutdown::Both);
+            continue;
+        };
+        let (Ok(_), Ok(src2), Ok(dst2), Ok(src3), Ok(dst3)) = (
+            src.set_nonblocking(false),
+            src.try_clone(),
+            dst.try_clone(),
+            src.try_clone(),
+            dst.try_clone(),
+        ) else {
+            return;
+        };
+        sh.conns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend([Conn::Unix(src3), Conn::Tcp(dst3)]);
+        if sh.closed.load(Ordering::SeqCst) {
+            sh.cut();
+        }
+        std::thread::spawn(move || copy(src, dst));
+        std::thread::spawn(move || copy(dst2, src2));
+    }
+}
+
+/// Copies until either side ends.
+fn copy(mut from: impl Read, mut to: impl Write) {
+    let _ = std::io::copy(&mut from, &mut to);
 }
 
 /// Source to destination, all but the last `tail` bytes: when the source ends its
