@@ -42,6 +42,8 @@ pub struct FaultProxy {
 struct Shared {
     /// Stream bytes forwarded to the destination.
     forwarded: AtomicU64,
+    /// Bytes forwarded to the destination on the further connections.
+    forwarded_further: AtomicU64,
     /// Set when the fault happened; `fired_cond` is notified.
     fired: Mutex<bool>,
     fired_cond: Condvar,
@@ -94,22 +96,9 @@ impl FaultProxy {
             let Ok((src, _)) = listener.accept() else {
                 return;
             };
-            let Ok(dst) = TcpStream::connect(&dest) else {
-                let _ = src.shutdown(Shutdown::Both);
+            let Some((src, dst, src2, dst2)) = connect_pair(src, &dest, &sh) else {
                 return;
             };
-            let (Ok(src2), Ok(dst2), Ok(src3), Ok(dst3)) = (
-                src.try_clone(),
-                dst.try_clone(),
-                src.try_clone(),
-                dst.try_clone(),
-            ) else {
-                return;
-            };
-            sh.conns
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .extend([Conn::Unix(src3), Conn::Tcp(dst3)]);
             let back = sh.clone();
             // The destination's answers (the return path), until the fault.
             std::thread::spawn(move || {
@@ -182,9 +171,14 @@ impl FaultProxy {
         true
     }
 
-    /// Stream bytes forwarded so far.
+    /// Stream bytes forwarded so far (the main stream's).
     pub fn forwarded(&self) -> u64 {
         self.shared.forwarded.load(Ordering::SeqCst)
+    }
+
+    /// Bytes forwarded to the destination so far on every connection.
+    pub fn forwarded_all(&self) -> u64 {
+        self.forwarded() + self.shared.forwarded_further.load(Ordering::SeqCst)
     }
 
     /// Shuts both connections down (a cut after a stall).
@@ -198,6 +192,30 @@ impl Drop for FaultProxy {
         self.shared.cut();
         let _ = std::fs::remove_file(&self.path);
     }
+}
+
+/// Connects the source's connection `src` to `dest`, both registered to be cut; returns
+/// each twice (one handle per direction), or None (`src` shut down) if that fails.
+fn connect_pair(
+    src: UnixStream,
+    dest: &str,
+    sh: &Shared,
+) -> Option<(UnixStream, TcpStream, UnixStream, TcpStream)> {
+    let Ok(dst) = TcpStream::connect(dest) else {
+        let _ = src.shutdown(Shutdown::Both);
+        return None;
+    };
+    let (src2, dst2, src3, dst3) = (
+        src.try_clone().ok()?,
+        dst.try_clone().ok()?,
+        src.try_clone().ok()?,
+        dst.try_clone().ok()?,
+    );
+    sh.conns
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .extend([Conn::Unix(src3), Conn::Tcp(dst3)]);
+    Some((src, dst, src2, dst2))
 }
 
 /// Accepts the migration's further connections until the proxy is cut or dropped,
@@ -215,34 +233,36 @@ fn accept_more(listener: &UnixListener, dest: &str, sh: &Arc<Shared>) {
             }
             Err(_) => return,
         };
-        let Ok(dst) = TcpStream::connect(dest) else {
-            let _ = src.shutdown(Shutdown::Both);
+        if src.set_nonblocking(false).is_err() {
+            continue;
+        }
+        let Some((src, dst, src2, dst2)) = connect_pair(src, dest, sh) else {
             continue;
         };
-        let (Ok(_), Ok(src2), Ok(dst2), Ok(src3), Ok(dst3)) = (
-            src.set_nonblocking(false),
-            src.try_clone(),
-            dst.try_clone(),
-            src.try_clone(),
-            dst.try_clone(),
-        ) else {
-            return;
-        };
-        sh.conns
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .extend([Conn::Unix(src3), Conn::Tcp(dst3)]);
         if sh.closed.load(Ordering::SeqCst) {
             sh.cut();
         }
-        std::thread::spawn(move || copy(src, dst));
-        std::thread::spawn(move || copy(dst2, src2));
+        let counted = sh.clone();
+        std::thread::spawn(move || copy(src, dst, Some(&counted.forwarded_further)));
+        std::thread::spawn(move || copy(dst2, src2, None));
     }
 }
 
-/// Copies until either side ends.
-fn copy(mut from: impl Read, mut to: impl Write) {
-    let _ = std::io::copy(&mut from, &mut to);
+/// Copies until either side ends, counting into `count`.
+fn copy(mut from: impl Read, mut to: impl Write, count: Option<&AtomicU64>) {
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if to.write_all(&buf[..n]).is_err() {
+            return;
+        }
+        if let Some(c) = count {
+            c.fetch_add(n as u64, Ordering::SeqCst);
+        }
+    }
 }
 
 /// Source to destination, all but the last `tail` bytes: when the source ends its
