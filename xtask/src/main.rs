@@ -1,9 +1,9 @@
 //! `cargo xtask`: the project's automation (the cargo-xtask convention).
 //!
 //! - `cargo xtask ci`: what CI runs: format check, clippy with warnings as errors, the
-//!   documentation without warnings, the whole test suite, the end-to-end migrations, a
-//!   migration driven by qemu.qmp, and, when QEMU is installed, the interop and QMP
-//!   conformance runs.
+//!   documentation without warnings, the public API against the last release, the whole
+//!   test suite, the end-to-end migrations, a migration driven by qemu.qmp, and, when
+//!   QEMU is installed, the interop and QMP conformance runs.
 //! - `cargo xtask guest`: assembles `vmm/guest/guest.S` into the `guest.bin` vmm embeds
 //!   (`--check`: only verify that the committed bytes match the source).
 //! - `cargo xtask migrate-test [--quick]`: migrations between real vmm processes over every
@@ -14,6 +14,7 @@
 //!   tls-authz checked against the certificate names vmm writes.
 //! - `cargo xtask qmp-conformance`: one script of QMP exchanges against vmm and, when
 //!   installed, QEMU 7.2, side by side; fails on a difference docs/qmp.md does not list.
+//! - `cargo xtask semver`: the released crates' public API against the last release.
 //! - `cargo xtask fuzz [--seconds N] [TARGET...]`: coverage-guided fuzzing of every parser
 //!   of untrusted input (libFuzzer, stable toolchain).
 
@@ -35,6 +36,7 @@ mod ping_pong;
 mod plot;
 mod qmp_conformance;
 mod run;
+mod semver;
 mod stats;
 
 use cmd::{build_release_vmm, build_vmm, cargo, root, run, target_dir};
@@ -141,6 +143,9 @@ enum Cmd {
         /// Only these targets (stream, tls, ram, block, analyze, multifd, qmp, uri); all by default.
         targets: Vec<String>,
     },
+    /// The released crates' public API against the last release (cargo-semver-checks;
+    /// the release is [workspace.metadata.release] in Cargo.toml).
+    Semver,
 }
 
 /// Which QEMU to run beside vmm.
@@ -166,6 +171,7 @@ fn main() -> Result<()> {
     match cli.command {
         Cmd::Ci => ci(),
         Cmd::Guest { check } => guest(check),
+        Cmd::Semver => semver::check(),
         Cmd::Fuzz { seconds, targets } => fuzz::run_fuzz(seconds.max(1), &targets),
         Cmd::MigrateTest { quick, only } => migrate_test::run(build_vmm()?, quick, &only),
         Cmd::QmpConformance { qemu, no_qemu } => {
@@ -270,6 +276,7 @@ fn ci() -> Result<()> {
     doc.args(["doc", "--workspace", "--no-deps", "--quiet"])
         .env("RUSTDOCFLAGS", "-D warnings");
     run("cargo doc (warnings denied)", doc)?;
+    semver::ci_step()?;
     if Command::new("as").arg("--version").output().is_ok() {
         guest(true)?;
     } else {
