@@ -731,7 +731,17 @@ fn migration(l: &Launcher, name: &str, mode: Mode) -> Result<Results> {
     d.drain(Duration::from_millis(300))?;
     outcome.events = s.take_events();
     res.push((format!("{name}: source"), outcome));
-    let dev = d.take_events();
+    let mut dev = d.take_events();
+    if postcopy {
+        // QEMU 7.2 starts a post-copy destination's guest from its main loop (a bottom
+        // half of RUN) while its listen thread loads the rest and completes: RESUME and
+        // MIGRATION(completed) come in either order, measured both ways in CI. vmm's
+        // order is fixed (RESUME at RUN); RESUME is compared as present, not by place.
+        if let Some(i) = dev.iter().position(|e| e == "RESUME") {
+            dev.remove(i);
+            dev.push("RESUME(order with MIGRATION(completed) not defined)".into());
+        }
+    }
     let dq = d.cmd("query-migrate", Value::Null)?;
     res.push((
         format!("{name}: destination"),
