@@ -98,7 +98,7 @@ pub fn run(
     let channel_bytes = loader
         .join()
         .map_err(|_| anyhow::anyhow!("the loader panicked"))??;
-    let (differ, _) = differing_pages(&mut sq, &list, &work.join("interop-src-ram.bin"))?;
+    let (differ, _) = differing_pages(&mut sq, &list, &work.join("interop-src-ram.fifo"))?;
     let s = stats.snapshot();
     println!(
         "interop: QEMU -> ours{}, multifd {channels} channels{}: {} normal pages ({:.1} MiB on the channels), {} zero pages; pc.ram pages differing from QEMU's memory: {differ}",
@@ -154,16 +154,66 @@ pub(crate) fn qemu_fill_source(
     Ok((src, sq, list))
 }
 
-/// The pages of our pc.ram that differ from QEMU's memory (`pmemsave` into `dump`; the
-/// legacy hole left out), and pc.ram's size.
-pub(crate) fn differing_pages(sq: &mut Qmp, list: &RamList, dump: &Path) -> Result<(usize, u64)> {
+/// The pages of our pc.ram that differ from QEMU's memory, and pc.ram's size.
+///
+/// QEMU's `pmemsave` writes into a FIFO at `fifo` that a thread of ours reads, so a
+/// guest's worth of memory (1 GiB here) never lands on disk: CI machines may have
+/// little room left once everything is built, and a full disk made `pmemsave` fail
+/// with QEMU's bare "An IO error has occurred". The legacy hole is left out.
+pub(crate) fn differing_pages(sq: &mut Qmp, list: &RamList, fifo: &Path) -> Result<(usize, u64)> {
     let ram = list.find("pc.ram").context("QEMU has no pc.ram")?;
-    sq.cmd(
+    let len = ram.used_length();
+    let _ = std::fs::remove_file(fifo);
+    let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes())?;
+    // SAFETY: `c` is a NUL-terminated path that outlives the call.
+    if unsafe { libc::mkfifo(c.as_ptr(), 0o600) } != 0 {
+        let e = std::io::Error::last_os_error();
+        bail!("making the FIFO {} for pmemsave: {e}", fifo.display());
+    }
+    let reader = {
+        let fifo = fifo.to_path_buf();
+        std::thread::spawn(move || -> std::io::Result<Vec<u8>> {
+            let mut theirs = Vec::with_capacity(len as usize);
+            std::io::Read::read_to_end(&mut std::fs::File::open(fifo)?, &mut theirs)?;
+            Ok(theirs)
+        })
+    };
+    let saved = sq.try_cmd(
         "pmemsave",
-        json!({"val": 0, "size": ram.used_length(), "filename": dump.display().to_string()}),
+        json!({"val": 0, "size": len, "filename": fifo.display().to_string()}),
     );
-    let theirs = std::fs::read(dump)?;
-    let mut ours = vec![0u8; ram.used_length() as usize];
+    if saved.is_err() {
+        // QEMU may never have opened the FIFO: open and close its writing end ourselves
+        // (without blocking; until the reader is in its open) so the reader sees the end.
+        use std::os::unix::fs::OpenOptionsExt;
+        let t = Instant::now();
+        while !reader.is_finished() && t.elapsed() < Duration::from_secs(10) {
+            let _ = std::fs::OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_NONBLOCK)
+                .open(fifo);
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    if let Err(e) = saved {
+        if reader.is_finished() {
+            let _ = reader.join();
+        }
+        let _ = std::fs::remove_file(fifo);
+        bail!("QEMU's pmemsave of pc.ram ({len} bytes) failed: {e}");
+    }
+    let theirs = reader
+        .join()
+        .map_err(|_| anyhow::anyhow!("the pmemsave reader panicked"));
+    let _ = std::fs::remove_file(fifo);
+    let theirs = theirs?.context("reading QEMU's pmemsave")?;
+    if theirs.len() as u64 != len {
+        bail!(
+            "QEMU's pmemsave wrote {} bytes of pc.ram's {len}",
+            theirs.len()
+        );
+    }
+    let mut ours = vec![0u8; len as usize];
     ram.read_bytes(0, &mut ours);
     let differ = theirs
         .chunks(PAGE)
@@ -171,7 +221,7 @@ pub(crate) fn differing_pages(sq: &mut Qmp, list: &RamList, dump: &Path) -> Resu
         .enumerate()
         .filter(|(i, (a, b))| !LEGACY_HOLE.contains(&(i * PAGE)) && a != b)
         .count();
-    Ok((differ, ram.used_length()))
+    Ok((differ, len))
 }
 
 /// QEMU's RAM blocks (`info ramblock`): name and used length.

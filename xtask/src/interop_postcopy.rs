@@ -78,7 +78,7 @@ pub fn run(qemu: &Path, work: &Path, tls: Option<&TestPki>, preempt: bool) -> Re
     let read_back = loader
         .join()
         .map_err(|_| anyhow!("the loader panicked"))??;
-    let (differ, len) = differing_pages(&mut sq, &list, &work.join("postcopy-src-ram.bin"))?;
+    let (differ, len) = differing_pages(&mut sq, &list, &work.join("postcopy-src-ram.fifo"))?;
     let info = incoming.info();
     let w = info.waits;
     println!(

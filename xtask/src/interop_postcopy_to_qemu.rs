@@ -260,7 +260,7 @@ pub fn run(qemu: &Path, work: &Path, tls: Option<&TestPki>, preempt: bool) -> Re
         }
         std::thread::sleep(Duration::from_millis(20));
     };
-    let (differ, _) = differing_pages(&mut dq, &list, &work.join("postcopy-dst-ram.bin"))?;
+    let (differ, _) = differing_pages(&mut dq, &list, &work.join("postcopy-dst-ram.fifo"))?;
     println!(
         "interop: ours post-copy{} -> QEMU{}: {} requests from QEMU served, {} bytes after \
          the switch ({} on the preempt connection), {writes} writes during pre-copy, QEMU's \

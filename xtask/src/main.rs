@@ -257,6 +257,7 @@ fn find_qemu(given: Option<PathBuf>, install: bool) -> Result<Option<PathBuf>> {
 
 fn ci() -> Result<()> {
     let t = std::time::Instant::now();
+    note_free_disk();
     let mut fmt = cargo();
     fmt.args(["fmt", "--all", "--", "--check"]);
     run("cargo fmt --check", fmt)?;
@@ -304,6 +305,7 @@ fn ci() -> Result<()> {
     let qemu = find_qemu(None, false)?;
     if let Some(q) = &qemu {
         eprintln!("==> cargo xtask interop");
+        note_free_disk();
         interop_all(q, &vmm)?;
     }
     eprintln!("==> cargo xtask qmp-conformance");
@@ -349,24 +351,45 @@ fn outside_vmm() -> Result<()> {
 fn interop_all(qemu: &Path, vmm: &Path) -> Result<()> {
     vmm_harness::set_vmm(vmm);
     let work = std::env::temp_dir().join(format!("vmm-interop-{}", std::process::id()));
-    let pki = certs::make(&work.join("pki"))?;
-    for (channels, zstd, tls) in [
-        (2, false, None),
-        (3, true, None),
-        (0, false, Some(&pki)),
-        (2, false, Some(&pki)),
-    ] {
-        interop::run(qemu, &work, channels, zstd, tls)?;
-    }
-    interop::authz_names_match_qemus(qemu, &work, &pki)?;
-    for tls in [None, Some(&pki)] {
-        for preempt in [false, true] {
-            interop_postcopy::run(qemu, &work, tls, preempt)?;
-            interop_postcopy_to_qemu::run(qemu, &work, tls, preempt)?;
+    let all = || -> Result<()> {
+        let pki = certs::make(&work.join("pki"))?;
+        for (channels, zstd, tls) in [
+            (2, false, None),
+            (3, true, None),
+            (0, false, Some(&pki)),
+            (2, false, Some(&pki)),
+        ] {
+            interop::run(qemu, &work, channels, zstd, tls)?;
+        }
+        interop::authz_names_match_qemus(qemu, &work, &pki)?;
+        for tls in [None, Some(&pki)] {
+            for preempt in [false, true] {
+                interop_postcopy::run(qemu, &work, tls, preempt)?;
+                interop_postcopy_to_qemu::run(qemu, &work, tls, preempt)?;
+            }
+        }
+        Ok(())
+    };
+    let done = all();
+    let _ = std::fs::remove_dir_all(&work);
+    done
+}
+
+/// Prints the free space where the build and the tests write (a full disk shows up
+/// as odd failures far from its cause: QEMU's `pmemsave` said only "An IO error").
+fn note_free_disk() {
+    for dir in [target_dir(), std::env::temp_dir()] {
+        let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()) else {
+            continue;
+        };
+        // SAFETY: an all-zero statvfs is a valid value of this plain C struct.
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        // SAFETY: `c` is a NUL-terminated path and `st` a live struct, both outliving it.
+        if unsafe { libc::statvfs(c.as_ptr(), &mut st) } == 0 {
+            let free = st.f_bavail as f64 * st.f_frsize as f64 / f64::from(1u32 << 30);
+            eprintln!("==> {:.1} GiB free under {}", free, dir.display());
         }
     }
-    let _ = std::fs::remove_dir_all(&work);
-    Ok(())
 }
 
 /// A migration driven by QEMU's own Python QMP client (xtask/qmp/qemu_qmp_migration.py),
