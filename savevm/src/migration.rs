@@ -306,7 +306,10 @@ fn migrate<V: VmControl + ?Sized>(
     let mut threshold: u64 = 0;
     // Once the pending bytes fit: rounds that shorten the pause.
     let mut approach = Approach::default();
-    let mut written_at_sync = f.bytes_written();
+    // The pending bytes the last exact sync found (at first: everything). Measured in
+    // state, not stream bytes: a round of zero pages is cheap on the wire yet sends
+    // much, and counting it in wire bytes made it look like a round that sent nothing.
+    let mut pending_at_sync = savevm.pending_estimate();
     let mut iterations = 0u64;
     let mut syncs = 0u64;
     // `x-postcopy-auto`: the convergence watch asked for a throttle or gave up.
@@ -371,9 +374,10 @@ fn migrate<V: VmControl + ?Sized>(
             && !savevm.completion_blocked()
         {
             let before = pending;
-            let sent = f.bytes_written() - written_at_sync;
+            // What the rounds since the last sync sent (cleared from what was pending).
+            let sent = pending_at_sync.saturating_sub(before);
             pending = savevm.pending_exact()?;
-            written_at_sync = f.bytes_written();
+            pending_at_sync = pending;
             syncs += 1;
             ctl.passed(syncs + 1);
             verdict = convergence.synced(

@@ -140,8 +140,10 @@ impl Approach {
     }
 
     /// After an exact sync that found `pending` bytes within the threshold: `sent` bytes
-    /// went out since the sync before, which found `newly` bytes newly dirty; sending
-    /// `pending` would take `data` of the pause. Returns whether to switch over now.
+    /// of state went out since the sync before (what they were, not their size on the
+    /// wire: a zero page counts its 4 KiB), and this one found `newly` bytes newly
+    /// dirty; sending `pending` would take `data` of the pause. Returns whether to
+    /// switch over now.
     pub fn switch_now(
         &mut self,
         pending: u64,
@@ -183,6 +185,18 @@ mod tests {
         // Below the floor (6 ms at a 300 ms limit): now.
         assert!(a.switch_now(3_000_000, 47_000_000, 0, 3 * MS, 300 * MS));
         assert_eq!(a.rounds(), 2);
+    }
+
+    #[test]
+    fn a_round_of_zero_pages_counts_what_it_sent_not_its_wire_bytes() {
+        let mut a = Approach::default();
+        // The first fit came in the first pass, 300 MB of zero pages before its end:
+        // they cost a few hundred KB on the wire, but 300 MB of state went, and the
+        // guest dirtied 20 MB meanwhile. Another round (counted in wire bytes, 0.7 MB
+        // sent against 20 MB dirtied, the pause was 20 ms instead of 3).
+        assert!(!a.switch_now(20_000_000, 300_000_000, 20_000_000, 7 * MS, 300 * MS));
+        // Then the guest dirties about as much as a round sends: now.
+        assert!(a.switch_now(4_000_000, 20_000_000, 4_000_000, 2 * MS, 300 * MS));
     }
 
     #[test]

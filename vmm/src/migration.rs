@@ -365,6 +365,7 @@ fn migrate(
                 "iterations": info.iterations,
                 "bandwidth_bps": info.bandwidth,
                 "threshold": info.threshold,
+                "downtime_bytes": info.downtime_bytes,
                 "expected_downtime_ms": ms(info.expected_downtime),
                 "postcopy": info.postcopy_started.is_some(),
                 "postcopy_requests": info.postcopy_requests,

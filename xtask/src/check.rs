@@ -184,6 +184,7 @@ mod tests {
             throttle: 0,
             mem: None,
             postcopy: None,
+            detail: serde_json::Value::Null,
         }
     }
 

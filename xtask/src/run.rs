@@ -33,6 +33,10 @@ pub struct Run {
     pub mem: Option<(u64, u64)>,
     /// Post-copy runs: what the switch and the faults after it did.
     pub postcopy: Option<PostcopyRun>,
+    /// Where the pause went, as each side reports it (ours: the source's completion
+    /// phases, its pending estimate at the switch and the destination's start; QEMU:
+    /// the downtime and setup time it reports), so a figure can be explained.
+    pub detail: Value,
 }
 
 /// What a post-copy run measured beyond the others.
@@ -76,6 +80,7 @@ impl Run {
             throttle: 0,
             mem: None,
             postcopy: None,
+            detail: Value::Null,
         }
     }
 
@@ -90,6 +95,6 @@ impl Run {
                    "fault_p50_us": p.fault_p50_us, "fault_p99_us": p.fault_p99_us,
                    "vcpu_blocked_ms": p.vcpu_blocked_ms,
                    "work_before": p.work_before, "work_postcopy": p.work_postcopy})),
-               "error": self.error})
+               "detail": self.detail, "error": self.error})
     }
 }

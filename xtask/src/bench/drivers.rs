@@ -109,6 +109,22 @@ pub(super) fn follow(
     }
 }
 
+/// Where our pause went: the source's completion phases and what it predicted at the
+/// switch (its `switchover` event without the timestamps), and how long the destination
+/// took from ready to running.
+fn our_detail(switchover: Option<Value>, resumed: Option<Value>) -> Value {
+    let mut d = switchover.unwrap_or(Value::Null);
+    if let Some(o) = d.as_object_mut() {
+        o.retain(|k, _| k != "event" && !k.ends_with("_us"));
+    }
+    if let Some(r) = resumed
+        && let (Some(ready), Some(run)) = (r["ready_at_us"].as_u64(), r["resumed_at_us"].as_u64())
+    {
+        d["destination_start_ms"] = json!((run as f64 - ready as f64) / 1e3);
+    }
+    d
+}
+
 /// The post-copy capabilities of a scenario, for either side of either VMM.
 fn postcopy_caps(s: &Scenario) -> Value {
     json!({"capabilities": [{"capability": "postcopy-ram", "state": true},
@@ -230,6 +246,7 @@ pub(super) fn ours(
             (Some(a), Some(b)) => run.downtime_ms = (b as f64 - a as f64) / 1e3,
             _ => run.error = Some("no stop/resume timestamps".into()),
         }
+        run.detail = our_detail(src.event("switchover"), dst.event("incoming-resumed"));
     }
     if let Some((w, before)) = pc {
         let faults = our_fault_waits(dst.event("postcopy-faults"));
@@ -430,6 +447,9 @@ pub(super) fn qemu_inner(
             (Some(a), Some(b)) => run.downtime_ms = (b as f64 - a as f64) / 1e3,
             _ => bail!("no STOP/RESUME events"),
         }
+        run.detail = json!({"downtime_reported_ms": end["downtime"],
+                            "setup_ms": end["setup-time"],
+                            "dirty_sync_count": end["ram"]["dirty-sync-count"]});
     }
     // A post-copy destination reports its vCPUs' blocktime once it completed.
     let mut dst_info = Value::Null;
