@@ -699,6 +699,12 @@ impl QemuFile {
         Ok(())
     }
 
+    /// Bytes read from the transport and not consumed yet: what the next reads (and a
+    /// [`QemuFile::peek`] of at most this many) get without waiting.
+    pub fn buffered(&self) -> usize {
+        self.rend - self.rpos
+    }
+
     /// Looks at the next bytes without consuming them (QEMU's `qemu_peek_buffer`): up to
     /// `n` of them, fewer only where the stream ends first. `n` is at most 4096.
     ///

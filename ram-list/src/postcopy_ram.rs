@@ -5,6 +5,7 @@
 //! asked for or not, is placed atomically and marked received.
 
 use std::collections::HashMap;
+use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -213,18 +214,53 @@ impl PostcopyRam {
             None => self.uffd.zero(dst, TARGET_PAGE_SIZE as usize),
         }
         .map_err(|e| io_error("placing a page", e))?;
-        received.set(page);
-        let bi = self.blocks.iter().position(|(x, _)| Arc::ptr_eq(x, b));
-        if let Some(bi) = bi {
-            let mut w = lock(&self.waits.state);
-            if let Some(since) = w.waiting.remove(&(bi, page)) {
-                let now = Instant::now();
+        self.arrived(b, received, page..page + 1);
+        Ok(placed)
+    }
+
+    /// Places consecutive pages `data` (whole pages) at `offset` of block `name` with
+    /// one call where the kernel allows (the background stream's runs of pages); pages
+    /// in place already are left as they were. Returns how many were placed now.
+    ///
+    /// # Errors
+    /// An unknown block, a range outside it or not of whole pages, or the kernel's.
+    pub fn place_pages(&self, name: &str, offset: u64, data: &[u8]) -> Result<usize> {
+        let (b, received, first) = self.page_of(name, offset)?;
+        let page = TARGET_PAGE_SIZE as usize;
+        let pages = data.len() / page;
+        if data.len() % page != 0 || first + pages > b.used_pages() {
+            return Err(Error::Postcopy {
+                reason: format!("{} bytes of pages at {offset:#x} of {name:?}", data.len()),
+            });
+        }
+        let placed = self
+            .uffd
+            .copy_pages(b.page_ptr(first), data, page)
+            .map_err(|e| io_error("placing pages", e))?;
+        self.arrived(b, received, first..first + pages);
+        Ok(placed)
+    }
+
+    /// Pages `pages` of block `b` are in place: received, and the waits for them end.
+    fn arrived(&self, b: &Arc<RamBlock>, received: &DirtyBitmap, pages: Range<usize>) {
+        for p in pages.clone() {
+            received.set(p);
+        }
+        let Some(bi) = self.blocks.iter().position(|(x, _)| Arc::ptr_eq(x, b)) else {
+            return;
+        };
+        let mut w = lock(&self.waits.state);
+        if w.waiting.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        for p in pages {
+            if let Some(since) = w.waiting.remove(&(bi, p)) {
                 let us = now.duration_since(since).as_micros().min(u32::MAX as u128) as u32;
                 w.waited_us.push(us);
-                w.vcpus.end((bi, page), now);
+                w.vcpus.end((bi, p), now);
             }
         }
-        Ok(placed)
     }
 
     /// Places zero pages over `len` bytes at `start` of block `name` (pages pre-copy

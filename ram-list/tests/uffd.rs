@@ -103,3 +103,41 @@ fn an_unregistered_range_is_refused_with_the_reason() {
     let e = u.copy(map.as_mut_ptr(), &[0u8; PAGE]).unwrap_err();
     assert!(e.to_string().contains("UFFDIO_COPY"), "{e}");
 }
+
+#[test]
+fn consecutive_pages_go_in_one_call_around_those_in_place() {
+    let Some(u) = userfault() else { return };
+    let mut map = MmapMut::map_anon(16 * PAGE).unwrap();
+    let base = map.as_mut_ptr();
+    u.register(base, map.len()).unwrap();
+    // Pages 2 and 5 are in place already (a requested page, a zero page).
+    // SAFETY: page 2 of the registered mapping.
+    let page2 = unsafe { base.add(2 * PAGE) };
+    // SAFETY: page 5 of the registered mapping.
+    let page5 = unsafe { base.add(5 * PAGE) };
+    assert_eq!(u.copy(page2, &[0x22u8; PAGE]).unwrap(), Placed::Now);
+    assert_eq!(u.zero(page5, PAGE).unwrap(), Placed::Now);
+    // A thread waits for page 7, inside the batch.
+    let t = reader(base as usize, 7);
+    u.read_event(Some(Duration::from_secs(10)))
+        .unwrap()
+        .expect("the reader faults");
+    // Pages 0..8, each filled with its number plus one.
+    let src: Vec<u8> = (0..8u8).flat_map(|p| [p + 1; PAGE]).collect();
+    assert_eq!(
+        u.copy_pages(base, &src, PAGE).unwrap(),
+        6,
+        "all but 2 and 5"
+    );
+    assert_eq!(t.join().unwrap().0, u64::from_ne_bytes([8; 8]));
+    let firsts: Vec<u8> = (0..8).map(|p| map[p * PAGE]).collect();
+    assert_eq!(
+        firsts,
+        [1, 2, 0x22, 4, 5, 0, 7, 8],
+        "pages in place were left as they were"
+    );
+    // Twice: nothing placed, nothing changed.
+    assert_eq!(u.copy_pages(base, &src, PAGE).unwrap(), 0);
+    assert_eq!(map[2 * PAGE], 0x22);
+    u.unregister(base, map.len()).unwrap();
+}
