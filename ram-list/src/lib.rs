@@ -55,6 +55,7 @@ mod guest_memory;
 mod list;
 mod memfd;
 pub mod multifd;
+mod place_batch;
 mod populated;
 mod postcopy_incoming;
 mod postcopy_ram;

@@ -16,6 +16,7 @@ use crate::format::{
 };
 use crate::multifd::recv::MultifdReceiver;
 use crate::multifd::send::MultifdSender;
+use crate::place_batch::{PlaceBatch, next_page_is};
 use crate::populated::Populated;
 use crate::postcopy_incoming::PostcopyIncoming;
 use crate::requests::PageRequests;
@@ -671,76 +672,6 @@ impl RamSection {
         }
         Ok(())
     }
-}
-
-/// Post-copy pages placed together: at most this many (64 KiB; one call for 16 pages
-/// costs 1.2 µs a page against 2.0 for one call per page, measured here).
-const PLACE_BATCH: usize = 16;
-
-/// Consecutive pages of one block read after LISTEN and not placed yet.
-#[derive(Debug, Default)]
-struct PlaceBatch {
-    /// The block and the offset of the first page; None while empty.
-    at: Option<(Arc<RamBlock>, u64)>,
-    /// The pages' data, whole pages only.
-    data: Vec<u8>,
-}
-
-impl PlaceBatch {
-    /// Whether page `offset` of `block` is the one after the batch's last.
-    fn continues(&self, block: &Arc<RamBlock>, offset: u64) -> bool {
-        self.at.as_ref().is_some_and(|(b, start)| {
-            Arc::ptr_eq(b, block) && *start + self.data.len() as u64 == offset
-        })
-    }
-
-    fn start(&mut self, block: Arc<RamBlock>, offset: u64) {
-        self.at = Some((block, offset));
-    }
-
-    /// Reads the next page's data from `f` to the batch's end. If the stream fails, the
-    /// batch is dropped: its pages are not received, so a resumed migration sends them
-    /// again.
-    fn read_page(&mut self, f: &mut QemuFile) -> Result<()> {
-        let len = self.data.len();
-        self.data.resize(len + TARGET_PAGE_SIZE as usize, 0);
-        let read = f.get_buffer(&mut self.data[len..]);
-        if read.is_err() {
-            self.at = None;
-            self.data.clear();
-        }
-        Ok(read?)
-    }
-
-    fn is_full(&self) -> bool {
-        self.data.len() >= PLACE_BATCH * TARGET_PAGE_SIZE as usize
-    }
-
-    /// Places the pages into `ram` and empties the batch.
-    fn place(&mut self, ram: &PostcopyRam) -> Result<()> {
-        if let Some((b, start)) = self.at.take()
-            && !self.data.is_empty()
-        {
-            let placed = ram.place_pages(b.idstr(), start, &self.data);
-            self.data.clear();
-            placed?;
-        }
-        Ok(())
-    }
-}
-
-/// Whether the stream's next record, if it is buffered already with its page, is the
-/// page at `offset` of the same block (so a batch may wait for it without waiting on
-/// the stream).
-fn next_page_is(f: &mut QemuFile, offset: u64) -> Result<bool> {
-    if f.buffered() < 8 + TARGET_PAGE_SIZE as usize {
-        return Ok(false);
-    }
-    let next = f.peek(8)?;
-    let word = u64::from_be_bytes(next.try_into().map_err(|_| Error::Postcopy {
-        reason: "a short peek".into(),
-    })?);
-    Ok(word == offset | RAM_SAVE_FLAG_PAGE | RAM_SAVE_FLAG_CONTINUE)
 }
 
 /// The descriptors of the shared blocks `handed` for the destination, after checking
