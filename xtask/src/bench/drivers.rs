@@ -76,7 +76,18 @@ pub(super) fn follow(
 ) -> Value {
     let t0 = Instant::now();
     loop {
-        let m = q.cmd("query-migrate", json!({}));
+        let mut m = q.cmd("query-migrate", json!({}));
+        // QEMU 7.2 shows "completed" a moment before it sets the totals (its status
+        // changes in migration_completion, total-time and downtime only after, in
+        // migration_calculate_complete): an answer in between reads 0 ms for both.
+        let settle = Instant::now();
+        while m["status"] == "completed"
+            && m["total-time"].as_f64().unwrap_or(0.0) == 0.0
+            && settle.elapsed() < Duration::from_secs(1)
+        {
+            std::thread::sleep(Duration::from_millis(5));
+            m = q.cmd("query-migrate", json!({}));
+        }
         if let Some(w) = watch.as_deref_mut() {
             w.poll(q, &m);
         }
@@ -86,8 +97,11 @@ pub(super) fn follow(
         run.series.push((t, remaining, rate));
         match m["status"].as_str() {
             Some("completed") => {
-                run.completed = true;
                 run.total_ms = m["total-time"].as_f64().unwrap_or(0.0);
+                run.completed = run.total_ms > 0.0;
+                if !run.completed {
+                    run.error = Some("completed, but query-migrate gave no total-time".into());
+                }
                 run.bytes = m["ram"]["transferred"].as_u64().unwrap_or(0);
                 return m;
             }
