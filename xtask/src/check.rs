@@ -59,8 +59,17 @@ fn throughput(bytes: f64, total_ms: f64) -> f64 {
     bytes / (total_ms / 1e3).max(1e-9) / 1e6
 }
 
-/// The verdict table: every claim of `old` against the interval of `new`.
-pub fn verdict(old: &Value, new: &[Run]) -> String {
+/// The host part of a results.json `host` ("2 x AMD EPYC, 2026-12-07"): CPUs and model,
+/// without the date.
+fn host_kind(host: &str) -> &str {
+    host.rsplit_once(", ").map_or(host, |(kind, _)| kind)
+}
+
+/// The verdict table: every claim of `old` against the interval of `new`, measured on
+/// `host` (as results.json names it). A claim from another kind of host says so first:
+/// QEMU's time for the same fill was 4.6 to 7 times longer on one kind of host than
+/// on the other, the same day here.
+pub fn verdict(old: &Value, new: &[Run], host: &str) -> String {
     let olds = old_runs(old);
     let mut keys: Vec<(&str, u64)> = Vec::new();
     for r in &olds {
@@ -70,10 +79,19 @@ pub fn verdict(old: &Value, new: &[Run]) -> String {
             keys.push((r.scenario, r.limit));
         }
     }
-    let mut md = String::from(
-        "| scenario | limit ms | claim | old | new median | new 90% interval | verdict |\n\
-         |---|---:|---|---:|---:|---:|---|\n",
-    );
+    let mut md = String::new();
+    if let Some(then) = old["host"].as_str()
+        && host_kind(then) != host_kind(host)
+    {
+        md += &format!(
+            "The claims were measured on another kind of host ({}) than this run ({}): a \
+             figure may have moved with the host, not with the code.\n\n",
+            host_kind(then),
+            host_kind(host)
+        );
+    }
+    md += "| scenario | limit ms | claim | old | new median | new 90% interval | verdict |\n\
+           |---|---:|---|---:|---:|---:|---|\n";
     let (mut held, mut total) = (0, 0);
     for (scenario, limit) in keys {
         let old_side = |side: &str, f: &dyn Fn(&OldRun) -> f64| -> Vec<f64> {
@@ -195,7 +213,8 @@ mod tests {
                    "total_ms": total, "downtime_ms": downtime, "bytes": 1_000_000_000u64})
         };
         // Old: total ratio 0.2 (too good), downtime ratio 0.5 (holds), 4000 MB/s.
-        let old = json!({"runs": [row("ours", 250.0, 10.0), row("qemu", 1250.0, 20.0),
+        let old = json!({"host": "2 x AMD EPYC, 2026-12-06",
+                         "runs": [row("ours", 250.0, 10.0), row("qemu", 1250.0, 20.0),
                                   // A scenario the new run left out is not judged.
                                   {"side": "ours", "scenario": "idle", "limit_ms": 300,
                                    "completed": true, "total_ms": 1.0, "downtime_ms": 1.0, "bytes": 1}]});
@@ -209,7 +228,19 @@ mod tests {
                 ]
             })
             .collect();
-        let v = verdict(&old, &new);
+        let v = verdict(&old, &new, "2 x AMD EPYC, 2026-12-07");
+        assert!(
+            !v.contains("another kind of host"),
+            "the same kind, another day: {v}"
+        );
+        let other = verdict(&old, &new, "2 x Intel(R) Xeon(R) Processor, 2026-12-07");
+        assert!(
+            other.starts_with(
+                "The claims were measured on another kind of host (2 x AMD EPYC) \
+                               than this run (2 x Intel(R) Xeon(R) Processor)"
+            ),
+            "{other}"
+        );
         assert!(
             v.contains("| fill | 300 | total time, ours / QEMU | 0.20 | 0.50 |"),
             "{v}"

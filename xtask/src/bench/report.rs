@@ -288,7 +288,7 @@ pub(super) fn write(m: Measured<'_>) -> Result<()> {
         md += &format!(
             "\nThe figures of {} against this run:\n\n{}",
             p.display(),
-            crate::check::verdict(old, &runs)
+            crate::check::verdict(old, &runs, &host())
         );
     }
     std::fs::write(out.join("report.md"), &md)?;
