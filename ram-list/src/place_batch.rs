@@ -38,7 +38,7 @@ impl Default for PlaceBatch {
 }
 
 impl PlaceBatch {
-    /// Whether page `offset` of `block` is the one after the batch's last.
+    /// Whether page `offset` of `block` is the one after the batch's last, with room for it.
     pub(crate) fn continues(&self, block: &Arc<RamBlock>, offset: u64) -> bool {
         self.at.as_ref().is_some_and(|(b, start)| {
             Arc::ptr_eq(b, block) && *start + self.len as u64 == offset && self.len < BATCH_BYTES
