@@ -189,20 +189,11 @@ mod tests {
 
     fn run(side: &'static str, total_ms: f64, downtime_ms: f64) -> Run {
         Run {
-            side,
-            scenario: "fill",
-            limit: 300,
-            round: 0,
             completed: true,
             total_ms,
             downtime_ms,
             bytes: 1_000_000_000,
-            error: None,
-            series: Vec::new(),
-            throttle: 0,
-            mem: None,
-            postcopy: None,
-            detail: serde_json::Value::Null,
+            ..Run::new(side, "fill", 300, 0)
         }
     }
 

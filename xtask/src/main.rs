@@ -99,6 +99,10 @@ enum Cmd {
         /// --vmm-arg=--dirty-log-protect=classic); repeatable.
         #[arg(long, allow_hyphen_values = true)]
         vmm_arg: Vec<String>,
+        /// An extra argument for QEMU's destination (e.g. --qemu-dst-arg=-mem-prealloc,
+        /// to allocate its RAM before the stream arrives as ours does); repeatable.
+        #[arg(long, allow_hyphen_values = true)]
+        qemu_dst_arg: Vec<String>,
         /// An earlier results.json (e.g. docs/perf/results.json, where the README's
         /// figures come from): run its scenarios and say which of its figures fall
         /// outside this run's intervals.
@@ -200,6 +204,7 @@ fn main() -> Result<()> {
             only,
             vmm,
             vmm_arg,
+            qemu_dst_arg,
             check,
         } => {
             let qemu = if no_qemu { None } else { qemu.find()? };
@@ -220,6 +225,7 @@ fn main() -> Result<()> {
                     qemu,
                     only,
                     vmm_args: vmm_arg,
+                    qemu_dst_args: qemu_dst_arg,
                     check: check.map(|c| if c.is_absolute() { c } else { root().join(c) }),
                 },
             )

@@ -37,6 +37,10 @@ pub struct Run {
     /// phases, its pending estimate at the switch and the destination's start; QEMU:
     /// the downtime and setup time it reports), so a figure can be explained.
     pub detail: Value,
+    /// Throughput rounds: loopback TCP measured right after the round, bytes/s (one
+    /// connection between 1 MiB buffers; as many connections as the run used between
+    /// 1 GiB buffers; that number).
+    pub loopback: Option<(f64, f64, usize)>,
 }
 
 /// What a post-copy run measured beyond the others.
@@ -81,6 +85,7 @@ impl Run {
             mem: None,
             postcopy: None,
             detail: Value::Null,
+            loopback: None,
         }
     }
 
@@ -95,6 +100,8 @@ impl Run {
                    "fault_p50_us": p.fault_p50_us, "fault_p99_us": p.fault_p99_us,
                    "vcpu_blocked_ms": p.vcpu_blocked_ms,
                    "work_before": p.work_before, "work_postcopy": p.work_postcopy})),
+               "loopback": self.loopback.map(|(tcp, buffers, n)| json!({
+                   "tcp_bps": tcp, "buffers_bps": buffers, "connections": n})),
                "detail": self.detail, "error": self.error})
     }
 }

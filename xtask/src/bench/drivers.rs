@@ -358,21 +358,22 @@ pub(super) fn event_us(e: &Value) -> u64 {
 pub(super) fn qemu(
     bin: &Path,
     s: &Scenario,
-    limit: u64,
-    round: usize,
+    (limit, round): (u64, usize),
     dir: &Path,
     tsc_khz: u64,
     watch: bool,
     pki: &TestPki,
+    dst_extra: &[String],
 ) -> Run {
     let mut run = Run::new("qemu", s.slug, limit, round);
-    if let Err(e) = qemu_inner(bin, s, dir, tsc_khz, watch, pki, &mut run) {
+    if let Err(e) = qemu_inner(bin, s, dir, tsc_khz, watch, pki, dst_extra, &mut run) {
         run.error = Some(format!("{e:#}"));
         run.completed = false;
     }
     run
 }
 
+#[allow(clippy::too_many_arguments)]
 pub(super) fn qemu_inner(
     bin: &Path,
     s: &Scenario,
@@ -380,6 +381,7 @@ pub(super) fn qemu_inner(
     tsc_khz: u64,
     watch: bool,
     pki: &TestPki,
+    dst_extra: &[String],
     run: &mut Run,
 ) -> Result<()> {
     let image = guest_image(dir, s.workload, s.range, s.rate, Some(tsc_khz))?;
@@ -390,6 +392,7 @@ pub(super) fn qemu_inner(
     if s.postcopy {
         dst_args.extend(qemu_trace_args(&trace));
     }
+    dst_args.extend(dst_extra.iter().cloned());
     let (dst, mut dq) = qemu_start(bin, dir, "qemu-dst", &image, s.memory_mib, &dst_args)?;
     // Capabilities are set before the destination listens.
     multifd_setup(&mut dq, s);

@@ -18,7 +18,7 @@ use serde_json::Value;
 
 use crate::run::Run;
 use drivers::{ours, qemu};
-use references::References;
+use references::{Beside, References};
 use report::describe;
 use scenarios::{SCENARIOS, Scenario};
 
@@ -43,6 +43,8 @@ pub struct Options {
     pub only: Vec<String>,
     /// Extra arguments for our vmm processes.
     pub vmm_args: Vec<String>,
+    /// Extra arguments for QEMU's destination.
+    pub qemu_dst_args: Vec<String>,
     /// An earlier results.json whose figures this run checks (and whose scenarios it
     /// runs, unless `only` names others).
     pub check: Option<PathBuf>,
@@ -101,6 +103,11 @@ pub fn run(vmm: PathBuf, opts: &Options) -> Result<()> {
                 .to_string()
         })
     });
+    // Extra destination arguments change what is compared: the report says so.
+    let qemu_version = qemu_version.map(|v| match opts.qemu_dst_args.is_empty() {
+        true => v,
+        false => format!("{v}, destination with {}", opts.qemu_dst_args.join(" ")),
+    });
     eprintln!(
         "bench: {} rounds, QEMU: {}",
         opts.rounds,
@@ -156,15 +163,36 @@ pub fn run(vmm: PathBuf, opts: &Options) -> Result<()> {
         };
         let into = if watch { &mut mem_runs } else { &mut runs };
         let what = if watch { "memory" } else { "limit" };
-        let r = guarded("ours", &|| {
+        // Each side's throughput round is followed by the loopback copies it is
+        // compared with.
+        let beside = |r: &mut Run| {
+            if !watch && s.is_throughput() {
+                r.loopback = Beside::measure(usize::from(s.multifd.max(1)))
+                    .map_err(|e| eprintln!("bench: no loopback reference for this round: {e:#}"))
+                    .ok()
+                    .map(|b| (b.tcp, b.buffers, b.connections));
+            }
+        };
+        let mut r = guarded("ours", &|| {
             ours(s, limit, round, &dir, watch, &opts.vmm_args, &pki)
         });
+        beside(&mut r);
         eprintln!("  ours {:<28} {what} {limit:>3}: {}", s.name, describe(&r));
         into.push(r);
         if let Some(q) = &opts.qemu {
-            let r = guarded("qemu", &|| {
-                qemu(q, s, limit, round, &dir, tsc_khz, watch, &pki)
+            let mut r = guarded("qemu", &|| {
+                qemu(
+                    q,
+                    s,
+                    (limit, round),
+                    &dir,
+                    tsc_khz,
+                    watch,
+                    &pki,
+                    &opts.qemu_dst_args,
+                )
             });
+            beside(&mut r);
             eprintln!("  qemu {:<28} {what} {limit:>3}: {}", s.name, describe(&r));
             into.push(r);
         }

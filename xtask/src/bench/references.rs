@@ -1,5 +1,7 @@
 //! The machine's physical limits, measured in the same run as the scenarios: memcpy of
-//! 1 GiB, and loopback TCP copies of 1 GiB over 1, 2 and 4 connections.
+//! 1 GiB, and loopback TCP copies of 1 GiB over 1, 2 and 4 connections; and, right after
+//! each round of a throughput scenario, the two loopback copies it is compared with
+//! ([`Beside`]), since they drift during a run by as much as the margins in question.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -22,10 +24,10 @@ impl References {
     /// Measures them all.
     pub(super) fn measure() -> Result<Self> {
         let memcpy = memcpy();
-        let tcp = loopback_tcp()?;
+        let tcp = loopback_tcp(3)?;
         let streams = [1, 2, 4]
             .into_iter()
-            .map(|n| loopback_tcp_streams(n).map(|b| (n, b)))
+            .map(|n| loopback_tcp_streams(n, 3).map(|b| (n, b)))
             .collect::<Result<_>>()?;
         Ok(References {
             memcpy,
@@ -44,6 +46,28 @@ impl References {
     }
 }
 
+/// The loopback references of one round, measured right after it.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Beside {
+    /// One connection between 1 MiB buffers (the data stays in cache), bytes/s.
+    pub(super) tcp: f64,
+    /// `connections` connections between 1 GiB buffers (read from and written to
+    /// memory, as a migration must), bytes/s.
+    pub(super) buffers: f64,
+    pub(super) connections: usize,
+}
+
+impl Beside {
+    /// Measures them (best of two each, about two seconds).
+    pub(super) fn measure(connections: usize) -> Result<Self> {
+        Ok(Beside {
+            tcp: loopback_tcp(2)?,
+            buffers: loopback_tcp_streams(connections, 2)?,
+            connections,
+        })
+    }
+}
+
 /// memcpy of 1 GiB, best of three, bytes per second.
 fn memcpy() -> f64 {
     let src = vec![0x5au8; 1 << 30];
@@ -59,10 +83,11 @@ fn memcpy() -> f64 {
         .fold(0.0, f64::max)
 }
 
-/// A plain copy of 1 GiB over loopback TCP, best of three, bytes per second.
-fn loopback_tcp() -> Result<f64> {
+/// A plain copy of 1 GiB over loopback TCP between 1 MiB buffers, best of `tries`,
+/// bytes per second.
+fn loopback_tcp(tries: usize) -> Result<f64> {
     let mut best: f64 = 0.0;
-    for _ in 0..3 {
+    for _ in 0..tries {
         let l = TcpListener::bind("127.0.0.1:0")?;
         let addr = l.local_addr()?;
         let reader = std::thread::spawn(move || -> std::io::Result<u64> {
@@ -94,15 +119,15 @@ fn loopback_tcp() -> Result<f64> {
 
 /// 1 GiB copied over `streams` loopback TCP connections at once, from one 1 GiB buffer
 /// into another (touched beforehand), 512 KiB at a time: what several connections can
-/// carry between buffers the size of a guest on this machine. Best of three, bytes/s.
-fn loopback_tcp_streams(streams: usize) -> Result<f64> {
+/// carry between buffers the size of a guest on this machine. Best of `tries`, bytes/s.
+fn loopback_tcp_streams(streams: usize, tries: usize) -> Result<f64> {
     const TOTAL: usize = 1 << 30;
     const PIECE: usize = 512 << 10;
     let per = TOTAL / streams;
     let mut best: f64 = 0.0;
     let mut src = vec![0xa5u8; TOTAL];
     let mut dst = vec![0x5au8; TOTAL];
-    for _ in 0..3 {
+    for _ in 0..tries {
         let l = TcpListener::bind("127.0.0.1:0")?;
         let addr = l.local_addr()?;
         let conns: Vec<(TcpStream, TcpStream)> = (0..streams)

@@ -284,6 +284,7 @@ pub(super) fn write(m: Measured<'_>) -> Result<()> {
             against_one.join("; ")
         );
     }
+    md += &against_loopback(&scenarios, &runs);
     if let Some((old, p)) = &check {
         md += &format!(
             "\nThe figures of {} against this run:\n\n{}",
@@ -395,6 +396,64 @@ pub(super) fn median(v: Vec<f64>) -> Option<f64> {
     stats::median(&v)
 }
 
+/// Each throughput round against the loopback copies measured right after it (a table,
+/// or nothing if no round has them): the references drift during a run by as much as
+/// the margins in question, so a ratio to the run's start or end says little.
+fn against_loopback(scenarios: &[&Scenario], runs: &[Run]) -> String {
+    let mut md = String::new();
+    for s in scenarios.iter().filter(|s| s.is_throughput()) {
+        for &limit in s.limits {
+            for side in ["ours", "qemu"] {
+                // (MB/s, against one connection between 1 MiB buffers, against as
+                // many connections between 1 GiB buffers), per round.
+                let rounds: Vec<(f64, f64, f64)> = runs
+                    .iter()
+                    .filter(|r| {
+                        r.side == side && r.scenario == s.slug && r.limit == limit && r.completed
+                    })
+                    .filter_map(|r| {
+                        let (tcp, buffers, _) = r.loopback?;
+                        let bps = r.bytes as f64 / (r.total_ms / 1e3).max(1e-9);
+                        Some((bps / 1e6, bps / tcp, bps / buffers))
+                    })
+                    .collect();
+                if rounds.is_empty() {
+                    continue;
+                }
+                let col =
+                    |f: fn(&(f64, f64, f64)) -> f64| -> Vec<f64> { rounds.iter().map(f).collect() };
+                let pct = |v: &[f64]| match (stats::median(v), stats::range(v)) {
+                    (Some(m), Some((lo, hi))) => {
+                        format!("{:.0}% ({:.0}–{:.0})", m * 100.0, lo * 100.0, hi * 100.0)
+                    }
+                    _ => "-".to_string(),
+                };
+                let mbs = col(|r| r.0);
+                let spread =
+                    stats::range(&mbs).map_or("-".into(), |(lo, hi)| format!(" ({lo:.0}–{hi:.0})"));
+                md += &format!(
+                    "| {} | {limit} | {side} | {}{spread} | {} | {} |\n",
+                    s.name,
+                    fmt(stats::median(&mbs), 0),
+                    pct(&col(|r| r.1)),
+                    pct(&col(|r| r.2)),
+                );
+            }
+        }
+    }
+    if md.is_empty() {
+        return md;
+    }
+    "\nThroughput against loopback TCP measured right after each round (the same \
+     side's round; median of the per-round ratios, and their min–max). One connection \
+     between 1 MiB buffers keeps its data in cache; the 1 GiB buffers, as many \
+     connections as the run used, read and write memory as a migration must:\n\n\
+     | scenario | limit ms | side | throughput MB/s (min–max) | / loopback, 1 connection, 1 MiB buffers | / loopback, same connections, 1 GiB buffers |\n\
+     |---|---:|---|---:|---:|---:|\n"
+        .to_string()
+        + &md
+}
+
 pub(super) fn fmt(v: Option<f64>, digits: usize) -> String {
     v.map_or("-".into(), |x| format!("{x:.digits$}"))
 }
@@ -443,4 +502,42 @@ pub(super) fn host() -> String {
             .map(|n| n.get())
             .unwrap_or(1)
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bench::scenarios::SCENARIOS;
+
+    fn round(side: &'static str, total_ms: f64, loopback: Option<(f64, f64, usize)>) -> Run {
+        Run {
+            completed: true,
+            total_ms,
+            bytes: 1_000_000_000,
+            loopback,
+            ..Run::new(side, "fill", 300, 0)
+        }
+    }
+
+    #[test]
+    fn each_round_is_held_against_its_own_loopback() {
+        let fill = SCENARIOS.iter().find(|s| s.slug == "fill").unwrap();
+        // 2 and 4 GB/s, against 4 and 5 GB/s in cache (50% and 80%) and 4 and 4 GB/s
+        // between 1 GiB buffers (50% and 100%).
+        let runs = [
+            round("ours", 500.0, Some((4e9, 4e9, 1))),
+            round("ours", 250.0, Some((5e9, 4e9, 1))),
+            round("qemu", 500.0, None),
+        ];
+        let md = against_loopback(&[fill], &runs);
+        assert!(
+            md.contains(
+                "| fill 1 GiB | 300 | ours | 3000 (2000–4000) | 65% (50–80) | 75% (50–100) |"
+            ),
+            "{md}"
+        );
+        // QEMU's round has no reference: no row for it, and no table without any.
+        assert!(!md.contains("| qemu |"), "{md}");
+        assert_eq!(against_loopback(&[fill], &runs[2..]), "");
+    }
 }

@@ -205,6 +205,14 @@ pub(super) const SCENARIOS: &[Scenario] = &[
     ),
 ];
 
+impl Scenario {
+    /// Whether its figure of merit is throughput: an uncapped fill, uncompressed and in
+    /// the clear, which the bench holds against loopback TCP measured right after it.
+    pub(super) fn is_throughput(&self) -> bool {
+        self.workload == "fill" && self.bandwidth == 0 && !self.zstd && !self.tls
+    }
+}
+
 /// 1 Gbit/s in bytes per second.
 pub(super) const GBIT: u64 = 125_000_000;
 
