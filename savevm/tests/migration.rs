@@ -186,7 +186,9 @@ fn the_guest_stops_only_once_the_destination_caught_up() {
     assert!(
         info.stopped_at.unwrap() >= went_on,
         "the guest stopped {:?} before the destination read on",
-        went_on.duration_since(info.stopped_at.unwrap()).unwrap_or_default()
+        went_on
+            .duration_since(info.stopped_at.unwrap())
+            .unwrap_or_default()
     );
     s.vm.shutdown();
 }

@@ -58,7 +58,8 @@ pub(super) struct Beside {
 }
 
 impl Beside {
-    /// Measures them (best of two each, about two seconds).
+    /// Measures them, best of two each (seconds on a warm host; allocating the 2 GiB
+    /// of buffers takes longer where fresh memory is slow to come).
     pub(super) fn measure(connections: usize) -> Result<Self> {
         Ok(Beside {
             tcp: loopback_tcp(2)?,
