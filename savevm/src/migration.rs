@@ -181,12 +181,27 @@ fn refused_why(f: &mut QemuFile) -> Option<Error> {
 
 /// Sends QEMU's OPEN_RETURN_PATH and a PING, and waits at most `timeout` for the PONG.
 fn acknowledged_setup(f: &mut QemuFile, timeout: Duration) -> Result<()> {
-    const SETUP_PING: u32 = 1;
     write_command(f, MIG_CMD_OPEN_RETURN_PATH, &[]);
-    write_command(f, MIG_CMD_PING, &SETUP_PING.to_be_bytes());
+    ping_pong(f, SETUP_PING, timeout)
+}
+
+/// The setup's PING; [`CAUGHT_UP_PING`] before the switchover (the post-copy switch's
+/// are 2, 3 and 4, as QEMU's).
+const SETUP_PING: u32 = 1;
+const CAUGHT_UP_PING: u32 = 5;
+
+/// Before the guest stops: sends a PING after everything so far and waits at most
+/// `timeout` for its PONG, which the destination (ours or QEMU) sends once it has
+/// loaded everything before it.
+fn wait_caught_up(f: &mut QemuFile, timeout: Duration) -> Result<()> {
+    ping_pong(f, CAUGHT_UP_PING, timeout)
+}
+
+fn ping_pong(f: &mut QemuFile, value: u32, timeout: Duration) -> Result<()> {
+    write_command(f, MIG_CMD_PING, &value.to_be_bytes());
     f.flush()?;
     f.set_read_timeout(Some(timeout))?;
-    let r = return_path::wait_pong(f, SETUP_PING);
+    let r = return_path::wait_pong(f, value);
     f.set_read_timeout(None)?;
     r
 }
@@ -310,6 +325,9 @@ fn migrate<V: VmControl + ?Sized>(
     // state, not stream bytes: a round of zero pages is cheap on the wire yet sends
     // much, and counting it in wire bytes made it look like a round that sent nothing.
     let mut pending_at_sync = savevm.pending_estimate();
+    // The destination answered a PING sent after everything so far, and nothing was
+    // sent since (see the switch below).
+    let mut caught_up = false;
     let mut iterations = 0u64;
     let mut syncs = 0u64;
     // `x-postcopy-auto`: the convergence watch asked for a throttle or gave up.
@@ -370,7 +388,9 @@ fn migrate<V: VmControl + ?Sized>(
         let mut verdict = Verdict::Continue;
         // Also once a period, so the convergence watch sees the guest's dirty rate while
         // a long round is still being sent.
-        if (pending <= approach.sync_point(threshold) || convergence.due(Instant::now()))
+        if (caught_up
+            || pending <= approach.sync_point(threshold)
+            || convergence.due(Instant::now()))
             && !savevm.completion_blocked()
         {
             let before = pending;
@@ -401,6 +421,16 @@ fn migrate<V: VmControl + ?Sized>(
                     ))
             {
                 drop(guard);
+                // What waits in the sockets and in the destination's loader would be
+                // loaded inside the pause: with the guest still running, the destination
+                // first answers a PING sent after it all, then a sync looks again at
+                // what the guest dirtied meanwhile (README, "Like with like": a
+                // destination that allocates as it loads fell up to 95 ms behind).
+                if params.return_path && !caught_up {
+                    wait_caught_up(f, params.stall_timeout)?;
+                    caught_up = true;
+                    continue;
+                }
                 ctl.update(|i| {
                     i.remaining = pending;
                     i.dirty_syncs = syncs;
@@ -433,6 +463,7 @@ fn migrate<V: VmControl + ?Sized>(
         }
         savevm.save_iterate(f)?;
         drop(guard);
+        caught_up = false;
         iterations += 1;
         match verdict {
             Verdict::Continue => {}

@@ -8,7 +8,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::{FakeVm, Uart, UartSection, Words, WordsSection};
-use qemu_file::{MemTransport, QemuFile, mem_channel};
+use qemu_file::{MemTransport, QemuFile, Transport, mem_channel};
 use savevm::{
     Error, MigrationControl, MigrationParams, MigrationStatus, SaveVm, SectionInfo, return_path,
     run_migration,
@@ -48,7 +48,7 @@ fn source(writes_per_ms: usize) -> Source {
 
 /// A destination loading from `end`; returns its memory after the load, and the result.
 fn destination(
-    end: MemTransport,
+    end: impl Transport + 'static,
     answer: bool,
 ) -> thread::JoinHandle<(Vec<u64>, Result<(), String>)> {
     thread::spawn(move || {
@@ -123,6 +123,72 @@ fn a_dirtying_guest_migrates_and_the_destination_matches_the_stopped_source() {
             MigrationStatus::Device,
             MigrationStatus::Completed
         ]
+    );
+    s.vm.shutdown();
+}
+
+/// A destination's end that stops reading for `pause` once it has read `after` bytes
+/// (a loader fallen behind the stream), and says when it went on.
+#[derive(Debug)]
+struct LateReader {
+    inner: MemTransport,
+    after: usize,
+    read: usize,
+    pause: Duration,
+    went_on: Arc<std::sync::Mutex<Option<std::time::SystemTime>>>,
+}
+
+impl Transport for LateReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let mut went_on = self.went_on.lock().unwrap();
+        if self.read >= self.after && went_on.is_none() {
+            thread::sleep(self.pause);
+            *went_on = Some(std::time::SystemTime::now());
+        }
+        drop(went_on);
+        let n = self.inner.read(buf)?;
+        self.read += n;
+        Ok(n)
+    }
+
+    fn write_vectored(&mut self, bufs: &[std::io::IoSlice<'_>]) -> std::io::Result<usize> {
+        self.inner.write_vectored(bufs)
+    }
+
+    fn describe(&self) -> String {
+        "a late reader".into()
+    }
+}
+
+/// With a return path, the guest stops only once the destination has loaded what was
+/// sent before: a stream waiting in the sockets would otherwise be loaded in the pause.
+#[test]
+fn the_guest_stops_only_once_the_destination_caught_up() {
+    let mut s = source(1);
+    // Room for the whole stream: the source never waits for the destination to read.
+    let (a, b) = mem_channel(64 << 20);
+    let went_on = Arc::new(std::sync::Mutex::new(None));
+    let late = LateReader {
+        inner: b,
+        // Past the setup's PING (answered at once), then 300 ms without reading.
+        after: 4096,
+        read: 0,
+        pause: Duration::from_millis(300),
+        went_on: went_on.clone(),
+    };
+    let dest = destination(late, true);
+    let ctl = MigrationControl::new(params(true));
+    let info = run_migration(&mut s.savevm, &mut QemuFile::new(Box::new(a)), &*s.vm, &ctl).unwrap();
+    let (dest_mem, r) = dest.join().unwrap();
+    r.unwrap();
+    assert_eq!(dest_mem, s.mem.snapshot());
+    let went_on = went_on.lock().unwrap().expect("the destination paused");
+    assert!(
+        info.stopped_at.unwrap() >= went_on,
+        "the guest stopped {:?} before the destination read on",
+        went_on
+            .duration_since(info.stopped_at.unwrap())
+            .unwrap_or_default()
     );
     s.vm.shutdown();
 }

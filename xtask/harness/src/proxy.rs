@@ -3,7 +3,7 @@
 //! cuts the connection or stalls it, so a test can fail a migration at a chosen point of
 //! the stream and then act (kill a process, cancel) while the source is blocked there.
 
-use std::io::{Read, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -101,41 +101,7 @@ impl FaultProxy {
             };
             let back = sh.clone();
             // The destination's answers (the return path), until the fault.
-            std::thread::spawn(move || {
-                let (mut from, mut to) = (dst2, src2);
-                let mut buf = [0u8; 4096];
-                loop {
-                    match from.read(&mut buf) {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => {
-                            match fault {
-                                Fault::CutAnswer(delay) => {
-                                    back.fire();
-                                    std::thread::sleep(delay);
-                                    back.cut();
-                                    return;
-                                }
-                                Fault::DropAnswer => {
-                                    back.fire();
-                                    continue;
-                                }
-                                _ => {}
-                            }
-                            if *back.fired.lock().unwrap_or_else(|p| p.into_inner()) {
-                                // Stalled: hold the answer back (and keep reading, so
-                                // an EOF still shows).
-                                continue;
-                            }
-                            if to.write_all(&buf[..n]).is_err() {
-                                break;
-                            }
-                        }
-                    }
-                }
-                // The destination went away (its kernel closes the connection, whatever
-                // the link): so does the source's connection.
-                back.cut();
-            });
+            std::thread::spawn(move || answers(dst2, src2, &back, fault));
             let main = sh.clone();
             std::thread::spawn(move || forward(src, dst, &main, at, fault));
             // Further connections of the migration (post-copy's preempt one), connected
@@ -192,6 +158,68 @@ impl Drop for FaultProxy {
         self.shared.cut();
         let _ = std::fs::remove_file(&self.path);
     }
+}
+
+/// Destination to source: the return path. Its messages (be16 type, be16 length, body)
+/// go through as they come, but its answer, the load's verdict (`MIG_RP_MSG_SHUT`, with
+/// the reason that may precede it), meets `CutAnswer` or `DropAnswer`; the PONGs before
+/// it (the setup's, the one the source waits for before it stops the guest) and
+/// post-copy's requests are not the answer. After a `Stall` nothing goes through. (The
+/// answer faults read the messages in the clear: not for a migration over TLS.)
+fn answers(mut from: TcpStream, mut to: UnixStream, sh: &Shared, fault: Fault) {
+    const SHUT: u16 = 1;
+    const REASON: u16 = 0x7f01;
+    let answer_faults = matches!(fault, Fault::CutAnswer(_) | Fault::DropAnswer);
+    let mut pending: Vec<u8> = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if *sh.fired.lock().unwrap_or_else(|p| p.into_inner()) {
+            // Stalled or answered: hold the rest back (and keep reading, so an EOF
+            // still shows).
+            continue;
+        }
+        pending.extend_from_slice(&buf[..n]);
+        // Forward the whole messages before the answer; stop at the answer. Other
+        // faults forward the bytes as they come (they may be TLS records).
+        let mut through = if answer_faults { 0 } else { pending.len() };
+        let mut answer = false;
+        while pending.len() - through >= 4 {
+            let ty = u16::from_be_bytes([pending[through], pending[through + 1]]);
+            let len = u16::from_be_bytes([pending[through + 2], pending[through + 3]]);
+            if ty == SHUT || ty == REASON {
+                answer = true;
+                break;
+            }
+            let end = through + 4 + usize::from(len);
+            if pending.len() < end {
+                break;
+            }
+            through = end;
+        }
+        if to.write_all(&pending[..through]).is_err() {
+            break;
+        }
+        pending.drain(..through);
+        if answer {
+            sh.fire();
+            match fault {
+                Fault::CutAnswer(delay) => {
+                    std::thread::sleep(delay);
+                    sh.cut();
+                    return;
+                }
+                // Dropped: the connections stay open, nothing more goes through.
+                _ => continue,
+            }
+        }
+    }
+    // The destination went away (its kernel closes the connection, whatever the link):
+    // so does the source's connection.
+    sh.cut();
 }
 
 /// Connects the source's connection `src` to `dest`, both registered to be cut; returns
@@ -266,22 +294,36 @@ fn copy(mut from: impl Read, mut to: impl Write, count: Option<&AtomicU64>) {
 }
 
 /// Source to destination, all but the last `tail` bytes: when the source ends its
-/// stream, both connections are cut.
+/// stream, both connections are cut. Bytes held while the source sent nothing for
+/// [`TAIL_IDLE`] go through: the source is waiting for an answer to them (the PING it
+/// sends before it stops the guest), so they were not the stream's end.
 fn hold_tail(mut src: UnixStream, mut dst: TcpStream, sh: &Shared, tail: usize) {
     let mut held: Vec<u8> = Vec::new();
     let mut buf = vec![0u8; 256 << 10];
+    if src.set_read_timeout(Some(TAIL_IDLE)).is_err() {
+        sh.cut();
+        return;
+    }
     loop {
-        let n = match src.read(&mut buf) {
-            Ok(0) | Err(_) => {
+        let keep = match src.read(&mut buf) {
+            Ok(0) => {
                 sh.fire();
                 sh.cut();
                 return;
             }
-            Ok(n) => n,
+            Ok(n) => {
+                held.extend_from_slice(&buf[..n]);
+                tail
+            }
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => 0,
+            Err(_) => {
+                sh.fire();
+                sh.cut();
+                return;
+            }
         };
-        held.extend_from_slice(&buf[..n]);
-        if held.len() > tail {
-            let out = held.len() - tail;
+        if held.len() > keep {
+            let out = held.len() - keep;
             if dst.write_all(&held[..out]).is_err() {
                 sh.cut();
                 return;
@@ -291,6 +333,9 @@ fn hold_tail(mut src: UnixStream, mut dst: TcpStream, sh: &Shared, tail: usize) 
         }
     }
 }
+
+/// How long the source may be silent before [`hold_tail`] lets the held bytes go.
+const TAIL_IDLE: Duration = Duration::from_millis(200);
 
 /// Source to destination: exactly `at` bytes, then the fault.
 fn forward(mut src: UnixStream, mut dst: TcpStream, sh: &Shared, at: u64, fault: Fault) {
