@@ -8,7 +8,7 @@
 
 use serde_json::Value;
 
-use crate::run::Run;
+use crate::run::{Run, mb_per_s};
 use crate::stats::{median, range, ratio_interval};
 
 /// A claimed ratio and the samples on either side of it.
@@ -52,11 +52,6 @@ pub fn scenarios(old: &Value) -> Vec<String> {
         }
     }
     out
-}
-
-/// MB/s of a run.
-fn throughput(bytes: f64, total_ms: f64) -> f64 {
-    bytes / (total_ms / 1e3).max(1e-9) / 1e6
 }
 
 /// The host part of a results.json `host` ("2 x AMD EPYC, 2026-12-07"): CPUs and model,
@@ -136,8 +131,8 @@ pub fn verdict(old: &Value, new: &[Run], host: &str) -> String {
             held += usize::from(row.1);
             md += &format!("| {scenario} | {limit} | {claim} | {} |\n", row.0);
         }
-        let ot = old_side("ours", &|r| throughput(r.bytes, r.total_ms));
-        let nt = new_side("ours", &|r| throughput(r.bytes as f64, r.total_ms));
+        let ot = old_side("ours", &|r| mb_per_s(r.bytes, r.total_ms));
+        let nt = new_side("ours", &|r| r.throughput());
         if let Some(o) = median(&ot) {
             let row = judge(o, median(&nt), range(&nt), 0);
             total += 1;

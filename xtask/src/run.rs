@@ -67,7 +67,17 @@ pub struct PostcopyRun {
     pub work: Vec<(f64, u64)>,
 }
 
+/// MB/s of `bytes` sent in `total_ms`.
+pub fn mb_per_s(bytes: f64, total_ms: f64) -> f64 {
+    bytes / (total_ms / 1e3).max(1e-9) / 1e6
+}
+
 impl Run {
+    /// Its throughput: stream bytes over total time, MB/s.
+    pub fn throughput(&self) -> f64 {
+        mb_per_s(self.bytes as f64, self.total_ms)
+    }
+
     /// A run of scenario `scenario` that has not completed (yet).
     pub fn new(side: &'static str, scenario: &'static str, limit: u64, round: usize) -> Self {
         Run {

@@ -90,7 +90,7 @@ pub(super) fn write(m: Measured<'_>) -> Result<()> {
                     })
                     .count()
             };
-            let tput = |r: &Run| r.bytes as f64 / (r.total_ms / 1e3).max(1e-9) / 1e6;
+            let tput = Run::throughput;
             let (ot, qt) = (pick("ours", &|r| r.total_ms), pick("qemu", &|r| r.total_ms));
             let (od, qd) = (
                 pick("ours", &|r| r.downtime_ms),
@@ -364,7 +364,7 @@ pub(super) fn spread_table(scenarios: &[&Scenario], runs: &[Run]) -> String {
                     .map(f)
                     .collect()
             };
-            let tput = |r: &Run| r.bytes as f64 / (r.total_ms / 1e3).max(1e-9) / 1e6;
+            let tput = Run::throughput;
             let (ot, qt) = (pick("ours", &|r| r.total_ms), pick("qemu", &|r| r.total_ms));
             let (od, qd) = (
                 pick("ours", &|r| r.downtime_ms),
@@ -413,8 +413,8 @@ fn against_loopback(scenarios: &[&Scenario], runs: &[Run]) -> String {
                     })
                     .filter_map(|r| {
                         let (tcp, buffers, _) = r.loopback?;
-                        let bps = r.bytes as f64 / (r.total_ms / 1e3).max(1e-9);
-                        Some((bps / 1e6, bps / tcp, bps / buffers))
+                        let mbps = r.throughput();
+                        Some((mbps, mbps * 1e6 / tcp, mbps * 1e6 / buffers))
                     })
                     .collect();
                 if rounds.is_empty() {
