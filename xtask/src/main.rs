@@ -99,10 +99,15 @@ enum Cmd {
         /// --vmm-arg=--dirty-log-protect=classic); repeatable.
         #[arg(long, allow_hyphen_values = true)]
         vmm_arg: Vec<String>,
-        /// An extra argument for QEMU's destination (e.g. --qemu-dst-arg=-mem-prealloc,
-        /// to allocate its RAM before the stream arrives as ours does); repeatable.
+        /// An extra argument for QEMU's destination; repeatable.
         #[arg(long, allow_hyphen_values = true)]
         qemu_dst_arg: Vec<String>,
+        /// Start QEMU's destination without -mem-prealloc, so it allocates its RAM as
+        /// the stream arrives (QEMU's own default; the bench's before 2026-12-07, see
+        /// README "Like with like"). By default it allocates first, as ours does; with
+        /// --vmm-arg=--no-prealloc neither does.
+        #[arg(long)]
+        qemu_dst_lazy: bool,
         /// An earlier results.json (e.g. docs/perf/results.json, where the README's
         /// figures come from): run its scenarios and say which of its figures fall
         /// outside this run's intervals.
@@ -204,9 +209,16 @@ fn main() -> Result<()> {
             only,
             vmm,
             vmm_arg,
-            qemu_dst_arg,
+            mut qemu_dst_arg,
+            qemu_dst_lazy,
             check,
         } => {
+            // Like with like: ours allocates guest RAM before it listens unless told
+            // otherwise (--vmm-arg=--no-prealloc), and so does QEMU's destination.
+            let lazy = qemu_dst_lazy || vmm_arg.iter().any(|a| a == "--no-prealloc");
+            if !lazy && !qemu_dst_arg.iter().any(|a| a == "-mem-prealloc") {
+                qemu_dst_arg.insert(0, "-mem-prealloc".into());
+            }
             let qemu = if no_qemu { None } else { qemu.find()? };
             let vmm = match vmm {
                 Some(v) => v,

@@ -8,7 +8,9 @@
 //! sampled every 50 ms for the curves. Real downtime is the destination's resume minus the
 //! source's stop, from wall-clock timestamps both sides log (our event logs; QEMU's STOP
 //! and RESUME events). References measured in the same run: memcpy of 1 GiB and a plain
-//! loopback TCP copy of 1 GiB.
+//! loopback TCP copy of 1 GiB. Both destinations allocate their guest RAM before the
+//! stream arrives (ours by default, QEMU's with `-mem-prealloc`, unless told otherwise):
+//! the host's zeroing of fresh memory would otherwise be what is measured.
 
 use std::path::PathBuf;
 use std::process::Command;

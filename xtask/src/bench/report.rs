@@ -50,13 +50,17 @@ pub(super) fn write(m: Measured<'_>) -> Result<()> {
     let (mc, tcp, streams) = (before.memcpy, before.tcp, &before.streams);
     let (mc_after, tcp_after, streams_after) = (after.memcpy, after.tcp, &after.streams);
     let streams_text = before.streams_text();
+    let link = loopback_shaping();
     let mut md = String::new();
     md += &format!(
         "Guest: the built-in guest, 1 GiB, KVM (kvm-pvm) on {}; {} rounds per row, medians; \
-         tcp 127.0.0.1, bandwidth unlimited (QEMU's raised to 10 GB/s) unless the \
+         tcp 127.0.0.1{}, bandwidth unlimited (QEMU's raised to 10 GB/s) unless the \
          scenario names a cap. {}\n\n",
         host(),
         rounds,
+        link.as_deref().map_or(String::new(), |l| format!(
+            " through a shaped loopback ({l})"
+        )),
         qemu_version
             .as_deref()
             .map_or("QEMU not run.".into(), |v| format!(
@@ -294,7 +298,7 @@ pub(super) fn write(m: Measured<'_>) -> Result<()> {
     }
     std::fs::write(out.join("report.md"), &md)?;
     let results = json!({
-        "host": host(), "qemu": qemu_version, "memcpy_bps": mc, "loopback_tcp_bps": tcp,
+        "host": host(), "link": link, "qemu": qemu_version, "memcpy_bps": mc, "loopback_tcp_bps": tcp,
         "after": {"memcpy_bps": mc_after, "loopback_tcp_bps": tcp_after,
                   "loopback_tcp_streams_bps": streams_after.iter().map(|(n, b)| json!({"streams": n, "bps": b})).collect::<Vec<_>>()},
         "loopback_tcp_streams_bps": streams.iter().map(|(n, b)| json!({"streams": n, "bps": b})).collect::<Vec<_>>(),
@@ -502,6 +506,19 @@ pub(super) fn host() -> String {
             .map(|n| n.get())
             .unwrap_or(1)
     )
+}
+
+/// The queueing discipline on the loopback when it shapes the traffic (`tc qdisc` in
+/// the network namespace the bench runs in, e.g. a 1 Gbit/s link for a run under `ip
+/// netns exec`), None when the loopback is as the kernel made it.
+fn loopback_shaping() -> Option<String> {
+    let out = Command::new("tc")
+        .args(["qdisc", "show", "dev", "lo"])
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().next()?.trim();
+    (!line.is_empty() && !line.starts_with("qdisc noqueue")).then(|| line.to_string())
 }
 
 #[cfg(test)]
