@@ -37,9 +37,13 @@ struct Heard {
     /// A resume: the destination's received bitmaps, and its acknowledgement.
     bitmaps: Vec<(String, Vec<u8>)>,
     resume_ack: bool,
-    /// The value of the last PONG (the destination answers a PING once it has loaded
-    /// everything before it).
-    pong: Option<u32>,
+    /// The PONGs heard and not yet taken by the migration thread, in the order heard
+    /// (the destination answers a PING once it has loaded everything before it). All of
+    /// them, not the last: QEMU answers the switch package's PING 3 from its main thread
+    /// while its listen thread already answers the PINGs after the package, so PONG 3
+    /// may come after theirs (seen in CI: kept as "the last PONG", it hid them, and the
+    /// background pass waited for room until the stall timeout).
+    pongs: Vec<u32>,
 }
 
 /// The return path's reader and what it heard.
@@ -90,7 +94,7 @@ impl Listener {
                         self.set(|h| h.requests += 1);
                     }
                 }
-                Ok(Message::Pong(v)) => self.set(|h| h.pong = Some(v)),
+                Ok(Message::Pong(v)) => self.set(|h| h.pongs.push(v)),
                 Ok(Message::RecvBitmap { block, bitmap }) => {
                     self.set(|h| h.bitmaps.push((block, bitmap)));
                 }
@@ -142,12 +146,12 @@ impl Listener {
     }
 
     /// Waits until `deadline` unless a request is queued (`requested`) or comes, a PONG
-    /// comes, or the return path ends.
+    /// is there to take, or the return path ends.
     fn wait_request(&self, deadline: Instant, requested: impl Fn() -> bool) {
         let h = lock(&self.heard);
         // Counted before the queue is looked at: a request queued after the look is
         // counted after it, and ends the wait.
-        let (seen, pong) = (h.requests, h.pong);
+        let seen = h.requests;
         if requested() {
             return;
         }
@@ -155,14 +159,14 @@ impl Listener {
         let _ = self
             .changed
             .wait_timeout_while(h, timeout, |h| {
-                h.requests == seen && h.pong == pong && h.shut.is_none() && h.error.is_none()
+                h.requests == seen && h.pongs.is_empty() && h.shut.is_none() && h.error.is_none()
             })
             .unwrap_or_else(|p| p.into_inner());
     }
 
-    /// The last PONG's value.
-    fn pong(&self) -> Option<u32> {
-        lock(&self.heard).pong
+    /// The PONGs heard since the last call, oldest first.
+    fn take_pongs(&self) -> Vec<u32> {
+        std::mem::take(&mut lock(&self.heard).pongs)
     }
 
     /// Waits at most `timeout` until `done` holds of what was heard, or the return path
@@ -512,12 +516,14 @@ impl Pings {
         self.next = self.next.checked_add(1).unwrap_or(FIRST_PING);
     }
 
-    /// The last PONG heard: everything before its PING is loaded.
-    fn heard(&mut self, pong: Option<u32>) {
-        let Some(v) = pong else { return };
-        if let Some(i) = self.out.iter().position(|&(x, _)| x == v) {
-            self.loaded = self.out[i].1;
-            self.out.drain(..=i);
+    /// PONGs heard: everything before each one's PING is loaded. Others' PONGs (the
+    /// switch's) and repeats change nothing.
+    fn heard(&mut self, pongs: &[u32]) {
+        for v in pongs {
+            if let Some(i) = self.out.iter().position(|(x, _)| x == v) {
+                self.loaded = self.out[i].1;
+                self.out.drain(..=i);
+            }
         }
     }
 
@@ -569,7 +575,7 @@ fn send_rest<V: VmControl + ?Sized>(
         // and for its pace.
         let waiting_since = Instant::now();
         loop {
-            pings.heard(listener.pong());
+            pings.heard(&listener.take_pongs());
             if requested() {
                 break;
             }
@@ -651,18 +657,35 @@ mod tests {
         let written = f.bytes_written();
         assert_eq!(p.in_flight(written), written);
         // The switch's PONG 4, and nothing yet: no change.
-        p.heard(Some(4));
-        p.heard(None);
+        p.heard(&[4]);
+        p.heard(&[]);
         assert_eq!(p.in_flight(written), written);
-        p.heard(Some(FIRST_PING));
+        p.heard(&[FIRST_PING]);
         assert_eq!(p.in_flight(written), written - first);
         // Heard again (no newer PONG): the same.
-        p.heard(Some(FIRST_PING));
+        p.heard(&[FIRST_PING]);
         assert_eq!(p.in_flight(written), written - first);
-        p.heard(Some(FIRST_PING + 1));
+        p.heard(&[FIRST_PING + 1]);
         assert_eq!(p.in_flight(written), 0);
         assert!(p.out.is_empty());
         // Each PING is QEMU's command: 9 bytes with its value.
         assert_eq!(written, 1000 + 9 + 500 + 9);
+    }
+
+    #[test]
+    fn a_late_switch_pong_hides_none_of_ours() {
+        // QEMU's main thread answers the package's PING 3 after its listen thread
+        // answered ours (CI, QEMU 7.2 with postcopy-preempt): 3 comes last.
+        let buf = MemBuffer::new();
+        let mut f = buf.file();
+        let mut p = Pings::new(f.bytes_written());
+        for _ in 0..3 {
+            f.put_buffer(&[0; 100]);
+            p.send(&mut f);
+        }
+        let written = f.bytes_written();
+        p.heard(&[4, FIRST_PING, FIRST_PING + 1, FIRST_PING + 2, 3]);
+        assert_eq!(p.in_flight(written), 0);
+        assert!(p.out.is_empty());
     }
 }
