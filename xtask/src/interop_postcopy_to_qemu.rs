@@ -144,7 +144,9 @@ fn qemu_reads(q: &mut vmm_harness::Qmp, a: u64) -> Result<u64> {
 pub fn run(qemu: &Path, work: &Path, tls: Option<&TestPki>, preempt: bool) -> Result<()> {
     std::fs::create_dir_all(work)?;
     let image = guest_image(work, "fill", "64M", 0, None)?;
-    let args: Vec<String> = ["-incoming", "defer", "-S"].map(String::from).to_vec();
+    let args: Vec<String> = ["-incoming", "defer", "-S", "-msg", "timestamp=on"]
+        .map(String::from)
+        .to_vec();
     let (_dst, mut dq) = qemu_start(qemu, work, "postcopy-dst", &image, QEMU_MIB, &args)?;
     dq.cmd(
         "migrate-set-capabilities",
@@ -222,10 +224,25 @@ pub fn run(qemu: &Path, work: &Path, tls: Option<&TestPki>, preempt: bool) -> Re
             .map_err(|_| anyhow!("our migration thread panicked"))?;
         bail!("no post-copy into QEMU: {switched:?}; ours ended {ended:?}");
     }
-    // Pages near the end of pc.ram, the last the background pass reaches.
+    // QEMU's guest would run from RUN on; its monitor reads only once QEMU listens (its
+    // status turns postcopy-active once its RAM is registered with userfaultfd): a read
+    // before that maps the zero page, which the page's arrival then finds in its way.
+    let t = Instant::now();
+    loop {
+        let status = dq.cmd("query-migrate", json!({}))["status"].clone();
+        if status == "postcopy-active" {
+            break;
+        }
+        if status != "active" || t.elapsed() > Duration::from_secs(30) {
+            bail!("QEMU's destination is {status} after our switch, not postcopy-active");
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // Pages near the end of pc.ram, the last the background pass reaches, at the words
+    // `fill` wrote (a page read as zeros shows).
     let read = AtomicU64::new(0);
     for i in 1..=16u64 {
-        let a = len - i * 977 * PAGE as u64 + 8 * i;
+        let a = len - i * 977 * PAGE as u64 + (i % 2) * (PAGE as u64 - 8);
         let theirs = qemu_reads(&mut dq, a)?;
         let mut ours = [0u8; 8];
         mem.read_slice(&mut ours, GuestAddress(a))?;
@@ -242,7 +259,15 @@ pub fn run(qemu: &Path, work: &Path, tls: Option<&TestPki>, preempt: bool) -> Re
         let i = ctl.info();
         if i.status == MigrationStatus::PostcopyPaused {
             ctl.cancel();
-            bail!("our post-copy into QEMU paused: {:?}", i.error);
+            // What QEMU's side says, to tell its stall from ours.
+            let theirs = dq.try_cmd("query-migrate", json!({}));
+            let stderr = std::fs::read_to_string(work.join("postcopy-dst-stderr.txt"));
+            bail!(
+                "our post-copy into QEMU paused: {:?}; QEMU's query-migrate: {theirs:?}; \
+                 QEMU's stderr: {:?}",
+                i.error,
+                stderr.unwrap_or_default()
+            );
         }
         std::thread::sleep(Duration::from_millis(20));
     }

@@ -44,7 +44,7 @@ use cmd::{build_release_vmm, build_vmm, cargo, root, run, target_dir};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -133,6 +133,13 @@ enum Cmd {
     Interop {
         #[command(flatten)]
         qemu: QemuArgs,
+        /// Only the runs whose name contains this (e.g. `postcopy-to-qemu`, `preempt`,
+        /// `tls`); `--only list` prints the names.
+        #[arg(long)]
+        only: Option<String>,
+        /// Runs each chosen case this many times (a flaky case, repeated).
+        #[arg(long, default_value_t = 1)]
+        rounds: usize,
     },
     /// One script of QMP exchanges against two vmm processes and, when installed, two
     /// QEMU 7.2 processes: reply shapes and events side by side; fails on a difference
@@ -195,11 +202,11 @@ fn main() -> Result<()> {
             };
             live_update::run(build_release_vmm()?, &sizes, rounds.max(1), &out)
         }
-        Cmd::Interop { qemu } => {
+        Cmd::Interop { qemu, only, rounds } => {
             let Some(qemu) = qemu.find()? else {
                 bail!("interop needs qemu-system-x86_64 (--install-qemu installs it)");
             };
-            interop_all(&qemu, &build_release_vmm()?)
+            interop_all(&qemu, &build_release_vmm()?, only.as_deref(), rounds)
         }
         Cmd::Bench {
             rounds,
@@ -324,7 +331,7 @@ fn ci() -> Result<()> {
     if let Some(q) = &qemu {
         eprintln!("==> cargo xtask interop");
         note_free_disk();
-        interop_all(q, &vmm)?;
+        interop_all(q, &vmm, None, 1)?;
     }
     eprintln!("==> cargo xtask qmp-conformance");
     qmp_conformance::run(vmm, qemu, &root().join("docs/qmp.md"))?;
@@ -366,24 +373,57 @@ fn outside_vmm() -> Result<()> {
 /// names vmm writes, its post-copy source into our post-copy destination, and our
 /// post-copy source into its post-copy destination, each with and without
 /// `postcopy-preempt`, in the clear and over TLS. `vmm` writes the guest's disk image.
-fn interop_all(qemu: &Path, vmm: &Path) -> Result<()> {
+fn interop_all(qemu: &Path, vmm: &Path, only: Option<&str>, rounds: usize) -> Result<()> {
     vmm_harness::set_vmm(vmm);
     let work = std::env::temp_dir().join(format!("vmm-interop-{}", std::process::id()));
     let all = || -> Result<()> {
         let pki = certs::make(&work.join("pki"))?;
+        let (work, pki) = (work.as_path(), &pki);
+        type Case<'a> = (String, Box<dyn Fn() -> Result<()> + 'a>);
+        let mut cases: Vec<Case<'_>> = Vec::new();
         for (channels, zstd, tls) in [
             (2, false, None),
             (3, true, None),
-            (0, false, Some(&pki)),
-            (2, false, Some(&pki)),
+            (0, false, Some(pki)),
+            (2, false, Some(pki)),
         ] {
-            interop::run(qemu, &work, channels, zstd, tls)?;
+            let name = format!(
+                "multifd-{channels}{}{}",
+                if zstd { "-zstd" } else { "" },
+                if tls.is_some() { "-tls" } else { "" }
+            );
+            let run = move || interop::run(qemu, work, channels, zstd, tls);
+            cases.push((name, Box::new(run)));
         }
-        interop::authz_names_match_qemus(qemu, &work, &pki)?;
-        for tls in [None, Some(&pki)] {
+        let authz = || interop::authz_names_match_qemus(qemu, work, pki);
+        cases.push(("tls-authz-names".into(), Box::new(authz)));
+        for tls in [None, Some(pki)] {
             for preempt in [false, true] {
-                interop_postcopy::run(qemu, &work, tls, preempt)?;
-                interop_postcopy_to_qemu::run(qemu, &work, tls, preempt)?;
+                let tail = format!(
+                    "{}{}",
+                    if preempt { "-preempt" } else { "" },
+                    if tls.is_some() { "-tls" } else { "" }
+                );
+                let from = move || interop_postcopy::run(qemu, work, tls, preempt);
+                cases.push((format!("postcopy-from-qemu{tail}"), Box::new(from)));
+                let to = move || interop_postcopy_to_qemu::run(qemu, work, tls, preempt);
+                cases.push((format!("postcopy-to-qemu{tail}"), Box::new(to)));
+            }
+        }
+        if only == Some("list") {
+            cases.iter().for_each(|(name, _)| println!("{name}"));
+            return Ok(());
+        }
+        cases.retain(|(name, _)| only.is_none_or(|o| name.contains(o)));
+        if cases.is_empty() {
+            bail!("no interop run is named like {only:?} (`--only list` names them)");
+        }
+        for round in 1..=rounds {
+            for (name, run) in &cases {
+                if rounds > 1 {
+                    eprintln!("interop: round {round}/{rounds}: {name}");
+                }
+                run().with_context(|| format!("interop run {name}"))?;
             }
         }
         Ok(())
