@@ -80,7 +80,7 @@ pub use multifd::RecvTarget;
 pub use multifd::recv::MultifdReceiver;
 pub use multifd::send::{MultifdSender, QUEUED_BATCHES};
 pub use postcopy_incoming::{PostcopyIncoming, PostcopyIncomingInfo};
-pub use postcopy_ram::{FaultWaitStats, PostcopyRam};
+pub use postcopy_ram::{FaultWaitStats, PostcopyRam, WaitSummary};
 pub use requests::PageRequests;
 pub use section::{RAM_SECTION_VERSION, RamSection};
 pub use shared::SharedMemory;

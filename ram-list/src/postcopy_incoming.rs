@@ -13,7 +13,7 @@ use qemu_file::{QemuFile, ShutdownHandle};
 use savevm::return_path::ReturnPath;
 
 use crate::format::TARGET_PAGE_SIZE;
-use crate::postcopy_ram::FaultWaitStats;
+use crate::postcopy_ram::{FaultWaitStats, WaitSummary};
 use crate::{Error, PostcopyRam, RamList, RamStats, Result};
 
 /// How long a completed post-copy waits for the preempt connection's EOS after the
@@ -283,6 +283,15 @@ impl PostcopyIncoming {
                 waits: l.ram.fault_waits(),
                 preempt_pages: self.preempt_pages.load(Ordering::Relaxed),
             },
+        }
+    }
+
+    /// The faults' waits by the connection their page came on, `[preempt connection,
+    /// main stream]` ([`PostcopyRam::fault_waits_by_connection`]); zeros before LISTEN.
+    pub fn fault_waits_by_connection(&self) -> [WaitSummary; 2] {
+        match &*self.lock() {
+            None => Default::default(),
+            Some(l) => l.ram.fault_waits_by_connection(),
         }
     }
 

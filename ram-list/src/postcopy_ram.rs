@@ -44,6 +44,11 @@ struct Waits {
     waiting: HashMap<PageKey, Instant>,
     /// Each resolved fault's wait, microseconds.
     waited_us: Vec<u32>,
+    /// The same waits by the connection the page came on: the preempt connection, or
+    /// the main stream (sent by the background pass before it was asked for, or asked
+    /// for with no preempt connection).
+    preempt_us: Vec<u32>,
+    stream_us: Vec<u32>,
     /// The vCPUs' waits, QEMU's way.
     vcpus: Blocktime,
 }
@@ -71,6 +76,46 @@ pub struct FaultWaitStats {
     /// The distribution of the waits: (bound, count), each count the waits of at least
     /// half the bound and below it (the first from 0), microseconds, empty ones left out.
     pub histogram: Vec<(u64, u64)>,
+}
+
+/// A set of waits in brief.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WaitSummary {
+    /// How many.
+    pub count: u64,
+    /// The median, microseconds.
+    pub p50_us: u32,
+    /// The 99th percentile, microseconds.
+    pub p99_us: u32,
+    /// The longest, microseconds.
+    pub max_us: u32,
+}
+
+impl WaitSummary {
+    fn of(mut waits_us: Vec<u32>) -> Self {
+        waits_us.sort_unstable();
+        WaitSummary {
+            count: waits_us.len() as u64,
+            p50_us: percentile(&waits_us, 0.5),
+            p99_us: percentile(&waits_us, 0.99),
+            max_us: waits_us.last().copied().unwrap_or(0),
+        }
+    }
+}
+
+/// The `q` quantile of `sorted` (nearest rank), 0 when empty.
+fn percentile(sorted: &[u32], q: f64) -> u32 {
+    match sorted.len() {
+        0 => 0,
+        n => sorted[((n - 1) as f64 * q).round() as usize],
+    }
+}
+
+/// Where a placed page came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Via {
+    Stream,
+    Preempt,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -202,6 +247,20 @@ impl PostcopyRam {
     /// # Errors
     /// An unknown block or offset, a short page, or the kernel's.
     pub fn place(&self, name: &str, offset: u64, data: Option<&[u8]>) -> Result<Placed> {
+        self.place_via(name, offset, data, Via::Stream)
+    }
+
+    /// [`Self::place`] for a page that came on the preempt connection.
+    pub(crate) fn place_preempt(
+        &self,
+        name: &str,
+        offset: u64,
+        data: Option<&[u8]>,
+    ) -> Result<Placed> {
+        self.place_via(name, offset, data, Via::Preempt)
+    }
+
+    fn place_via(&self, name: &str, offset: u64, data: Option<&[u8]>, via: Via) -> Result<Placed> {
         let (b, received, page) = self.page_of(name, offset)?;
         let dst = b.page_ptr(page);
         let placed = match data {
@@ -214,7 +273,7 @@ impl PostcopyRam {
             None => self.uffd.zero(dst, TARGET_PAGE_SIZE as usize),
         }
         .map_err(|e| io_error("placing a page", e))?;
-        self.arrived(b, received, page..page + 1);
+        self.arrived(b, received, page..page + 1, via);
         Ok(placed)
     }
 
@@ -237,12 +296,13 @@ impl PostcopyRam {
             .uffd
             .copy_pages(b.page_ptr(first), data, page)
             .map_err(|e| io_error("placing pages", e))?;
-        self.arrived(b, received, first..first + pages);
+        self.arrived(b, received, first..first + pages, Via::Stream);
         Ok(placed)
     }
 
-    /// Pages `pages` of block `b` are in place: received, and the waits for them end.
-    fn arrived(&self, b: &Arc<RamBlock>, received: &DirtyBitmap, pages: Range<usize>) {
+    /// Pages `pages` of block `b` are in place (come `via` a connection): received, and
+    /// the waits for them end.
+    fn arrived(&self, b: &Arc<RamBlock>, received: &DirtyBitmap, pages: Range<usize>, via: Via) {
         for p in pages.clone() {
             received.set(p);
         }
@@ -258,6 +318,10 @@ impl PostcopyRam {
             if let Some(since) = w.waiting.remove(&(bi, p)) {
                 let us = now.duration_since(since).as_micros().min(u32::MAX as u128) as u32;
                 w.waited_us.push(us);
+                match via {
+                    Via::Preempt => w.preempt_us.push(us),
+                    Via::Stream => w.stream_us.push(us),
+                }
                 w.vcpus.end((bi, p), now);
             }
         }
@@ -354,21 +418,26 @@ impl PostcopyRam {
             )
         };
         w.sort_unstable();
-        let at = |q: f64| match w.len() {
-            0 => 0,
-            n => w[((n - 1) as f64 * q).round() as usize],
-        };
         FaultWaitStats {
             requests: self.waits.requests.load(Ordering::Relaxed),
             resolved: w.len() as u64,
             total_us: w.iter().map(|&x| u64::from(x)).sum(),
-            p50_us: at(0.5),
-            p99_us: at(0.99),
+            p50_us: percentile(&w, 0.5),
+            p99_us: percentile(&w, 0.99),
             max_us: w.last().copied().unwrap_or(0),
             waiting,
             vcpus,
             histogram: histogram(&w),
         }
+    }
+
+    /// The resolved faults' waits by the connection their page came on: `[preempt
+    /// connection, main stream]`. With `postcopy-preempt` a page asked for comes on the
+    /// main stream only if the background pass sent it before the request: which of
+    /// the two makes a long wait.
+    pub fn fault_waits_by_connection(&self) -> [WaitSummary; 2] {
+        let s = lock(&self.waits.state);
+        [&s.preempt_us, &s.stream_us].map(|w| WaitSummary::of(w.clone()))
     }
 
     /// Whether page `offset` of block `name` was placed (since the last discard of it).

@@ -166,12 +166,12 @@ pub(crate) fn receive(
                     reason: format!("a zero page has fill byte {fill:#04x}, not 0"),
                 });
             }
-            ram.place(name, h.offset, None)?;
+            ram.place_preempt(name, h.offset, None)?;
             stats.add_pages(1, 0);
             pages.fetch_add(1, Ordering::Relaxed);
         } else {
             f.get_buffer(&mut page)?;
-            ram.place(name, h.offset, Some(&page))?;
+            ram.place_preempt(name, h.offset, Some(&page))?;
             stats.add_pages(0, 1);
             pages.fetch_add(1, Ordering::Relaxed);
         }

@@ -985,13 +985,18 @@ fn load_incoming(
         }
         if let Some(p) = &postcopy {
             let w = p.info().waits;
+            let by = p.fault_waits_by_connection().map(|c| {
+                json!({"resolved": c.count, "p50_us": c.p50_us, "p99_us": c.p99_us,
+                       "max_us": c.max_us})
+            });
             events.emit(
                 "postcopy-faults",
                 json!({"requests": w.requests, "resolved": w.resolved, "total_us": w.total_us,
                        "p50_us": w.p50_us, "p99_us": w.p99_us, "max_us": w.max_us,
                        "histogram_us": w.histogram,
                        "blocktime_ms": w.vcpus.total_ms, "vcpu_blocktime_ms": w.vcpus.per_vcpu_ms,
-                       "preempt_pages": p.info().preempt_pages}),
+                       "preempt_pages": p.info().preempt_pages,
+                       "on_preempt": by[0], "on_stream": by[1]}),
             );
         }
         return Ok(IncomingReport {

@@ -59,6 +59,9 @@ pub struct PostcopyRun {
     /// The time the vCPU waited for pages, ms (the destination's
     /// `postcopy-vcpu-blocktime`, summed over vCPUs).
     pub vcpu_blocked_ms: Option<f64>,
+    /// Ours: the waits by the connection the page came on (the destination's
+    /// `on_preempt` and `on_stream`: count, p50/p99/max µs).
+    pub faults_by_connection: Option<Value>,
     /// The guest's passes per second before the migration.
     pub work_before: f64,
     /// Its passes per second at the destination while post-copy ran.
@@ -108,7 +111,7 @@ impl Run {
                "postcopy": self.postcopy.as_ref().map(|p| json!({
                    "switch_ms": p.switch_ms, "requests": p.requests, "faults": p.faults,
                    "fault_p50_us": p.fault_p50_us, "fault_p99_us": p.fault_p99_us,
-                   "vcpu_blocked_ms": p.vcpu_blocked_ms,
+                   "vcpu_blocked_ms": p.vcpu_blocked_ms, "by_connection": p.faults_by_connection,
                    "work_before": p.work_before, "work_postcopy": p.work_postcopy})),
                "loopback": self.loopback.map(|(tcp, buffers, n)| json!({
                    "tcp_bps": tcp, "buffers_bps": buffers, "connections": n})),

@@ -250,6 +250,15 @@ fn migrate_in_postcopy_with(
     // With preempt the pages asked for came on their own connection, and only then.
     let on_preempt = faults["preempt_pages"].as_u64().unwrap_or(0);
     assert_eq!(preempt, on_preempt > 0, "{faults}");
+    // Every resolved wait is counted once, by the connection its page came on (a page
+    // comes on the preempt connection only once a fault asked for it).
+    let by = |c: &str| faults[c]["resolved"].as_u64().unwrap_or(0);
+    assert_eq!(
+        Some(by("on_preempt") + by("on_stream")),
+        faults["resolved"].as_u64(),
+        "{faults}"
+    );
+    assert_eq!(preempt, by("on_preempt") > 0, "{faults}");
     // One vCPU (the default), its blocktime counted on its own.
     assert_eq!(
         faults["vcpu_blocktime_ms"].as_array().map(Vec::len),

@@ -107,6 +107,7 @@ impl Watch {
             fault_p50_us: faults.p50_us,
             fault_p99_us: faults.p99_us,
             vcpu_blocked_ms: faults.vcpu_blocked_ms,
+            faults_by_connection: faults.by_connection,
             work_before,
             work_postcopy,
             work: self.work,
@@ -117,12 +118,14 @@ impl Watch {
 /// The faults' waits as a destination reported them: how many were measured, their
 /// p50 and p99 (µs), and the vCPUs' time blocked (ms, QEMU's `postcopy-vcpu-blocktime`
 /// summed).
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub(super) struct FaultWaits {
     pub(super) count: u64,
     pub(super) p50_us: f64,
     pub(super) p99_us: f64,
     pub(super) vcpu_blocked_ms: Option<f64>,
+    /// Ours: the waits by the connection the page came on (`on_preempt`, `on_stream`).
+    pub(super) by_connection: Option<Value>,
 }
 
 /// The sum of a `postcopy-vcpu-blocktime` list, ms.
@@ -139,6 +142,9 @@ pub(super) fn our_fault_waits(e: Option<Value>) -> FaultWaits {
             p50_us: e["p50_us"].as_f64().unwrap_or(0.0),
             p99_us: e["p99_us"].as_f64().unwrap_or(0.0),
             vcpu_blocked_ms: vcpu_blocked_ms(&e["vcpu_blocktime_ms"]),
+            by_connection: Some(
+                json!({"on_preempt": e["on_preempt"], "on_stream": e["on_stream"]}),
+            ),
         },
         None => FaultWaits::default(),
     }
@@ -187,6 +193,7 @@ pub(super) fn qemu_fault_waits(log: &Path, dst_info: &Value) -> FaultWaits {
         p50_us: at(0.5),
         p99_us: at(0.99),
         vcpu_blocked_ms: vcpu_blocked_ms(&dst_info["postcopy-vcpu-blocktime"]),
+        by_connection: None,
     }
 }
 
