@@ -42,11 +42,10 @@ struct FaultWaits {
 struct Waits {
     /// The pages faulted on and not placed yet, since their first fault.
     waiting: HashMap<PageKey, Instant>,
-    /// Each resolved fault's wait, microseconds.
-    waited_us: Vec<u32>,
-    /// The same waits by the connection the page came on: the preempt connection, or
-    /// the main stream (sent by the background pass before it was asked for, or asked
-    /// for with no preempt connection).
+    /// Each resolved fault's wait, microseconds, by the connection its page came on:
+    /// the preempt connection, or the main stream (sent by the background pass before
+    /// it was asked for, or asked for with no preempt connection). All the waits are
+    /// the two together.
     preempt_us: Vec<u32>,
     stream_us: Vec<u32>,
     /// The vCPUs' waits, QEMU's way.
@@ -317,7 +316,6 @@ impl PostcopyRam {
         for p in pages {
             if let Some(since) = w.waiting.remove(&(bi, p)) {
                 let us = now.duration_since(since).as_micros().min(u32::MAX as u128) as u32;
-                w.waited_us.push(us);
                 match via {
                     Via::Preempt => w.preempt_us.push(us),
                     Via::Stream => w.stream_us.push(us),
@@ -412,7 +410,7 @@ impl PostcopyRam {
         let (mut w, waiting, vcpus) = {
             let s = lock(&self.waits.state);
             (
-                s.waited_us.clone(),
+                [s.preempt_us.as_slice(), &s.stream_us].concat(),
                 s.waiting.len() as u64,
                 s.vcpus.figures(),
             )
