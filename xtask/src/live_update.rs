@@ -134,7 +134,16 @@ fn migrate(dir: &Path, gib: u64, hand_over: bool) -> Result<Sample> {
         "src",
         &[&guest[..], &["--mem-prealloc", "--qmp", qarg.as_str()]].concat(),
     );
-    let mut q = Qmp::connect(&qmp);
+    // The source allocates all of the guest's memory before it opens its monitor: on
+    // hosts that back fresh memory slowly, 16 GiB took over 30 s (2026-12-07).
+    let allocating = Duration::from_secs(60 + 15 * gib);
+    let mut q = Qmp::connect_within(&qmp, allocating).with_context(|| {
+        format!(
+            "the {gib} GiB source's monitor did not open within {} s: {}",
+            allocating.as_secs(),
+            src.stderr()
+        )
+    })?;
     q.wait_guest_pass(2);
     if hand_over {
         q.cmd(

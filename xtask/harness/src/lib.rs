@@ -288,15 +288,21 @@ pub struct Qmp {
 
 impl Qmp {
     pub fn connect(path: &Path) -> Qmp {
+        Qmp::connect_within(path, Duration::from_secs(30))
+            .unwrap_or_else(|e| panic!("QMP {}: {e}", path.display()))
+    }
+
+    /// [`Qmp::connect`], waiting up to `timeout` for the socket (a VMM that allocates
+    /// all of a large guest's memory first opens it late).
+    pub fn connect_within(path: &Path, timeout: Duration) -> std::io::Result<Qmp> {
         let t = Instant::now();
         let s = loop {
             match UnixStream::connect(path) {
                 Ok(s) => break s,
-                Err(e) if t.elapsed() < Duration::from_secs(30) => {
-                    let _ = e;
+                Err(_) if t.elapsed() < timeout => {
                     std::thread::sleep(Duration::from_millis(10));
                 }
-                Err(e) => panic!("QMP {}: {e}", path.display()),
+                Err(e) => return Err(e),
             }
         };
         let mut q = Qmp {
@@ -308,7 +314,7 @@ impl Qmp {
         assert!(greeting["QMP"].is_object(), "{greeting}");
         let r = q.cmd("qmp_capabilities", json!({}));
         assert_eq!(r, json!({}));
-        q
+        Ok(q)
     }
 
     fn read(&mut self) -> Value {
