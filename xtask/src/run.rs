@@ -62,6 +62,9 @@ pub struct PostcopyRun {
     /// Ours: the waits by the connection the page came on (the destination's
     /// `on_preempt` and `on_stream`: count, p50/p99/max µs).
     pub faults_by_connection: Option<Value>,
+    /// The waits by powers of two: (bound µs, how many below it and at least half of
+    /// it), so that rounds can be pooled.
+    pub fault_histogram_us: Vec<(u64, u64)>,
     /// The guest's passes per second before the migration.
     pub work_before: f64,
     /// Its passes per second at the destination while post-copy ran.
@@ -112,6 +115,7 @@ impl Run {
                    "switch_ms": p.switch_ms, "requests": p.requests, "faults": p.faults,
                    "fault_p50_us": p.fault_p50_us, "fault_p99_us": p.fault_p99_us,
                    "vcpu_blocked_ms": p.vcpu_blocked_ms, "by_connection": p.faults_by_connection,
+                   "fault_histogram_us": p.fault_histogram_us,
                    "work_before": p.work_before, "work_postcopy": p.work_postcopy})),
                "loopback": self.loopback.map(|(tcp, buffers, n)| json!({
                    "tcp_bps": tcp, "buffers_bps": buffers, "connections": n})),

@@ -108,6 +108,7 @@ impl Watch {
             fault_p99_us: faults.p99_us,
             vcpu_blocked_ms: faults.vcpu_blocked_ms,
             faults_by_connection: faults.by_connection,
+            fault_histogram_us: faults.histogram,
             work_before,
             work_postcopy,
             work: self.work,
@@ -126,6 +127,21 @@ pub(super) struct FaultWaits {
     pub(super) vcpu_blocked_ms: Option<f64>,
     /// Ours: the waits by the connection the page came on (`on_preempt`, `on_stream`).
     pub(super) by_connection: Option<Value>,
+    /// The waits by powers of two, as the destination's `postcopy-faults` event has them:
+    /// (bound µs, how many waited below it and at least half of it).
+    pub(super) histogram: Vec<(u64, u64)>,
+}
+
+/// Waits (µs) by powers of two, as our destination bins them.
+fn histogram(waits_us: impl Iterator<Item = u64>) -> Vec<(u64, u64)> {
+    let mut counts = [0u64; 65];
+    for w in waits_us {
+        counts[(u64::BITS - w.leading_zeros()) as usize] += 1;
+    }
+    (0..counts.len())
+        .filter(|&i| counts[i] > 0)
+        .map(|i| (1u64.checked_shl(i as u32).unwrap_or(u64::MAX), counts[i]))
+        .collect()
 }
 
 /// The sum of a `postcopy-vcpu-blocktime` list, ms.
@@ -145,6 +161,14 @@ pub(super) fn our_fault_waits(e: Option<Value>) -> FaultWaits {
             by_connection: Some(
                 json!({"on_preempt": e["on_preempt"], "on_stream": e["on_stream"]}),
             ),
+            histogram: e["histogram_us"]
+                .as_array()
+                .map(|l| {
+                    l.iter()
+                        .filter_map(|b| Some((b[0].as_u64()?, b[1].as_u64()?)))
+                        .collect()
+                })
+                .unwrap_or_default(),
         },
         None => FaultWaits::default(),
     }
@@ -194,6 +218,7 @@ pub(super) fn qemu_fault_waits(log: &Path, dst_info: &Value) -> FaultWaits {
         p99_us: at(0.99),
         vcpu_blocked_ms: vcpu_blocked_ms(&dst_info["postcopy-vcpu-blocktime"]),
         by_connection: None,
+        histogram: histogram(waits.iter().map(|&w| w as u64)),
     }
 }
 
