@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::ops::Range;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -36,6 +36,10 @@ struct FaultWaits {
     // `place` resolves the page's faults once the page is there; readers of the figures.
     state: Mutex<Waits>,
     requests: AtomicU64,
+    /// The thread that placed the main stream's pages last (its id; 0 before any): the
+    /// loading thread, raised while a fault waits (`Waits::boosted`). After a recovery
+    /// the new loading thread takes its place with its first page.
+    loader: AtomicI32,
 }
 
 #[derive(Debug, Default)]
@@ -50,6 +54,26 @@ struct Waits {
     stream_us: Vec<u32>,
     /// The vCPUs' waits, QEMU's way.
     vcpus: Blocktime,
+    /// The loading thread while raised: from a fault on a missing page until no fault
+    /// waits (`savevm::priority::boost`). Raised for the whole post-copy phase it
+    /// would take the cores from the background pass and the guest; raised never, a
+    /// vCPU waiting for a page the main stream carries waits for it to get a core.
+    boosted: Option<i32>,
+    /// Raising was refused (no `CAP_SYS_NICE`, or no real-time budget): not tried again.
+    refused: bool,
+}
+
+impl Waits {
+    /// Raises loading thread `tid` (0: not known yet) unless it is raised already.
+    fn raise(&mut self, tid: i32) {
+        if self.boosted.is_none() && tid != 0 && !self.refused {
+            if savevm::priority::boost(tid) {
+                self.boosted = Some(tid);
+            } else {
+                self.refused = true;
+            }
+        }
+    }
 }
 
 /// What the faults of a post-copy destination waited, so far.
@@ -305,6 +329,11 @@ impl PostcopyRam {
         for p in pages.clone() {
             received.set(p);
         }
+        if via == Via::Stream {
+            self.waits
+                .loader
+                .store(savevm::priority::current_thread(), Ordering::Relaxed);
+        }
         let Some(bi) = self.blocks.iter().position(|(x, _)| Arc::ptr_eq(x, b)) else {
             return;
         };
@@ -322,6 +351,14 @@ impl PostcopyRam {
                 }
                 w.vcpus.end((bi, p), now);
             }
+        }
+        if w.waiting.is_empty() {
+            if let Some(tid) = w.boosted.take() {
+                savevm::priority::unboost(tid);
+            }
+        } else if via == Via::Stream {
+            // Faults that came before this thread was known as the loading one.
+            w.raise(savevm::priority::current_thread());
         }
     }
 
@@ -481,6 +518,10 @@ impl PostcopyRam {
                                 let now = Instant::now();
                                 w.waiting.entry((bi, page)).or_insert(now);
                                 w.vcpus.begin(fault.thread, (bi, page), now);
+                                // The guest now waits on the loading thread too
+                                // (its page may come on the main stream): it runs
+                                // ahead of normal threads until no fault waits.
+                                w.raise(me.waits.loader.load(Ordering::Relaxed));
                             }
                             missing
                         };

@@ -1,7 +1,8 @@
 //! A post-copy destination's RAM: pages loaded before the switch stay, discarded ones
 //! and ones never sent fault, each fault is a request, the "source" answers by placing
-//! the page, and every reader sees the source's data. Private and memfd memory.
-//! Skipped where userfaultfd is not allowed.
+//! the page, and every reader sees the source's data; the thread placing pages runs
+//! raised while a fault waits. Private and memfd memory. Skipped where userfaultfd is
+//! not allowed.
 
 use std::sync::Arc;
 use std::sync::mpsc;
@@ -19,6 +20,12 @@ fn source_page(i: usize) -> [u8; PAGE] {
     } else {
         [(i + 1) as u8; PAGE]
     }
+}
+
+/// The calling thread's scheduling policy.
+fn policy() -> i32 {
+    // SAFETY: 0 is the calling thread; no memory is passed.
+    unsafe { libc::sched_getscheduler(0) }
 }
 
 fn destination(shared: bool) -> Arc<RamList> {
@@ -59,18 +66,32 @@ fn check(shared: bool) {
             let _ = tx.send((block.to_string(), offset));
         })
         .unwrap();
+    // Whether this process may raise a thread (root with real-time budget).
+    let may_boost = {
+        let me = savevm::priority::current_thread();
+        let ok = savevm::priority::boost(me);
+        savevm::priority::unboost(me);
+        ok
+    };
     let server = {
         let ram = ram.clone();
         std::thread::spawn(move || {
-            let mut asked = Vec::new();
+            let (mut asked, mut not_raised) = (Vec::new(), 0);
             while let Ok((block, offset)) = rx.recv() {
+                // Once it placed a page it is the loading thread: raised while this
+                // request's fault waits (a page only it places). Counted, not asserted
+                // here: the readers wait for this thread.
+                if may_boost && !asked.is_empty() && policy() != libc::SCHED_FIFO {
+                    not_raised += 1;
+                }
                 let i = offset as usize / PAGE;
                 let page = source_page(i);
                 let data = (i != 7).then_some(&page[..]);
                 ram.place(&block, offset, data).unwrap();
                 asked.push(i);
             }
-            asked
+            // No fault waits: back to normal.
+            (asked, not_raised, policy())
         })
     };
     // The guest (two threads) reads every page.
@@ -92,7 +113,13 @@ fn check(shared: bool) {
     }
     ram.stop_faults();
     faults.join().unwrap();
-    let mut asked = server.join().unwrap();
+    let (mut asked, not_raised, policy_after) = server.join().unwrap();
+    assert_eq!(not_raised, 0, "requests served at the normal priority");
+    assert_eq!(
+        policy_after,
+        libc::SCHED_OTHER,
+        "still raised with no fault waiting"
+    );
     asked.sort_unstable();
     // Exactly the discarded pages and the never-sent ones were asked for.
     let expect: Vec<usize> = (10..16).chain(32..PAGES).collect();
